@@ -1,0 +1,5 @@
+import sys
+
+from nrexp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,267 @@
+"""The typed schema of every knob nrexp has, its documentation, and whole-config validation.
+
+The dataclasses below are the single source of truth: Hydra validates every override against them
+(unknown keys and wrong types are rejected by OmegaConf), `validate()` checks ranges and cross-field
+rules before any work starts, and `help_text()` turns the same field docs into `nrexp train --help`.
+
+This module knows nothing of torch, so `nrexp --help` and `nrexp train --cfg job` start fast.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+# Names selected by config groups (configs/<group>/<name>.yaml). Kept here so that validation,
+# the model factory and the help text agree on one list.
+NORMS = ("none", "layer", "batch")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+INITS = ("kaiming", "xavier", "normal", "uniform", "orthogonal", "default")
+MODELS = ("mlp",)
+DATASETS = ("mnist",)
+
+
+class ConfigError(ValueError):
+    """A user mistake in the config: reported as one line, exit code 2, no traceback."""
+
+
+class Activation(str, Enum):
+    relu = "relu"
+    tanh = "tanh"
+    sigmoid = "sigmoid"
+    gelu = "gelu"
+
+
+class NormPosition(str, Enum):
+    before_act = "before_act"  # Linear -> norm -> activation (Ioffe & Szegedy 2015)
+    after_act = "after_act"  # Linear -> activation -> norm
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DataSource(str, Enum):
+    auto = "auto"
+    local = "local"
+    download = "download"
+    bundled = "bundled"
+
+
+def knob(default: Any, doc: str) -> Any:
+    """A schema field with its documentation (shown by `nrexp train --help`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class NormConfig:
+    name: str = knob("none", "normalization layer in every hidden block: " + "|".join(NORMS))
+    eps: float = knob(1e-5, "added to the variance before the square root; > 0")
+    affine: bool = knob(True, "learn a per-feature gain and shift after normalizing")
+    momentum: float = knob(0.1, "batch only: running-statistics update rate, in (0, 1]")
+    position: NormPosition = knob(
+        NormPosition.before_act,
+        "before_act (Linear -> norm -> act, as in the BatchNorm paper) | after_act",
+    )
+
+
+@dataclass
+class DropoutConfig:
+    p: float = knob(0.0, "drop probability of hidden activations, in [0, 1); kept ones scale by 1/(1-p)")
+    input_p: float = knob(0.0, "drop probability of input pixels, in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    name: str = knob("sgd", "optimizer: " + "|".join(OPTIMIZERS))
+    lr: float = knob(0.05, "learning rate alpha; finite, > 0")
+    momentum: float = knob(0.9, "sgd only: heavy-ball momentum, in [0, 1)")
+    betas: List[float] = knob([0.9, 0.999], "adam/adamw only: moment decay rates, each in [0, 1)")
+    weight_decay: float = knob(
+        0.0,
+        "lambda >= 0. sgd/adam add lambda*W to the gradient (coupled L2); adamw shrinks W by "
+        "(1 - lr*lambda) each step, apart from the adaptive update (decoupled)",
+    )
+    decay_norm_and_bias: bool = knob(False, "also decay biases and norm gains/shifts (default: only weights)")
+
+
+@dataclass
+class InitConfig:
+    name: str = knob(
+        "kaiming",
+        "weight init: " + "|".join(INITS) + " (default keeps PyTorch's own init; biases are zeroed otherwise)",
+    )
+    scale: float = knob(
+        1.0,
+        "multiplies the scheme's weight variance; > 0. normal/uniform: Var(W) = scale/fan_in, so "
+        "init=normal init.scale=2 is the 2/n (Kaiming) rule, and the default of init=normal|uniform; "
+        "kaiming/xavier/orthogonal: scale x that rule",
+    )
+
+
+@dataclass
+class DataConfig:
+    name: str = knob("mnist", "dataset: " + "|".join(DATASETS))
+    root: str = knob(
+        "${oc.env:NREXP_DATA_ROOT,'~/.cache/nrexp'}",
+        "where datasets are read from / downloaded to (env NREXP_DATA_ROOT, else ~/.cache/nrexp)",
+    )
+    source: DataSource = knob(
+        DataSource.auto,
+        "auto (local files, else download, else the bundled 5k-digit sample, with a warning) | "
+        "local | download | bundled",
+    )
+    batch_size: int = knob(128, "training minibatch size; 1 <= batch_size <= training-set size")
+    train_size: Optional[int] = knob(None, "use only the first N training examples (null = all)")
+    eval_batch_size: int = knob(1000, "batch size for evaluation passes (no effect on results); >= 1")
+
+
+@dataclass
+class ModelConfig:
+    name: str = knob("mlp", "architecture: " + "|".join(MODELS))
+    depth: int = knob(3, "number of hidden blocks (Linear -> [norm] -> act -> [dropout]); >= 1")
+    width: int = knob(256, "units per hidden layer; >= 1")
+    activation: Activation = knob(Activation.relu, "relu | tanh | sigmoid | gelu")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = knob(5, "passes over the training set; >= 1 (ignored when max_steps is set)")
+    max_steps: Optional[int] = knob(None, "stop after this many optimizer steps (null = use epochs)")
+    device: Device = knob(Device.auto, "auto (CUDA when available, else CPU) | cpu | cuda")
+    log_every: int = knob(20, "steps between per-layer statistics (also logged at step 0 and the end); >= 1")
+    eval_every: int = knob(0, "steps between test-set evaluations; 0 = at the end of every epoch")
+    progress: bool = knob(True, "live rich progress bar on a terminal (plain log lines otherwise)")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = knob(0, "seeds init, dropout and data order; same seed and config on CPU = same numbers")
+    norm: NormConfig = field(default_factory=NormConfig)
+    dropout: DropoutConfig = field(default_factory=DropoutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: ranges and cross-field rules that types alone cannot express.
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {allowed}. Fix: {fix}")
+
+
+def validate(cfg: Any) -> None:
+    """Raise ConfigError with one line (key, value, allowed range, fix) for the first bad knob.
+
+    `cfg` is the composed DictConfig (or anything with the same attributes).
+    """
+    n, d, o, i, data, m, t = cfg.norm, cfg.dropout, cfg.optim, cfg.init, cfg.data, cfg.model, cfg.trainer
+    _check(n.name in NORMS, "norm", n.name, "one of " + ", ".join(NORMS), "choose e.g. norm=batch")
+    _check(o.name in OPTIMIZERS, "optim", o.name, "one of " + ", ".join(OPTIMIZERS), "choose e.g. optim=adamw")
+    _check(i.name in INITS, "init", i.name, "one of " + ", ".join(INITS), "choose e.g. init=kaiming")
+    _check(m.name in MODELS, "model", m.name, "one of " + ", ".join(MODELS), "choose model=mlp")
+    _check(data.name in DATASETS, "data", data.name, "one of " + ", ".join(DATASETS), "choose data=mnist")
+
+    _check(math.isfinite(n.eps) and n.eps > 0, "norm.eps", n.eps, "must be a finite number > 0", "e.g. norm.eps=1e-5")
+    _check(0 < n.momentum <= 1, "norm.momentum", n.momentum, "must be in (0, 1]", "e.g. norm.momentum=0.1")
+    for key, p in (("dropout.p", d.p), ("dropout.input_p", d.input_p)):
+        _check(math.isfinite(p) and 0 <= p < 1, key, p, "must be in [0, 1)", f"e.g. {key}=0.2")
+    _check(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "must be a finite number > 0", "e.g. optim.lr=0.05")
+    _check(math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay,
+           "must be a finite number >= 0", "e.g. optim.weight_decay=5e-4")
+    _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)", "e.g. optim.momentum=0.9")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas),
+           "must be two numbers in [0, 1)", "e.g. optim.betas=[0.9,0.999]")
+    _check(math.isfinite(i.scale) and i.scale > 0, "init.scale", i.scale, "must be a finite number > 0",
+           "e.g. init.scale=2")
+    _check(m.depth >= 1, "model.depth", m.depth, "must be >= 1", "e.g. model.depth=3")
+    _check(m.width >= 1, "model.width", m.width, "must be >= 1", "e.g. model.width=256")
+    _check(data.batch_size >= 1, "data.batch_size", data.batch_size, "must be >= 1", "e.g. data.batch_size=128")
+    _check(data.eval_batch_size >= 1, "data.eval_batch_size", data.eval_batch_size, "must be >= 1",
+           "e.g. data.eval_batch_size=1000")
+    _check(data.train_size is None or data.train_size >= 1, "data.train_size", data.train_size,
+           "must be >= 1 or null (all)", "e.g. data.train_size=1000")
+    _check(n.name != "batch" or data.batch_size > 1, "data.batch_size", data.batch_size,
+           "BatchNorm needs more than one example per batch in training (it normalizes each feature "
+           "over the batch)", "use data.batch_size>=2, or norm=layer, which normalizes each example alone")
+    _check(t.epochs >= 1, "trainer.epochs", t.epochs, "must be >= 1", "e.g. trainer.epochs=5")
+    _check(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1 or null",
+           "e.g. trainer.max_steps=500")
+    _check(t.log_every >= 1, "trainer.log_every", t.log_every, "must be >= 1", "e.g. trainer.log_every=20")
+    _check(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0 = every epoch)",
+           "e.g. trainer.eval_every=0")
+
+
+def validate_data_size(data: Any, n_train_available: int) -> None:
+    """Checks of the `data` node that need the dataset's size (known only once it is located)."""
+    _check(data.train_size is None or data.train_size <= n_train_available, "data.train_size", data.train_size,
+           f"this training set has {n_train_available} examples", f"use data.train_size<={n_train_available}")
+    n_train = data.train_size or n_train_available
+    _check(data.batch_size <= n_train, "data.batch_size", data.batch_size,
+           f"larger than the {n_train} training examples", f"use data.batch_size<={n_train}")
+
+
+# --------------------------------------------------------------------------------------------
+# Help text generated from the schema, for `nrexp train --help`.
+
+
+def _knob_lines(schema: type, prefix: str = "") -> List[str]:
+    lines = []
+    for f in dataclasses.fields(schema):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            lines.append("")
+            lines += _knob_lines(type(default), prefix + f.name + ".")
+            continue
+        if isinstance(default, Enum):
+            default = default.value
+        shown = "null" if default is None else default
+        if "${" in str(shown):  # an interpolation: its meaning says what it resolves to
+            shown = "(env)"
+        lines.append(f"  {prefix + f.name:<28} {str(shown):<10} {f.metadata.get('doc', '')}")
+    return lines
+
+
+def help_text() -> str:
+    """Body of `nrexp train --help`: groups, then every knob with its default and meaning."""
+    knobs = "\n".join(_knob_lines(TrainConfig))
+    return "\n".join([
+        "nrexp train: train one network (or a sweep with -m) and log per-layer statistics to TensorBoard.",
+        "",
+        "  nrexp train norm=batch dropout.p=0.2",
+        "  nrexp train -m norm=none,layer,batch init.scale=1,2,3",
+        "  tensorboard --logdir outputs",
+        "",
+        "== Config groups (group=option) ==",
+        "$APP_CONFIG_GROUPS",
+        "",
+        "== Knobs (key  default  meaning) ==",
+        knobs,
+        "",
+        "== Resolved config of this command ==",
+        "$CONFIG",
+        "Hydra's own flags (-m, --cfg job, --info, shell completion): nrexp train --hydra-help",
+    ])
+
+
+def register() -> None:
+    """Make the schema and the help page known to Hydra (called before the Hydra app starts)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(group="hydra/help", name="nrexp", node={"app_name": "nrexp train", "header": "", "footer": "",
+                                                     "template": help_text()})

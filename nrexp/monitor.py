@@ -1,0 +1,71 @@
+"""Per-layer statistics, computed on the device and brought to the host in one transfer.
+
+For each monitored layer (a block's weight matrix and its output activation):
+- act_norm:      mean over the batch of each example's L2 norm of the layer's output activation
+- grad_norm:     Frobenius norm of dLoss/dW
+- weight_norm:   ||W||_F
+- weight_change: ||W - W_init|| / ||W_init||  (how far training moved the weights from their init)
+- update_ratio:  ||dW|| / ||W|| of the optimizer step just taken
+
+All norms of a kind are computed with one fused `torch._foreach_norm` over the layers, and everything
+is stacked into one tensor so that a logging step costs a single device-to-host copy (never one
+`.item()` per layer, which would sync the GPU dozens of times).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional
+
+import torch
+from torch import nn
+
+LAYER_METRICS = ("act_norm", "grad_norm", "weight_norm", "weight_change", "update_ratio")
+
+
+class LayerMonitor:
+    def __init__(self, layers: Mapping[str, nn.Module]):
+        self.names: List[str] = list(layers)
+        self.weights: List[torch.Tensor] = [layer.weight for layer in layers.values()]
+        self.init_weights = [w.detach().clone() for w in self.weights]
+        self.init_norms = torch.stack(torch._foreach_norm(self.init_weights))
+        self._before_step: Optional[List[torch.Tensor]] = None
+
+    def reset_init(self, init_weights: List[torch.Tensor]) -> None:
+        """Use these as W_init (when resuming, the run's true init comes from the checkpoint)."""
+        self.init_weights = [w.detach().clone() for w in init_weights]
+        self.init_norms = torch.stack(torch._foreach_norm(self.init_weights))
+
+    @torch.no_grad()
+    def before_step(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Statistics of the current weights, activations and gradients (call after backward)."""
+        weights = [w.detach() for w in self.weights]
+        weight_norm = torch.stack(torch._foreach_norm(weights))
+        stats = {
+            "act_norm": torch.stack([a.detach().flatten(1).float().norm(dim=1).mean() for a in activations]),
+            "grad_norm": torch.stack(torch._foreach_norm([
+                w.grad if w.grad is not None else torch.zeros_like(w) for w in self.weights])),
+            "weight_norm": weight_norm,
+            "weight_change": torch.stack(torch._foreach_norm(torch._foreach_sub(weights, self.init_weights)))
+            / self.init_norms,
+        }
+        self._before_step = [w.clone() for w in weights]
+        return stats
+
+    @torch.no_grad()
+    def after_step(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Add the update ratio ||W_after - W_before|| / ||W_before|| of the step just taken."""
+        before = self._before_step
+        delta = torch.stack(torch._foreach_norm(torch._foreach_sub([w.detach() for w in self.weights], before)))
+        stats["update_ratio"] = delta / stats["weight_norm"]
+        self._before_step = None
+        return stats
+
+    def to_host(self, layer_stats: Dict[str, torch.Tensor], scalars: Dict[str, torch.Tensor]):
+        """One device->host copy of all that is logged this step.
+
+        Returns ({metric: {layer: value}}, {tag: value}) as Python floats.
+        """
+        tensors = [layer_stats[k].float() for k in layer_stats] + [v.detach().float().reshape(1) for v in scalars.values()]
+        flat = torch.cat(tensors).cpu().tolist() if tensors else []
+        n = len(self.names)
+        layers = {k: dict(zip(self.names, flat[i * n:(i + 1) * n])) for i, k in enumerate(layer_stats)}
+        return layers, dict(zip(scalars, flat[len(layer_stats) * n:]))

@@ -1,0 +1,98 @@
+"""Everything a run writes for people and tools to read back: TensorBoard events and summary.json.
+
+TensorBoard tags (the contract `nrexp report` and users rely on):
+  act_norm/<layer>, grad_norm/<layer>, weight_norm/<layer>, weight_change/<layer>, update_ratio/<layer>,
+  train/loss, train/acc, test/loss, test/acc, lr, throughput/samples_per_s; step 0 is the net at init.
+  A custom-scalars layout puts each per-layer metric's layers in one chart, and `depth/<when>` figures
+  plot activation and gradient norm against layer depth (the lecture's plot).
+The events live directly in the run dir, so `tensorboard --logdir <sweep dir>` names runs by dir.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Mapping
+
+from nrexp.monitor import LAYER_METRICS
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same dir + fsync + rename: readers (and a kill -9 at any moment)
+    only ever see the previous complete file or the new complete file, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be shared
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_summary(run_dir: Path, summary: Dict) -> None:
+    atomic_write(Path(run_dir) / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+
+
+def depth_figure(layer_names: List[str], stats: Mapping[str, Mapping[str, float]], title: str):
+    """Activation norm and gradient norm against layer depth, log scale (a matplotlib Figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 3.2), dpi=100)
+    depth = range(len(layer_names))
+    for ax, metric, label in zip(fig.subplots(1, 2), ("act_norm", "grad_norm"),
+                                 ("activation norm (mean over batch)", "gradient norm ||dL/dW||")):
+        values = [stats[metric][name] for name in layer_names]
+        ax.plot(depth, values, marker="o", markersize=3)
+        if all(v > 0 for v in values):
+            ax.set_yscale("log")
+        ax.set_xlabel("layer depth (0 = first hidden block, last = head)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+class TensorBoardWriter:
+    def __init__(self, run_dir: Path, layer_names: List[str], purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.layer_names = layer_names
+        self.tb = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+        if purge_step is None:  # a resumed run already has its layout
+            self.tb.add_custom_scalars({
+                "per-layer statistics": {m: ["Multiline", [f"^{m}/"]] for m in LAYER_METRICS},
+                "training": {"loss": ["Multiline", ["^train/loss$", "^test/loss$"]],
+                             "accuracy": ["Multiline", ["^train/acc$", "^test/acc$"]]},
+            })
+
+    def layer_stats(self, step: int, stats: Mapping[str, Mapping[str, float]]) -> None:
+        for metric, per_layer in stats.items():
+            for layer, value in per_layer.items():
+                self.tb.add_scalar(f"{metric}/{layer}", value, step)
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        for tag, value in values.items():
+            self.tb.add_scalar(tag, value, step)
+
+    def depth_plot(self, step: int, stats: Mapping[str, Mapping[str, float]], when: str) -> None:
+        fig = depth_figure(self.layer_names, stats, f"{when} (step {step})")
+        self.tb.add_figure(f"depth/{when}", fig, step, close=False)
+
+    def text(self, tag: str, text: str) -> None:
+        self.tb.add_text(tag, text, 0)
+
+    def flush(self) -> None:
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
