@@ -1,0 +1,70 @@
+"""Shared test helpers: compose configs with Hydra's compose API, and run the real CLI in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small and fast, on the data the package ships: every end-to-end test starts from these.
+TINY = ["data.source=bundled", "data.train_size=512", "data.batch_size=64", "model.width=32",
+        "model.depth=2", "trainer.max_steps=8", "trainer.log_every=2", "trainer.eval_every=4"]
+
+
+def compose(overrides: Optional[List[str]] = None):
+    """The config `nrexp train <overrides>` would run with (no run dir, nothing written)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import nrexp
+    from nrexp import config
+
+    config.register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=nrexp.config_dir(), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides or []))
+
+
+def cli_env(tmp_path: Path) -> Dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env["NREXP_DATA_ROOT"] = str(tmp_path / "data")  # never the user's cache
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def run_cli(args: List[str], cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """`nrexp <args>` in a subprocess, as a user would run it (stdout is not a terminal here)."""
+    return subprocess.run([sys.executable, "-m", "nrexp", *args], cwd=cwd, env=cli_env(Path(cwd)),
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def run_dirs(root: Path) -> List[Path]:
+    """Every run directory (one holding summary.json) under root, oldest first."""
+    return sorted((p.parent for p in Path(root).rglob("summary.json")), key=lambda p: p.stat().st_mtime)
+
+
+def read_summary(run_dir: Path) -> Dict:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    """Run `nrexp train` with TINY + extra overrides in tmp_path; return (completed process, run dir)."""
+
+    def _run(*overrides: str, expect_ok: bool = True):
+        proc = run_cli(["train", *TINY, *overrides], cwd=tmp_path)
+        if expect_ok:
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            dirs = run_dirs(tmp_path / "outputs")
+            return proc, dirs[-1]
+        return proc, None
+
+    return _run

@@ -1,0 +1,124 @@
+"""The `nrexp` command end to end, through a real subprocess, and what it leaves on disk."""
+import json
+import math
+import subprocess
+import sys
+import zipfile
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import REPO, TINY, cli_env, read_summary, run_cli
+
+LAYER_METRICS = ("act_norm", "grad_norm", "weight_norm", "weight_change", "update_ratio")
+
+
+def test_help_lists_commands_without_importing_torch(tmp_path):
+    code = "import sys; from nrexp.cli import main; main(['--help']); assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "train" in proc.stdout and "usage: nrexp" in proc.stdout
+
+
+def test_cfg_job_composes_without_importing_torch(tmp_path):
+    code = ("import sys; from nrexp.cli import main; main(['train', '--cfg', 'job', 'norm=batch', 'dropout.p=0.2']);"
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "name: batch" in proc.stdout and "p: 0.2" in proc.stdout
+    assert not (tmp_path / "outputs").exists()  # printing the config runs nothing
+
+
+def test_train_help_shows_groups_and_every_knob(tmp_path):
+    proc = run_cli(["train", "--help"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for text in ("norm: batch, layer, none", "optim: adam, adamw, sgd", "init: default, kaiming, normal",
+                 "dropout.p", "dropout.input_p", "optim.decay_norm_and_bias", "init.scale", "data.train_size",
+                 "data.source", "model.activation", "trainer.log_every", "trainer.device", "norm.position"):
+        assert text in proc.stdout, text
+
+
+def test_unknown_command_is_one_clear_line(tmp_path):
+    proc = run_cli(["trian"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["nrexp: error: unknown command 'trian'. Fix: run `nrexp --help` for the list of commands"]
+
+
+def test_train_end_to_end_writes_events_summary_checkpoint(tiny_run):
+    proc, run_dir = tiny_run("norm=batch", "dropout.p=0.2")
+    assert "completed" in proc.stdout
+    # the run dir holds the composed config, a log, events, summary and a checkpoint
+    for name in (".hydra/config.yaml", "train.log", "summary.json", "checkpoint.pt"):
+        assert (run_dir / name).is_file(), name
+    assert list(run_dir.glob("events.out.tfevents.*"))
+
+    summary = read_summary(run_dir)
+    assert summary["status"] == "completed"
+    assert summary["steps"] == 8 and summary["data_source"] == "bundled" and summary["device"] == "cpu"
+    assert summary["config"]["norm"]["name"] == "batch" and summary["config"]["dropout"]["p"] == 0.2
+    for key in ("train/loss", "train/acc", "test/loss", "test/acc"):
+        assert math.isfinite(summary["metrics"][key]), key
+    assert 0 <= summary["metrics"]["test/acc"] <= 1
+    assert summary["versions"]["torch"] and summary["wall_time_s"] > 0
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0}).Reload()
+    tags = set(events.Tags()["scalars"])
+    layers = ["block00", "block01", "head"]
+    for metric in LAYER_METRICS:
+        for layer in layers:
+            tag = f"{metric}/{layer}"
+            assert tag in tags, tag
+            values = events.Scalars(tag)
+            assert all(math.isfinite(v.value) for v in values), tag
+            assert values[0].step == 0, tag  # step 0 is the network at init
+    assert [e.step for e in events.Scalars("act_norm/head")] == [0, 2, 4, 6, 8]  # log_every=2, plus the end
+    assert [e.step for e in events.Scalars("test/acc")] == [4, 8, 8]
+    for tag in ("train/loss", "train/acc", "test/loss", "test/acc", "lr", "throughput/samples_per_s"):
+        assert tag in tags, tag
+    assert {"depth/init", "depth/final"} <= set(events.Tags()["images"])
+    # the custom-scalars layout (one chart per per-layer metric) and the run's config and data source
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    assert {"custom_scalars__config__", "run/config/text_summary", "run/data_source/text_summary"} <= set(events.Tags()["tensors"])
+    layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
+    assert charts["act_norm"] == ["^act_norm/"] and charts["grad_norm"] == ["^grad_norm/"]
+
+
+def test_weight_change_is_zero_at_init_and_grows(tiny_run):
+    _, run_dir = tiny_run()
+    events = EventAccumulator(str(run_dir)).Reload()
+    change = events.Scalars("weight_change/block00")
+    assert change[0].value == 0.0 and change[-1].value > 0
+
+
+def test_installed_wheel_finds_its_configs(tmp_path):
+    """Build the wheel, install it into a bare target dir, run from elsewhere: configs ship inside."""
+    wheel_dir, target, elsewhere = tmp_path / "dist", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(wheel_dir), str(REPO)], check=True, capture_output=True, timeout=300)
+    wheel = next(wheel_dir.glob("nrexp-*.whl"))
+    assert "nrexp/configs/train.yaml" in zipfile.ZipFile(wheel).namelist()
+    assert "nrexp/assets/mnist_sample.npz" in zipfile.ZipFile(wheel).namelist()
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    env = cli_env(tmp_path)
+    env["PYTHONPATH"] = str(target)  # the installed copy only, not the repo
+    code = "import nrexp; print(nrexp.__file__); print(nrexp.config_dir())"
+    where = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert where.stdout.splitlines()[1].startswith(str(target)), where.stdout + where.stderr
+    proc = subprocess.run([sys.executable, "-m", "nrexp", "train", *TINY, "trainer.max_steps=2"], cwd=elsewhere,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert list((elsewhere / "outputs").rglob("summary.json"))
+
+
+def test_readme_starts_with_the_two_setup_commands_and_ci_runs_the_same_tests():
+    readme = (REPO / "README.md").read_text()
+    first_block = readme.split("```")[1].strip().splitlines()
+    commands = [line for line in first_block if line.strip() and not line.startswith(("bash", "#"))]
+    assert commands[0] == 'pip install -e ".[dev]" && nrexp train'
+    test_command = commands[1]
+    ci = (REPO / ".ci" / "run").read_text()
+    assert test_command in ci.splitlines(), f"{test_command!r} is not a line of .ci/run"

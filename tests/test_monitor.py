@@ -1,0 +1,57 @@
+"""The monitor's numbers against an independent computation on the same batch."""
+import torch
+import torch.nn.functional as F
+
+from conftest import compose
+from nrexp.models import build_model
+from nrexp.monitor import LayerMonitor
+from nrexp.optim import build_optimizer
+
+
+def test_monitor_matches_plain_forward_and_grad():
+    torch.manual_seed(0)
+    cfg = compose(["model.depth=3", "model.width=40", "norm=batch", "optim.momentum=0"])
+    model = build_model(cfg, (1, 28, 28), 10)
+    opt = build_optimizer(model, cfg.optim)
+    monitor = LayerMonitor(model.monitored_layers())
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+
+    # a few steps first, so that weight_change is not zero
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    activations = []
+    opt.zero_grad()
+    F.cross_entropy(model(x, activations), y).backward()
+    stats = monitor.before_step(activations)
+    # independent: a plain forward pass through the blocks, layer by layer
+    h = x.flatten(1)
+    expected_act = {}
+    for name, block in model.blocks.items():
+        h = block.dropout(block.act(block.norm(block.linear(h))))
+        expected_act[name] = h.norm(dim=1).mean().item()
+    expected_act["head"] = model.head(h).norm(dim=1).mean().item()
+
+    weights_before = [layer.weight.detach().clone() for layer in model.monitored_layers().values()]
+    opt.step()
+    stats = monitor.after_step(stats)
+    host, scalars = monitor.to_host(stats, {"train/loss": torch.tensor(1.5)})
+    assert scalars == {"train/loss": 1.5}
+
+    for i, (name, layer) in enumerate(model.monitored_layers().items()):
+        w = layer.weight.detach()
+        assert host["act_norm"][name] == pytest_approx(expected_act[name])
+        assert host["grad_norm"][name] == pytest_approx(layer.weight.grad.norm().item())
+        assert host["weight_norm"][name] == pytest_approx(weights_before[i].norm().item())
+        init = monitor.init_weights[i]
+        assert host["weight_change"][name] == pytest_approx(((weights_before[i] - init).norm() / init.norm()).item())
+        assert host["weight_change"][name] > 0
+        assert host["update_ratio"][name] == pytest_approx(((w - weights_before[i]).norm() / weights_before[i].norm()).item())
+
+
+def pytest_approx(value):
+    import pytest
+
+    return pytest.approx(value, rel=1e-4, abs=1e-7)
