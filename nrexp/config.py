@@ -138,6 +138,7 @@ class TrainerConfig:
     max_steps: Optional[int] = knob(None, "stop after this many optimizer steps (null = use epochs)")
     device: Device = knob(Device.auto, "auto (CUDA when available, else CPU) | cpu | cuda")
     log_every: int = knob(20, "steps between per-layer statistics (also logged at step 0 and the end); >= 1")
+    layer_stats: bool = knob(True, "gather per-layer statistics (false: only loss/accuracy are logged)")
     eval_every: int = knob(0, "steps between test-set evaluations; 0 = at the end of every epoch")
     progress: bool = knob(True, "live rich progress bar on a terminal (plain log lines otherwise)")
 

@@ -61,7 +61,7 @@ def train(cfg, run_dir: Path) -> Dict:
     step, status = 0, "completed"
     loss_sum = torch.zeros((), device=device)  # summed on the device between logging steps: no sync
     correct_sum = torch.zeros((), device=device)
-    steps_since_log, clock = 0, time.perf_counter()
+    steps_since_log, clock, eval_seconds = 0, time.perf_counter(), 0.0
     last_stats: Dict = {}
     init_stats: Dict = {}
     metrics: Dict[str, float] = {}
@@ -70,12 +70,13 @@ def train(cfg, run_dir: Path) -> Dict:
             epoch = step // batches.steps_per_epoch
             for x, y in batches.epoch(epoch, start_step=step % batches.steps_per_epoch):
                 logging_step = step % t.log_every == 0
-                activations = [] if logging_step else None
+                with_stats = logging_step and t.layer_stats
+                activations = [] if with_stats else None
                 logits = model(x, activations)
                 loss = F.cross_entropy(logits, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if logging_step:
+                if with_stats:
                     stats = monitor.before_step(activations)
                 optimizer.step()
 
@@ -83,7 +84,7 @@ def train(cfg, run_dir: Path) -> Dict:
                 correct_sum += (logits.detach().argmax(1) == y).sum()
                 steps_since_log += 1
                 if logging_step:
-                    stats = monitor.after_step(stats)
+                    stats = monitor.after_step(stats) if with_stats else {}
                     scalars = {"train/loss": loss_sum / steps_since_log,
                                "train/acc": correct_sum / (steps_since_log * len(y))}
                     last_stats, values = monitor.to_host(stats, scalars)  # the one host transfer
@@ -93,7 +94,7 @@ def train(cfg, run_dir: Path) -> Dict:
                     writer.layer_stats(step, last_stats)
                     writer.scalars(step, values)
                     progress.update(step, values)
-                    if step == 0:
+                    if step == 0 and with_stats:
                         init_stats = last_stats
                         writer.depth_plot(0, last_stats, "init")
                     if not math.isfinite(values["train/loss"]):
@@ -111,6 +112,7 @@ def train(cfg, run_dir: Path) -> Dict:
                     if last_stats:
                         writer.depth_plot(step, last_stats, "latest")
                     clock += time.perf_counter() - paused  # throughput counts training time only
+                    eval_seconds += time.perf_counter() - paused
                 if step >= total_steps:
                     break
             if status == "diverged":
@@ -118,9 +120,11 @@ def train(cfg, run_dir: Path) -> Dict:
                 break
 
         # ---- the end: statistics of the trained net, final evaluation, checkpoint, summary
-        final_stats = probe(model, monitor, data, cfg.data.batch_size)
-        writer.layer_stats(step, {k: v for k, v in final_stats.items()})
-        writer.depth_plot(step, final_stats, "final")
+        loop_seconds = time.perf_counter() - started - eval_seconds
+        final_stats = probe(model, monitor, data, cfg.data.batch_size) if t.layer_stats else {}
+        if final_stats:
+            writer.layer_stats(step, final_stats)
+            writer.depth_plot(step, final_stats, "final")
         metrics.update(evaluate(model, data.test_x, data.test_y, cfg.data.eval_batch_size, "test"))
         metrics.update(evaluate(model, data.train_x, data.train_y, cfg.data.eval_batch_size, "train"))
         writer.scalars(step, {k: metrics[k] for k in ("test/loss", "test/acc")})
@@ -138,6 +142,8 @@ def train(cfg, run_dir: Path) -> Dict:
         "steps": step,
         "epochs": step / batches.steps_per_epoch,
         "wall_time_s": time.perf_counter() - started,
+        "train_time_s": loop_seconds,  # the step loop alone: no periodic evaluation, no final probe
+        "samples_per_s": step * cfg.data.batch_size / max(loop_seconds, 1e-9),
         "device": str(device),
         "data_source": data.source,
         "run_dir": str(run_dir),
