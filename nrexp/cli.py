@@ -2,10 +2,18 @@
 
 Kept free of torch imports at module level so that `nrexp --help` and `nrexp train --cfg job` start
 in a fraction of a second; torch is imported only when a run actually starts.
+
+Every user mistake ends the same way: one line `nrexp: error: <key, value, allowed, fix>` on stderr,
+exit code 2, no traceback, and nothing left half-written. For `nrexp train` the whole command line is
+checked *before* Hydra creates a run directory (`preflight`): each override, and each value of each
+swept override, is composed against the typed schema and validated.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 USAGE = """\
@@ -16,7 +24,8 @@ commands:
 
 examples:
   nrexp train norm=batch dropout.p=0.2
-  nrexp train -m norm=none,layer,batch init.scale=1,2,3 init=normal
+  nrexp train -m norm=none,layer,batch init=normal init.scale=1,2,3
+  nrexp train resume=outputs/2026-11-21/10-00-00     # continue an interrupted run
   tensorboard --logdir outputs
 """
 
@@ -27,6 +36,10 @@ def error(message: str, code: int = 2) -> int:
     return code
 
 
+# ------------------------------------------------------------------------------------------------
+# nrexp train
+
+
 def train_app(args: List[str]) -> int:
     """Run the Hydra app for `nrexp train` with `args` as its command line."""
     import hydra
@@ -35,22 +48,175 @@ def train_app(args: List[str]) -> int:
     from nrexp import config
 
     config.register()
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    flags_only_print = any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "-sc",
+                                 "--shell-completion") for a in args)
+    if not flags_only_print:
+        try:
+            preflight(overrides, multirun=any(a in ("-m", "--multirun") for a in args))
+        except config.ConfigError as err:
+            return error(str(err))
+        resume = next((a.split("=", 1)[1] for a in overrides if a.startswith("resume=")), None)
+        if resume:  # continue in the run's own directory, leaving its recorded config untouched
+            args = [*args, f"hydra.run.dir={Path(resume).resolve()}", "hydra.output_subdir=null"]
 
     @hydra.main(version_base="1.3", config_path=nrexp.config_dir(), config_name="train")
     def _train(cfg) -> Optional[float]:
         from hydra.core.hydra_config import HydraConfig
 
-        from nrexp.train import train  # torch is imported here, once a run really starts
+        from nrexp.train import Diverged, train  # torch is imported here, once a run really starts
 
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
         try:
-            summary = train(cfg, HydraConfig.get().runtime.output_dir)
+            if cfg.resume:
+                summary = train(resume_config(cfg, list(hydra_cfg.overrides.task)), run_dir, resume=True)
+            else:
+                summary = train(cfg, run_dir)
         except config.ConfigError as err:
+            if not cfg.resume:
+                remove_if_empty_run_dir(run_dir)
             sys.exit(error(str(err)))
+        except Diverged as err:  # trainer.on_nonfinite=raise: the summary is written; fail the command
+            sys.exit(error(str(err), code=1))
+        if summary.get("signal"):
+            sys.exit(128 + summary["signal"])  # 130 for Ctrl-C, 143 for SIGTERM, as shells report them
         return summary["metrics"]["test/acc"]  # what a Hydra sweeper (e.g. optuna) optimizes
 
     sys.argv = [sys.argv[0], *args]
     _train()
     return 0
+
+
+def preflight(overrides: List[str], multirun: bool = False) -> None:
+    """Compose and validate the config of every job the command line asks for; raise ConfigError.
+
+    Swept overrides (`norm=none,batch`) are checked value by value, each on top of the fixed overrides,
+    so a typo in a sweep stops it before the first job rather than in the middle. Cross-field rules
+    between two swept keys are checked again by each job.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    import nrexp
+    from nrexp.config import ConfigError, validate
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        raise ConfigError(f"cannot parse the command line: {str(err).splitlines()[0]}. Fix: write overrides as "
+                          "key=value (quote values with spaces); sweeps as key=a,b,c with -m") from None
+    ours = [o for o in parsed if not o.key_or_group.startswith("hydra")]
+    sweeps = [o for o in ours if o.is_sweep_override()]
+    if sweeps and not multirun:
+        raise ConfigError(f"'{sweeps[0].input_line}' is a sweep. Fix: add -m (nrexp train -m ...) to run "
+                          "one job per value")
+    check_output_writable(parsed)
+    resume = next((o.value() for o in ours if o.key_or_group == "resume"), None)
+    if resume is not None:
+        if multirun:
+            raise ConfigError(f"resume={resume!r} continues one run. Fix: drop -m")
+        check_resumable(Path(str(resume)))
+        changed = [o.input_line for o in ours if o.key_or_group != "resume" and not o.key_or_group.startswith("trainer.")]
+        if changed:
+            raise ConfigError(f"{changed[0]!r} cannot change when resuming: the run's model, data and optimizer "
+                              "are fixed. Fix: only trainer.* (e.g. trainer.max_steps=2000) may change; start a "
+                              "new run for anything else")
+    fixed = [o.input_line for o in ours if not o.is_sweep_override()]
+    variants: List[List[str]] = [[]]
+    for o in sweeps:
+        try:
+            variants += [[f"{o.get_key_element()}={v}"] for v in o.sweep_string_iterator()]
+        except HydraException:
+            pass  # interval sweeps (optuna) have no values to enumerate: the sweeper samples them
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=nrexp.config_dir(), version_base="1.3"):
+        for extra in variants:
+            try:
+                cfg = compose(config_name="train", overrides=fixed + extra)
+            except HydraException as err:
+                raise ConfigError(explain_compose_error(err)) from None
+            if resume is None:
+                validate(cfg)
+    GlobalHydra.instance().clear()
+
+
+def explain_compose_error(err: Exception) -> str:
+    """Hydra/OmegaConf's multi-line composition errors, as one line with the fix."""
+    from hydra.errors import MissingConfigException
+
+    text, cause = str(err), str(err.__cause__ or "")
+    full_key = next((line.split(":", 1)[1].strip() for line in cause.splitlines() if "full_key:" in line), None)
+    if isinstance(err, MissingConfigException) and "Could not find '" in text:
+        missing = text.split("Could not find '", 1)[1].split("'", 1)[0]
+        group, _, option = missing.rpartition("/")
+        options = [line.strip() for line in text.split("Available options", 1)[-1].splitlines()[1:]
+                   if line.startswith("\t") and "=" not in line]
+        return f"{group}={option!r} is not an option of group '{group}': choose one of {', '.join(options)}"
+    if "not in" in cause and full_key:
+        return (f"unknown key '{full_key}'. Fix: check its spelling; `nrexp train --help` lists every key "
+                "with its meaning")
+    if full_key:
+        return f"{full_key}: {cause.splitlines()[0]}. Fix: `nrexp train --help` gives each key's type and range"
+    return f"{text.splitlines()[0]}. Fix: `nrexp train --help` lists every key and group"
+
+
+def check_output_writable(parsed) -> None:
+    """Fail before anything runs if the run (or sweep) directory could not be created."""
+    from nrexp.config import ConfigError
+
+    target = "outputs"
+    for o in parsed:
+        if o.key_or_group in ("hydra.run.dir", "hydra.sweep.dir") and not o.is_sweep_override():
+            target = str(o.value())
+    path = Path(target.split("${", 1)[0] or ".").absolute()  # the literal part of the pattern
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"the output directory {target!r} cannot be created: {path} is not a writable "
+                          "directory. Fix: run from a writable directory or set hydra.run.dir=<writable dir>")
+
+
+def check_resumable(run_dir: Path) -> None:
+    from nrexp.config import ConfigError
+
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise ConfigError(f"resume={str(run_dir)!r}: no checkpoint.pt there. Fix: pass the directory of a run "
+                          "that wrote a checkpoint (see `ls outputs/*/*/checkpoint.pt`)")
+
+
+def resume_config(cfg, task_overrides: List[str]):
+    """The config to resume with: the run's own, plus any trainer.* overrides from this command line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from nrexp.checkpoint import read_checkpoint
+    from nrexp.config import TrainConfig
+
+    run_dir = Path(cfg.resume).resolve()
+    saved = read_checkpoint(run_dir / "checkpoint.pt")["config"]
+    resumed = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+    for o in OverridesParser.create().parse_overrides(task_overrides):
+        key = o.key_or_group
+        if key.startswith("trainer."):  # preflight rejected anything else
+            OmegaConf.update(resumed, key, o.value(), merge=False)
+    resumed.resume = str(run_dir)
+    return resumed
+
+
+def remove_if_empty_run_dir(run_dir: Path) -> None:
+    """Remove a run dir that holds only what Hydra wrote before the run was rejected."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        try:
+            run_dir.parent.rmdir()  # the day's directory, if this was its only run
+        except OSError:
+            pass
+
+
+# ------------------------------------------------------------------------------------------------
 
 
 def main(argv: Optional[List[str]] = None) -> int:

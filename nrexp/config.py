@@ -12,6 +12,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -140,12 +141,16 @@ class TrainerConfig:
     log_every: int = knob(20, "steps between per-layer statistics (also logged at step 0 and the end); >= 1")
     layer_stats: bool = knob(True, "gather per-layer statistics (false: only loss/accuracy are logged)")
     eval_every: int = knob(0, "steps between test-set evaluations; 0 = at the end of every epoch")
+    checkpoint_every: int = knob(500, "steps between checkpoints (atomic; one file, overwritten); 0 = only at the end")
+    on_nonfinite: str = knob(
+        "stop", "when the training loss is NaN/inf: stop (status diverged, exit 0) | raise (exit 1)")
     progress: bool = knob(True, "live rich progress bar on a terminal (plain log lines otherwise)")
 
 
 @dataclass
 class TrainConfig:
     seed: int = knob(0, "seeds init, dropout and data order; same seed and config on CPU = same numbers")
+    resume: Optional[str] = knob(None, "a run dir to continue from its checkpoint (only trainer.* may change)")
     norm: NormConfig = field(default_factory=NormConfig)
     dropout: DropoutConfig = field(default_factory=DropoutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -164,11 +169,27 @@ def _check(ok: bool, key: str, value: Any, allowed: str, fix: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: {allowed}. Fix: {fix}")
 
 
+def unknown_keys(cfg: Any, schema: Any, prefix: str = "") -> List[str]:
+    """Keys in `cfg` that the schema does not have (Hydra lets `+key=value` add them)."""
+    found = []
+    known = {f.name for f in dataclasses.fields(schema)}
+    for key in cfg:
+        if key not in known:
+            found.append(prefix + str(key))
+        elif dataclasses.is_dataclass(getattr(schema, key)) and hasattr(cfg[key], "keys"):
+            found += unknown_keys(cfg[key], getattr(schema, key), f"{prefix}{key}.")
+    return found
+
+
 def validate(cfg: Any) -> None:
     """Raise ConfigError with one line (key, value, allowed range, fix) for the first bad knob.
 
     `cfg` is the composed DictConfig (or anything with the same attributes).
     """
+    extra = unknown_keys(cfg, TrainConfig()) if hasattr(cfg, "keys") else []
+    if extra:
+        raise ConfigError(f"unknown key '{extra[0]}'. Fix: check its spelling; `nrexp train --help` lists every "
+                          "key with its meaning")
     n, d, o, i, data, m, t = cfg.norm, cfg.dropout, cfg.optim, cfg.init, cfg.data, cfg.model, cfg.trainer
     _check(n.name in NORMS, "norm", n.name, "one of " + ", ".join(NORMS), "choose e.g. norm=batch")
     _check(o.name in OPTIMIZERS, "optim", o.name, "one of " + ", ".join(OPTIMIZERS), "choose e.g. optim=adamw")
@@ -202,6 +223,10 @@ def validate(cfg: Any) -> None:
     _check(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1 or null",
            "e.g. trainer.max_steps=500")
     _check(t.log_every >= 1, "trainer.log_every", t.log_every, "must be >= 1", "e.g. trainer.log_every=20")
+    _check(t.on_nonfinite in ("stop", "raise"), "trainer.on_nonfinite", t.on_nonfinite, "must be stop or raise",
+           "trainer.on_nonfinite=stop (a diverged run is a result) or raise (an error)")
+    _check(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "must be >= 0 (0 = only at "
+           "the end)", "e.g. trainer.checkpoint_every=500")
     _check(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0 = every epoch)",
            "e.g. trainer.eval_every=0")
 
@@ -260,8 +285,29 @@ def help_text() -> str:
     ])
 
 
+def fresh_dir(path: str) -> str:
+    """`path`, or `path_1`, `path_2`... whichever is new, created now so no other run can take it.
+
+    Registered as the `nrexp.fresh_dir` resolver for hydra.run.dir: two runs started in the same second
+    (or a clock that repeats) never share or overwrite a run directory. OmegaConf caches the result per
+    config, so one run resolves to one directory however often Hydra reads it.
+    """
+    candidate, n = Path(path), 0
+    candidate.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            candidate.mkdir()
+            return str(candidate)
+        except FileExistsError:
+            n += 1
+            candidate = Path(f"{path}_{n}")
+
+
 def register() -> None:
-    """Make the schema and the help page known to Hydra (called before the Hydra app starts)."""
+    """Make the schema, the help page and our resolver known to Hydra (before the Hydra app starts)."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("nrexp.fresh_dir", fresh_dir, use_cache=True, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="hydra/help", name="nrexp", node={"app_name": "nrexp train", "header": "", "footer": "",

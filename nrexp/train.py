@@ -1,9 +1,15 @@
 """The training loop: build -> step -> statistics -> eval -> checkpoint -> summary.
 
 Read top-down. `train(cfg, run_dir)` is everything one run does; the helpers below it are small.
+
 Per-layer statistics are gathered every `trainer.log_every` steps and at step 0 (the network at init):
 on those steps the forward pass also returns each layer's activation, and after the backward pass the
 monitor computes all norms on the device and copies them to the host once. Other steps run bare.
+
+`step` counts optimizer updates done. Each loop iteration first does the work due at this step
+boundary (checkpoint, then evaluation: both describe the weights after `step` updates), then one
+training step whose logged statistics are tagged with `step` too. A resumed run therefore restarts at a
+boundary and re-logs from there, and TensorBoard drops anything the old run logged at or after it.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import nrexp
-from nrexp.checkpoint import save_checkpoint
+from nrexp.checkpoint import CHECKPOINT, load_for_resume, save_checkpoint
 from nrexp.config import ConfigError, validate
 from nrexp.console import TrainProgress, print_summary
 from nrexp.data import Dataset, TrainBatches, eval_batches, load_dataset
@@ -28,20 +34,33 @@ from nrexp.init import init_weights
 from nrexp.models import build_model
 from nrexp.monitor import LayerMonitor
 from nrexp.optim import build_optimizer
-from nrexp.writers import TensorBoardWriter, write_summary
+from nrexp.signals import GracefulStop
+from nrexp.writers import TensorBoardWriter, finite_or_none, write_summary
 
 log = logging.getLogger("nrexp")
 
 
-def train(cfg, run_dir: Path) -> Dict:
-    """Train one network as `cfg` says, writing events, checkpoint and summary.json into `run_dir`."""
+class Diverged(RuntimeError):
+    """Raised instead of stopping quietly when trainer.on_nonfinite=raise."""
+
+
+def train(cfg, run_dir: Path, resume: bool = False) -> Dict:
+    """Train one network as `cfg` says, writing events, checkpoint and summary.json into `run_dir`.
+
+    With `resume=True`, continue from `run_dir`/checkpoint.pt (same config, same run dir).
+    SIGINT/SIGTERM from here on stop the run cleanly at the next step boundary.
+    """
+    with GracefulStop() as stop:
+        return _train(cfg, Path(run_dir), resume, stop)
+
+
+def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
     validate(cfg)
-    run_dir = Path(run_dir)
     t = cfg.trainer
     device = resolve_device(str(getattr(t.device, "value", t.device)))
     torch.manual_seed(cfg.seed)
 
-    # ---- build: data on the device, model, optimizer, monitor, writers
+    # ---- build: data on the device, model, optimizer, monitor
     data = load_dataset(cfg.data, device)
     log.info("device %s | data %s (%s): %d train / %d test examples", device, data.name, data.source,
              len(data.train_x), len(data.test_x))
@@ -52,23 +71,53 @@ def train(cfg, run_dir: Path) -> Dict:
     total_steps = t.max_steps or t.epochs * batches.steps_per_epoch
     eval_every = t.eval_every or batches.steps_per_epoch
     monitor = LayerMonitor(model.monitored_layers())
-    writer = TensorBoardWriter(run_dir, monitor.names)
-    writer.text("run/config", "```\n" + OmegaConf.to_yaml(cfg, resolve=True) + "```")
-    writer.text("run/data_source", f"{data.name} from {data.source} on {device}")
+
+    # Everything a resumed run needs to continue exactly where it stopped (see checkpoint.py).
+    state = {"step": 0, "loss_sum": 0.0, "correct_sum": 0.0, "steps_since_log": 0, "init_stats": {},
+             "metrics": {}, "elapsed_s": 0.0}
+    if resume:
+        state = load_for_resume(run_dir / CHECKPOINT, model, optimizer, monitor, device)
+        log.info("resuming %s at step %d of %d", run_dir, state["step"], total_steps)
+    step = start_step = state["step"]
+    writer = TensorBoardWriter(run_dir, monitor.names, purge_step=step if resume else None)
+    if not resume:
+        writer.text("run/config", "```\n" + OmegaConf.to_yaml(cfg, resolve=True) + "```")
+        writer.text("run/data_source", f"{data.name} from {data.source} on {device}")
+
+    def checkpoint() -> None:
+        save_checkpoint(run_dir / CHECKPOINT, model, optimizer, monitor, cfg, {
+            **state, "step": step, "loss_sum": loss_sum.item(), "correct_sum": correct_sum.item(),
+            "steps_since_log": steps_since_log, "elapsed_s": state["elapsed_s"] + time.perf_counter() - started})
 
     # ---- the loop
     started = time.perf_counter()
-    step, status = 0, "completed"
-    loss_sum = torch.zeros((), device=device)  # summed on the device between logging steps: no sync
-    correct_sum = torch.zeros((), device=device)
-    steps_since_log, clock, eval_seconds = 0, time.perf_counter(), 0.0
-    last_stats: Dict = {}
-    init_stats: Dict = {}
-    metrics: Dict[str, float] = {}
+    status, stop_signal, nonfinite_step = "completed", None, None
+    loss_sum = torch.tensor(state["loss_sum"], device=device)  # summed on the device between logs: no sync
+    correct_sum = torch.tensor(state["correct_sum"], device=device)
+    steps_since_log, clock, eval_seconds = state["steps_since_log"], time.perf_counter(), 0.0
+    metrics, last_stats = state["metrics"], {}
+    check_every = 1 if device.type == "cpu" else t.log_every  # on CUDA a per-step check would sync the GPU
     with TrainProgress(total_steps, batches.steps_per_epoch, enabled=t.progress) as progress:
+        progress.advance_to(step)
         while step < total_steps:
             epoch = step // batches.steps_per_epoch
             for x, y in batches.epoch(epoch, start_step=step % batches.steps_per_epoch):
+                if stop.requested:  # SIGINT/SIGTERM: stop at this boundary (checkpointed below)
+                    break
+                # -- work due at this boundary, on the weights after `step` updates
+                if step > start_step and t.checkpoint_every and step % t.checkpoint_every == 0:
+                    checkpoint()
+                if step > 0 and step % eval_every == 0:
+                    paused = time.perf_counter()
+                    metrics.update(evaluate(model, data.test_x, data.test_y, cfg.data.eval_batch_size, "test"))
+                    writer.scalars(step, {k: metrics[k] for k in ("test/loss", "test/acc")})
+                    progress.update(step, metrics)
+                    if last_stats:
+                        writer.depth_plot(step, last_stats, "latest")
+                    clock += time.perf_counter() - paused  # throughput counts training time only
+                    eval_seconds += time.perf_counter() - paused
+
+                # -- one training step
                 logging_step = step % t.log_every == 0
                 with_stats = logging_step and t.layer_stats
                 activations = [] if with_stats else None
@@ -79,79 +128,86 @@ def train(cfg, run_dir: Path) -> Dict:
                 if with_stats:
                     stats = monitor.before_step(activations)
                 optimizer.step()
-
                 loss_sum += loss.detach()
                 correct_sum += (logits.detach().argmax(1) == y).sum()
                 steps_since_log += 1
+
                 if logging_step:
                     stats = monitor.after_step(stats) if with_stats else {}
                     scalars = {"train/loss": loss_sum / steps_since_log,
                                "train/acc": correct_sum / (steps_since_log * len(y))}
                     last_stats, values = monitor.to_host(stats, scalars)  # the one host transfer
-                    now = time.perf_counter()
-                    values["throughput/samples_per_s"] = steps_since_log * len(y) / max(now - clock, 1e-9)
+                    values["throughput/samples_per_s"] = steps_since_log * len(y) / max(time.perf_counter() - clock, 1e-9)
                     values["lr"] = optimizer.param_groups[0]["lr"]
                     writer.layer_stats(step, last_stats)
                     writer.scalars(step, values)
                     progress.update(step, values)
                     if step == 0 and with_stats:
-                        init_stats = last_stats
+                        state["init_stats"] = last_stats
                         writer.depth_plot(0, last_stats, "init")
-                    if not math.isfinite(values["train/loss"]):
-                        status = "diverged"
                     loss_sum.zero_(), correct_sum.zero_()
                     steps_since_log, clock = 0, time.perf_counter()
                 step += 1
-                if status == "diverged":
+
+                # -- a non-finite loss ends the run here
+                if (step % check_every == 0 or logging_step) and not math.isfinite(loss.item()):
+                    nonfinite_step = step - 1
                     break
-                if step % eval_every == 0 or step == total_steps:
-                    paused = time.perf_counter()
-                    metrics.update(evaluate(model, data.test_x, data.test_y, cfg.data.eval_batch_size, "test"))
-                    writer.scalars(step, {k: metrics[k] for k in ("test/loss", "test/acc")})
-                    progress.update(step, metrics)
-                    if last_stats:
-                        writer.depth_plot(step, last_stats, "latest")
-                    clock += time.perf_counter() - paused  # throughput counts training time only
-                    eval_seconds += time.perf_counter() - paused
                 if step >= total_steps:
                     break
-            if status == "diverged":
-                log.warning("non-finite training loss by step %d: stopping (status diverged)", step)
+            if nonfinite_step is not None or stop.requested:
                 break
+        stop_signal = stop.signum
 
-        # ---- the end: statistics of the trained net, final evaluation, checkpoint, summary
+        if nonfinite_step is not None:
+            status = "diverged"
+            log.warning("non-finite training loss at step %d: stopping (status diverged)", nonfinite_step)
+        elif stop_signal is not None:
+            status = "interrupted"
+            checkpoint()  # at a step boundary, so that `resume=` continues exactly from here
+            log.warning("stopped by signal %d at step %d; checkpoint written. Continue with: nrexp train resume=%s",
+                        stop_signal, step, run_dir)
+
+        # ---- the end: statistics of the trained net, final evaluation, summary
         loop_seconds = time.perf_counter() - started - eval_seconds
-        final_stats = probe(model, monitor, data, cfg.data.batch_size) if t.layer_stats else {}
-        if final_stats:
-            writer.layer_stats(step, final_stats)
-            writer.depth_plot(step, final_stats, "final")
-        metrics.update(evaluate(model, data.test_x, data.test_y, cfg.data.eval_batch_size, "test"))
-        metrics.update(evaluate(model, data.train_x, data.train_y, cfg.data.eval_batch_size, "train"))
-        writer.scalars(step, {k: metrics[k] for k in ("test/loss", "test/acc")})
-        progress.advance_to(step)
+        final_stats = {}
+        if status != "interrupted":
+            final_stats = probe(model, monitor, data, cfg.data.batch_size) if t.layer_stats else {}
+            if final_stats:
+                writer.layer_stats(step, final_stats)
+                writer.depth_plot(step, final_stats, "final")
+            metrics.update(evaluate(model, data.test_x, data.test_y, cfg.data.eval_batch_size, "test"))
+            metrics.update(evaluate(model, data.train_x, data.train_y, cfg.data.eval_batch_size, "train"))
+            writer.scalars(step, {k: metrics[k] for k in ("test/loss", "test/acc")})
+            progress.advance_to(step)
+            if status == "completed":
+                checkpoint()
 
-    save_checkpoint(run_dir / "checkpoint.pt", {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-    })
     summary = {
         "status": status,
         "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-        "metrics": {k: metrics[k] for k in ("train/loss", "train/acc", "test/loss", "test/acc")},
-        "layers": {"init": init_stats, "final": final_stats},
+        "metrics": {k: metrics.get(k) for k in ("train/loss", "train/acc", "test/loss", "test/acc")},
+        "layers": {"init": state["init_stats"], "final": final_stats},
         "steps": step,
         "epochs": step / batches.steps_per_epoch,
-        "wall_time_s": time.perf_counter() - started,
-        "train_time_s": loop_seconds,  # the step loop alone: no periodic evaluation, no final probe
-        "samples_per_s": step * cfg.data.batch_size / max(loop_seconds, 1e-9),
+        "wall_time_s": state["elapsed_s"] + time.perf_counter() - started,
+        "train_time_s": loop_seconds,  # this process's step loop alone: no evaluation, no final probe
+        "samples_per_s": (step - start_step) * cfg.data.batch_size / max(loop_seconds, 1e-9),
         "device": str(device),
         "data_source": data.source,
         "run_dir": str(run_dir),
         "versions": versions(),
     }
+    if nonfinite_step is not None:
+        summary["diverged_at_step"] = nonfinite_step
+    if stop_signal is not None:
+        summary["signal"] = stop_signal
+    summary = finite_or_none(summary)
     write_summary(run_dir, summary)
     writer.close()
     print_summary(summary)
+    if status == "diverged" and t.on_nonfinite == "raise":
+        raise Diverged(f"non-finite training loss at step {nonfinite_step} (trainer.on_nonfinite=raise)")
     return summary
 
 
@@ -188,6 +244,7 @@ def probe(model, monitor: LayerMonitor, data: Dataset, batch_size: int) -> Dict[
     """Per-layer statistics of the network as it is now, on the first training batch, without updating it."""
     x, y = data.train_x[:batch_size], data.train_y[:batch_size]
     buffers = {name: b.clone() for name, b in model.named_buffers()}  # BatchNorm running stats stay as they were
+    rng = torch.get_rng_state()  # dropout here must not shift the random stream
     activations = []
     loss = F.cross_entropy(model(x, activations), y)
     model.zero_grad(set_to_none=True)
@@ -197,6 +254,7 @@ def probe(model, monitor: LayerMonitor, data: Dataset, batch_size: int) -> Dict[
     with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
+    torch.set_rng_state(rng)
     layer_stats, _ = monitor.to_host(stats, {})
     return layer_stats
 

@@ -10,10 +10,11 @@ The events live directly in the run dir, so `tensorboard --logdir <sweep dir>` n
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Mapping
+from typing import Any, Dict, List, Mapping
 
 from nrexp.monitor import LAYER_METRICS
 
@@ -35,8 +36,19 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def finite_or_none(value: Any) -> Any:
+    """Replace NaN/inf (a diverged run's metrics) by None, so summary.json stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
 def write_summary(run_dir: Path, summary: Dict) -> None:
-    atomic_write(Path(run_dir) / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write(Path(run_dir) / "summary.json", (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
 
 
 def depth_figure(layer_names: List[str], stats: Mapping[str, Mapping[str, float]], title: str):
