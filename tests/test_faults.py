@@ -46,19 +46,33 @@ BAD_INPUTS = [  # (overrides, words the one-line error must contain)
 
 
 @pytest.mark.parametrize("overrides,words", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
-def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, overrides, words):
+def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, monkeypatch, capsys, overrides, words):
     if "trainer.device=cuda" in overrides and _cuda_available():
         pytest.skip("this machine has a GPU")
-    proc = run_cli(["train", "data.source=bundled", "trainer.max_steps=2", *overrides], cwd=tmp_path)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nrexp: error: "), proc.stderr
+    code = run_main(tmp_path, monkeypatch, ["train", "data.source=bundled", "trainer.max_steps=2", *overrides])
+    out, err = capsys.readouterr()
+    assert code == 2, out + err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nrexp: error: "), err
     assert "Fix" in lines[0] or "choose one of" in lines[0]
     for word in words:
         assert word in lines[0], (word, lines[0])
-    assert "Traceback" not in proc.stdout + proc.stderr
-    assert not run_dirs(tmp_path) and not list((tmp_path / "outputs").rglob("*.tfevents*")) if (tmp_path / "outputs").exists() else True
-    assert not (tmp_path / "outputs").exists() or not any(p.is_file() for p in (tmp_path / "outputs").rglob("*"))
+    assert "Traceback" not in out + err
+    outputs = tmp_path / "outputs"
+    assert not outputs.exists() or not any(p.is_file() for p in outputs.rglob("*"))  # nothing half-written
+
+
+def run_main(cwd, monkeypatch, argv):
+    """`nrexp <argv>` in this process (fast: no interpreter or torch start-up); returns the exit code."""
+    from nrexp.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("NREXP_DATA_ROOT", str(cwd / "data"))
+    monkeypatch.setattr(sys, "argv", ["nrexp"])
+    try:
+        return main(argv)
+    except SystemExit as exit:
+        return exit.code
 
 
 @pytest.mark.parametrize("source,words", [("local", ["data.source=local", "no MNIST files", "data.source=bundled"]),
