@@ -216,6 +216,16 @@ def remove_if_empty_run_dir(run_dir: Path) -> None:
             pass
 
 
+def strip_subcommand_from_completion_line() -> None:
+    """Hydra's completion script calls `nrexp -sc query=bash` with the typed line in COMP_LINE; Hydra
+    expects `<app> <overrides>`, so drop the `train` word (and shift the cursor) before it parses."""
+    words = os.environ.get("COMP_LINE", "").split(" ")
+    if len(words) > 1 and words[1] == "train":
+        os.environ["COMP_LINE"] = " ".join(words[:1] + words[2:])
+        point = int(os.environ.get("COMP_POINT", len(os.environ["COMP_LINE"]) + 6))
+        os.environ["COMP_POINT"] = str(max(point - len("train "), 0))
+
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -227,7 +237,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         return train_app(rest)
-    if command.startswith("-") or "=" in command:  # `nrexp norm=batch` or shell completion: the train app
+    if command in ("-sc", "--shell-completion"):  # tab completion, installed by `nrexp train -sc install=bash`
+        strip_subcommand_from_completion_line()
         return train_app(argv)
     return error(f"unknown command {command!r}. Fix: run `nrexp --help` for the list of commands")
 

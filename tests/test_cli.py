@@ -122,3 +122,14 @@ def test_readme_starts_with_the_two_setup_commands_and_ci_runs_the_same_tests():
     test_command = commands[1]
     ci = (REPO / ".ci" / "run").read_text()
     assert test_command in ci.splitlines(), f"{test_command!r} is not a line of .ci/run"
+
+
+def test_tab_completion_through_the_train_subcommand(tmp_path):
+    """The script from `nrexp train -sc install=bash` calls `nrexp -sc query=bash` with COMP_LINE."""
+    install = run_cli(["train", "-sc", "install=bash"], cwd=tmp_path)
+    assert "hydra_bash_completion" in install.stdout
+    env = cli_env(tmp_path)
+    env.update(COMP_LINE="nrexp train norm=", COMP_POINT=str(len("nrexp train norm=")))
+    proc = subprocess.run([sys.executable, "-m", "nrexp", "-sc", "query=bash"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.stdout.split() == ["norm=batch", "norm=layer", "norm=none"], proc.stdout + proc.stderr
