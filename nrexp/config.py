@@ -140,8 +140,8 @@ class DataConfig:
     eval_batch_size: int = knob(1000, "batch size for evaluation passes (no effect on results); >= 1")
     augment: bool = knob(
         False,
-        "training batches only: random crop (zero-pad 4 px, i.e. black) + horizontal flip, batched on the "
-        "device; data=cifar10 sets true. Meant for natural images (a flipped digit is another symbol)",
+        "training batches only: random crop (reflect-pad 4 px) + horizontal flip, batched on the device; "
+        "data=cifar10 sets true. Meant for natural images (a mirrored digit is another symbol)",
     )
 
 
