@@ -32,7 +32,9 @@ def test_cfg_job_composes_without_importing_torch(tmp_path):
 def test_train_help_shows_groups_and_every_knob(tmp_path):
     proc = run_cli(["train", "--help"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    for text in ("norm: batch, layer, none", "optim: adam, adamw, sgd", "init: default, kaiming, normal",
+    for text in ("norm: batch, group, instance, layer, none, rms, weight", "model: cnn, mlp, resmlp",
+                 "data: cifar10, fashion_mnist, mnist", "model.channels", "norm.groups", "data.augment",
+                 "dropout.spatial", "optim: adam, adamw, sgd", "init: default, kaiming, normal",
                  "dropout.p", "dropout.input_p", "optim.decay_norm_and_bias", "init.scale", "data.train_size",
                  "data.source", "model.activation", "trainer.log_every", "trainer.device", "norm.position"):
         assert text in proc.stdout, text
