@@ -132,8 +132,8 @@ class DataConfig:
     )
     source: DataSource = knob(
         DataSource.auto,
-        "auto (local files, else download, else the bundled 5k-digit sample, with a warning) | "
-        "local | download | bundled",
+        "auto (local files, else download, else for mnist only the bundled 5k-digit sample, with a "
+        "warning) | local | download | bundled (mnist only)",
     )
     batch_size: int = knob(128, "training minibatch size; 1 <= batch_size <= training-set size")
     train_size: Optional[int] = knob(None, "use only the first N training examples (null = all)")
