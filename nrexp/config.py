@@ -75,7 +75,8 @@ class NormConfig:
         "normalization in every hidden block: " + "|".join(NORMS) + " (axes: see README or nrexp/norms.py)",
     )
     eps: float = knob(1e-5, "added to the variance before the square root; > 0")
-    affine: bool = knob(True, "learn a per-feature gain and shift after normalizing")
+    affine: bool = knob(True, "learn a per-feature (cnn: per-channel) gain and shift after normalizing; rms: "
+                                "gain only; weight: no effect (its g is the gain)")
     momentum: float = knob(0.1, "batch only: running-statistics update rate, in (0, 1]")
     groups: int = knob(
         8, "group only: channel (or feature) groups G, each example normalized over C/G channels x H x W; "
