@@ -46,6 +46,7 @@ def weight_grad(layer: nn.Module) -> torch.Tensor:
     g_grad = g.grad if g.grad is not None else torch.zeros_like(g)
     v_grad = v.grad if v.grad is not None else torch.zeros_like(v)
     v_norm = torch.linalg.vector_norm(v, dim=tuple(range(1, v.ndim)), keepdim=True)
+    # g = 0 exactly (a unit switched off) would make this undefined; init sets g = ||row|| > 0
     return g_grad * v / v_norm + (v_norm / g) * v_grad
 
 
