@@ -157,7 +157,7 @@ def _download(name: str, root: Path) -> Raw:
     try:
         return _download_cifar10(root) if name == "cifar10" else _read_idx(name, root, download=True)
     except (RuntimeError, OSError, _NotFound) as err:  # URLError is an OSError; torchvision raises RuntimeError too
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no network?'}"
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0].rstrip(':') if str(err) else 'no network?'}"
         error = DataError(f"data.source=download: could not download {label} to {root} ({reason}). Fix: "
                           f"connect to the internet, copy the files to data.root and use data.source=local, or {fallback}")
         error.reason = reason
