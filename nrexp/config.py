@@ -19,11 +19,12 @@ from hydra.core.config_store import ConfigStore
 
 # Names selected by config groups (configs/<group>/<name>.yaml). Kept here so that validation,
 # the model factory and the help text agree on one list.
-NORMS = ("none", "layer", "batch")
+NORMS = ("none", "layer", "batch", "group", "instance", "rms", "weight")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 INITS = ("kaiming", "xavier", "normal", "uniform", "orthogonal", "default")
-MODELS = ("mlp",)
-DATASETS = ("mnist",)
+MODELS = ("mlp", "resmlp", "cnn")
+DATASETS = ("mnist", "fashion_mnist", "cifar10")
+BUNDLED_DATASETS = ("mnist",)  # the only dataset with a sample shipped inside the package
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,12 @@ class Activation(str, Enum):
 class NormPosition(str, Enum):
     before_act = "before_act"  # Linear -> norm -> activation (Ioffe & Szegedy 2015)
     after_act = "after_act"  # Linear -> activation -> norm
+
+
+class Pool(str, Enum):
+    max = "max"  # 2x2 max pooling after each cnn stage but the last (VGG)
+    avg = "avg"  # 2x2 average pooling
+    none = "none"  # keep the full resolution in every stage
 
 
 class Device(str, Enum):
@@ -64,13 +71,22 @@ def knob(default: Any, doc: str) -> Any:
 
 @dataclass
 class NormConfig:
-    name: str = knob("none", "normalization layer in every hidden block: " + "|".join(NORMS))
+    name: str = knob(
+        "none",
+        "normalization in every hidden block: " + "|".join(NORMS) + " (axes: see README or nrexp/norms.py)",
+    )
     eps: float = knob(1e-5, "added to the variance before the square root; > 0")
-    affine: bool = knob(True, "learn a per-feature gain and shift after normalizing")
+    affine: bool = knob(True, "learn a per-feature (cnn: per-channel) gain and shift after normalizing; rms: "
+                                "gain only; weight: no effect (its g is the gain)")
     momentum: float = knob(0.1, "batch only: running-statistics update rate, in (0, 1]")
+    groups: int = knob(
+        8, "group only: channel (or feature) groups G, each example normalized over C/G channels x H x W; "
+        ">= 1, must divide every normalized width / channel count",
+    )
     position: NormPosition = knob(
         NormPosition.before_act,
-        "before_act (Linear -> norm -> act, as in the BatchNorm paper) | after_act",
+        "before_act (Linear/conv -> norm -> act, as in the BatchNorm paper) | after_act; mlp and cnn "
+        "(resmlp keeps the course's block layout)",
     )
 
 
@@ -78,6 +94,7 @@ class NormConfig:
 class DropoutConfig:
     p: float = knob(0.0, "drop probability of hidden activations, in [0, 1); kept ones scale by 1/(1-p)")
     input_p: float = knob(0.0, "drop probability of input pixels, in [0, 1)")
+    spatial: bool = knob(False, "cnn only: drop whole feature maps (Dropout2d) instead of single activations")
 
 
 @dataclass
@@ -117,19 +134,30 @@ class DataConfig:
     )
     source: DataSource = knob(
         DataSource.auto,
-        "auto (local files, else download, else the bundled 5k-digit sample, with a warning) | "
-        "local | download | bundled",
+        "auto (local files, else download, else for mnist only the bundled 5k-digit sample, with a "
+        "warning) | local | download | bundled (mnist only)",
     )
     batch_size: int = knob(128, "training minibatch size; 1 <= batch_size <= training-set size")
     train_size: Optional[int] = knob(None, "use only the first N training examples (null = all)")
     eval_batch_size: int = knob(1000, "batch size for evaluation passes (no effect on results); >= 1")
+    augment: bool = knob(
+        False,
+        "training batches only: random crop (reflect-pad 4 px) + horizontal flip, batched on the device; "
+        "data=cifar10 sets true. Meant for natural images (a mirrored digit is another symbol)",
+    )
 
 
 @dataclass
 class ModelConfig:
     name: str = knob("mlp", "architecture: " + "|".join(MODELS))
-    depth: int = knob(3, "number of hidden blocks (Linear -> [norm] -> act -> [dropout]); >= 1")
-    width: int = knob(256, "units per hidden layer; >= 1")
+    depth: int = knob(
+        3, "mlp: hidden blocks (Linear -> [norm] -> act -> [dropout]); resmlp: residual blocks; >= 1. "
+        "cnn: ignored (its depth is len(channels) x blocks_per_stage)",
+    )
+    width: int = knob(256, "mlp/resmlp: units per hidden layer (resmlp blocks use width/2 inside); >= 1 (resmlp: >= 2)")
+    channels: List[int] = knob([32, 64, 128], "cnn only: conv channels of each stage, e.g. [32,64,128]; each >= 1")
+    blocks_per_stage: int = knob(2, "cnn only: 3x3 conv blocks per stage (conv -> [norm] -> act -> [dropout]); >= 1")
+    pool: Pool = knob(Pool.max, "cnn only: 2x2 downsampling after every stage but the last: max | avg | none")
     activation: Activation = knob(Activation.relu, "relu | tanh | sigmoid | gelu")
 
 
@@ -194,8 +222,8 @@ def validate(cfg: Any) -> None:
     _check(n.name in NORMS, "norm", n.name, "one of " + ", ".join(NORMS), "choose e.g. norm=batch")
     _check(o.name in OPTIMIZERS, "optim", o.name, "one of " + ", ".join(OPTIMIZERS), "choose e.g. optim=adamw")
     _check(i.name in INITS, "init", i.name, "one of " + ", ".join(INITS), "choose e.g. init=kaiming")
-    _check(m.name in MODELS, "model", m.name, "one of " + ", ".join(MODELS), "choose model=mlp")
-    _check(data.name in DATASETS, "data", data.name, "one of " + ", ".join(DATASETS), "choose data=mnist")
+    _check(m.name in MODELS, "model", m.name, "one of " + ", ".join(MODELS), "choose e.g. model=cnn")
+    _check(data.name in DATASETS, "data", data.name, "one of " + ", ".join(DATASETS), "choose e.g. data=cifar10")
 
     _check(math.isfinite(n.eps) and n.eps > 0, "norm.eps", n.eps, "must be a finite number > 0", "e.g. norm.eps=1e-5")
     _check(0 < n.momentum <= 1, "norm.momentum", n.momentum, "must be in (0, 1]", "e.g. norm.momentum=0.1")
@@ -219,6 +247,10 @@ def validate(cfg: Any) -> None:
     _check(n.name != "batch" or data.batch_size > 1, "data.batch_size", data.batch_size,
            "BatchNorm needs more than one example per batch in training (it normalizes each feature "
            "over the batch)", "use data.batch_size>=2, or norm=layer, which normalizes each example alone")
+    _validate_models_and_norms(cfg)
+    _check(data.source != "bundled" or data.name in BUNDLED_DATASETS, "data.source", "bundled",
+           f"only {', '.join(BUNDLED_DATASETS)} has a sample bundled with nrexp, not data={data.name}",
+           f"put the {data.name} files under data.root and use data.source=local, or use data=mnist")
     _check(t.epochs >= 1, "trainer.epochs", t.epochs, "must be >= 1", "e.g. trainer.epochs=5")
     _check(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1 or null",
            "e.g. trainer.max_steps=500")
@@ -229,6 +261,63 @@ def validate(cfg: Any) -> None:
            "the end)", "e.g. trainer.checkpoint_every=500")
     _check(t.eval_every >= 0, "trainer.eval_every", t.eval_every, "must be >= 0 (0 = every epoch)",
            "e.g. trainer.eval_every=0")
+
+
+def _validate_models_and_norms(cfg: Any) -> None:
+    """Shapes of the architectures, and which normalizations fit them."""
+    n, m = cfg.norm, cfg.model
+    if m.name == "cnn":
+        channels = list(m.channels)
+        _check(len(channels) >= 1 and all(c >= 1 for c in channels), "model.channels", channels,
+               "must list at least one stage, each with >= 1 channels", "e.g. model.channels=[32,64,128]")
+        _check(m.blocks_per_stage >= 1, "model.blocks_per_stage", m.blocks_per_stage, "must be >= 1",
+               "e.g. model.blocks_per_stage=2")
+    if m.name == "resmlp":  # the course's MLPResNet: each block's inner layer has width // 2 units
+        _check(m.width >= 2, "model.width", m.width, "resmlp needs >= 2 (its blocks use width/2 inside)",
+               "e.g. model.width=256")
+    _check(n.groups >= 1, "norm.groups", n.groups, "must be >= 1", "e.g. norm.groups=8")
+    if n.name == "group":
+        widths = normalized_widths(m)
+        _check(all(w % n.groups == 0 for w in widths), "norm.groups", n.groups,
+               f"must divide the channels/width of every normalized layer ({', '.join(map(str, widths))})",
+               f"choose a common divisor, e.g. norm.groups={math.gcd(*widths)}")
+        _check(m.name == "cnn" or min(widths) // n.groups >= 2, "norm.groups", n.groups,
+               f"leaves groups of one feature in a {min(widths)}-unit layer, which normalize to 0",
+               "use fewer groups than units")
+    # InstanceNorm normalizes each channel of each example over its spatial positions. An MLP's
+    # activation (N, D) has none: the mean of one number is itself, so every output would be 0.
+    # Treating the D features as one channel would just be LayerNorm again under another name.
+    _check(n.name != "instance" or m.name == "cnn", "norm", "instance",
+           f"needs conv feature maps (normalizes each channel over H x W); model={m.name} has none",
+           "use model=cnn, or norm=layer (the MLP analogue: each example over its features)")
+
+
+def normalized_widths(model: Any) -> List[int]:
+    """Feature/channel counts of the layers the block norms act on."""
+    if model.name == "cnn":
+        return sorted(set(model.channels))
+    if model.name == "resmlp":
+        return sorted({model.width, model.width // 2})
+    return [model.width]
+
+
+def validate_input_shape(cfg: Any, input_shape: Any) -> None:
+    """Checks that need the data's shape (C, H, W), known once the dataset is loaded."""
+    m = cfg.model
+    if m.name != "cnn":
+        return
+    _check(len(input_shape) == 3, "model", "cnn", f"needs image input (C, H, W), got shape {tuple(input_shape)}",
+           "use an image dataset, or model=mlp")
+    side = min(input_shape[1:])
+    pool = getattr(m.pool, "value", m.pool)
+    halvings = len(m.channels) - 1 if pool != "none" else 0
+    last = side // 2 ** halvings
+    _check(last >= 1, "model.channels", list(m.channels),
+           f"{len(m.channels)} stages halve a {side}x{side} input {halvings} times, below 1x1",
+           f"use at most {side.bit_length()} stages, or model.pool=none")
+    _check(cfg.norm.name != "instance" or last >= 2, "norm", "instance",
+           f"the last cnn stage is {last}x{last}: one position per channel normalizes to 0",
+           "use fewer stages, model.pool=none, or another norm")
 
 
 def validate_data_size(data: Any, n_train_available: int) -> None:

@@ -1,11 +1,23 @@
 """Per-layer statistics, computed on the device and brought to the host in one transfer.
 
-For each monitored layer (a block's weight matrix and its output activation):
+For each monitored layer (a block's weights and its output activation):
 - act_norm:      mean over the batch of each example's L2 norm of the layer's output activation
 - grad_norm:     Frobenius norm of dLoss/dW
 - weight_norm:   ||W||_F
 - weight_change: ||W - W_init|| / ||W_init||  (how far training moved the weights from their init)
 - update_ratio:  ||dW|| / ||W|| of the optimizer step just taken
+
+W is the weight the layer computes with. A residual block holds two Linear layers; its W is both
+taken together (the Frobenius norm of all its weight entries), so every model reports one number per
+block. The monitor keeps the layer modules, not their weight tensors, and reads `.weight` on every
+call: under weight normalization `.weight` is recomputed from g and v on each access, and a tensor
+stored once would go stale.
+
+Weight normalization (w = g v/||v|| per output unit) leaves no gradient on W itself: autograd fills
+dL/dg and dL/dv. The chain rule gives them back exactly, per output unit, with u = v/||v||:
+    dL/dv = (g/||v||) (I - u u^T) dL/dW   and   dL/dg = u . dL/dW,
+so  dL/dW = (dL/dg) u + (||v||/g) dL/dv.
+grad_norm is therefore ||dL/dW|| of the effective weight for every norm, comparable across them.
 
 All norms of a kind are computed with one fused `torch._foreach_norm` over the layers, and everything
 is stacked into one tensor so that a logging step costs a single device-to-host copy (never one
@@ -17,35 +29,66 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+
+from nrexp.models import weight_layers
 
 LAYER_METRICS = ("act_norm", "grad_norm", "weight_norm", "weight_change", "update_ratio")
+
+
+def weight_grad(layer: nn.Module) -> torch.Tensor:
+    """dLoss/dW of the weight `layer` computes with (zeros before any backward pass)."""
+    if not parametrize.is_parametrized(layer, "weight"):
+        w = layer.weight
+        return w.grad if w.grad is not None else torch.zeros_like(w)
+    wn = layer.parametrizations.weight  # weight_norm: original0 = g (one per output unit), original1 = v
+    g, v = wn.original0, wn.original1
+    g_grad = g.grad if g.grad is not None else torch.zeros_like(g)
+    v_grad = v.grad if v.grad is not None else torch.zeros_like(v)
+    v_norm = torch.linalg.vector_norm(v, dim=tuple(range(1, v.ndim)), keepdim=True)
+    # g = 0 exactly (a unit switched off) would make this undefined; init sets g = ||row|| > 0
+    return g_grad * v / v_norm + (v_norm / g) * v_grad
 
 
 class LayerMonitor:
     def __init__(self, layers: Mapping[str, nn.Module]):
         self.names: List[str] = list(layers)
-        self.weights: List[torch.Tensor] = [layer.weight for layer in layers.values()]
-        self.init_weights = [w.detach().clone() for w in self.weights]
-        self.init_norms = torch.stack(torch._foreach_norm(self.init_weights))
+        groups = [weight_layers(entry) for entry in layers.values()]
+        self.modules: List[nn.Module] = [m for group in groups for m in group]
+        device = self.modules[0].weight.device
+        # which named layer each weight belongs to; None when it is one weight per name (mlp, cnn)
+        owner = [i for i, group in enumerate(groups) for _ in group]
+        self._owner = torch.tensor(owner, device=device) if len(owner) != len(self.names) else None
+        self.reset_init(self.weights())
         self._before_step: Optional[List[torch.Tensor]] = None
+
+    def weights(self) -> List[torch.Tensor]:
+        """The current effective weights, read afresh (see the module docstring)."""
+        return [m.weight.detach() for m in self.modules]
 
     def reset_init(self, init_weights: List[torch.Tensor]) -> None:
         """Use these as W_init (when resuming, the run's true init comes from the checkpoint)."""
         self.init_weights = [w.detach().clone() for w in init_weights]
-        self.init_norms = torch.stack(torch._foreach_norm(self.init_weights))
+        self.init_norms = self._norms(self.init_weights)
+
+    def _norms(self, tensors: List[torch.Tensor]) -> torch.Tensor:
+        """One Frobenius norm per named layer, over all of that layer's weight tensors together."""
+        norms = torch.stack(torch._foreach_norm(tensors))
+        if self._owner is None:
+            return norms
+        squares = torch.zeros(len(self.names), device=norms.device, dtype=norms.dtype)
+        return squares.index_add_(0, self._owner, norms.square()).sqrt()
 
     @torch.no_grad()
     def before_step(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Statistics of the current weights, activations and gradients (call after backward)."""
-        weights = [w.detach() for w in self.weights]
-        weight_norm = torch.stack(torch._foreach_norm(weights))
+        weights = self.weights()
+        weight_norm = self._norms(weights)
         stats = {
             "act_norm": torch.stack([a.detach().flatten(1).float().norm(dim=1).mean() for a in activations]),
-            "grad_norm": torch.stack(torch._foreach_norm([
-                w.grad if w.grad is not None else torch.zeros_like(w) for w in self.weights])),
+            "grad_norm": self._norms([weight_grad(m) for m in self.modules]),
             "weight_norm": weight_norm,
-            "weight_change": torch.stack(torch._foreach_norm(torch._foreach_sub(weights, self.init_weights)))
-            / self.init_norms,
+            "weight_change": self._norms(torch._foreach_sub(weights, self.init_weights)) / self.init_norms,
         }
         self._before_step = [w.clone() for w in weights]
         return stats
@@ -54,7 +97,7 @@ class LayerMonitor:
     def after_step(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Add the update ratio ||W_after - W_before|| / ||W_before|| of the step just taken."""
         before = self._before_step
-        delta = torch.stack(torch._foreach_norm(torch._foreach_sub([w.detach() for w in self.weights], before)))
+        delta = self._norms(torch._foreach_sub(self.weights(), before))
         stats["update_ratio"] = delta / stats["weight_norm"]
         self._before_step = None
         return stats

@@ -1,7 +1,7 @@
 """Optimizers, with weight decay applied only where it means something.
 
 Weight decay lambda regularizes weight *matrices* (parameters with 2 or more dimensions). Biases and the
-gains/shifts of normalization layers are left undecayed unless `optim.decay_norm_and_bias=true`:
+gains/shifts of normalization layers (and the gains g of weight norm) are left undecayed unless `optim.decay_norm_and_bias=true`:
 decaying a norm's gain fights the normalization itself (the usual practice, as in nanoGPT).
 
 Semantics are PyTorch's own:
@@ -19,12 +19,19 @@ from torch import nn
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> List[Dict]:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    other = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    decay = [p for name, p in params if p.ndim >= 2 and not _is_weight_norm_gain(name)]
+    other = [p for name, p in params if p.ndim < 2 or _is_weight_norm_gain(name)]
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": other, "weight_decay": weight_decay if decay_norm_and_bias else 0.0},
     ]
+
+
+def _is_weight_norm_gain(name: str) -> bool:
+    # weight_norm's g (`parametrizations.weight.original0`) has shape (out, 1, ...), so ndim >= 2, but it
+    # is a per-unit gain like a norm layer's: it is treated as one. v (original1) is decayed as a weight.
+    return name.endswith("parametrizations.weight.original0")
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:

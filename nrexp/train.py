@@ -67,7 +67,7 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
     model = build_model(cfg, data.input_shape, data.num_classes).to(device)
     init_weights(model, cfg.init.name, cfg.init.scale, str(getattr(cfg.model.activation, "value", cfg.model.activation)))
     optimizer = build_optimizer(model, cfg.optim)
-    batches = TrainBatches(data.train_x, data.train_y, cfg.data.batch_size, cfg.seed)
+    batches = TrainBatches(data.train_x, data.train_y, cfg.data.batch_size, cfg.seed, augment=cfg.data.augment)
     total_steps = t.max_steps or t.epochs * batches.steps_per_epoch
     eval_every = t.eval_every or batches.steps_per_epoch
     monitor = LayerMonitor(model.monitored_layers())
