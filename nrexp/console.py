@@ -63,7 +63,7 @@ class TrainProgress:
             log.info("step %d/%d  %s", step, self.total, info)
 
     def advance_to(self, step: int) -> None:
-        if self.bar is not None:
+        if self.live:
             self.bar.update(self.task, completed=step)
 
 

@@ -51,6 +51,13 @@ def weight_layers(module: nn.Module) -> List[nn.Module]:
     return [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
+def _record(x: torch.Tensor, activations: Optional[List[torch.Tensor]]) -> torch.Tensor:
+    """Append a layer's output to `activations` when the trainer asked for them (logging steps only)."""
+    if activations is not None:
+        activations.append(x)
+    return x
+
+
 class MLPBlock(nn.Module):
     """Linear -> [norm] -> activation -> [dropout], or Linear -> activation -> [norm] -> [dropout]."""
 
@@ -84,13 +91,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, activations: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         x = self.input_dropout(x.flatten(1))
         for block in self.blocks.values():
-            x = block(x)
-            if activations is not None:
-                activations.append(x)
-        x = self.head(x)
-        if activations is not None:
-            activations.append(x)
-        return x
+            x = _record(block(x), activations)
+        return _record(self.head(x), activations)
 
     def monitored_layers(self) -> "OrderedDict[str, nn.Module]":
         """Layer name -> the module holding that layer's weight matrix, in forward order."""
@@ -136,17 +138,10 @@ class ResMLP(nn.Module):
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor, activations: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
-        x = self.stem_act(self.stem(self.input_dropout(x.flatten(1))))
-        if activations is not None:
-            activations.append(x)
+        x = _record(self.stem_act(self.stem(self.input_dropout(x.flatten(1)))), activations)
         for block in self.blocks.values():
-            x = block(x)
-            if activations is not None:
-                activations.append(x)
-        x = self.head(x)
-        if activations is not None:
-            activations.append(x)
-        return x
+            x = _record(block(x), activations)
+        return _record(self.head(x), activations)
 
     def monitored_layers(self) -> "OrderedDict[str, nn.Module]":
         """stem, each residual block (its two Linear layers together), head, in forward order."""
@@ -196,13 +191,8 @@ class CNN(nn.Module):
     def forward(self, x: torch.Tensor, activations: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         x = self.input_dropout(x)
         for block in self.blocks.values():
-            x = block(x)
-            if activations is not None:
-                activations.append(x)
-        x = self.head(x.mean(dim=(2, 3)))  # global average pooling: any input size works
-        if activations is not None:
-            activations.append(x)
-        return x
+            x = _record(block(x), activations)
+        return _record(self.head(x.mean(dim=(2, 3))), activations)  # global average pooling: any input size
 
     def monitored_layers(self) -> "OrderedDict[str, nn.Module]":
         layers = OrderedDict((name, block.conv) for name, block in self.blocks.items())

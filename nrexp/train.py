@@ -148,6 +148,7 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
                     loss_sum.zero_(), correct_sum.zero_()
                     steps_since_log, clock = 0, time.perf_counter()
                 step += 1
+                progress.advance_to(step)  # a no-op unless a live bar is shown
 
                 # -- a non-finite loss ends the run here
                 if (step % check_every == 0 or logging_step) and not math.isfinite(loss.item()):
