@@ -70,7 +70,7 @@ def depth_figure(layer_names: List[str], stats: Mapping[str, Mapping[str, float]
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.16, top=0.88, wspace=0.3)  # tight_layout costs ~1 s here
     return fig
 
 
