@@ -150,6 +150,7 @@ def train(cfg, run_dir: Path) -> Dict:
         "versions": versions(),
     }
     write_summary(run_dir, summary)
+    writer.hparams(step, summary["config"], summary["metrics"])  # the run's row in TensorBoard's HParams tab
     writer.close()
     print_summary(summary)
     return summary
