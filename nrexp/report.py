@@ -284,6 +284,16 @@ def rich_table(root: Path, settings: Sequence[Setting], keys: Sequence[str], n_r
     return table
 
 
+def wide_console():
+    """rich Console for tables: the terminal's width, or 160 columns in a pipe or a log (rich's 80
+    would fold every number of a wide table over three lines)."""
+    from rich.console import Console
+
+    from nrexp.console import console
+
+    return console if console.is_terminal else Console(width=160)
+
+
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -350,7 +360,12 @@ def _figure(ncols: int, title: str):
 
 
 def _save(fig, path: Path, axes) -> Path:
+    from matplotlib.ticker import FuncFormatter
+
     for ax in axes:
+        if ax.get_yscale() == "log":  # plain numbers (0.3, 6) rather than 3x10^-1 on short log ranges
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
@@ -441,8 +456,6 @@ def write_figures(settings: Sequence[Setting], keys: Sequence[str], out: Path) -
 def report(root: Path, sort: Optional[str] = None, filters: Sequence[str] = (), as_json: bool = False,
            out: Optional[Path] = None) -> int:
     """`nrexp report`: print the table (or JSON), write report.csv, report.md and figures/ into `out`."""
-    from nrexp.console import console
-
     root = Path(root)
     runs = load_runs(root)
     runs = apply_filters(runs, filters)
@@ -458,6 +471,7 @@ def report(root: Path, sort: Optional[str] = None, filters: Sequence[str] = (), 
     if as_json:
         print(json_report(root, keys, settings))
     else:
+        console = wide_console()
         console.print(rich_table(root, settings, keys, len(runs)))
         console.print(f"wrote {out / 'report.csv'}, {out / 'report.md'} and {len(figures)} figures in {out / 'figures'}")
     return 0

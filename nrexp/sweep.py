@@ -110,11 +110,12 @@ class SweepStatusTable(Callback):
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         from rich.table import Table
 
-        from nrexp.console import console
-        from nrexp.report import find_job_dirs, read_job
+        from nrexp.report import find_job_dirs, read_job, wide_console
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
-        jobs = [read_job(d) for d in find_job_dirs(sweep_dir)]
+        jobs = [read_job(d, sweep_dir) for d in find_job_dirs(sweep_dir)]
+        # name jobs by what differs between them: overrides shared by every job only add width
+        shared = set.intersection(*(set(job["name"].split(",")) for job in jobs)) if len(jobs) > 1 else set()
         counts: Dict[str, int] = {}
         for job in jobs:
             counts[job["status"]] = counts.get(job["status"], 0) + 1
@@ -126,8 +127,10 @@ class SweepStatusTable(Callback):
         style = {"completed": "green", "failed": "red", "diverged": "yellow"}
         for job in jobs:
             acc = job["metrics"].get("test/acc")
-            table.add_row(job["name"], f"[{style.get(job['status'], 'magenta')}]{job['status']}",
+            table.add_row(",".join(p for p in job["name"].split(",") if p not in shared) or job["name"], f"[{style.get(job['status'], 'magenta')}]{job['status']}",
                           "" if acc is None else f"{acc:.4f}", str(job.get("steps", "")),
                           "" if job.get("wall_time_s") is None else f"{job['wall_time_s']:.1f}",
                           job.get("error", ""))
-        console.print(table)
+        if shared:
+            table.caption = "every job also has: " + ",".join(sorted(shared))
+        wide_console().print(table)

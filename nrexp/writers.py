@@ -124,8 +124,15 @@ class TensorBoardWriter:
         """
         from torch.utils.tensorboard.summary import hparams
 
+        from nrexp.config import INITS, MODELS, NORMS, OPTIMIZERS, Activation
+
         final = {tag: float(metrics[key]) for tag, key in HPARAM_METRICS.items() if key in metrics}
-        for summary in hparams(hparams_of(config), final):
+        values = hparams_of(config)
+        # every choice a string knob has, so the tab's filters offer them all (one run only knows its own)
+        choices = {"model": MODELS, "norm": NORMS, "optim": OPTIMIZERS, "init": INITS,
+                   "model.activation": [a.value for a in Activation]}
+        domains = {k: list(v) for k, v in choices.items() if values[k] in v}
+        for summary in hparams(values, final, hparam_domain_discrete=domains):
             self.tb._get_file_writer().add_summary(summary)
         self.scalars(step, final)
 
