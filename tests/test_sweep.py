@@ -57,7 +57,7 @@ def test_launcher_and_sweeper_presets_compose():
 
 def test_sweep_one_dir_per_job_failures_recorded_and_status_table(tiny_sweep):
     proc, sweep = tiny_sweep
-    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    jobs = sorted(p.name for p in sweep.iterdir() if (p / ".hydra").is_dir())
     assert len(jobs) == 12
     # named by the job's overrides; excluded keys (trainer.progress) do not name dirs
     assert any(name.startswith("data.batch_size=64,") and ",dropout.p=0.3," in name and ",norm=batch,seed=1," in name
