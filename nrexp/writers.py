@@ -122,6 +122,7 @@ class TensorBoardWriter:
         appear twice and the sweep's table would not line up with its dirs; the three hparams
         summaries go to this run's own event file instead.
         """
+        from tensorboard.plugins.hparams import plugin_data_pb2
         from torch.utils.tensorboard.summary import hparams
 
         from nrexp.config import INITS, MODELS, NORMS, OPTIMIZERS, Activation
@@ -132,7 +133,14 @@ class TensorBoardWriter:
         choices = {"model": MODELS, "norm": NORMS, "optim": OPTIMIZERS, "init": INITS,
                    "model.activation": [a.value for a in Activation]}
         domains = {k: list(v) for k, v in choices.items() if values[k] in v}
-        for summary in hparams(values, final, hparam_domain_discrete=domains):
+        experiment, start, end = hparams(values, final, hparam_domain_discrete=domains)
+        # The seeds of one setting form one session group: the HParams tab shows them as one row
+        # (metrics aggregated over seeds) that expands to the runs, as `nrexp report` groups them.
+        group = ",".join(f"{k}={v}" for k, v in values.items() if k != "seed")
+        data = plugin_data_pb2.HParamsPluginData.FromString(start.value[0].metadata.plugin_data.content)
+        data.session_start_info.group_name = group
+        start.value[0].metadata.plugin_data.content = data.SerializeToString()
+        for summary in (experiment, start, end):
             self.tb._get_file_writer().add_summary(summary)
         self.scalars(step, final)
 

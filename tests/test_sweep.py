@@ -95,6 +95,7 @@ def test_hparams_written_to_the_run_itself_with_the_same_keys(tiny_sweep):
         assert set(content) == {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"}
         start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
         key_sets.add(frozenset(start.hparams))
+        assert "seed=" not in start.group_name and f"norm={start.hparams['norm'].string_value}," in start.group_name
         summary = read_summary(run)
         assert start.hparams["norm"].string_value == summary["config"]["norm"]["name"]
         assert start.hparams["dropout.p"].number_value == summary["config"]["dropout"]["p"]

@@ -93,12 +93,19 @@ def test_tensorboard_serves_every_run_tag_and_hparams(tiny_sweep, tensorboard):
     groups = post(tensorboard, "/data/plugin/hparams/session_groups", {
         "experimentName": "", "startIndex": 0, "sliceSize": 100,
         "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]})
+    # one group (row) per setting, its seeds as the group's sessions: every run of the sweep, in one table
+    assert len(groups["sessionGroups"]) == 4
+    assert all(len(g["sessions"]) == 2 for g in groups["sessionGroups"])
     sessions = {s["name"]: (g["hparams"], s["metricValues"]) for g in groups["sessionGroups"] for s in g["sessions"]}
-    assert sorted(sessions) == sorted(completed)  # one row per run of the sweep, in one table
+    assert sorted(sessions) == sorted(completed)
+    for g in groups["sessionGroups"]:
+        seeds = {completed[s["name"]]["config"]["seed"] for s in g["sessions"]}
+        settings = {(completed[s["name"]]["config"]["norm"]["name"], completed[s["name"]]["config"]["dropout"]["p"])
+                    for s in g["sessions"]}
+        assert seeds == {0, 1} and len(settings) == 1
     for run, (hparams, metrics) in sessions.items():
         summary = completed[run]
         assert hparams["norm"] == summary["config"]["norm"]["name"]
         assert hparams["dropout.p"] == pytest.approx(summary["config"]["dropout"]["p"])
-        assert hparams["seed"] == summary["config"]["seed"]
         final = {m["name"]["tag"]: m["value"] for m in metrics}
         assert final["final/test_acc"] == pytest.approx(summary["metrics"]["test/acc"])
