@@ -49,6 +49,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("logdir", type=Path, help="a sweep dir (or any TensorBoard logdir)")
     parser.add_argument("--out", type=Path, default=Path("tensorboard.png"), help="PNG to write")
+    parser.add_argument("--dashboard", default="scalars", help="scalars (default), hparams, timeseries, ...")
     parser.add_argument("--filter", default="act_norm", help="tag filter (regex) of the scalars dashboard")
     parser.add_argument("--size", default="1600,1200", help="window size WIDTH,HEIGHT in pixels")
     parser.add_argument("--budget-ms", type=int, default=20000, help="virtual time Chromium gives the page")
@@ -67,7 +68,7 @@ def main() -> int:
     try:
         runs = wait_for_runs(base, server)
         print(f"tensorboard at {base}: {len(runs)} runs")
-        url = f"{base}/#scalars&tagFilter={urllib.parse.quote(args.filter)}&_smoothingWeight=0"
+        url = f"{base}/#{args.dashboard}&tagFilter={urllib.parse.quote(args.filter)}&_smoothingWeight=0"
         with tempfile.TemporaryDirectory() as profile:
             subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                             "--disable-component-update", "--no-first-run", "--disable-sync",
