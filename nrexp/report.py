@@ -59,8 +59,11 @@ def read_job(run_dir: Path, root: Optional[Path] = None) -> Dict:
     run_dir = Path(run_dir)
     name = str(run_dir.relative_to(root)) if root and run_dir != Path(root) else run_dir.name
     path = run_dir / "summary.json"
-    if not path.is_file():
-        return {"name": name, "dir": str(run_dir), "status": "no summary", "metrics": {}, "config": {}}
+    if not path.is_file():  # its composed config still says which setting it belongs to
+        import yaml
+
+        config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}
+        return {"name": name, "dir": str(run_dir), "status": "no summary", "metrics": {}, "config": config}
     summary = json.loads(path.read_text())
     summary.setdefault("metrics", {})
     return {**summary, "name": name, "dir": str(run_dir)}
@@ -265,7 +268,7 @@ def table_cells(settings: Sequence[Setting], keys: Sequence[str]) -> Tuple[List[
     header = [*keys, "runs", "status", *TABLE_METRICS]
     body = []
     for s in settings:
-        n = len([r for r in s.completed])
+        n = len(s.completed)
         body.append([str(s.values[k]) for k in keys] + [str(len(s.runs)), s.status()]
                     + [fmt(*s.stat(m), n) for m in TABLE_METRICS])
     return header, body

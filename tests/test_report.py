@@ -5,6 +5,7 @@ import csv
 import io
 import json
 import math
+import shutil
 import statistics
 import struct
 import subprocess
@@ -153,3 +154,18 @@ def test_report_cli_runs_without_torch(tiny_sweep, tmp_path):
     proc = run_cli(["report", str(tmp_path / "missing")], cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("nrexp: error: no such directory")
     assert math.isfinite(float(next(csv.DictReader(open(tmp_path / "report.csv")))["test_acc_mean"]))
+
+
+def test_a_job_without_summary_counts_in_its_setting(tiny_sweep, capsys, tmp_path):
+    """A job killed before it wrote summary.json (or still running) is a row status, not a new setting."""
+    _, sweep = tiny_sweep
+    for run in run_dirs(sweep):
+        config = read_summary(run)["config"]
+        if config["dropout"]["p"] == 0.3:
+            shutil.copytree(run, tmp_path / "sweep" / run.name)
+    killed = sorted((tmp_path / "sweep").iterdir())[0]
+    (killed / "summary.json").unlink()
+    code, out, _ = report(capsys, tmp_path / "sweep", "--json", "--out", tmp_path)
+    data = json.loads(out)
+    assert code == 0 and data["swept_keys"] == ["norm"]
+    assert sorted(s["status"] for s in data["settings"]) == ["1 completed, 1 no summary", "2 completed"]

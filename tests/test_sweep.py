@@ -121,28 +121,29 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     assert "2 completed" in proc.stdout
 
 
-@pytest.mark.slow  # reason: submitit_local starts each job as its own Python process (~25 s on 2 cores)
+@pytest.mark.slow  # reason: submitit_local starts each job as its own Python process (~20 s on 2 cores)
 def test_submitit_local_launcher_runs_separate_job_processes(tmp_path):
-    proc = run_cli(["train", "-m", *LAUNCHER_TINY, "norm=none,batch", "dropout.p=0,1.5",
-                    "hydra/launcher=submitit_local", "hydra.sweep.dir=sweep"], cwd=tmp_path)
+    proc = run_cli(["train", "-m", *LAUNCHER_TINY, "dropout.p=0,1.5", "hydra/launcher=submitit_local",
+                    "hydra.sweep.dir=sweep"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     sweep = tmp_path / "sweep"
     statuses = sorted(read_summary(d)["status"] for d in run_dirs(sweep))
-    assert statuses == ["completed", "completed", "failed", "failed"]
-    # submitit's own per-job records: one folder per job with its pickled result and logs
-    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 4
-    assert "2 completed, 2 failed" in proc.stdout
+    assert statuses == ["completed", "failed"]  # a failure inside a submitit job is recorded, not raised
+    # submitit's own per-job records: one folder per job process, with its pickled result and logs
+    results = list((sweep / ".submitit").glob("*/*_result.pkl"))
+    assert len(results) == 2 and len({p.parent for p in results}) == 2
+    assert "1 completed, 1 failed" in proc.stdout
 
 
-@pytest.mark.slow  # reason: 3 Optuna trials in sequence (~20 s on 2 cores)
+@pytest.mark.slow  # reason: 2 Optuna trials in sequence (~15 s on 2 cores)
 def test_optuna_sweeper_searches_and_reports_the_best_trial(tmp_path):
-    proc = run_cli(["train", "-m", *LAUNCHER_TINY, "hydra/sweeper=optuna_wd_dropout", "hydra.sweeper.n_trials=3",
+    proc = run_cli(["train", "-m", *LAUNCHER_TINY, "hydra/sweeper=optuna_wd_dropout", "hydra.sweeper.n_trials=2",
                     "hydra.sweep.dir=sweep"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     sweep = tmp_path / "sweep"
     summaries = [read_summary(d) for d in run_dirs(sweep)]
-    assert len(summaries) == 3 and all(s["status"] == "completed" for s in summaries)
-    assert len({s["config"]["dropout"]["p"] for s in summaries}) == 3  # the sampler proposed different values
+    assert len(summaries) == 2 and all(s["status"] == "completed" for s in summaries)
+    assert len({s["config"]["dropout"]["p"] for s in summaries}) == 2  # the sampler proposed different values
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert result["best_value"] == pytest.approx(max(s["metrics"]["test/acc"] for s in summaries))
     assert 1e-6 <= result["best_params"]["optim.weight_decay"] <= 1e-2
