@@ -264,12 +264,17 @@ def fmt(mean: float, std: float, n: int) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "")
 
 
+def _short(value: Any) -> str:
+    """Swept values as people read them: 0.32692990979813813 (an Optuna trial) -> 0.3269; CSV keeps all."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def table_cells(settings: Sequence[Setting], keys: Sequence[str]) -> Tuple[List[str], List[List[str]]]:
     header = [*keys, "runs", "status", *TABLE_METRICS]
     body = []
     for s in settings:
         n = len(s.completed)
-        body.append([str(s.values[k]) for k in keys] + [str(len(s.runs)), s.status()]
+        body.append([_short(s.values[k]) for k in keys] + [str(len(s.runs)), s.status()]
                     + [fmt(*s.stat(m), n) for m in TABLE_METRICS])
     return header, body
 
@@ -363,12 +368,14 @@ def _figure(ncols: int, title: str):
 
 
 def _save(fig, path: Path, axes) -> Path:
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     for ax in axes:
-        if ax.get_yscale() == "log":  # plain numbers (0.3, 6) rather than 3x10^-1 on short log ranges
+        if ax.get_yscale() == "log":  # plain numbers (0.3, 6) rather than 3x10^-1
+            low, high = ax.get_ylim()
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            # within one decade there may be no major tick at all: label the minor ones then
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if high / low < 10 else NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
@@ -418,6 +425,9 @@ def metric_vs_key_figure(settings: Sequence[Setting], keys: Sequence[str], key: 
     lines: Dict[str, List[Setting]] = {}
     for s in settings:
         lines.setdefault(", ".join(f"{k}={s.values[k]}" for k in others) or "all", []).append(s)
+    scatter = all(len(group) == 1 for group in lines.values()) and len(lines) > 1
+    if scatter:  # a random/Optuna search: no two settings share the other keys, so no lines to draw
+        lines = {"each point: one setting": list(settings)}
     fig, axes = _figure(2, f"final metrics vs {key} (mean ± std over seeds)")
     plotted = False
     for ax, metric, ylabel in zip(axes, ("test_acc", "gen_gap"), ("final test accuracy",
@@ -427,8 +437,11 @@ def metric_vs_key_figure(settings: Sequence[Setting], keys: Sequence[str], key: 
                             if isinstance(s.values[key], (int, float)) and math.isfinite(s.stat(metric)[0]))
             if points:
                 x, y, err = zip(*points)
-                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label)
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label, linestyle="none" if scatter else "-")
                 plotted = True
+        values = [s.values[key] for s in settings]
+        if min(values) > 0 and max(values) / min(values) > 100:  # e.g. weight decay 1e-6 .. 1e-2
+            ax.set_xscale("log")
         ax.set_xlabel(key)
         ax.set_ylabel(ylabel)
     return _save(fig, path, axes) if plotted else None
