@@ -93,6 +93,8 @@ def report_command(args: List[str]) -> int:
         return report(options.dir, sort=options.sort, filters=options.filter, as_json=options.json, out=options.out)
     except ReportError as err:
         return error(str(err))
+    except OSError as err:  # e.g. a sweep dir one may read but not write: say where to write instead
+        return error(f"cannot write the report: {err}. Fix: pass --out DIR, a directory you can write to")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
