@@ -70,7 +70,7 @@ def tiny_run(tmp_path):
     return _run
 
 
-# A small real sweep shared by the sweep, report and TensorBoard tests (built once, ~25 s on 2 idle cores):
+# A small real sweep shared by the sweep, report and TensorBoard tests (built once: 12 jobs, 4 of them fail at once; 25-60 s on 2 cores):
 # 2 norms x 3 dropouts x 2 seeds. dropout.p=1.5 fails validation: those 4 jobs record "failed" and the
 # sweep goes on. trainer.progress=false is an excluded key: it must not name the job dirs.
 SWEEP_TINY = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.eval_every"))] + [
