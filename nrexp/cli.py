@@ -21,11 +21,14 @@ usage: nrexp <command> [args]
 
 commands:
   train     train one network, or a sweep with -m (a Hydra app: `nrexp train --help` lists every knob)
+  report    compare the runs of a sweep (or one run): table, report.csv/.md, figures (`nrexp report -h`)
 
 examples:
   nrexp train norm=batch dropout.p=0.2
   nrexp train -m norm=none,layer,batch init=normal init.scale=1,2,3
+  nrexp train -m norm=none,batch seed=0,1,2 hydra/launcher=joblib hydra.launcher.n_jobs=4
   nrexp train resume=outputs/2026-11-21/10-00-00     # continue an interrupted run
+  nrexp report outputs/multirun/<date>/<time> --sort=-test_acc
   tensorboard --logdir outputs
 """
 
@@ -48,6 +51,8 @@ def train_app(args: List[str]) -> int:
     from nrexp import config
 
     config.register()
+    import nrexp.sweep  # noqa: F401 - registers the resolver that names sweep job dirs (configs/train.yaml)
+
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
     flags_only_print = any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "-sc",
                                  "--shell-completion") for a in args)
@@ -63,25 +68,40 @@ def train_app(args: List[str]) -> int:
     @hydra.main(version_base="1.3", config_path=nrexp.config_dir(), config_name="train")
     def _train(cfg) -> Optional[float]:
         from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
+        from nrexp import sweep
         from nrexp.train import Diverged, train  # torch is imported here, once a run really starts
 
-        hydra_cfg = HydraConfig.get()
-        run_dir = Path(hydra_cfg.runtime.output_dir)
-        try:
-            if cfg.resume:
-                summary = train(resume_config(cfg, list(hydra_cfg.overrides.task)), run_dir, resume=True)
-            else:
+        hc = HydraConfig.get()
+        run_dir = Path(hc.runtime.output_dir)
+        if hc.mode == RunMode.MULTIRUN:
+            # A sweep job: one failure must not stop the others. It is recorded in the job's summary.json
+            # and the job returns NaN, which Hydra's sweepers ignore and Optuna records as a failed trial.
+            try:
+                sweep.claim_gpu(str(getattr(cfg.trainer.device, "value", cfg.trainer.device)), hc.job.num)
                 summary = train(cfg, run_dir)
-        except config.ConfigError as err:
-            if not cfg.resume:
-                remove_if_empty_run_dir(run_dir)
-            sys.exit(error(str(err)))
-        except Diverged as err:  # trainer.on_nonfinite=raise: the summary is written; fail the command
-            sys.exit(error(str(err), code=1))
-        if summary.get("signal"):
+            except Diverged:  # trainer.on_nonfinite=raise: its summary (diverged) is already written
+                return float("nan")
+            except Exception as err:  # noqa: BLE001 - any error of one job; Ctrl-C still stops them all
+                sweep.record_failure(cfg, run_dir, err)
+                return float("nan")
+        else:
+            try:
+                if cfg.resume:
+                    summary = train(resume_config(cfg, list(hc.overrides.task)), run_dir, resume=True)
+                else:
+                    summary = train(cfg, run_dir)
+            except config.ConfigError as err:
+                if not cfg.resume:
+                    remove_if_empty_run_dir(run_dir)
+                sys.exit(error(str(err)))
+            except Diverged as err:  # trainer.on_nonfinite=raise: the summary is written; fail the command
+                sys.exit(error(str(err), code=1))
+        if summary.get("signal"):  # Ctrl-C / SIGTERM ends a sweep too, after this job's checkpoint
             sys.exit(128 + summary["signal"])  # 130 for Ctrl-C, 143 for SIGTERM, as shells report them
-        return summary["metrics"]["test/acc"]  # what a Hydra sweeper (e.g. optuna) optimizes
+        test_acc = summary["metrics"]["test/acc"]
+        return float("nan") if test_acc is None else test_acc  # what a Hydra sweeper (e.g. optuna) optimizes
 
     sys.argv = [sys.argv[0], *args]
     _train()
@@ -226,6 +246,33 @@ def strip_subcommand_from_completion_line() -> None:
         os.environ["COMP_POINT"] = str(max(point - len("train "), 0))
 
 
+def report_command(args: List[str]) -> int:
+    """`nrexp report`: argparse here (argv is this module's), the work in nrexp/report.py."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="nrexp report",
+        description="Compare the runs under DIR (a sweep dir or one run dir): one row per setting, the seeds "
+                    "of a setting aggregated as mean ± std. Writes report.csv, report.md and figures/*.png.")
+    parser.add_argument("dir", help="a sweep dir (outputs/multirun/<date>/<time>) or a run dir")
+    parser.add_argument("--sort", metavar="KEY", help="sort by a column: a swept key, n, status, train_loss, "
+                        "train_acc, test_acc, gen_gap, act_ratio_init, act_ratio_final; -KEY for descending")
+    parser.add_argument("--filter", metavar="KEY=VALUE", action="append", default=[],
+                        help="keep runs whose config has KEY=VALUE (e.g. norm=batch, dropout.p=0.2); repeatable")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON (for scripts) instead of a table")
+    parser.add_argument("--out", metavar="DIR", help="where to write report.csv, report.md, figures/ (default: DIR)")
+    options = parser.parse_args(args)
+
+    from nrexp.report import ReportError, report
+
+    try:
+        return report(options.dir, sort=options.sort, filters=options.filter, as_json=options.json, out=options.out)
+    except ReportError as err:
+        return error(str(err))
+    except OSError as err:  # e.g. a sweep dir one may read but not write: say where to write instead
+        return error(f"cannot write the report: {err}. Fix: pass --out DIR, a directory you can write to")
+
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -237,6 +284,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         return train_app(rest)
+    if command == "report":
+        return report_command(rest)
     if command in ("-sc", "--shell-completion"):  # tab completion, installed by `nrexp train -sc install=bash`
         strip_subcommand_from_completion_line()
         return train_app(argv)

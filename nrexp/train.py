@@ -205,6 +205,7 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
         summary["signal"] = stop_signal
     summary = finite_or_none(summary)
     write_summary(run_dir, summary)
+    writer.hparams(step, summary["config"], summary["metrics"])  # the run's row in TensorBoard's HParams tab
     writer.close()
     print_summary(summary)
     if status == "diverged" and t.on_nonfinite == "raise":

@@ -74,6 +74,33 @@ def depth_figure(layer_names: List[str], stats: Mapping[str, Mapping[str, float]
     return fig
 
 
+# The hyper-parameters every run reports to TensorBoard's HParams tab: (name shown, path in the config).
+# Names follow the command line (`norm=batch`, `optim.lr=0.1`). The set is fixed so that every run of
+# every sweep has the same columns: the HParams tab takes its column list from one run's summary.
+HPARAMS = (
+    ("model", "model.name"), ("norm", "norm.name"), ("dropout.p", "dropout.p"),
+    ("optim", "optim.name"), ("optim.lr", "optim.lr"), ("optim.weight_decay", "optim.weight_decay"),
+    ("init", "init.name"), ("init.scale", "init.scale"), ("data.batch_size", "data.batch_size"),
+    ("model.depth", "model.depth"), ("model.width", "model.width"), ("model.activation", "model.activation"),
+    ("seed", "seed"),
+)
+# Final metrics, as their own scalar tags: train/acc in the curves is the running minibatch accuracy,
+# while these are the full-split evaluations of summary.json.
+HPARAM_METRICS = {"final/test_acc": "test/acc", "final/test_loss": "test/loss",
+                  "final/train_acc": "train/acc", "final/train_loss": "train/loss"}
+
+
+def hparams_of(config: Mapping) -> Dict[str, object]:
+    """The HPARAMS of a resolved config (plain dict); values TensorBoard cannot show become strings."""
+    values = {}
+    for name, path in HPARAMS:
+        value: object = config
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, Mapping) else None
+        values[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return values
+
+
 class TensorBoardWriter:
     def __init__(self, run_dir: Path, layer_names: List[str], purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
@@ -99,6 +126,35 @@ class TensorBoardWriter:
     def depth_plot(self, step: int, stats: Mapping[str, Mapping[str, float]], when: str) -> None:
         fig = depth_figure(self.layer_names, stats, f"{when} (step {step})")
         self.tb.add_figure(f"depth/{when}", fig, step, close=False)
+
+    def hparams(self, step: int, config: Mapping, metrics: Mapping[str, float]) -> None:
+        """List this run in TensorBoard's HParams tab: its hyper-parameters and final metrics.
+
+        SummaryWriter.add_hparams would write them to a new timestamped sub-run, so each run would
+        appear twice and the sweep's table would not line up with its dirs; the three hparams
+        summaries go to this run's own event file instead.
+        """
+        from tensorboard.plugins.hparams import plugin_data_pb2
+        from torch.utils.tensorboard.summary import hparams
+
+        from nrexp.config import INITS, MODELS, NORMS, OPTIMIZERS, Activation
+
+        final = {tag: float(metrics[key]) for tag, key in HPARAM_METRICS.items() if key in metrics}
+        values = hparams_of(config)
+        # every choice a string knob has, so the tab's filters offer them all (one run only knows its own)
+        choices = {"model": MODELS, "norm": NORMS, "optim": OPTIMIZERS, "init": INITS,
+                   "model.activation": [a.value for a in Activation]}
+        domains = {k: list(v) for k, v in choices.items() if values[k] in v}
+        experiment, start, end = hparams(values, final, hparam_domain_discrete=domains)
+        # The seeds of one setting form one session group: the HParams tab shows them as one row
+        # (metrics aggregated over seeds) that expands to the runs, as `nrexp report` groups them.
+        group = ",".join(f"{k}={v}" for k, v in values.items() if k != "seed")
+        data = plugin_data_pb2.HParamsPluginData.FromString(start.value[0].metadata.plugin_data.content)
+        data.session_start_info.group_name = group
+        start.value[0].metadata.plugin_data.content = data.SerializeToString()
+        for summary in (experiment, start, end):
+            self.tb._get_file_writer().add_summary(summary)
+        self.scalars(step, final)
 
     def text(self, tag: str, text: str) -> None:
         self.tb.add_text(tag, text, 0)

@@ -74,3 +74,20 @@ def tiny_run(tmp_path):
         return proc, None
 
     return _run
+
+
+# A small real sweep shared by the sweep, report and TensorBoard tests (built once: 12 jobs, 4 of them fail at once; 25-60 s on 2 cores):
+# 2 norms x 3 dropouts x 2 seeds. dropout.p=1.5 fails validation: those 4 jobs record "failed" and the
+# sweep goes on. trainer.progress=false is an excluded key: it must not name the job dirs.
+SWEEP_TINY = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.eval_every"))] + [
+    "trainer.max_steps=4", "trainer.eval_every=4"]
+SWEEP_ARGS = ["-m", *SWEEP_TINY, "trainer.progress=false", "norm=none,batch", "dropout.p=0,0.3,1.5", "seed=0,1"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory):
+    """(completed process, sweep dir) of `nrexp train -m SWEEP_ARGS`."""
+    cwd = tmp_path_factory.mktemp("sweep")
+    proc = run_cli(["train", *SWEEP_ARGS, "hydra.sweep.dir=sweep"], cwd=cwd)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc, cwd / "sweep"

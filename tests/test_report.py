@@ -1,0 +1,171 @@
+"""`nrexp report` on a small real sweep: the table, numbers against the runs' summaries, figures, options,
+and bad input."""
+import contextlib
+import csv
+import io
+import json
+import math
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from conftest import cli_env, read_summary, run_cli, run_dirs
+from nrexp.cli import main
+
+
+def report(capsys, *args):
+    """`nrexp report <args>` in this process (report.py imports no torch: fast); (exit code, out, err)."""
+    code = main(["report", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def reported(tiny_sweep):
+    """`nrexp report <sweep>` once for the tests that only read what it printed and wrote: (code, stdout)."""
+    _, sweep = tiny_sweep
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["report", str(sweep)])
+    return code, out.getvalue()
+
+
+def png_size(path):
+    """(width, height) of a PNG, after checking its signature: the IHDR chunk comes first."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    assert data[12:16] == b"IHDR", path
+    return struct.unpack(">II", data[16:24])
+
+
+def settings_of(sweep):
+    """(norm, dropout.p) -> the summaries of its runs (seeds), straight from the files."""
+    groups = {}
+    for run in run_dirs(sweep):
+        s = read_summary(run)
+        groups.setdefault((s["config"]["norm"]["name"], s["config"]["dropout"]["p"]), []).append(s)
+    return groups
+
+
+def test_table_has_one_row_per_setting_with_seeds_aggregated(reported):
+    code, out = reported
+    assert code == 0
+    for column in ("dropout.p", "norm", "runs", "status", "train_loss", "test_acc", "gen_gap", "act_ratio_init",
+                   "act_ratio_final"):
+        assert column in out, column
+    assert "seed" not in out.split("┃", 1)[1].splitlines()[0]  # seeds are aggregated, not a column
+    assert "12 runs, 6 settings" in out
+    assert out.count("2 completed") == 4 and out.count("2 failed") == 2
+    assert " ± " in out  # two seeds per setting: mean ± std
+
+
+def test_csv_numbers_match_the_summaries(tiny_sweep, reported):
+    _, sweep = tiny_sweep
+    assert reported[0] == 0
+    rows = list(csv.DictReader(open(sweep / "report.csv")))
+    assert [(r["norm"], float(r["dropout.p"])) for r in rows] == [
+        ("batch", 0.0), ("none", 0.0), ("batch", 0.3), ("none", 0.3), ("batch", 1.5), ("none", 1.5)]
+    groups = settings_of(sweep)
+    for row in rows:
+        runs = groups[(row["norm"], float(row["dropout.p"]))]
+        assert int(row["n"]) == len(runs) == 2
+        if runs[0]["status"] == "failed":
+            assert row["status"] == "2 failed" and row["test_acc_mean"] == "nan"
+            continue
+        acc = [r["metrics"]["test/acc"] for r in runs]
+        assert float(row["test_acc_mean"]) == pytest.approx(statistics.mean(acc))
+        assert float(row["test_acc_std"]) == pytest.approx(statistics.stdev(acc))
+        gap = [r["metrics"]["train/acc"] - r["metrics"]["test/acc"] for r in runs]
+        assert float(row["gen_gap_mean"]) == pytest.approx(statistics.mean(gap))
+        loss = [r["metrics"]["train/loss"] for r in runs]
+        assert float(row["train_loss_mean"]) == pytest.approx(statistics.mean(loss))
+        for when in ("init", "final"):  # last hidden block over the first (model.depth=2: block01 / block00)
+            act = [r["layers"][when]["act_norm"] for r in runs]
+            ratio = statistics.mean(a["block01"] / a["block00"] for a in act)
+            assert float(row[f"act_ratio_{when}_mean"]) == pytest.approx(ratio)
+    md = (sweep / "report.md").read_text()
+    assert "| dropout.p | norm | runs | status |" in md and "![act_norm_vs_depth](figures/act_norm_vs_depth.png)" in md
+
+
+def test_figures_are_valid_pngs(tiny_sweep, reported):
+    _, sweep = tiny_sweep
+    assert reported[0] == 0
+    figures = sweep / "figures"
+    names = sorted(p.name for p in figures.glob("*.png"))
+    # dropout.p is the numeric swept key (norm is not numeric; seed is aggregated over)
+    assert names == ["act_norm_vs_depth.png", "curves.png", "final_vs_dropout.p.png", "grad_norm_vs_depth.png"]
+    for name in names:
+        assert png_size(figures / name) == (1100, 420), name  # 2 panels of 5.5 x 4.2 in at 100 dpi
+
+
+def test_json_filter_and_sort(tiny_sweep, capsys, tmp_path):
+    _, sweep = tiny_sweep
+    code, out, _ = report(capsys, sweep, "--json", "--filter", "norm=batch", "--sort=-test_acc", "--out", tmp_path)
+    assert code == 0
+    data = json.loads(out)
+    assert data["swept_keys"] == ["dropout.p"]  # within norm=batch only dropout.p differs
+    acc = [s["test_acc_mean"] for s in data["settings"]]
+    assert acc[-1] is None  # the failed setting: no accuracy (JSON null, not NaN), sorted last
+    assert acc[:-1] == sorted(acc[:-1], reverse=True) and len(acc) == 3
+    assert {r["setting"]["dropout.p"] for r in data["runs"]} == {0.0, 0.3, 1.5}
+    assert all(r["status"] == "failed" and "dropout.p=1.5" in r["error"] for r in data["runs"] if r["setting"]["dropout.p"] == 1.5)
+    code, out, _ = report(capsys, sweep, "--json", "--filter", "dropout.p=0.3", "--filter", "seed=1", "--out", tmp_path)
+    assert code == 0 and len(json.loads(out)["runs"]) == 2
+
+
+def test_one_run_dir(tiny_sweep, capsys, tmp_path):
+    _, sweep = tiny_sweep
+    run = next(d for d in run_dirs(sweep) if read_summary(d)["status"] == "completed")
+    code, out, _ = report(capsys, run, "--json", "--out", tmp_path)
+    assert code == 0
+    data = json.loads(out)
+    assert len(data["settings"]) == 1 and data["swept_keys"] == []
+    assert data["settings"][0]["test_acc_mean"] == pytest.approx(read_summary(run)["metrics"]["test/acc"])
+    assert (tmp_path / "report.csv").is_file() and (tmp_path / "figures" / "curves.png").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{tmp}/nope"], "nrexp: error: no such directory: {tmp}/nope"),
+    (["{tmp}"], "nrexp: error: no runs in {tmp} (no summary.json or .hydra/ below it)"),
+    (["{sweep}", "--sort", "bogus"], "nrexp: error: --sort 'bogus' is invalid: not a column"),
+    (["{sweep}", "--filter", "colour=red"], "nrexp: error: --filter key 'colour' is not a config key"),
+    (["{sweep}", "--filter", "norm"], "nrexp: error: --filter 'norm' is invalid: expected key=value"),
+])
+def test_bad_input_is_one_line_exit_2(tiny_sweep, capsys, tmp_path, args, message):
+    _, sweep = tiny_sweep
+    fill = lambda s: s.format(tmp=tmp_path, sweep=sweep)  # noqa: E731
+    code, out, err = report(capsys, *map(fill, args))
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and err.startswith(fill(message)), err
+
+
+def test_report_cli_runs_without_torch(tiny_sweep, tmp_path):
+    _, sweep = tiny_sweep
+    code = (f"import sys; from nrexp.cli import main; rc = main(['report', {str(sweep)!r}, '--out', {str(tmp_path)!r}]);"
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "nrexp report:" in proc.stdout
+    proc = run_cli(["report", str(tmp_path / "missing")], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("nrexp: error: no such directory")
+    assert math.isfinite(float(next(csv.DictReader(open(tmp_path / "report.csv")))["test_acc_mean"]))
+
+
+def test_a_job_without_summary_counts_in_its_setting(tiny_sweep, capsys, tmp_path):
+    """A job killed before it wrote summary.json (or still running) is a row status, not a new setting."""
+    _, sweep = tiny_sweep
+    for run in run_dirs(sweep):
+        config = read_summary(run)["config"]
+        if config["dropout"]["p"] == 0.3:
+            shutil.copytree(run, tmp_path / "sweep" / run.name)
+    killed = sorted((tmp_path / "sweep").iterdir())[0]
+    (killed / "summary.json").unlink()
+    code, out, _ = report(capsys, tmp_path / "sweep", "--json", "--out", tmp_path)
+    data = json.loads(out)
+    assert code == 0 and data["swept_keys"] == ["norm"]
+    assert sorted(s["status"] for s in data["settings"]) == ["1 completed, 1 no summary", "2 completed"]

@@ -1,0 +1,150 @@
+"""Sweeps (`nrexp train -m`): job dirs, failures that do not stop the sweep, the status table, and the
+launcher/sweeper plugins (joblib, submitit_local, optuna) running real jobs."""
+import json
+import math
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import TINY, read_summary, run_cli, run_dirs
+from nrexp.sweep import MAX_DIR_NAME, gpu_for_job, job_dir_name
+
+# A 2-job sweep for the launcher tests: as small as a real run gets.
+LAUNCHER_TINY = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.eval_every"))] + [
+    "trainer.max_steps=2", "trainer.eval_every=2", "trainer.progress=false"]
+
+
+def test_job_dir_names():
+    assert job_dir_name("dropout.p=0.2,norm=batch") == "dropout.p=0.2,norm=batch"
+    assert job_dir_name("") == "defaults"  # a job with no overrides: not the sweep dir itself
+    assert job_dir_name("+experiment=deep,norm=batch") == "experiment=deep,norm=batch"
+    assert job_dir_name("++optim.lr=0.1,+x=1") == "optim.lr=0.1,x=1"
+    assert job_dir_name("experiment=paper/fig1,seed=0") == "experiment=paper-fig1,seed=0"  # no nested dirs
+    long_a, long_b = "a=" + "1" * 300, "a=" + "1" * 299 + "2"
+    assert len(job_dir_name(long_a).encode()) <= MAX_DIR_NAME
+    assert job_dir_name(long_a) != job_dir_name(long_b)  # cut names stay distinct (hash of the whole)
+
+
+def test_gpu_for_job_round_robin():
+    assert [gpu_for_job(n, 4) for n in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert gpu_for_job(3, 1) is None and gpu_for_job(3, 0) is None  # one GPU or none: leave the device alone
+
+
+def _hydra_cfg(overrides):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import nrexp
+    from nrexp import config
+
+    config.register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=nrexp.config_dir(), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True).hydra
+
+
+def test_launcher_and_sweeper_presets_compose():
+    slurm = _hydra_cfg(["hydra/launcher=slurm_gpu"]).launcher
+    assert slurm._target_.endswith("SlurmLauncher")
+    assert (slurm.partition, slurm.gpus_per_task, slurm.timeout_min, slurm.array_parallelism) == ("gpu", 1, 240, 32)
+    assert _hydra_cfg(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]).launcher.n_jobs == 2
+    optuna = _hydra_cfg(["hydra/sweeper=optuna_wd_dropout"]).sweeper
+    assert optuna.direction == "maximize" and set(optuna.params) == {"optim.weight_decay", "dropout.p"}
+    hydra = _hydra_cfg([])
+    assert [c._target_ for c in hydra.callbacks.values()] == ["nrexp.sweep.SweepStatusTable"]
+
+
+def test_sweep_one_dir_per_job_failures_recorded_and_status_table(tiny_sweep):
+    proc, sweep = tiny_sweep
+    jobs = sorted(p.name for p in sweep.iterdir() if (p / ".hydra").is_dir())
+    assert len(jobs) == 12
+    # named by the job's overrides; excluded keys (trainer.progress) do not name dirs
+    assert any(name.startswith("data.batch_size=64,") and ",dropout.p=0.3," in name and ",norm=batch,seed=1," in name
+               for name in jobs)
+    assert not any("trainer.progress" in name for name in jobs)
+    statuses = {}
+    for job in jobs:
+        summary = read_summary(sweep / job)
+        statuses[job] = summary["status"]
+        if "dropout.p=1.5" in job:  # invalid value: this job fails, the others run
+            assert summary["status"] == "failed"
+            assert summary["error"].startswith("nrexp.config.ConfigError: dropout.p=1.5 is invalid")
+            assert "\n" not in summary["error"]
+            assert "Traceback" in (sweep / job / "train.log").read_text()  # the full story stays in the job log
+        else:
+            assert summary["status"] == "completed" and math.isfinite(summary["metrics"]["test/acc"])
+            assert list((sweep / job).glob("events.out.tfevents.*"))  # each job its own TensorBoard run
+    assert sorted(statuses.values()).count("failed") == 4
+    # the end-of-sweep table: every job with its status, named by what differs between jobs
+    assert "8 completed, 4 failed" in proc.stdout
+    assert "dropout.p=1.5,norm=none,seed=1" in proc.stdout and "must be in [0, 1)" in proc.stdout
+
+
+def test_hparams_written_to_the_run_itself_with_the_same_keys(tiny_sweep):
+    _, sweep = tiny_sweep
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    key_sets = set()
+    for run in run_dirs(sweep):
+        if read_summary(run)["status"] != "completed":
+            continue
+        assert [p for p in run.iterdir() if p.is_dir() and p.name != ".hydra"] == []  # no add_hparams sub-run
+        events = EventAccumulator(str(run)).Reload()
+        content = events.PluginTagToContent("hparams")
+        assert set(content) == {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"}
+        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+        key_sets.add(frozenset(start.hparams))
+        assert "seed=" not in start.group_name and f"norm={start.hparams['norm'].string_value}," in start.group_name
+        summary = read_summary(run)
+        assert start.hparams["norm"].string_value == summary["config"]["norm"]["name"]
+        assert start.hparams["dropout.p"].number_value == summary["config"]["dropout"]["p"]
+        assert events.Scalars("final/test_acc")[-1].value == pytest.approx(summary["metrics"]["test/acc"])
+    assert len(key_sets) == 1 and {"norm", "dropout.p", "optim.weight_decay", "seed", "init.scale"} <= next(iter(key_sets))
+
+
+def test_single_run_config_error_still_exits_2(tmp_path):
+    proc = run_cli(["train", *TINY, "dropout.p=1.5"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("nrexp: error: dropout.p=1.5 is invalid")
+
+
+@pytest.mark.slow  # reason: starts 2 loky worker processes that each import torch (~20 s on 2 cores)
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
+    proc = run_cli(["train", "-m", *LAUNCHER_TINY, "norm=none,batch", "hydra/launcher=joblib",
+                    "hydra.launcher.n_jobs=2", "hydra.sweep.dir=sweep"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
+    summaries = [read_summary(d) for d in run_dirs(tmp_path / "sweep")]
+    assert sorted(s["config"]["norm"]["name"] for s in summaries) == ["batch", "none"]
+    assert all(s["status"] == "completed" for s in summaries)
+    assert "2 completed" in proc.stdout
+
+
+@pytest.mark.slow  # reason: submitit_local starts each job as its own Python process (~20 s on 2 cores)
+def test_submitit_local_launcher_runs_separate_job_processes(tmp_path):
+    proc = run_cli(["train", "-m", *LAUNCHER_TINY, "dropout.p=0,1.5", "hydra/launcher=submitit_local",
+                    "hydra.sweep.dir=sweep"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sweep = tmp_path / "sweep"
+    statuses = sorted(read_summary(d)["status"] for d in run_dirs(sweep))
+    assert statuses == ["completed", "failed"]  # a failure inside a submitit job is recorded, not raised
+    # submitit's own per-job records: one folder per job process, with its pickled result and logs
+    results = list((sweep / ".submitit").glob("*/*_result.pkl"))
+    assert len(results) == 2 and len({p.parent for p in results}) == 2
+    assert "1 completed, 1 failed" in proc.stdout
+
+
+@pytest.mark.slow  # reason: 2 Optuna trials in sequence (~15 s on 2 cores)
+def test_optuna_sweeper_searches_and_reports_the_best_trial(tmp_path):
+    proc = run_cli(["train", "-m", *LAUNCHER_TINY, "hydra/sweeper=optuna_wd_dropout", "hydra.sweeper.n_trials=2",
+                    "hydra.sweep.dir=sweep"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sweep = tmp_path / "sweep"
+    summaries = [read_summary(d) for d in run_dirs(sweep)]
+    assert len(summaries) == 2 and all(s["status"] == "completed" for s in summaries)
+    assert len({s["config"]["dropout"]["p"] for s in summaries}) == 2  # the sampler proposed different values
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["best_value"] == pytest.approx(max(s["metrics"]["test/acc"] for s in summaries))
+    assert 1e-6 <= result["best_params"]["optim.weight_decay"] <= 1e-2
+    json.dumps(result)  # plain values a script can read
