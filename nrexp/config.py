@@ -200,7 +200,7 @@ def _check(ok: bool, key: str, value: Any, allowed: str, fix: str) -> None:
 def unknown_keys(cfg: Any, schema: Any, prefix: str = "") -> List[str]:
     """Keys in `cfg` that the schema does not have (Hydra lets `+key=value` add them)."""
     found = []
-    known = {f.name for f in dataclasses.fields(schema)}
+    known = {f.name for f in dataclasses.fields(schema)} | ({"hydra"} if not prefix else set())  # Hydra's own node
     for key in cfg:
         if key not in known:
             found.append(prefix + str(key))

@@ -81,6 +81,7 @@ HPARAMS = (
     ("model", "model.name"), ("norm", "norm.name"), ("dropout.p", "dropout.p"),
     ("optim", "optim.name"), ("optim.lr", "optim.lr"), ("optim.weight_decay", "optim.weight_decay"),
     ("init", "init.name"), ("init.scale", "init.scale"), ("data.batch_size", "data.batch_size"),
+    ("data.train_size", "data.train_size"),
     ("model.depth", "model.depth"), ("model.width", "model.width"), ("model.activation", "model.activation"),
     ("seed", "seed"),
 )
@@ -139,7 +140,7 @@ class TensorBoardWriter:
 
         from nrexp.config import INITS, MODELS, NORMS, OPTIMIZERS, Activation
 
-        final = {tag: float(metrics[key]) for tag, key in HPARAM_METRICS.items() if key in metrics}
+        final = {tag: float(metrics[key]) for tag, key in HPARAM_METRICS.items() if metrics.get(key) is not None}
         values = hparams_of(config)
         # every choice a string knob has, so the tab's filters offer them all (one run only knows its own)
         choices = {"model": MODELS, "norm": NORMS, "optim": OPTIMIZERS, "init": INITS,

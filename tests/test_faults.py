@@ -29,7 +29,7 @@ BAD_INPUTS = [  # (overrides, words the one-line error must contain)
     (["data.batch_size=5000"], ["data.batch_size", "4000"]),
     (["model.depth=0"], ["model.depth", ">= 1"]),
     (["model.width=0"], ["model.width", ">= 1"]),
-    (["norm=group"], ["norm", "choose one of"]),
+    (["norm=bogus"], ["norm", "choose one of"]),
     (["init=he"], ["init", "choose one of"]),
     (["optim=rmsprop"], ["optim", "choose one of"]),
     (["model.activation=swish"], ["model.activation", "relu"]),

@@ -43,18 +43,18 @@ def png_size(path):
 
 
 def settings_of(sweep):
-    """(norm, dropout.p) -> the summaries of its runs (seeds), straight from the files."""
+    """(norm, data.train_size) -> the summaries of its runs (seeds), straight from the files."""
     groups = {}
     for run in run_dirs(sweep):
         s = read_summary(run)
-        groups.setdefault((s["config"]["norm"]["name"], s["config"]["dropout"]["p"]), []).append(s)
+        groups.setdefault((s["config"]["norm"]["name"], s["config"]["data"]["train_size"]), []).append(s)
     return groups
 
 
 def test_table_has_one_row_per_setting_with_seeds_aggregated(reported):
     code, out = reported
     assert code == 0
-    for column in ("dropout.p", "norm", "runs", "status", "train_loss", "test_acc", "gen_gap", "act_ratio_init",
+    for column in ("data.train_size", "norm", "runs", "status", "train_loss", "test_acc", "gen_gap", "act_ratio_init",
                    "act_ratio_final"):
         assert column in out, column
     assert "seed" not in out.split("┃", 1)[1].splitlines()[0]  # seeds are aggregated, not a column
@@ -67,11 +67,11 @@ def test_csv_numbers_match_the_summaries(tiny_sweep, reported):
     _, sweep = tiny_sweep
     assert reported[0] == 0
     rows = list(csv.DictReader(open(sweep / "report.csv")))
-    assert [(r["norm"], float(r["dropout.p"])) for r in rows] == [
-        ("batch", 0.0), ("none", 0.0), ("batch", 0.3), ("none", 0.3), ("batch", 1.5), ("none", 1.5)]
+    assert [(r["norm"], int(r["data.train_size"])) for r in rows] == [
+        ("batch", 256), ("none", 256), ("batch", 512), ("none", 512), ("batch", 5000), ("none", 5000)]
     groups = settings_of(sweep)
     for row in rows:
-        runs = groups[(row["norm"], float(row["dropout.p"]))]
+        runs = groups[(row["norm"], int(row["data.train_size"]))]
         assert int(row["n"]) == len(runs) == 2
         if runs[0]["status"] == "failed":
             assert row["status"] == "2 failed" and row["test_acc_mean"] == "nan"
@@ -88,7 +88,7 @@ def test_csv_numbers_match_the_summaries(tiny_sweep, reported):
             ratio = statistics.mean(a["block01"] / a["block00"] for a in act)
             assert float(row[f"act_ratio_{when}_mean"]) == pytest.approx(ratio)
     md = (sweep / "report.md").read_text()
-    assert "| dropout.p | norm | runs | status |" in md and "![act_norm_vs_depth](figures/act_norm_vs_depth.png)" in md
+    assert "| data.train_size | norm | runs | status |" in md and "![act_norm_vs_depth](figures/act_norm_vs_depth.png)" in md
 
 
 def test_figures_are_valid_pngs(tiny_sweep, reported):
@@ -96,8 +96,8 @@ def test_figures_are_valid_pngs(tiny_sweep, reported):
     assert reported[0] == 0
     figures = sweep / "figures"
     names = sorted(p.name for p in figures.glob("*.png"))
-    # dropout.p is the numeric swept key (norm is not numeric; seed is aggregated over)
-    assert names == ["act_norm_vs_depth.png", "curves.png", "final_vs_dropout.p.png", "grad_norm_vs_depth.png"]
+    # data.train_size is the numeric swept key (norm is not numeric; seed is aggregated over)
+    assert names == ["act_norm_vs_depth.png", "curves.png", "final_vs_data.train_size.png", "grad_norm_vs_depth.png"]
     for name in names:
         assert png_size(figures / name) == (1100, 420), name  # 2 panels of 5.5 x 4.2 in at 100 dpi
 
@@ -107,13 +107,14 @@ def test_json_filter_and_sort(tiny_sweep, capsys, tmp_path):
     code, out, _ = report(capsys, sweep, "--json", "--filter", "norm=batch", "--sort=-test_acc", "--out", tmp_path)
     assert code == 0
     data = json.loads(out)
-    assert data["swept_keys"] == ["dropout.p"]  # within norm=batch only dropout.p differs
+    assert data["swept_keys"] == ["data.train_size"]  # within norm=batch only data.train_size differs
     acc = [s["test_acc_mean"] for s in data["settings"]]
     assert acc[-1] is None  # the failed setting: no accuracy (JSON null, not NaN), sorted last
     assert acc[:-1] == sorted(acc[:-1], reverse=True) and len(acc) == 3
-    assert {r["setting"]["dropout.p"] for r in data["runs"]} == {0.0, 0.3, 1.5}
-    assert all(r["status"] == "failed" and "dropout.p=1.5" in r["error"] for r in data["runs"] if r["setting"]["dropout.p"] == 1.5)
-    code, out, _ = report(capsys, sweep, "--json", "--filter", "dropout.p=0.3", "--filter", "seed=1", "--out", tmp_path)
+    assert {r["setting"]["data.train_size"] for r in data["runs"]} == {256, 512, 5000}
+    assert all(r["status"] == "failed" and "data.train_size=5000" in r["error"]
+               for r in data["runs"] if r["setting"]["data.train_size"] == 5000)
+    code, out, _ = report(capsys, sweep, "--json", "--filter", "data.train_size=512", "--filter", "seed=1", "--out", tmp_path)
     assert code == 0 and len(json.loads(out)["runs"]) == 2
 
 
@@ -161,7 +162,7 @@ def test_a_job_without_summary_counts_in_its_setting(tiny_sweep, capsys, tmp_pat
     _, sweep = tiny_sweep
     for run in run_dirs(sweep):
         config = read_summary(run)["config"]
-        if config["dropout"]["p"] == 0.3:
+        if config["data"]["train_size"] == 512:
             shutil.copytree(run, tmp_path / "sweep" / run.name)
     killed = sorted((tmp_path / "sweep").iterdir())[0]
     (killed / "summary.json").unlink()

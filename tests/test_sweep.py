@@ -60,16 +60,16 @@ def test_sweep_one_dir_per_job_failures_recorded_and_status_table(tiny_sweep):
     jobs = sorted(p.name for p in sweep.iterdir() if (p / ".hydra").is_dir())
     assert len(jobs) == 12
     # named by the job's overrides; excluded keys (trainer.progress) do not name dirs
-    assert any(name.startswith("data.batch_size=64,") and ",dropout.p=0.3," in name and ",norm=batch,seed=1," in name
+    assert any(name.startswith("data.batch_size=64,") and ",data.train_size=512," in name and ",norm=batch,seed=1," in name
                for name in jobs)
     assert not any("trainer.progress" in name for name in jobs)
     statuses = {}
     for job in jobs:
         summary = read_summary(sweep / job)
         statuses[job] = summary["status"]
-        if "dropout.p=1.5" in job:  # invalid value: this job fails, the others run
+        if "data.train_size=5000" in job:  # more examples than the data has: this job fails, the others run
             assert summary["status"] == "failed"
-            assert summary["error"].startswith("nrexp.config.ConfigError: dropout.p=1.5 is invalid")
+            assert summary["error"].startswith("nrexp.config.ConfigError: data.train_size=5000 is invalid")
             assert "\n" not in summary["error"]
             assert "Traceback" in (sweep / job / "train.log").read_text()  # the full story stays in the job log
         else:
@@ -78,7 +78,7 @@ def test_sweep_one_dir_per_job_failures_recorded_and_status_table(tiny_sweep):
     assert sorted(statuses.values()).count("failed") == 4
     # the end-of-sweep table: every job with its status, named by what differs between jobs
     assert "8 completed, 4 failed" in proc.stdout
-    assert "dropout.p=1.5,norm=none,seed=1" in proc.stdout and "must be in [0, 1)" in proc.stdout
+    assert "data.train_size=5000,norm=none,seed=1" in proc.stdout and "4000 examples" in proc.stdout
 
 
 def test_hparams_written_to_the_run_itself_with_the_same_keys(tiny_sweep):
@@ -123,7 +123,8 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
 
 @pytest.mark.slow  # reason: submitit_local starts each job as its own Python process (~20 s on 2 cores)
 def test_submitit_local_launcher_runs_separate_job_processes(tmp_path):
-    proc = run_cli(["train", "-m", *LAUNCHER_TINY, "dropout.p=0,1.5", "hydra/launcher=submitit_local",
+    fixed = [o for o in LAUNCHER_TINY if not o.startswith("data.train_size")]
+    proc = run_cli(["train", "-m", *fixed, "data.train_size=256,5000", "hydra/launcher=submitit_local",
                     "hydra.sweep.dir=sweep"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     sweep = tmp_path / "sweep"

@@ -86,7 +86,9 @@ def test_tensorboard_serves_every_run_tag_and_hparams(tiny_sweep, tensorboard):
     assert {"norm", "dropout.p", "optim.weight_decay", "init", "init.scale", "data.batch_size", "optim.lr",
             "model.depth", "model.width", "model.activation", "optim", "seed"} <= hparam_names
     norm_info = next(h for h in experiment["hparamInfos"] if h["name"] == "norm")
-    assert sorted(norm_info["domainDiscrete"]) == ["batch", "layer", "none"]
+    from nrexp.config import NORMS
+
+    assert sorted(norm_info["domainDiscrete"]) == sorted(NORMS)  # every option, not only the swept ones
     assert {m["name"]["tag"] for m in experiment["metricInfos"]} == {
         "final/test_acc", "final/test_loss", "final/train_acc", "final/train_loss"}
 
@@ -100,12 +102,13 @@ def test_tensorboard_serves_every_run_tag_and_hparams(tiny_sweep, tensorboard):
     assert sorted(sessions) == sorted(completed)
     for g in groups["sessionGroups"]:
         seeds = {completed[s["name"]]["config"]["seed"] for s in g["sessions"]}
-        settings = {(completed[s["name"]]["config"]["norm"]["name"], completed[s["name"]]["config"]["dropout"]["p"])
+        settings = {(completed[s["name"]]["config"]["norm"]["name"], completed[s["name"]]["config"]["data"]["train_size"])
                     for s in g["sessions"]}
         assert seeds == {0, 1} and len(settings) == 1
     for run, (hparams, metrics) in sessions.items():
         summary = completed[run]
         assert hparams["norm"] == summary["config"]["norm"]["name"]
         assert hparams["dropout.p"] == pytest.approx(summary["config"]["dropout"]["p"])
+        assert hparams["data.train_size"] == summary["config"]["data"]["train_size"]
         final = {m["name"]["tag"]: m["value"] for m in metrics}
         assert final["final/test_acc"] == pytest.approx(summary["metrics"]["test/acc"])
