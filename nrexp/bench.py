@@ -237,14 +237,14 @@ def run(args) -> Dict:
     data_info = write_mnist_like(work / "data", args.train_size, max(args.train_size // 6, 1000))
     device = resolve_device(args.device)
     result = {"machine": machine(), "device": str(device), "data": data_info,
-              "settings": {"samples_per_measure": args.samples, "repeats": args.repeats, "arms": list(args.arms),
+              "settings": {"samples_per_measure": args.samples, "min_steps": args.min_steps, "threads": args.threads, "repeats": args.repeats, "arms": list(args.arms),
                            "warmup": not args.no_warmup},
               "arms": {a: ARM_DOC[a] for a in args.arms}, "configs": []}
     t_start = time.perf_counter()
     for model_name in args.models:
         depth, width = MODELS[model_name]
         for batch in args.batches:
-            steps = max(args.samples // batch, 2)
+            steps = max(args.samples // batch, args.min_steps)
             base = [f"model.depth={depth}", f"model.width={width}", f"data.batch_size={batch}",
                     "data.source=local", f"data.root={work / 'data'}", f"trainer.device={args.device}",
                     f"trainer.max_steps={steps}", "trainer.progress=false", "seed=0"]
@@ -277,8 +277,50 @@ def run(args) -> Dict:
                      "loss_after_steps": losses, "loss_max_rel_diff": spread, "losses_agree": spread <= args.loss_rtol}
             result["configs"].append(entry)
             print_entry(entry)
+    if args.cli:
+        result["cli"] = cli_checks(work, args.sweep_jobs, rss=not args.tiny)
     result["total_s"] = time.perf_counter() - t_start
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line around the loop: start-up, memory, and per-job cost of a sweep
+
+
+def _timed(cmd: List[str], cwd: Path, env: Dict[str, str]) -> float:
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def cli_checks(work: Path, sweep_jobs: int, rss: bool) -> Dict:
+    """`nrexp --help` and `nrexp train --cfg job` wall time; a sweep's per-job overhead; peak RSS of `nrexp train`."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               NREXP_DATA_ROOT=str(work / "no-data"))
+    nrexp_cmd = [sys.executable, "-m", "nrexp"]
+    out: Dict = {}
+    cwd = work / "cli"
+    cwd.mkdir(parents=True, exist_ok=True)
+    out["help_s"] = statistics.median(_timed(nrexp_cmd + ["--help"], cwd, env) for _ in range(3))
+    out["cfg_job_s"] = statistics.median(_timed(nrexp_cmd + ["train", "--cfg", "job"], cwd, env) for _ in range(3))
+    if sweep_jobs:
+        args = ["train", "-m", f"seed=range({sweep_jobs})", "trainer.max_steps=1", "data.source=bundled",
+                "trainer.progress=false"]
+        wall = _timed(nrexp_cmd + args, cwd, env)
+        summaries = [json.loads(p.read_text()) for p in (cwd / "outputs").rglob("summary.json")]
+        train_s = sum(s["train_time_s"] for s in summaries)
+        out["sweep"] = {"command": "nrexp " + " ".join(args), "jobs": len(summaries), "wall_s": wall,
+                        "sum_train_time_s": train_s, "overhead_per_job_s": (wall - train_s) / max(len(summaries), 1)}
+    if rss and Path("/usr/bin/time").exists():
+        proc = subprocess.run(["/usr/bin/time", "-v", *nrexp_cmd, "train", "trainer.progress=false"], cwd=cwd, env=env,
+                              capture_output=True, text=True)
+        kb = next((int(line.split(":")[1]) for line in proc.stderr.splitlines() if "Maximum resident set size" in line), None)
+        out["train_default_peak_rss_mb"] = None if kb is None else kb / 1024
+        out["train_default_note"] = "default `nrexp train` (data.source=auto; no MNIST here, so the bundled sample)"
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,6 +354,20 @@ def headers(result: Dict) -> List[str]:
             + [f"{n}/{d} (≥{t:g})" for n, d, t in TARGETS] + ["losses agree"])
 
 
+def cli_lines(result: Dict) -> List[str]:
+    c = result.get("cli")
+    if not c:
+        return []
+    lines = [f"`nrexp --help`: {c['help_s']:.2f} s; `nrexp train --cfg job`: {c['cfg_job_s']:.2f} s (target < 1 s each)"]
+    if "sweep" in c:
+        sw = c["sweep"]
+        lines.append(f"sweep `{sw['command']}`: {sw['jobs']} jobs, wall {sw['wall_s']:.1f} s, sum of train_time_s "
+                     f"{sw['sum_train_time_s']:.2f} s -> overhead {sw['overhead_per_job_s']:.2f} s per job (target <= 0.3 s)")
+    if c.get("train_default_peak_rss_mb") is not None:
+        lines.append(f"peak RSS of {c['train_default_note']}: {c['train_default_peak_rss_mb']:.0f} MB (target <= 1536 MB)")
+    return lines
+
+
 def print_table(result: Dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -328,6 +384,8 @@ def print_table(result: Dict) -> None:
     m = result["machine"]
     console.print(f"  machine: {m['nproc']} CPUs, {m['cpu']}, torch {m['torch']} ({m['torch_threads']} threads), "
                   f"device {result['device']}; data: {result['data']['kind']} to {result['data']['train']} train")
+    for line in cli_lines(result):
+        console.print("  " + line, markup=False)
 
 
 def markdown(result: Dict) -> str:
@@ -339,17 +397,20 @@ def markdown(result: Dict) -> str:
               f"Data: {result['data']['kind']} to {result['data']['train']} x 28 x 28 uint8. "
               f"Median of {s['repeats']} interleaved repeats of ~{s['samples_per_measure']:,} samples per arm."]
     lines += [f"- {a}: {doc}" for a, doc in result["arms"].items()]
+    lines += [""] + [f"- {line}" for line in cli_lines(result)] if cli_lines(result) else []
     return "\n".join(lines) + "\n"
 
 
 def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nrexp bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer samples and 5 repeats (about two minutes)")
+    p.add_argument("--quick", action="store_true", help="fewer samples, a 12k-image dataset, 5 repeats (a few minutes)")
     p.add_argument("--tiny", action="store_true", help="smoke test: tiny data, 1 repeat (seconds; numbers meaningless)")
-    p.add_argument("--samples", type=int, default=None, help="samples per timed measurement (default 32768; quick 8192)")
+    p.add_argument("--samples", type=int, default=None, help="samples per timed measurement (default 16384; quick 4096)")
+    p.add_argument("--min-steps", type=int, default=None, help="at least this many steps per measurement (default 16; quick 8)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats per arm (default 5)")
-    p.add_argument("--train-size", type=int, default=None, help="training images of the MNIST-like data (default 60000)")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="training images of the MNIST-like data (default 60000; quick 12000)")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--batches", nargs="+", type=int, default=[128, 1024])
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
@@ -359,17 +420,20 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
                         "spinning OpenMP threads make timings swing 5-20x; 0 = torch's default)")
     p.add_argument("--loss-rtol", type=float, default=1e-3, help="largest relative loss difference that counts as agreeing")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up round")
+    p.add_argument("--cli", action="store_true",
+                   help="also time `nrexp --help`, `nrexp train --cfg job`, a sweep's per-job overhead, peak RSS of `nrexp train`")
+    p.add_argument("--sweep-jobs", type=int, default=32, help="jobs in the --cli sweep (trainer.max_steps=1 each)")
     p.add_argument("--json", default="bench.json", help="where to write the results (default ./bench.json)")
     p.add_argument("--markdown", default=None, help="also write the table as markdown here")
     p.add_argument("-v", "--verbose", action="store_true", help="print every round's samples/s")
     args = p.parse_args(argv)
     if args.tiny:
-        defaults = dict(samples=1024, repeats=1, train_size=4096)
+        defaults = dict(samples=512, repeats=1, train_size=2048, min_steps=2)
         args.no_warmup = True
     elif args.quick:
-        defaults = dict(samples=8192, repeats=5, train_size=60000)
+        defaults = dict(samples=4096, repeats=5, train_size=12000, min_steps=8)
     else:
-        defaults = dict(samples=32768, repeats=5, train_size=60000)
+        defaults = dict(samples=16384, repeats=5, train_size=60000, min_steps=16)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -13,6 +13,7 @@ usage: nrexp <command> [args]
 
 commands:
   train     train one network, or a sweep with -m (a Hydra app: `nrexp train --help` lists every knob)
+  bench     time nrexp's loop against a naive and a bare PyTorch loop (`nrexp bench --help`)
 
 examples:
   nrexp train norm=batch dropout.p=0.2
@@ -61,6 +62,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         return train_app(rest)
+    if command == "bench":
+        from nrexp.bench import main as bench_main
+
+        return bench_main(rest)
     if command.startswith("-") or "=" in command:  # `nrexp norm=batch` or shell completion: the train app
         return train_app(argv)
     return error(f"unknown command {command!r}. Fix: run `nrexp --help` for the list of commands")

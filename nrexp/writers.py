@@ -99,7 +99,10 @@ class TensorBoardWriter:
 
     def _draw_pending(self) -> None:
         pending, self.pending_figures = self.pending_figures, []
+        final_steps = {step for step, _, when in pending if when == "final"}
         for step, stats, when in pending:
+            if when == "latest" and step in final_steps:  # the final probe at the same step supersedes it
+                continue
             fig = depth_figure(self.layer_names, stats, f"{when} (step {step})")
             self.tb.add_figure(f"depth/{when}", fig, step, close=False)
 
