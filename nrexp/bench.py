@@ -155,7 +155,7 @@ def arm_naive(cfg, data, device, root: Path, steps: int, workers: int):
     _sync(device)
     seconds = time.perf_counter() - started
     del loader  # stops the workers
-    return seconds, _train_loss(model, data, cfg)
+    return seconds, model
 
 
 def arm_bare(cfg, data, device, steps: int):
@@ -176,11 +176,12 @@ def arm_bare(cfg, data, device, steps: int):
         optimizer.step()
     _sync(device)
     seconds = time.perf_counter() - started
-    return seconds, _train_loss(model, data, cfg)
+    return seconds, model
 
 
 def arm_nrexp(cfg, run_dir: Path):
-    """(c, d, e) nrexp's own loop; its summary's train_time_s is the step loop alone."""
+    """(c, d, e) nrexp's own loop; its summary's train_time_s is the step loop alone; the loss is its
+    evaluation of the whole training set at the end."""
     from nrexp.train import train
 
     summary = train(cfg, run_dir)
@@ -248,24 +249,32 @@ def run(args) -> Dict:
             base = [f"model.depth={depth}", f"model.width={width}", f"data.batch_size={batch}",
                     "data.source=local", f"data.root={work / 'data'}", f"trainer.device={args.device}",
                     f"trainer.max_steps={steps}", "trainer.progress=false", "seed=0"]
-            cfgs = {"c": compose(base + ["trainer.layer_stats=false"]), "d": compose(base + ["trainer.log_every=1"]),
-                    "e": compose(base)}
+            arm_overrides = {"c": ["trainer.layer_stats=false"], "d": ["trainer.log_every=1"], "e": []}
+            cfgs = {arm: compose(base + extra) for arm, extra in arm_overrides.items()}
+            # the warm-up round (imports, allocator, thread pools, first figures) runs a few steps only
+            warm_steps = min(steps, 4)
+            warm_cfgs = {arm: compose(base + extra + [f"trainer.max_steps={warm_steps}"])
+                         for arm, extra in arm_overrides.items()}
             cfg = cfgs["e"]
             data = load_dataset(cfg.data, device)
             times: Dict[str, List[float]] = {a: [] for a in args.arms}
             losses: Dict[str, float] = {}
             rounds = ([] if args.no_warmup else ["warmup"]) + list(range(args.repeats))
             for rnd in rounds:
+                warm = rnd == "warmup"
+                n = warm_steps if warm else steps
                 for arm in args.arms:
                     if arm in ("a0", "a2"):
-                        sec, loss = arm_naive(cfg, data, device, work / "data", steps, int(arm[1]))
+                        sec, loss = arm_naive(cfg, data, device, work / "data", n, int(arm[1]))
                     elif arm == "b":
-                        sec, loss = arm_bare(cfg, data, device, steps)
+                        sec, loss = arm_bare(cfg, data, device, n)
                     else:
-                        sec, loss = arm_nrexp(cfgs[arm], work / "runs" / f"{model_name}-b{batch}-{arm}-{rnd}")
-                    if rnd != "warmup":
+                        sec, loss = arm_nrexp((warm_cfgs if warm else cfgs)[arm],
+                                              work / "runs" / f"{model_name}-b{batch}-{arm}-{rnd}")
+                    if not warm:
                         times[arm].append(steps * batch / sec)
-                    losses[arm] = loss
+                        if arm not in losses:  # bare arms return their model: evaluate it as nrexp does, once
+                            losses[arm] = loss if isinstance(loss, float) else _train_loss(loss, data, cfg)
                 if args.verbose:
                     print(f"  {model_name} b{batch} round {rnd}: " + "  ".join(
                         f"{a} {times[a][-1]:,.0f}" for a in args.arms if times[a] and rnd != "warmup"), flush=True)
