@@ -287,7 +287,7 @@ def run(args) -> Dict:
             result["configs"].append(entry)
             print_entry(entry)
     if args.cli:
-        result["cli"] = cli_checks(work, args.sweep_jobs, rss=not args.tiny)
+        result["cli"] = cli_checks(work, args.sweep_jobs, rss=not args.tiny, threads=args.threads)
     result["total_s"] = time.perf_counter() - t_start
     return result
 
@@ -304,11 +304,16 @@ def _timed(cmd: List[str], cwd: Path, env: Dict[str, str]) -> float:
     return time.perf_counter() - started
 
 
-def cli_checks(work: Path, sweep_jobs: int, rss: bool) -> Dict:
-    """`nrexp --help` and `nrexp train --cfg job` wall time; a sweep's per-job overhead; peak RSS of `nrexp train`."""
+def cli_checks(work: Path, sweep_jobs: int, rss: bool, threads: int) -> Dict:
+    """`nrexp --help` and `nrexp train --cfg job` wall time; a sweep's per-job overhead; peak RSS of `nrexp train`.
+
+    The subprocesses get OMP_NUM_THREADS=threads (as the timed arms use), unless threads is 0.
+    """
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                NREXP_DATA_ROOT=str(work / "no-data"))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     nrexp_cmd = [sys.executable, "-m", "nrexp"]
     out: Dict = {}
     cwd = work / "cli"
@@ -415,7 +420,7 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer samples, a 12k-image dataset, 5 repeats (a few minutes)")
     p.add_argument("--tiny", action="store_true", help="smoke test: tiny data, 1 repeat (seconds; numbers meaningless)")
-    p.add_argument("--samples", type=int, default=None, help="samples per timed measurement (default 16384; quick 4096)")
+    p.add_argument("--samples", type=int, default=None, help="samples per timed measurement (default 8192; quick 4096)")
     p.add_argument("--min-steps", type=int, default=None, help="at least this many steps per measurement (default 16; quick 8)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats per arm (default 5)")
     p.add_argument("--train-size", type=int, default=None,
@@ -442,7 +447,7 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     elif args.quick:
         defaults = dict(samples=4096, repeats=5, train_size=12000, min_steps=8)
     else:
-        defaults = dict(samples=16384, repeats=5, train_size=60000, min_steps=16)
+        defaults = dict(samples=8192, repeats=5, train_size=60000, min_steps=16)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
