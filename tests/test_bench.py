@@ -43,7 +43,7 @@ def test_cached_dataset_still_checks_the_batch_size():
     from nrexp.config import ConfigError
     from nrexp.data import load_dataset
 
-    load_dataset(compose(["data.source=bundled", "data.train_size=64"]).data, torch.device("cpu"))
+    load_dataset(compose(["data.source=bundled", "data.train_size=64", "data.batch_size=32"]).data, torch.device("cpu"))
     with pytest.raises(ConfigError, match="data.batch_size"):
         load_dataset(compose(["data.source=bundled", "data.train_size=64", "data.batch_size=65"]).data,
                      torch.device("cpu"))
