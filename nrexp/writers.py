@@ -43,34 +43,62 @@ def write_summary(run_dir: Path, summary: Dict) -> None:
 
 
 def depth_figure(layer_names: List[str], stats: Mapping[str, Mapping[str, float]], title: str):
-    """Activation norm and gradient norm against layer depth, log scale (a matplotlib Figure)."""
-    import matplotlib
+    """Activation norm and gradient norm against layer depth, log scale (a new matplotlib Figure)."""
+    return DepthFigure(layer_names).draw(stats, title)
 
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-    fig = Figure(figsize=(8, 3.2), dpi=100)
-    depth = range(len(layer_names))
-    for ax, metric, label in zip(fig.subplots(1, 2), ("act_norm", "grad_norm"),
-                                 ("activation norm (mean over batch)", "gradient norm ||dL/dW||")):
-        values = [stats[metric][name] for name in layer_names]
-        ax.plot(depth, values, marker="o", markersize=3)
-        if all(v > 0 for v in values):
-            ax.set_yscale("log")
-            # plain-text labels on decades only: matplotlib's default log labels go through mathtext,
-            # which was most of the figure's cost (and figures were most of a tiny run's overhead)
-            ax.yaxis.set_major_locator(LogLocator(base=10, numticks=6))
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(NullFormatter())
-        ax.minorticks_off()  # each tick is a few artists: minor ticks on a log axis were half the drawing
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
-        ax.set_xlabel("layer depth (0 = first hidden block, last = head)")
-        ax.set_ylabel(label)
-        ax.grid(True, which="major", alpha=0.3)
-    fig.suptitle(title)
-    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.16, top=0.86, wspace=0.3)  # fixed: tight_layout is slow
-    return fig
+class DepthFigure:
+    """One depth figure, redrawn with new values: axes, ticks and labels are built once, which is most
+    of matplotlib's cost (a sweep of tiny runs in one process reuses it across runs)."""
+
+    METRICS = (("act_norm", "activation norm (mean over batch)"), ("grad_norm", "gradient norm ||dL/dW||"))
+
+    def __init__(self, layer_names: List[str]):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+
+        self.layer_names = list(layer_names)
+        self.fig = Figure(figsize=(8, 3.2), dpi=100)
+        self.axes = list(self.fig.subplots(1, 2))
+        self.lines = []
+        for ax, (_, label) in zip(self.axes, self.METRICS):
+            (line,) = ax.plot(range(len(self.layer_names)), [1.0] * len(self.layer_names), marker="o", markersize=3)
+            self.lines.append(line)
+            ax.set_xlabel("layer depth (0 = first hidden block, last = head)")
+            ax.set_ylabel(label)
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+        self.fig.subplots_adjust(left=0.09, right=0.98, bottom=0.16, top=0.86, wspace=0.3)  # fixed: tight_layout is slow
+
+    def draw(self, stats: Mapping[str, Mapping[str, float]], title: str):
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        for ax, line, (metric, _) in zip(self.axes, self.lines, self.METRICS):
+            values = [stats[metric][name] for name in self.layer_names]
+            log_scale = all(v > 0 for v in values)
+            if not log_scale:  # linear before the data arrives, log after: never log-scale a zero
+                ax.set_yscale("linear")
+                line.set_ydata(values)
+            else:
+                line.set_ydata(values)
+                ax.relim()  # the data limits of a previous draw may hold a zero
+                ax.set_yscale("log")  # resets the y locators and formatters, set again below
+                # plain-text labels on decades only: matplotlib's default log labels go through mathtext,
+                # which was most of the figure's cost (and figures were most of a tiny run's overhead)
+                ax.yaxis.set_major_locator(LogLocator(base=10, numticks=6))
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.minorticks_off()  # each tick is a few artists: minor ticks on a log axis were half the drawing
+            ax.grid(True, which="major", alpha=0.3)
+            ax.relim()
+            ax.autoscale_view()
+        self.fig.suptitle(title)
+        return self.fig
+
+
+_DEPTH_FIGURES: Dict[tuple, DepthFigure] = {}  # the last layer list's figure, kept for the next run in this process
 
 
 class TensorBoardWriter:
@@ -111,8 +139,12 @@ class TensorBoardWriter:
         for step, stats, when in pending:
             if when == "latest" and step in final_steps:  # the final probe at the same step supersedes it
                 continue
-            fig = depth_figure(self.layer_names, stats, f"{when} (step {step})")
-            self.tb.add_figure(f"depth/{when}", fig, step, close=False)
+            key = tuple(self.layer_names)
+            if key not in _DEPTH_FIGURES:
+                _DEPTH_FIGURES.clear()
+                _DEPTH_FIGURES[key] = DepthFigure(self.layer_names)
+            fig = _DEPTH_FIGURES[key].draw(stats, f"{when} (step {step})")
+            self.tb.add_figure(f"depth/{when}", fig, step, close=False)  # rendered to an image here
 
     def text(self, tag: str, text: str) -> None:
         self.tb.add_text(tag, text, 0)
