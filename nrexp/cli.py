@@ -22,6 +22,7 @@ usage: nrexp <command> [args]
 commands:
   train     train one network, or a sweep with -m (a Hydra app: `nrexp train --help` lists every knob)
   report    compare the runs of a sweep (or one run): table, report.csv/.md, figures (`nrexp report -h`)
+  bench     time nrexp's loop against a naive and a bare PyTorch loop (`nrexp bench --help`)
 
 examples:
   nrexp train norm=batch dropout.p=0.2
@@ -286,6 +287,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return train_app(rest)
     if command == "report":
         return report_command(rest)
+    if command == "bench":
+        from nrexp.bench import main as bench_main
+
+        return bench_main(rest)
     if command in ("-sc", "--shell-completion"):  # tab completion, installed by `nrexp train -sc install=bash`
         strip_subcommand_from_completion_line()
         return train_app(argv)

@@ -194,11 +194,37 @@ def _locate(name: str, source: str, root: Path) -> Tuple[str, Raw]:
         return "bundled", _read_bundled_mnist()
 
 
+# The last dataset loaded in this process, keyed by what determines it. Jobs of a Hydra sweep under the
+# basic launcher run one after another in one process; they share this instead of each reading,
+# normalizing and copying the data again. One entry only, so memory never grows; training never
+# writes into these tensors.
+_CACHE: dict = {}
+
+
 def load_dataset(data_cfg, device: torch.device) -> Dataset:
-    """Load `data_cfg.name`, normalize it once, keep the first `train_size` examples, move to device."""
-    name = data_cfg.name
+    """Load `data_cfg.name`, normalize it once, keep the first `train_size` examples, move to device.
+
+    A second call with the same (name, source, root, train_size, device) in the same
+    process returns the cached Dataset.
+    """
     root = Path(str(data_cfg.root)).expanduser()
     source = getattr(data_cfg.source, "value", data_cfg.source)
+    key = (data_cfg.name, source, str(root), data_cfg.train_size, str(device))
+    cached = _CACHE.get(key)
+    if cached is not None:
+        validate_data_size(data_cfg, cached[1])
+        if source == "auto" and cached[0].source == "bundled":
+            log.warning("MNIST not found under %s; using the bundled 5,000-digit sample (as the previous run "
+                        "in this process did). Set data.source=bundled to silence this.", root)
+        return cached[0]
+    dataset, n_available = _load_dataset(data_cfg, device, root, source)
+    _CACHE.clear()
+    _CACHE[key] = (dataset, n_available)
+    return dataset
+
+
+def _load_dataset(data_cfg, device: torch.device, root: Path, source: str) -> Tuple[Dataset, int]:
+    name = data_cfg.name
     used, (train_x, train_y, test_x, test_y) = _locate(name, source, root)
     mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in STATS[name])
 
@@ -208,11 +234,12 @@ def load_dataset(data_cfg, device: torch.device) -> Dataset:
             x = x.unsqueeze(1)
         return x.sub_(mean).div_(std)
 
-    validate_data_size(data_cfg, len(train_x))
+    n_available = len(train_x)
+    validate_data_size(data_cfg, n_available)
     if data_cfg.train_size is not None:
         train_x, train_y = train_x[: data_cfg.train_size], train_y[: data_cfg.train_size]
     return Dataset(name=name, source=used, train_x=prepare(train_x), train_y=train_y.long().to(device),
-                   test_x=prepare(test_x), test_y=test_y.long().to(device))
+                   test_x=prepare(test_x), test_y=test_y.long().to(device)), n_available
 
 
 # ---- batches

@@ -22,6 +22,12 @@ grad_norm is therefore ||dL/dW|| of the effective weight for every norm, compara
 All norms of a kind are computed with one fused `torch._foreach_norm` over the layers, and everything
 is stacked into one tensor so that a logging step costs a single device-to-host copy (never one
 `.item()` per layer, which would sync the GPU dozens of times).
+
+Cost (measured by `nrexp bench`): a logging step reads the weights about ten times (norms of W, dL/dW,
+W - W_init, W - W_before, and the copy of W_before). `_foreach_*` ops are fused kernels on CUDA, but
+on CPU PyTorch runs them as a loop over the tensors, so a 51-layer net pays for a few hundred small
+ops per logging step: with trainer.log_every=1 at batch 128 that is ~0.3-0.5 of a training step on
+CPU; at the default log_every it is noise.
 """
 from __future__ import annotations
 
@@ -85,12 +91,12 @@ class LayerMonitor:
         weights = self.weights()
         weight_norm = self._norms(weights)
         stats = {
-            "act_norm": torch.stack([a.detach().flatten(1).float().norm(dim=1).mean() for a in activations]),
+            "act_norm": activation_norms(activations),
             "grad_norm": self._norms([weight_grad(m) for m in self.modules]),
             "weight_norm": weight_norm,
             "weight_change": self._norms(torch._foreach_sub(weights, self.init_weights)) / self.init_norms,
         }
-        self._before_step = [w.clone() for w in weights]
+        self._before_step = torch._foreach_mul(weights, 1.0)  # copies of W in one fused call, not one per layer
         return stats
 
     @torch.no_grad()
@@ -112,3 +118,21 @@ class LayerMonitor:
         n = len(self.names)
         layers = {k: dict(zip(self.names, flat[i * n:(i + 1) * n])) for i, k in enumerate(layer_stats)}
         return layers, dict(zip(scalars, flat[len(layer_stats) * n:]))
+
+
+def activation_norms(activations: List[torch.Tensor]) -> torch.Tensor:
+    """Mean over the batch of each example's L2 norm, for each activation, in order.
+
+    Activations of the same shape (all hidden blocks of an MLP) are stacked and reduced together: a
+    handful of kernels for a 50-layer net instead of four per layer, which matters on small nets
+    where each kernel launch costs more than its arithmetic.
+    """
+    groups: Dict[tuple, List[int]] = {}
+    for i, a in enumerate(activations):
+        groups.setdefault((tuple(a.shape), a.dtype), []).append(i)
+    norms: List[Optional[torch.Tensor]] = [None] * len(activations)
+    for indices in groups.values():
+        stacked = torch.stack([activations[i].detach() for i in indices]).flatten(2).float()  # (L, B, features)
+        for i, value in zip(indices, torch.linalg.vector_norm(stacked, dim=2).mean(dim=1).unbind()):
+            norms[i] = value
+    return torch.stack(norms)

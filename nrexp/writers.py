@@ -5,6 +5,9 @@ TensorBoard tags (the contract `nrexp report` and users rely on):
   train/loss, train/acc, test/loss, test/acc, lr, throughput/samples_per_s; step 0 is the net at init.
   A custom-scalars layout puts each per-layer metric's layers in one chart, and `depth/<when>` figures
   plot activation and gradient norm against layer depth (the lecture's plot).
+Cost: the scalars of one step go into one event (one protobuf, not one per tag), and depth figures are
+only recorded during training and drawn by flush()/close(), outside the step loop (matplotlib takes
+tenths of a second per figure, more than hundreds of training steps of a small net).
 The events live directly in the run dir, so `tensorboard --logdir <sweep dir>` names runs by dir.
 """
 from __future__ import annotations
@@ -52,26 +55,62 @@ def write_summary(run_dir: Path, summary: Dict) -> None:
 
 
 def depth_figure(layer_names: List[str], stats: Mapping[str, Mapping[str, float]], title: str):
-    """Activation norm and gradient norm against layer depth, log scale (a matplotlib Figure)."""
-    import matplotlib
+    """Activation norm and gradient norm against layer depth, log scale (a new matplotlib Figure)."""
+    return DepthFigure(layer_names).draw(stats, title)
 
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 3.2), dpi=100)
-    depth = range(len(layer_names))
-    for ax, metric, label in zip(fig.subplots(1, 2), ("act_norm", "grad_norm"),
-                                 ("activation norm (mean over batch)", "gradient norm ||dL/dW||")):
-        values = [stats[metric][name] for name in layer_names]
-        ax.plot(depth, values, marker="o", markersize=3)
-        if all(v > 0 for v in values):
-            ax.set_yscale("log")
-        ax.set_xlabel("layer depth (0 = first hidden block, last = head)")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle(title)
-    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.16, top=0.88, wspace=0.3)  # tight_layout costs ~1 s here
-    return fig
+class DepthFigure:
+    """One depth figure, redrawn with new values: axes, ticks and labels are built once, which is most
+    of matplotlib's cost (a sweep of tiny runs in one process reuses it across runs)."""
+
+    METRICS = (("act_norm", "activation norm (mean over batch)"), ("grad_norm", "gradient norm ||dL/dW||"))
+
+    def __init__(self, layer_names: List[str]):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+
+        self.layer_names = list(layer_names)
+        self.fig = Figure(figsize=(8, 3.2), dpi=100)
+        self.axes = list(self.fig.subplots(1, 2))
+        self.lines = []
+        for ax, (_, label) in zip(self.axes, self.METRICS):
+            (line,) = ax.plot(range(len(self.layer_names)), [1.0] * len(self.layer_names), marker="o", markersize=3)
+            self.lines.append(line)
+            ax.set_xlabel("layer depth (0 = first hidden block, last = head)")
+            ax.set_ylabel(label)
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
+        self.fig.subplots_adjust(left=0.09, right=0.98, bottom=0.16, top=0.86, wspace=0.3)  # fixed: tight_layout is slow
+
+    def draw(self, stats: Mapping[str, Mapping[str, float]], title: str):
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        for ax, line, (metric, _) in zip(self.axes, self.lines, self.METRICS):
+            values = [stats[metric][name] for name in self.layer_names]
+            log_scale = all(v > 0 for v in values)
+            if not log_scale:  # linear before the data arrives, log after: never log-scale a zero
+                ax.set_yscale("linear")
+                line.set_ydata(values)
+            else:
+                line.set_ydata(values)
+                ax.relim()  # the data limits of a previous draw may hold a zero
+                ax.set_yscale("log")  # resets the y locators and formatters, set again below
+                # plain-text labels on decades only: matplotlib's default log labels go through mathtext,
+                # which was most of the figure's cost (and figures were most of a tiny run's overhead)
+                ax.yaxis.set_major_locator(LogLocator(base=10, numticks=6))
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_formatter(NullFormatter())
+            ax.minorticks_off()  # each tick is a few artists: minor ticks on a log axis were half the drawing
+            ax.grid(True, which="major", alpha=0.3)
+            ax.relim()
+            ax.autoscale_view()
+        self.fig.suptitle(title)
+        return self.fig
+
+
+_DEPTH_FIGURES: Dict[tuple, DepthFigure] = {}  # the last layer list's figure, kept for the next run in this process
 
 
 # The hyper-parameters every run reports to TensorBoard's HParams tab: (name shown, path in the config).
@@ -107,6 +146,7 @@ class TensorBoardWriter:
         from torch.utils.tensorboard import SummaryWriter
 
         self.layer_names = layer_names
+        self.pending_figures: List[tuple] = []  # (step, stats, when), drawn by flush()/close()
         self.tb = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
         if purge_step is None:  # a resumed run already has its layout
             self.tb.add_custom_scalars({
@@ -115,18 +155,36 @@ class TensorBoardWriter:
                              "accuracy": ["Multiline", ["^train/acc$", "^test/acc$"]]},
             })
 
+    def _add_scalars(self, step: int, values: Mapping[str, float]) -> None:
+        """All of one step's scalars as one event: what add_scalar writes per tag, batched."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()])
+        self.tb._get_file_writer().add_summary(summary, step)
+
     def layer_stats(self, step: int, stats: Mapping[str, Mapping[str, float]]) -> None:
-        for metric, per_layer in stats.items():
-            for layer, value in per_layer.items():
-                self.tb.add_scalar(f"{metric}/{layer}", value, step)
+        self._add_scalars(step, {f"{metric}/{layer}": value
+                                 for metric, per_layer in stats.items() for layer, value in per_layer.items()})
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        for tag, value in values.items():
-            self.tb.add_scalar(tag, value, step)
+        self._add_scalars(step, values)
 
     def depth_plot(self, step: int, stats: Mapping[str, Mapping[str, float]], when: str) -> None:
-        fig = depth_figure(self.layer_names, stats, f"{when} (step {step})")
-        self.tb.add_figure(f"depth/{when}", fig, step, close=False)
+        """Record a depth figure; it is drawn at the next flush() or close(), not in the step loop."""
+        self.pending_figures.append((step, stats, when))
+
+    def _draw_pending(self) -> None:
+        pending, self.pending_figures = self.pending_figures, []
+        final_steps = {step for step, _, when in pending if when == "final"}
+        for step, stats, when in pending:
+            if when == "latest" and step in final_steps:  # the final probe at the same step supersedes it
+                continue
+            key = tuple(self.layer_names)
+            if key not in _DEPTH_FIGURES:
+                _DEPTH_FIGURES.clear()
+                _DEPTH_FIGURES[key] = DepthFigure(self.layer_names)
+            fig = _DEPTH_FIGURES[key].draw(stats, f"{when} (step {step})")
+            self.tb.add_figure(f"depth/{when}", fig, step, close=False)  # rendered to an image here
 
     def hparams(self, step: int, config: Mapping, metrics: Mapping[str, float]) -> None:
         """List this run in TensorBoard's HParams tab: its hyper-parameters and final metrics.
@@ -161,7 +219,9 @@ class TensorBoardWriter:
         self.tb.add_text(tag, text, 0)
 
     def flush(self) -> None:
+        self._draw_pending()
         self.tb.flush()
 
     def close(self) -> None:
+        self._draw_pending()
         self.tb.close()

@@ -1,0 +1,472 @@
+"""`nrexp bench`: how much the harness costs, measured side by side in one process.
+
+Arms (same model, same init, same data in the same order, same optimizer in every arm):
+  a0, a2  the naive baseline users write: torchvision's MNIST Dataset (uint8 -> PIL -> ToTensor ->
+          Normalize) through DataLoader(shuffle=True) with num_workers 0 and 2, a plain loop, no statistics
+  b       a bare hand-written loop over pre-normalized tensors in memory (randperm + index gathers)
+  c       nrexp's trainer, per-layer statistics off        (trainer.layer_stats=false)
+  d       nrexp's trainer, statistics every step            (trainer.log_every=1)
+  e       nrexp's trainer, default trainer.log_every
+
+Every arm trains `steps` optimizer steps from the start of epoch 0; samples/s = steps * batch / time of
+the step loop. Arms c/d/e call `nrexp.train.train` itself and read its `train_time_s` (the step loop
+with all of its logging, TensorBoard writes included; periodic evaluation excluded), so what is timed
+is exactly the loop users run. Repeats are interleaved (a0 a2 b c d e, a0 a2 b c d e, ...) after one
+untimed warm-up round, and the median is reported. The arms' losses must agree: after the timed steps
+every arm's model is evaluated on the whole training set (nrexp's `evaluate`), and those losses are
+compared (identical data order and init make the trajectories the same up to float rounding).
+
+The data is "MNIST-like": the bundled sample of real digits (4,000 train / 1,000 test) tiled to
+60,000 x 28 x 28 uint8 training images (10,000 test) and written as MNIST idx files to a temp dir,
+which both torchvision's MNIST class (arm a) and nrexp (data.source=local) read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+ARMS = ("a0", "a2", "b", "c", "d", "e")
+ARM_DOC = {
+    "a0": "torchvision MNIST + PIL transforms + DataLoader(shuffle, workers=0)",
+    "a2": "torchvision MNIST + PIL transforms + DataLoader(shuffle, workers=2)",
+    "b": "bare loop over normalized tensors (randperm + gathers)",
+    "c": "nrexp trainer, trainer.layer_stats=false",
+    "d": "nrexp trainer, trainer.log_every=1",
+    "e": "nrexp trainer, default trainer.log_every",
+}
+MODELS = {"mlp-3x256": (3, 256), "mlp-50x100": (50, 100)}
+# (numerator, denominator, target); "a" is the faster of a0 and a2 (the conservative choice)
+TARGETS = (("c", "a", 10.0), ("c", "b", 0.90), ("d", "c", 0.75), ("e", "c", 0.97))
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+def write_mnist_like(root: Path, n_train: int, n_test: int) -> Dict[str, str]:
+    """Tile the bundled real digits to n_train / n_test and write MNIST idx files under root/MNIST/raw."""
+    import numpy as np
+
+    from nrexp.data import BUNDLED_MNIST
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    with np.load(BUNDLED_MNIST) as z:
+        parts = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+
+    def tile(a, n):
+        reps = -(-n // len(a))
+        return np.concatenate([a] * reps)[:n]
+
+    def write(name, array, magic):
+        header = np.array([magic, *array.shape], dtype=">i4").tobytes()
+        (raw / name).write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+    write("train-images-idx3-ubyte", tile(parts["x_train"], n_train), 2051)
+    write("train-labels-idx1-ubyte", tile(parts["y_train"], n_train), 2049)
+    write("t10k-images-idx3-ubyte", tile(parts["x_test"], n_test), 2051)
+    write("t10k-labels-idx1-ubyte", tile(parts["y_test"], n_test), 2049)
+    return {"kind": "bundled real digits tiled", "train": n_train, "test": n_test}
+
+
+# ------------------------------------------------------------------------------------------------
+# arms
+
+
+def compose(overrides: List[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import nrexp
+    from nrexp import config
+
+    config.register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=nrexp.config_dir(), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides))
+
+
+def _fresh_model(cfg, device):
+    """Model and optimizer exactly as nrexp.train.train builds them (same seed -> same init)."""
+    import torch
+
+    from nrexp.init import init_weights
+    from nrexp.models import build_model
+    from nrexp.optim import build_optimizer
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, (1, 28, 28), 10).to(device)
+    act = str(getattr(cfg.model.activation, "value", cfg.model.activation))
+    init_weights(model, cfg.init.name, cfg.init.scale, act)
+    return model, build_optimizer(model, cfg.optim)
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _train_loss(model, data, cfg) -> float:
+    from nrexp.train import evaluate
+
+    return evaluate(model, data.train_x, data.train_y, cfg.data.eval_batch_size, "train")["train/loss"]
+
+
+def arm_naive(cfg, data, device, root: Path, steps: int, workers: int):
+    """(a) torchvision-style: a Dataset of PIL images with ToTensor + Normalize, DataLoader(shuffle=True)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, RandomSampler
+    from torchvision import transforms
+    from torchvision.datasets import MNIST
+
+    from nrexp.data import MNIST_MEAN, MNIST_STD
+
+    model, optimizer = _fresh_model(cfg, device)
+    dataset = MNIST(str(root), train=True, download=False,
+                    transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]))
+    # What DataLoader(shuffle=True) builds, with a generator seeded as nrexp seeds epoch 0, so that it
+    # draws nrexp's permutation (given to DataLoader itself, the generator would first be used for the
+    # workers' base seed and the order would differ)
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + 0)
+    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=RandomSampler(dataset, generator=gen),
+                        num_workers=workers, drop_last=True)
+    started = time.perf_counter()
+    for i, (x, y) in enumerate(loader):
+        x, y = x.to(device), y.to(device)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if i + 1 == steps:
+            break
+    _sync(device)
+    seconds = time.perf_counter() - started
+    del loader  # stops the workers
+    return seconds, model
+
+
+def arm_bare(cfg, data, device, steps: int):
+    """(b) the hand-written loop: normalized tensors in memory, randperm + index gathers, nothing else."""
+    import torch
+    import torch.nn.functional as F
+
+    model, optimizer = _fresh_model(cfg, device)
+    x_all, y_all, batch = data.train_x, data.train_y, cfg.data.batch_size
+    started = time.perf_counter()
+    gen = torch.Generator(device=x_all.device).manual_seed(cfg.seed * 100_003 + 0)
+    perm = torch.randperm(len(x_all), device=x_all.device, generator=gen)
+    for i in range(steps):
+        idx = perm[i * batch:(i + 1) * batch]
+        loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    _sync(device)
+    seconds = time.perf_counter() - started
+    return seconds, model
+
+
+def arm_nrexp(cfg, run_dir: Path):
+    """(c, d, e) nrexp's own loop; its summary's train_time_s is the step loop alone; the loss is its
+    evaluation of the whole training set at the end."""
+    from nrexp.train import train
+
+    summary = train(cfg, run_dir)
+    return summary["train_time_s"], summary["metrics"]["train/loss"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+
+
+def machine() -> Dict[str, str]:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        cpu = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), cpu)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    info = {"nproc": str(os.cpu_count()), "cpu": cpu, "torch": torch.__version__,
+            "torch_threads": str(torch.get_num_threads()), "python": platform.python_version(),
+            "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["loadavg_at_start"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        pass
+    return info
+
+
+def ratios(median: Dict[str, float]) -> Dict[str, Dict]:
+    best_a = max(median.get("a0", 0.0), median.get("a2", 0.0))
+    med = dict(median, a=best_a)
+    out = {}
+    for num, den, target in TARGETS:
+        if med.get(num) and med.get(den):
+            value = med[num] / med[den]
+            out[f"{num}/{den}"] = {"value": value, "target": target, "ok": value >= target}
+    return out
+
+
+def run(args) -> Dict:
+    import torch
+
+    import nrexp.console
+    from nrexp.data import load_dataset
+    from nrexp.train import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    nrexp.console.console.quiet = True  # the trainer's per-run summary table would drown the benchmark's
+    work = Path(tempfile.mkdtemp(prefix="nrexp-bench-"))
+    data_info = write_mnist_like(work / "data", args.train_size, max(args.train_size // 6, 1000))
+    device = resolve_device(args.device)
+    result = {"machine": machine(), "device": str(device), "data": data_info,
+              "settings": {"samples_per_measure": args.samples, "min_steps": args.min_steps, "threads": args.threads, "repeats": args.repeats, "arms": list(args.arms),
+                           "warmup": not args.no_warmup},
+              "arms": {a: ARM_DOC[a] for a in args.arms}, "configs": []}
+    t_start = time.perf_counter()
+    for model_name in args.models:
+        depth, width = MODELS[model_name]
+        for batch in args.batches:
+            steps = max(args.samples // batch, args.min_steps)
+            base = [f"model.depth={depth}", f"model.width={width}", f"data.batch_size={batch}",
+                    "data.source=local", f"data.root={work / 'data'}", f"trainer.device={args.device}",
+                    f"trainer.max_steps={steps}", "trainer.progress=false", "seed=0"]
+            arm_overrides = {"c": ["trainer.layer_stats=false"], "d": ["trainer.log_every=1"], "e": []}
+            cfgs = {arm: compose(base + extra) for arm, extra in arm_overrides.items()}
+            # the warm-up round (imports, allocator, thread pools, first figures) runs a few steps only
+            warm_steps = min(steps, 4)
+            warm_cfgs = {arm: compose(base + extra + [f"trainer.max_steps={warm_steps}"])
+                         for arm, extra in arm_overrides.items()}
+            cfg = cfgs["e"]
+            data = load_dataset(cfg.data, device)
+            times: Dict[str, List[float]] = {a: [] for a in args.arms}
+            losses: Dict[str, float] = {}
+            rounds = ([] if args.no_warmup else ["warmup"]) + list(range(args.repeats))
+            for rnd in rounds:
+                warm = rnd == "warmup"
+                n = warm_steps if warm else steps
+                for arm in args.arms:
+                    if arm in ("a0", "a2"):
+                        sec, loss = arm_naive(cfg, data, device, work / "data", n, int(arm[1]))
+                    elif arm == "b":
+                        sec, loss = arm_bare(cfg, data, device, n)
+                    else:
+                        sec, loss = arm_nrexp((warm_cfgs if warm else cfgs)[arm],
+                                              work / "runs" / f"{model_name}-b{batch}-{arm}-{rnd}")
+                    if not warm:
+                        times[arm].append(steps * batch / sec)
+                        if arm not in losses:  # bare arms return their model: evaluate it as nrexp does, once
+                            losses[arm] = loss if isinstance(loss, float) else _train_loss(loss, data, cfg)
+                if args.verbose:
+                    print(f"  {model_name} b{batch} round {rnd}: " + "  ".join(
+                        f"{a} {times[a][-1]:,.0f}" for a in args.arms if times[a] and rnd != "warmup"), flush=True)
+            median = {a: statistics.median(v) for a, v in times.items()}
+            ref = losses.get("b", next(iter(losses.values())))
+            spread = max(abs(v - ref) / max(abs(ref), 1e-12) for v in losses.values())
+            entry = {"model": model_name, "depth": depth, "width": width, "batch": batch, "steps": steps,
+                     "samples_per_s": times, "median": median, "ratios": ratios(median),
+                     "loss_after_steps": losses, "loss_max_rel_diff": spread, "losses_agree": spread <= args.loss_rtol}
+            result["configs"].append(entry)
+            print_entry(entry)
+    if args.cli:
+        result["cli"] = cli_checks(work, args.sweep_jobs, rss=not args.tiny, threads=args.threads)
+    result["total_s"] = time.perf_counter() - t_start
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line around the loop: start-up, memory, and per-job cost of a sweep
+
+
+def _timed(cmd: List[str], cwd: Path, env: Dict[str, str]) -> float:
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def cli_checks(work: Path, sweep_jobs: int, rss: bool, threads: int) -> Dict:
+    """`nrexp --help` and `nrexp train --cfg job` wall time; a sweep's per-job overhead; peak RSS of `nrexp train`.
+
+    The subprocesses get OMP_NUM_THREADS=threads (as the timed arms use), unless threads is 0.
+    """
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               NREXP_DATA_ROOT=str(work / "no-data"))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    nrexp_cmd = [sys.executable, "-m", "nrexp"]
+    out: Dict = {}
+    cwd = work / "cli"
+    cwd.mkdir(parents=True, exist_ok=True)
+    out["help_s"] = statistics.median(_timed(nrexp_cmd + ["--help"], cwd, env) for _ in range(3))
+    out["cfg_job_s"] = statistics.median(_timed(nrexp_cmd + ["train", "--cfg", "job"], cwd, env) for _ in range(3))
+    if sweep_jobs:
+        args = ["train", "-m", f"seed=range({sweep_jobs})", "trainer.max_steps=1", "data.source=bundled",
+                "trainer.progress=false"]
+        wall = _timed(nrexp_cmd + args, cwd, env)
+        summaries = [json.loads(p.read_text()) for p in (cwd / "outputs").rglob("summary.json")]
+        train_s = sum(s["train_time_s"] for s in summaries)
+        out["sweep"] = {"command": "nrexp " + " ".join(args), "jobs": len(summaries), "wall_s": wall,
+                        "sum_train_time_s": train_s, "overhead_per_job_s": (wall - train_s) / max(len(summaries), 1)}
+    if rss and Path("/usr/bin/time").exists():
+        proc = subprocess.run(["/usr/bin/time", "-v", *nrexp_cmd, "train", "trainer.progress=false"], cwd=cwd, env=env,
+                              capture_output=True, text=True)
+        kb = next((int(line.split(":")[1]) for line in proc.stderr.splitlines() if "Maximum resident set size" in line), None)
+        out["train_default_peak_rss_mb"] = None if kb is None else kb / 1024
+        out["train_default_note"] = "default `nrexp train` (data.source=auto; no MNIST here, so the bundled sample)"
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# output
+
+
+def print_entry(entry: Dict) -> None:
+    from rich.console import Console
+
+    loss = "  ".join(f"{a} {v:.5f}" for a, v in entry["loss_after_steps"].items())
+    verdict = "agree" if entry["losses_agree"] else "DISAGREE"
+    Console(width=None if sys.stdout.isatty() else 200).print(f"[bold]{entry['model']} batch {entry['batch']}[/]: {entry['steps']} steps; train-set loss "
+                    f"after them: {loss} -> {verdict} (max rel diff {entry['loss_max_rel_diff']:.1e})")
+
+
+def table_rows(result: Dict) -> List[List[str]]:
+    arms = result["settings"]["arms"]
+    rows = []
+    for e in result["configs"]:
+        row = [e["model"], str(e["batch"])] + [f"{e['median'][a]:,.0f}" for a in arms]
+        for num, den, target in TARGETS:
+            r = e["ratios"].get(f"{num}/{den}")
+            row.append("-" if r is None else f"{r['value']:.2f}{'' if r['ok'] else ' ✗'}")
+        row.append("yes" if e["losses_agree"] else "NO")
+        rows.append(row)
+    return rows
+
+
+def headers(result: Dict) -> List[str]:
+    return (["model", "batch"] + [f"{a} samples/s" for a in result["settings"]["arms"]]
+            + [f"{n}/{d} (≥{t:g})" for n, d, t in TARGETS] + ["losses agree"])
+
+
+def cli_lines(result: Dict) -> List[str]:
+    c = result.get("cli")
+    if not c:
+        return []
+    lines = [f"`nrexp --help`: {c['help_s']:.2f} s; `nrexp train --cfg job`: {c['cfg_job_s']:.2f} s (target < 1 s each)"]
+    if "sweep" in c:
+        sw = c["sweep"]
+        lines.append(f"sweep `{sw['command']}`: {sw['jobs']} jobs, wall {sw['wall_s']:.1f} s, sum of train_time_s "
+                     f"{sw['sum_train_time_s']:.2f} s -> overhead {sw['overhead_per_job_s']:.2f} s per job (target <= 0.3 s)")
+    if c.get("train_default_peak_rss_mb") is not None:
+        lines.append(f"peak RSS of {c['train_default_note']}: {c['train_default_peak_rss_mb']:.0f} MB (target <= 1536 MB)")
+    return lines
+
+
+def print_table(result: Dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="nrexp bench: median samples/s and ratios (✗ = below target)", header_style="bold")
+    for i, h in enumerate(headers(result)):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in table_rows(result):
+        table.add_row(*row)
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(table)
+    for arm, doc in result["arms"].items():
+        console.print(f"  {arm}: {doc}")
+    m = result["machine"]
+    console.print(f"  machine: {m['nproc']} CPUs, {m['cpu']}, torch {m['torch']} ({m['torch_threads']} threads), "
+                  f"device {result['device']}; data: {result['data']['kind']} to {result['data']['train']} train")
+    for line in cli_lines(result):
+        console.print("  " + line, markup=False)
+
+
+def markdown(result: Dict) -> str:
+    m, s = result["machine"], result["settings"]
+    lines = ["| " + " | ".join(headers(result)) + " |", "|" + "---|" * len(headers(result))]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
+    lines += ["", f"Machine: {m['nproc']} CPUs ({m['cpu']}), torch {m['torch']} with {m['torch_threads']} threads, "
+              f"Python {m['python']}, device {result['device']}, load average at start {m.get('loadavg_at_start', '?')}. "
+              f"Data: {result['data']['kind']} to {result['data']['train']} x 28 x 28 uint8. "
+              f"Median of {s['repeats']} interleaved repeats of ~{s['samples_per_measure']:,} samples per arm."]
+    lines += [f"- {a}: {doc}" for a, doc in result["arms"].items()]
+    lines += [""] + [f"- {line}" for line in cli_lines(result)] if cli_lines(result) else []
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="nrexp bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer samples, a 12k-image dataset, 5 repeats (a few minutes)")
+    p.add_argument("--tiny", action="store_true", help="smoke test: tiny data, 1 repeat (seconds; numbers meaningless)")
+    p.add_argument("--samples", type=int, default=None, help="samples per timed measurement (default 8192; quick 4096)")
+    p.add_argument("--min-steps", type=int, default=None, help="at least this many steps per measurement (default 16; quick 8)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats per arm (default 5)")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="training images of the MNIST-like data (default 60000; quick 12000)")
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--batches", nargs="+", type=int, default=[128, 1024])
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads for every arm (default 1: on a small shared machine two "
+                        "spinning OpenMP threads make timings swing 5-20x; 0 = torch's default)")
+    p.add_argument("--loss-rtol", type=float, default=1e-3, help="largest relative loss difference that counts as agreeing")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up round")
+    p.add_argument("--cli", action="store_true",
+                   help="also time `nrexp --help`, `nrexp train --cfg job`, a sweep's per-job overhead, peak RSS of `nrexp train`")
+    p.add_argument("--sweep-jobs", type=int, default=32, help="jobs in the --cli sweep (trainer.max_steps=1 each)")
+    p.add_argument("--json", default="bench.json", help="where to write the results (default ./bench.json)")
+    p.add_argument("--markdown", default=None, help="also write the table as markdown here")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every round's samples/s")
+    args = p.parse_args(argv)
+    if args.tiny:
+        defaults = dict(samples=512, repeats=1, train_size=2048, min_steps=2)
+        args.no_warmup = True
+    elif args.quick:
+        defaults = dict(samples=4096, repeats=5, train_size=12000, min_steps=8)
+    else:
+        defaults = dict(samples=8192, repeats=5, train_size=60000, min_steps=16)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse(argv)
+    result = run(args)
+    result["command"] = "nrexp bench " + " ".join(sys.argv[1:] if argv is None else argv)
+    print_table(result)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.json} ({result['total_s']:.0f} s)")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(result))
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The benchmark runs in its tiny mode and writes every arm; the speed-related pieces keep their contracts.
+
+No timing is asserted here: the targets are ratios the benchmark reports, not pass/fail tests.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, cli_env, compose
+
+
+def test_bench_tiny_writes_json_with_all_arms(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--tiny", "--models", "mlp-3x256",
+                           "--batches", "128", "--json", str(out), "--markdown", str(tmp_path / "bench.md")],
+                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(out.read_text())
+    assert {"machine", "device", "data", "settings", "configs"} <= set(result)
+    (entry,) = result["configs"]
+    assert set(entry["median"]) == {"a0", "a2", "b", "c", "d", "e"}
+    assert all(v > 0 for v in entry["median"].values())
+    assert set(entry["ratios"]) == {"c/a", "c/b", "d/c", "e/c"}
+    assert entry["losses_agree"], entry["loss_after_steps"]  # same init, data order and optimizer in every arm
+    assert "c/b" in (tmp_path / "bench.md").read_text()
+    assert "nrexp bench" in proc.stdout
+
+
+def test_dataset_is_cached_per_process_by_its_key():
+    from nrexp.data import load_dataset
+
+    cfg = compose(["data.source=bundled", "data.train_size=256"])
+    first = load_dataset(cfg.data, torch.device("cpu"))
+    assert load_dataset(cfg.data, torch.device("cpu")) is first  # a sweep's next job reuses it
+    other = load_dataset(compose(["data.source=bundled", "data.train_size=128"]).data, torch.device("cpu"))
+    assert other is not first and len(other.train_x) == 128
+
+
+def test_cached_dataset_still_checks_the_batch_size():
+    from nrexp.config import ConfigError
+    from nrexp.data import load_dataset
+
+    load_dataset(compose(["data.source=bundled", "data.train_size=64", "data.batch_size=32"]).data, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        load_dataset(compose(["data.source=bundled", "data.train_size=64", "data.batch_size=65"]).data,
+                     torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_host_sync_in_the_cuda_step_loop(tmp_path, monkeypatch):
+    """On CUDA the step loop never waits for the GPU, except in the one host copy of a logging step
+    (and evaluation, which is outside the step loop's timing)."""
+    import nrexp.train as train_mod
+    from nrexp.monitor import LayerMonitor
+
+    def allowed(fn):
+        def wrapped(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("default")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("error")
+        return wrapped
+
+    class StrictProgress(train_mod.TrainProgress):
+        def __enter__(self):
+            torch.cuda.set_sync_debug_mode("error")
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            torch.cuda.set_sync_debug_mode("default")
+            return super().__exit__(*exc)
+
+    monkeypatch.setattr(train_mod, "TrainProgress", StrictProgress)
+    monkeypatch.setattr(LayerMonitor, "to_host", allowed(LayerMonitor.to_host))
+    monkeypatch.setattr(train_mod, "evaluate", allowed(train_mod.evaluate))
+    monkeypatch.setattr(train_mod, "probe", allowed(train_mod.probe))
+    cfg = compose(["data.source=bundled", "data.train_size=512", "data.batch_size=64", "trainer.device=cuda",
+                   "trainer.max_steps=12", "trainer.log_every=5", "trainer.progress=false"])
+    try:
+        summary = train_mod.train(cfg, tmp_path)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert summary["status"] == "completed"
