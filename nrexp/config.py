@@ -204,7 +204,7 @@ def unknown_keys(cfg: Any, schema: Any, prefix: str = "") -> List[str]:
     for key in cfg:
         if key not in known:
             found.append(prefix + str(key))
-        elif dataclasses.is_dataclass(getattr(schema, key)) and hasattr(cfg[key], "keys"):
+        elif dataclasses.is_dataclass(getattr(schema, key, None)) and hasattr(cfg[key], "keys"):
             found += unknown_keys(cfg[key], getattr(schema, key), f"{prefix}{key}.")
     return found
 
