@@ -21,6 +21,7 @@ usage: nrexp <command> [args]
 
 commands:
   train     train one network, or a sweep with -m (a Hydra app: `nrexp train --help` lists every knob)
+  evaluate  re-evaluate a run: shifted test data, BatchNorm running vs test-batch statistics (--help)
 
 examples:
   nrexp train norm=batch dropout.p=0.2
@@ -237,6 +238,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         return train_app(rest)
+    if command == "evaluate":
+        from nrexp.evaluate import main as evaluate_main  # torch is imported there, on use
+
+        return evaluate_main(rest)
     if command in ("-sc", "--shell-completion"):  # tab completion, installed by `nrexp train -sc install=bash`
         strip_subcommand_from_completion_line()
         return train_app(argv)
