@@ -438,14 +438,20 @@ CHECKS: Dict[str, Callable[[Sequence[Run]], List[ClaimResult]]] = {
 def print_checks(results: Sequence[ClaimResult], console=None) -> None:
     """The claims as a rich table: experiment, claim, measured, expected, reproduced."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="Claim checks", show_lines=False)
     for col in ("experiment", "claim", "measured", "expected", "reproduced"):
         table.add_column(col, overflow="fold")
     for r in results:
-        table.add_row(r.experiment, r.claim, r.measured, r.expected, "[green]yes[/]" if r.reproduced else "[red]no[/]")
-    (console or Console()).print(table)
+        table.add_row(*(escape(c) for c in (r.experiment, r.claim, r.measured, r.expected)),
+                      "[green]yes[/]" if r.reproduced else "[red]no[/]")
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=180)  # a log file or pipe: don't squeeze the numbers into 80 columns
+    console.print(table)
 
 
 def markdown_table(results: Sequence[ClaimResult]) -> str:
