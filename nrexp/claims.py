@@ -271,17 +271,18 @@ def check_bn_paper_mnist(runs: Sequence[Run]) -> List[ClaimResult]:
     exp = "bn_paper_mnist"
     by_norm = {r.get("norm.name"): r for r in runs}
     out = []
-    claim, expected = "BN reaches higher test accuracy sooner", "BN > no-BN at the first evaluation and at the end"
+    claim, expected = "BN reaches higher test accuracy sooner", f"BN - no BN > {ACC_NOISE} at the first evaluation"
     if "batch" in by_norm and "none" in by_norm:
         bn, plain = by_norm["batch"].scalars("test/acc"), by_norm["none"].scalars("test/acc")
         if bn and plain:
-            first = (bn[0][1], plain[0][1], bn[0][0])
-            end = (test_acc(by_norm["batch"]), test_acc(by_norm["none"]))
-            out.append(ClaimResult(exp, claim, f"step {first[2]}: BN {_fmt(first[0])} vs {_fmt(first[1])}; "
-                                   f"end: BN {_fmt(end[0])} vs {_fmt(end[1])}", expected,
-                                   first[0] > first[1] and end[0] > end[1]))
+            out.append(ClaimResult(exp, claim, f"step {bn[0][0]}: BN {_fmt(bn[0][1])} vs no BN {_fmt(plain[0][1])}",
+                                   expected, bn[0][1] - plain[0][1] > ACC_NOISE))
         else:
             out.append(_missing(exp, claim, expected, "test/acc events"))
+        claim, expected = "BN's test accuracy still higher at the end of the budget (paper: after 50k steps)", "BN > no BN"
+        end = (test_acc(by_norm["batch"]), test_acc(by_norm["none"]))
+        out.append(ClaimResult(exp, claim, f"step {by_norm['batch'].summary.get('steps')}: BN {_fmt(end[0])} vs no BN "
+                               f"{_fmt(end[1])}", expected, end[0] > end[1]))
         d_bn, _ = percentile_drift(by_norm["batch"])
         d_plain, _ = percentile_drift(by_norm["none"])
         claim, expected = "sigmoid-input percentiles drift without BN, stable with BN", "drift(no BN) >= 0.5 and drift(BN) <= drift(no BN)/2"

@@ -245,7 +245,8 @@ def main() -> int:
         runs = by_experiment(runs).get(n, [])
         part = [f"### {n}", ""]
         cmd = runs_info.get(n, {}).get("cmd") or command(n, root / n, args.quick)
-        part += ["```bash", "python -m nrexp train -m " + " ".join(shlex.quote(c) for c in cmd[5:]), "```", ""]
+        shown = [c.replace(str(REPO) + os.sep, "") for c in cmd[5:]]  # repo-relative sweep dir
+        part += ["```bash", "OMP_NUM_THREADS=1 python -m nrexp train -m " + " ".join(shlex.quote(c) for c in shown), "```", ""]
         if n in runs_info:
             part.append(f"{len(runs)} runs, {runs_info[n]['seconds']:.0f} s wall time, exit code {runs_info[n]['rc']}.")
             part.append("")
