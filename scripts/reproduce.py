@@ -248,7 +248,7 @@ def main() -> int:
         shown = [c.replace(str(REPO) + os.sep, "") for c in cmd[5:]]  # repo-relative sweep dir
         part += ["```bash", "OMP_NUM_THREADS=1 python -m nrexp train -m " + " ".join(shlex.quote(c) for c in shown), "```", ""]
         if n in runs_info:
-            part.append(f"{len(runs)} runs, {runs_info[n]['seconds']:.0f} s wall time, exit code {runs_info[n]['rc']}.")
+            part.append(f"{len(runs)} run{'s' if len(runs) != 1 else ''}, {runs_info[n]['seconds']:.0f} s wall time, exit code {runs_info[n]['rc']}.")
             part.append("")
         if not runs:
             part.append("No runs found.")
