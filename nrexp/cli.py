@@ -21,7 +21,9 @@ usage: nrexp <command> [args]
 
 commands:
   train     train one network, or a sweep with -m (a Hydra app: `nrexp train --help` lists every knob)
-  report    compare the runs of a sweep (or one run): table, report.csv/.md, figures (`nrexp report -h`)
+  report    compare the runs of a sweep (or one run): table, report.csv/.md, figures; --check: the
+            claims of an experiment preset, reproduced or not (`nrexp report -h`)
+  evaluate  re-evaluate a run: shifted test data, BatchNorm running vs test-batch statistics (--help)
   bench     time nrexp's loop against a naive and a bare PyTorch loop (`nrexp bench --help`)
 
 examples:
@@ -262,13 +264,22 @@ def report_command(args: List[str]) -> int:
                         help="keep runs whose config has KEY=VALUE (e.g. norm=batch, dropout.p=0.2); repeatable")
     parser.add_argument("--json", action="store_true", help="print the report as JSON (for scripts) instead of a table")
     parser.add_argument("--out", metavar="DIR", help="where to write report.csv, report.md, figures/ (default: DIR)")
+    parser.add_argument("--check", action="store_true", help="then check the claims of the experiment preset the "
+                        "sweep ran (+experiment=<name>): measured value, expected, reproduced yes/no")
     options = parser.parse_args(args)
 
+    from nrexp.config import ConfigError
+    from nrexp.evaluate import EvaluateError  # no torch at its top: `nrexp report` stays fast
     from nrexp.report import ReportError, report
 
     try:
-        return report(options.dir, sort=options.sort, filters=options.filter, as_json=options.json, out=options.out)
-    except ReportError as err:
+        code = report(options.dir, sort=options.sort, filters=options.filter, as_json=options.json, out=options.out)
+        if options.check and code == 0:
+            from nrexp.claims import check, print_checks
+
+            print_checks(check(options.dir))
+        return code
+    except (ReportError, ConfigError, EvaluateError) as err:
         return error(str(err))
     except OSError as err:  # e.g. a sweep dir one may read but not write: say where to write instead
         return error(f"cannot write the report: {err}. Fix: pass --out DIR, a directory you can write to")
@@ -287,6 +298,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return train_app(rest)
     if command == "report":
         return report_command(rest)
+    if command == "evaluate":
+        from nrexp.evaluate import main as evaluate_main  # torch is imported there, on use
+
+        return evaluate_main(rest)
     if command == "bench":
         from nrexp.bench import main as bench_main
 

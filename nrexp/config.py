@@ -173,12 +173,18 @@ class TrainerConfig:
     on_nonfinite: str = knob(
         "stop", "when the training loss is NaN/inf: stop (status diverged, exit 0) | raise (exit 1)")
     progress: bool = knob(True, "live rich progress bar on a terminal (plain log lines otherwise)")
+    preact_percentiles: bool = knob(
+        False, "mlp: on logging steps, log the 15th/50th/85th percentiles over the batch of unit 0's input to the "
+        "activation of the last hidden block as preact/<block>/p15|p50|p85 (the BatchNorm paper's Fig. 1)")
 
 
 @dataclass
 class TrainConfig:
     seed: int = knob(0, "seeds init, dropout and data order; same seed and config on CPU = same numbers")
     resume: Optional[str] = knob(None, "a run dir to continue from its checkpoint (only trainer.* may change)")
+    experiment: Optional[str] = knob(
+        None, "name of the preset this run belongs to (set by +experiment=<name>; recorded in summary.json "
+        "so that `python -m nrexp.claims <sweep dir>` knows which claims to check)")
     norm: NormConfig = field(default_factory=NormConfig)
     dropout: DropoutConfig = field(default_factory=DropoutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -254,6 +260,8 @@ def validate(cfg: Any) -> None:
     _check(t.epochs >= 1, "trainer.epochs", t.epochs, "must be >= 1", "e.g. trainer.epochs=5")
     _check(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1 or null",
            "e.g. trainer.max_steps=500")
+    _check(not t.preact_percentiles or m.name == "mlp", "trainer.preact_percentiles", True,
+           f"is implemented for model=mlp only, not model={m.name}", "use model=mlp or trainer.preact_percentiles=false")
     _check(t.log_every >= 1, "trainer.log_every", t.log_every, "must be >= 1", "e.g. trainer.log_every=20")
     _check(t.on_nonfinite in ("stop", "raise"), "trainer.on_nonfinite", t.on_nonfinite, "must be stop or raise",
            "trainer.on_nonfinite=stop (a diverged run is a result) or raise (an error)")

@@ -68,10 +68,18 @@ class MLPBlock(nn.Module):
         self.act = ACTIVATIONS[activation]()
         self.dropout = _dropout(dropout_p)
         self.norm_before_act = _name(norm_cfg.position) == "before_act"
+        self.stash_preact = False  # set by the trainer on logging steps only (trainer.preact_percentiles)
+        self.preact: Optional[torch.Tensor] = None  # then: the input to the activation, detached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.linear(x)
-        x = self.act(self.norm(x)) if self.norm_before_act else self.norm(self.act(x))
+        if self.norm_before_act:
+            x = self.norm(x)
+        if self.stash_preact:
+            self.preact = x.detach()
+        x = self.act(x)
+        if not self.norm_before_act:
+            x = self.norm(x)
         return self.dropout(x)
 
 

@@ -98,7 +98,7 @@ def activation_ratio(stats: Mapping[str, Mapping[str, float]]) -> float:
     """act_norm of the last hidden block / the first (the head excluded: see the module doc)."""
     act = stats.get("act_norm") or {}
     hidden = [layer for layer in act if layer != "head"]
-    if not hidden or not act[hidden[0]]:
+    if not hidden or not act[hidden[0]] or act[hidden[-1]] is None:  # None: non-finite in a diverged run
         return math.nan
     return act[hidden[-1]] / act[hidden[0]]
 

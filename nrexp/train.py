@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import nrexp
+from nrexp import preact
 from nrexp.checkpoint import CHECKPOINT, load_for_resume, save_checkpoint
 from nrexp.config import ConfigError, validate
 from nrexp.console import TrainProgress, print_summary
@@ -121,6 +122,7 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
                 logging_step = step % t.log_every == 0
                 with_stats = logging_step and t.layer_stats
                 activations = [] if with_stats else None
+                armed = preact.arm(model, logging_step and t.preact_percentiles)  # preact/ percentiles
                 logits = model(x, activations)
                 loss = F.cross_entropy(logits, y)
                 optimizer.zero_grad(set_to_none=True)
@@ -141,6 +143,7 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
                     values["lr"] = optimizer.param_groups[0]["lr"]
                     writer.layer_stats(step, last_stats)
                     writer.scalars(step, values)
+                    writer.scalars(step, preact.collect(armed))
                     progress.update(step, values)
                     if step == 0 and with_stats:
                         state["init_stats"] = last_stats

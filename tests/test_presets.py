@@ -1,0 +1,283 @@
+"""Issue 5: experiment presets, preact percentiles, `nrexp evaluate` and the claim checks."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, TINY, compose, read_summary, run_cli, run_dirs
+
+PRESETS = ["init_depth", "norm_fixes_init", "bn_paper_mnist", "ln_vs_bn_mlp", "regularization", "bn_batch_size", "bn_shift"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_composes_validates_and_names_itself(name):
+    from nrexp.config import validate
+
+    cfg = compose([f"+experiment={name}"])
+    validate(cfg)
+    assert cfg.experiment == name
+    text = (REPO / "configs" / "experiment" / f"{name}.yaml").read_text()
+    assert text.startswith("# @package _global_")
+    params = yaml.safe_load(text)["hydra"]["sweeper"]["params"]
+    assert params, "each preset sweeps something"
+    for key, values in params.items():  # every swept value composes and validates too
+        for v in str(values).split(","):
+            validate(compose([f"+experiment={name}", f"{key}={v}"]))
+
+
+def test_presets_set_what_the_issue_says():
+    c = compose(["+experiment=init_depth"])
+    assert (c.model.depth, c.model.width, c.model.activation.value, c.norm.name, c.init.name, c.optim.name) == \
+        (50, 100, "relu", "none", "normal", "sgd")
+    c = compose(["+experiment=bn_paper_mnist"])
+    assert (c.model.depth, c.model.width, c.model.activation.value, c.data.batch_size, c.norm.position.value) == \
+        (3, 100, "sigmoid", 60, "before_act")
+    assert c.trainer.preact_percentiles is True
+    assert compose(["+experiment=regularization"]).data.train_size == 1000
+
+
+def test_preact_percentiles_need_an_mlp():
+    from nrexp.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="trainer.preact_percentiles"):
+        validate(compose(["model=cnn", "trainer.preact_percentiles=true"]))
+
+
+def test_preact_collect_matches_the_input_to_the_last_activation_by_number():
+    from nrexp import preact
+    from nrexp.models import build_model
+
+    torch.manual_seed(0)
+    cfg = compose(["model.depth=2", "model.width=16", "norm=batch", "model.activation=sigmoid"])
+    model = build_model(cfg, (1, 28, 28), 10)
+    x = torch.randn(60, 1, 28, 28)
+    assert preact.collect(preact.arm(model, False)) == {}
+    armed = preact.arm(model, True)
+    model(x)
+    values = preact.collect(armed)
+    # by hand: Linear -> train-mode BatchNorm (biased batch variance) of the last block, unit 0
+    with torch.no_grad():
+        h = model.blocks["block00"](x.flatten(1))
+        last = model.blocks["block01"]
+        z = last.linear(h)[:, 0]
+        bn = last.norm
+        z = (z - z.mean()) / torch.sqrt(z.var(unbiased=False) + bn.eps) * bn.weight[0] + bn.bias[0]
+    expected = torch.quantile(z, torch.tensor([0.15, 0.5, 0.85])).tolist()
+    assert list(values) == ["preact/block01/p15", "preact/block01/p50", "preact/block01/p85"]
+    assert values["preact/block01/p15"] == pytest.approx(expected[0], abs=1e-5)
+    assert values["preact/block01/p50"] == pytest.approx(expected[1], abs=1e-5)
+    assert values["preact/block01/p85"] == pytest.approx(expected[2], abs=1e-5)
+    # disarmed: the next (ordinary) step keeps nothing
+    assert last.stash_preact is False and last.preact is None
+    model(x)
+    assert last.preact is None
+
+
+def test_preact_percentiles_logged_only_on_logging_steps(tiny_run):
+    from nrexp.claims import Run
+
+    _, run_dir = tiny_run("trainer.preact_percentiles=true", "model.activation=sigmoid", "norm=batch")
+    run = Run(run_dir, read_summary(run_dir))
+    steps = [s for s, _ in run.scalars("preact/block01/p50")]
+    assert steps == [s for s, _ in run.scalars("train/loss")] == [0, 2, 4, 6]
+    for s in range(4):
+        p15, p50, p85 = (run.scalars(f"preact/block01/p{p}")[s][1] for p in (15, 50, 85))
+        assert p15 <= p50 <= p85
+
+
+# ---- nrexp evaluate
+
+
+@pytest.fixture(scope="module")
+def bn_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bn")
+    proc = run_cli(["train", *TINY, "norm=batch"], cwd=tmp)
+    assert proc.returncode == 0, proc.stderr
+    return run_dirs(tmp / "outputs")[-1]
+
+
+def _evaluate(run_dir, *args):
+    proc = run_cli(["evaluate", str(run_dir), "--json", *args], cwd=Path(run_dir).parent)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_evaluate_running_stats_equals_the_trainers_test_accuracy(bn_run):
+    result = _evaluate(bn_run)
+    assert result["bn_stats"] == "running" and result["shift"] == "none" and result["n"] == 1000
+    assert result["acc"] == pytest.approx(read_summary(bn_run)["metrics"]["test/acc"], abs=1e-6)
+    assert result["data_source"] == "bundled"
+
+
+def test_evaluate_test_batch_stats_equals_a_hand_computation(bn_run):
+    """--bn-stats test on unshifted data, one batch of all 1,000 test digits: each BatchNorm normalizes with
+    that batch's mean and biased variance. Recomputed here from the raw weights, without nn modules."""
+    from nrexp.data import load_dataset
+
+    result = _evaluate(bn_run, "--bn-stats", "test", "--batch-size", "1000")
+    payload = torch.load(bn_run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    sd, cfg = payload["model"], payload["config"]
+    from omegaconf import OmegaConf
+
+    data = load_dataset(OmegaConf.create(cfg["data"]), torch.device("cpu"))
+    h = data.test_x.flatten(1)
+    for i in range(cfg["model"]["depth"]):
+        p = f"blocks.block{i:02d}."
+        z = h @ sd[p + "linear.weight"].T + sd[p + "linear.bias"]
+        z = (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + cfg["norm"]["eps"])
+        z = z * sd[p + "norm.weight"] + sd[p + "norm.bias"]
+        h = torch.relu(z)
+    logits = h @ sd["head.weight"].T + sd["head.bias"]
+    acc = int((logits.argmax(1) == data.test_y).sum()) / len(data.test_y)
+    assert result["acc"] == pytest.approx(acc, abs=1e-9)
+    # the run's stored running statistics are untouched by the evaluation
+    after = torch.load(bn_run / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+    assert torch.equal(after["blocks.block00.norm.running_mean"], sd["blocks.block00.norm.running_mean"])
+
+
+def test_evaluate_identity_shifts_change_nothing_and_real_ones_do(bn_run):
+    from nrexp.evaluate import evaluate_run, load_run
+
+    loaded = load_run(bn_run)
+    base = evaluate_run(bn_run, [], loaded=loaded)
+    for shift in ("noise=0", "contrast=1", "translate=0"):
+        assert evaluate_run(bn_run, [shift], loaded=loaded).acc == pytest.approx(base.acc, abs=2e-3)  # clip at [0, 1] only
+    assert evaluate_run(bn_run, ["noise=2"], loaded=loaded).acc < base.acc - 0.1
+    shifted = evaluate_run(bn_run, ["contrast=0.2", "noise=0.3"], "test", 100, loaded=loaded)
+    assert shifted.shift == "contrast=0.2,noise=0.3" and shifted.batch_size == 100
+
+
+def test_apply_shifts_by_number():
+    from nrexp.evaluate import apply_shifts
+
+    mean, std = (0.5,), (0.25,)
+    pixels = torch.rand(3, 1, 28, 28) * 0.5 + 0.25
+    x = (pixels - 0.5) / 0.25
+    flat = apply_shifts(x, [("contrast", 0.0)], mean, std) * 0.25 + 0.5
+    assert torch.allclose(flat, pixels.mean(dim=(1, 2, 3), keepdim=True).expand_as(pixels), atol=1e-6)
+    moved = apply_shifts(x, [("translate", 2)], mean, std) * 0.25 + 0.5
+    assert torch.allclose(moved[:, :, 2:, 2:], pixels[:, :, :-2, :-2], atol=1e-6)
+    assert moved[:, :, :2, :].abs().max() == 0 and moved[:, :, :, :2].abs().max() == 0
+    noisy = apply_shifts(x, [("noise", 0.1)], mean, std, seed=1) * 0.25 + 0.5
+    assert 0.05 < (noisy - pixels).std() < 0.15
+    assert torch.equal(noisy, apply_shifts(x, [("noise", 0.1)], mean, std, seed=1) * 0.25 + 0.5)  # seeded
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--shift", "blur=1"], "--shift 'blur=1' is invalid"),
+    (["--shift", "noise=abc"], "is not a number"),
+    (["--shift", "noise=-1"], "must be >= 0"),
+    (["--shift", "translate=1.5"], "whole pixels"),
+    (["--bn-stats", "mean"], "--bn-stats 'mean' is invalid"),
+    (["--bn-stats", "test", "--batch-size", "1"], "a batch of one example"),
+    (["--batch-size", "0"], "must be >= 1"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_evaluate_bad_input_is_one_line(bn_run, args, words):
+    proc = run_cli(["evaluate", str(bn_run), *args], cwd=bn_run.parent)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("nrexp: error: ") and words in proc.stderr
+    assert "Fix:" in proc.stderr
+
+
+def test_evaluate_bad_run_dirs_are_one_line(tmp_path, tiny_run):
+    for target, words in ((tmp_path / "nope", "does not exist"), (tmp_path, "has no checkpoint.pt")):
+        proc = run_cli(["evaluate", str(target)], cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words in proc.stderr
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    proc = run_cli(["evaluate", str(tmp_path / "bad")], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "corrupt" in proc.stderr
+    _, plain = tiny_run()
+    proc = run_cli(["evaluate", str(plain), "--bn-stats", "test"], cwd=tmp_path)
+    assert proc.returncode == 2 and "needs a run with BatchNorm" in proc.stderr
+
+
+# ---- claims
+
+
+def _sweeps(tmp_path, *names):
+    """Start one sweep per preset, all at once (one CPU thread each: 2 threads per process were ~10x slower
+    on a shared 2-core machine), at one training step: enough to record the network at init."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    env = dict(cli_env(tmp_path), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-m", "nrexp", "train", "-m", f"+experiment={name}",
+                               f"hydra.sweep.dir={tmp_path / name}", "data.source=bundled", "data.train_size=256",
+                               "data.batch_size=64", "trainer.max_steps=1", "trainer.progress=false"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in names]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+
+
+def test_init_depth_and_norm_claims_at_init_reproduce(tmp_path):
+    """Deterministic physics at step 0 (one step of training is enough to record it): without a norm, act norms
+    over 50 layers shrink (s=1), stay flat (s=2) or grow (s=3) by orders of magnitude, and the gradient levels
+    are orders apart; with LayerNorm/BatchNorm the act norms no longer depend on s or depth. The training
+    claims need real budgets: they are checked by the slow test below and by scripts/reproduce.py."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+    from nrexp.claims import check, print_checks
+
+    _sweeps(tmp_path, "init_depth", "norm_fixes_init")
+    results = check(tmp_path)
+    print_checks(results)
+    at_init = [r for r in results if "at init" in r.claim]
+    assert len(at_init) == 4 + 4  # init_depth: 3 act + 1 grad; norm_fixes_init: 2 per norm
+    assert all(r.reproduced for r in at_init), [r for r in at_init if not r.reproduced]
+    assert {r.experiment for r in results} == {"init_depth", "norm_fixes_init"}
+    out = subprocess.run([sys.executable, "-m", "nrexp.claims", str(tmp_path / "init_depth")], cwd=tmp_path,
+                         env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "act norm at init" in out.stdout and "reproduced" in out.stdout
+    # the same checks through `nrexp report --check`, after the report's own table
+    out = subprocess.run([sys.executable, "-m", "nrexp", "report", str(tmp_path / "init_depth"), "--check"],
+                         cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.index("act_ratio_init") < out.stdout.index("act norm at init") and "reproduced" in out.stdout
+
+
+def test_claims_bad_dir_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    for target in (tmp_path / "nope", tmp_path):
+        out = subprocess.run([sys.executable, "-m", "nrexp.claims", str(target)], cwd=tmp_path, env=cli_env(tmp_path),
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Fix:" in out.stderr
+
+
+def test_claims_of_missing_runs_say_so():
+    from nrexp.claims import CHECKS
+
+    for name, fn in CHECKS.items():
+        results = fn([])
+        assert results and all(not r.reproduced for r in results), name
+
+
+@pytest.mark.slow  # ~5-8 min on 2 CPU cores: trains every preset at quick-mode budgets; the training claims need them
+def test_reproduce_quick_runs_and_writes_results(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce.py"), "--quick", "--out", str(tmp_path / "out"),
+                          "--docs", str(tmp_path / "docs")], cwd=REPO, env=cli_env(tmp_path), capture_output=True,
+                         text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = (tmp_path / "docs" / "results.md").read_text()
+    assert "Quick mode" in text and "| experiment | claim |" in text
+    assert len(list((tmp_path / "docs" / "figures").glob("*.png"))) >= 7
