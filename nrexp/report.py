@@ -98,7 +98,7 @@ def activation_ratio(stats: Mapping[str, Mapping[str, float]]) -> float:
     """act_norm of the last hidden block / the first (the head excluded: see the module doc)."""
     act = stats.get("act_norm") or {}
     hidden = [layer for layer in act if layer != "head"]
-    if not hidden or not act[hidden[0]] or act[hidden[-1]] is None:  # None: non-finite in a diverged run
+    if not hidden or not act[hidden[0]]:
         return math.nan
     return act[hidden[-1]] / act[hidden[0]]
 
@@ -117,6 +117,13 @@ def run_numbers(summary: Mapping) -> Dict[str, float]:
     }
 
 
+def nan_for_null(value):
+    """Nested dicts of numbers with None (JSON null) read back as NaN, so that arithmetic propagates it."""
+    if isinstance(value, dict):
+        return {k: nan_for_null(v) for k, v in value.items()}
+    return math.nan if value is None else value
+
+
 def load_runs(root: Path) -> List[Run]:
     root = Path(root)
     if not root.is_dir():
@@ -124,8 +131,9 @@ def load_runs(root: Path) -> List[Run]:
     runs = []
     for run_dir in find_job_dirs(root):
         job = read_job(run_dir, root)
+        layers = nan_for_null(job.get("layers") or {})  # summary.json stores a diverged run's NaN/inf as null
         runs.append(Run(name=job["name"], dir=run_dir, status=job["status"], config=flatten(job["config"]),
-                        numbers=run_numbers(job), layers=job.get("layers") or {}, error=job.get("error", "")))
+                        numbers=run_numbers({**job, "layers": layers}), layers=layers, error=job.get("error", "")))
     if not runs:
         raise ReportError(f"no runs in {root} (no summary.json or .hydra/ below it). "
                           "Fix: pass a run dir or a sweep dir, e.g. outputs/multirun/<date>/<time>")
