@@ -324,7 +324,7 @@ def main() -> int:
         f"- wall time: {total:.0f} s in all ({train_seconds:.0f} s training, the rest checks and figures)",
         f"- claims reproduced: {sum(r.reproduced for r in results)} of {len(results)}", "",
         quick_note if args.quick else "", "",
-        "Check any sweep yourself: `python -m nrexp.claims <sweep dir>` (to become `nrexp report --check`). "
+        "Check any sweep yourself: `nrexp report <sweep dir> --check` (or `python -m nrexp.claims <sweep dir>`). "
         "Thresholds are set from the claim (orders of magnitude = x100; accuracy differences must exceed 2 points, "
         "the noise of 1,000 test digits), not from these runs; see `nrexp/claims.py`.", "",
         "## All claims", "", markdown_table(results), "",
