@@ -157,6 +157,8 @@ class TensorBoardWriter:
 
     def _add_scalars(self, step: int, values: Mapping[str, float]) -> None:
         """All of one step's scalars as one event: what add_scalar writes per tag, batched."""
+        if not values:  # e.g. no preact percentiles this step: write no empty event
+            return
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()])
