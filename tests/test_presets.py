@@ -267,7 +267,7 @@ def test_claims_of_missing_runs_say_so():
         assert results and all(not r.reproduced for r in results), name
 
 
-@pytest.mark.slow  # ~5-8 min on 2 CPU cores: trains every preset at quick-mode budgets; the training claims need them
+@pytest.mark.reproduce  # ~5-8 min on 2 CPU cores: trains every preset at quick-mode budgets; the training claims need them
 def test_reproduce_quick_runs_and_writes_results(tmp_path):
     import subprocess
     import sys
