@@ -168,6 +168,8 @@ class TrainerConfig:
     device: Device = knob(Device.auto, "auto (CUDA when available, else CPU) | cpu | cuda")
     log_every: int = knob(20, "steps between per-layer statistics (also logged at step 0 and the end); >= 1")
     layer_stats: bool = knob(True, "gather per-layer statistics (false: only loss/accuracy are logged)")
+    precision: str = knob("fp32", "fp32 | bf16: bf16 autocasts the training forward pass (weights, optimizer and "
+                                  "statistics stay fp32); pays off on GPUs with bf16 tensor cores")
     eval_every: int = knob(0, "steps between test-set evaluations; 0 = at the end of every epoch")
     checkpoint_every: int = knob(500, "steps between checkpoints (atomic; one file, overwritten); 0 = only at the end")
     on_nonfinite: str = knob(
@@ -263,6 +265,8 @@ def validate(cfg: Any) -> None:
     _check(not t.preact_percentiles or m.name == "mlp", "trainer.preact_percentiles", True,
            f"is implemented for model=mlp only, not model={m.name}", "use model=mlp or trainer.preact_percentiles=false")
     _check(t.log_every >= 1, "trainer.log_every", t.log_every, "must be >= 1", "e.g. trainer.log_every=20")
+    _check(t.precision in ("fp32", "bf16"), "trainer.precision", t.precision, "must be fp32 or bf16",
+           "trainer.precision=bf16 (autocast) or fp32")
     _check(t.on_nonfinite in ("stop", "raise"), "trainer.on_nonfinite", t.on_nonfinite, "must be stop or raise",
            "trainer.on_nonfinite=stop (a diverged run is a result) or raise (an error)")
     _check(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "must be >= 0 (0 = only at "

@@ -98,6 +98,8 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
     steps_since_log, clock, eval_seconds = state["steps_since_log"], time.perf_counter(), 0.0
     metrics, last_stats = state["metrics"], {}
     check_every = 1 if device.type == "cpu" else t.log_every  # on CUDA a per-step check would sync the GPU
+    # bf16 autocast of the training forward only; weights, optimizer state and statistics stay fp32
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
     with TrainProgress(total_steps, batches.steps_per_epoch, enabled=t.progress) as progress:
         progress.advance_to(step)
         while step < total_steps:
@@ -123,8 +125,9 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
                 with_stats = logging_step and t.layer_stats
                 activations = [] if with_stats else None
                 armed = preact.arm(model, logging_step and t.preact_percentiles)  # preact/ percentiles
-                logits = model(x, activations)
-                loss = F.cross_entropy(logits, y)
+                with autocast:
+                    logits = model(x, activations)
+                    loss = F.cross_entropy(logits, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if with_stats:

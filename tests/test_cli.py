@@ -136,3 +136,19 @@ def test_tab_completion_through_the_train_subcommand(tmp_path):
                           capture_output=True, text=True)
     assert {"norm=batch", "norm=layer", "norm=none"} <= set(proc.stdout.split()), proc.stdout + proc.stderr
     assert all(word.startswith("norm=") for word in proc.stdout.split())
+
+
+def test_bf16_autocast_changes_the_arithmetic_not_the_bookkeeping(tmp_path):
+    """trainer.precision=bf16 runs the forward in bfloat16 (numbers move a little), statistics stay fp32."""
+    from conftest import compose
+    from nrexp.train import train
+
+    results = {}
+    for precision in ("fp32", "bf16"):
+        cfg = compose([*TINY, f"trainer.precision={precision}", "trainer.progress=false"])
+        results[precision] = train(cfg, tmp_path / precision)
+    fp32, bf16 = results["fp32"], results["bf16"]
+    assert bf16["status"] == "completed" and bf16["steps"] == fp32["steps"]
+    assert bf16["metrics"]["train/loss"] != fp32["metrics"]["train/loss"]  # autocast really took effect
+    assert abs(bf16["metrics"]["train/loss"] - fp32["metrics"]["train/loss"]) < 0.05 * fp32["metrics"]["train/loss"]
+    assert bf16["layers"]["init"]["act_norm"].keys() == fp32["layers"]["init"]["act_norm"].keys()
