@@ -19,7 +19,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.nn.functional as F

@@ -1,11 +1,9 @@
 """The `nrexp` command end to end, through a real subprocess, and what it leaves on disk."""
-import json
 import math
 import subprocess
 import sys
 import zipfile
 
-import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import REPO, TINY, cli_env, read_summary, run_cli

@@ -1,7 +1,5 @@
 """Bad input, divergence, interrupts, kill -9 and exact resume: nothing lost, no tracebacks."""
 import hashlib
-import json
-import math
 import signal
 import subprocess
 import sys
