@@ -14,7 +14,7 @@ import io
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from omegaconf import OmegaConf
@@ -30,15 +30,19 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be resumed from: one clear line, exit code 2, nothing overwritten."""
 
 
-def save_checkpoint(path: Path, model, optimizer, monitor, cfg, state: Dict[str, Any]) -> None:
+def save_checkpoint(path: Path, model, optimizer, monitor, cfg, state: Dict[str, Any],
+                    rng: Optional[Dict[str, Any]] = None) -> None:
+    """`rng` replaces entries of the random state stored (default: this process's CPU and CUDA streams);
+    a member of a fused group stores its own dropout stream in the slot its solo run would use."""
+    random_state = {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     payload = {
         "nrexp_version": nrexp.__version__,
         "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "init_weights": [w.detach().cpu() for w in monitor.init_weights],
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "rng": {**random_state, **(rng or {})},
         "state": state,
     }
     buffer = io.BytesIO()

@@ -137,6 +137,12 @@ def preflight(overrides: List[str], multirun: bool = False) -> None:
         raise ConfigError(f"'{sweeps[0].input_line}' is a sweep. Fix: add -m (nrexp train -m ...) to run "
                           "one job per value")
     check_output_writable(parsed)
+    for o in parsed:  # the fused launcher's knob (a hydra key, so not in nrexp's schema)
+        if o.key_or_group == "hydra.launcher.max_members" and not o.is_sweep_override():
+            value = o.value()
+            if not (isinstance(value, int) and value >= 1):
+                raise ConfigError(f"hydra.launcher.max_members={value!r} is invalid: must be an integer >= 1 (members "
+                                  "trained at once by hydra/launcher=fused). Fix: e.g. hydra.launcher.max_members=16")
     resume = next((o.value() for o in ours if o.key_or_group == "resume"), None)
     if resume is not None:
         if multirun:

@@ -24,6 +24,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 INITS = ("kaiming", "xavier", "normal", "uniform", "orthogonal", "default")
 MODELS = ("mlp", "resmlp", "cnn")
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
+# What members of one fused group (hydra/launcher=fused, nrexp/fused.py) may differ in: no tensor shape depends on them.
+FUSED_FREE_KEYS = ("seed", "optim.lr", "optim.weight_decay", "dropout.p", "dropout.input_p", "init.scale")
 BUNDLED_DATASETS = ("mnist",)  # the only dataset with a sample shipped inside the package
 
 
@@ -376,6 +378,11 @@ def help_text() -> str:
         "",
         "== Config groups (group=option) ==",
         "$APP_CONFIG_GROUPS",
+        "",
+        "== Sweep launchers (nrexp train -m ... hydra/launcher=<name>) ==",
+        "basic (default: one job after another) | fused (nrexp: jobs that differ only in " + ", ".join(FUSED_FREE_KEYS),
+        "  train together as one vectorized model; hydra.launcher.max_members, default 64) | joblib (hydra.launcher.n_jobs)",
+        "  | submitit_local | submitit_slurm | slurm_gpu (a SLURM preset). Sweeper: hydra/sweeper=optuna_wd_dropout",
         "",
         "== Knobs (key  default  meaning) ==",
         knobs,

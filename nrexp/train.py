@@ -65,13 +65,10 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
     data = load_dataset(cfg.data, device)
     log.info("device %s | data %s (%s): %d train / %d test examples", device, data.name, data.source,
              len(data.train_x), len(data.test_x))
-    model = build_model(cfg, data.input_shape, data.num_classes).to(device)
-    init_weights(model, cfg.init.name, cfg.init.scale, str(getattr(cfg.model.activation, "value", cfg.model.activation)))
-    optimizer = build_optimizer(model, cfg.optim)
+    model, optimizer, monitor = build(cfg, data, device)
     batches = TrainBatches(data.train_x, data.train_y, cfg.data.batch_size, cfg.seed, augment=cfg.data.augment)
     total_steps = t.max_steps or t.epochs * batches.steps_per_epoch
     eval_every = t.eval_every or batches.steps_per_epoch
-    monitor = LayerMonitor(model.monitored_layers())
 
     # Everything a resumed run needs to continue exactly where it stopped (see checkpoint.py).
     state = {"step": 0, "loss_sum": 0.0, "correct_sum": 0.0, "steps_since_log": 0, "init_stats": {},
@@ -138,19 +135,12 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
                 steps_since_log += 1
 
                 if logging_step:
-                    stats = monitor.after_step(stats) if with_stats else {}
-                    scalars = {"train/loss": loss_sum / steps_since_log,
-                               "train/acc": correct_sum / (steps_since_log * len(y))}
-                    last_stats, values = monitor.to_host(stats, scalars)  # the one host transfer
-                    values["throughput/samples_per_s"] = steps_since_log * len(y) / max(time.perf_counter() - clock, 1e-9)
-                    values["lr"] = optimizer.param_groups[0]["lr"]
-                    writer.layer_stats(step, last_stats)
-                    writer.scalars(step, values)
+                    last_stats, values = log_step(writer, monitor, optimizer, step, stats if with_stats else None,
+                                                  loss_sum, correct_sum, steps_since_log, len(y), clock)
                     writer.scalars(step, preact.collect(armed))
                     progress.update(step, values)
                     if step == 0 and with_stats:
                         state["init_stats"] = last_stats
-                        writer.depth_plot(0, last_stats, "init")
                     loss_sum.zero_(), correct_sum.zero_()
                     steps_since_log, clock = 0, time.perf_counter()
                 step += 1
@@ -179,47 +169,96 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
         loop_seconds = time.perf_counter() - started - eval_seconds
         final_stats = {}
         if status != "interrupted":
-            final_stats = probe(model, monitor, data, cfg.data.batch_size) if t.layer_stats else {}
-            if final_stats:
-                writer.layer_stats(step, final_stats)
-                writer.depth_plot(step, final_stats, "final")
-            metrics.update(evaluate(model, data.test_x, data.test_y, cfg.data.eval_batch_size, "test"))
-            metrics.update(evaluate(model, data.train_x, data.train_y, cfg.data.eval_batch_size, "train"))
-            writer.scalars(step, {k: metrics[k] for k in ("test/loss", "test/acc")})
+            final_stats = final_evaluation(model, monitor, writer, data, cfg, step, metrics)
             progress.advance_to(step)
             if status == "completed":
                 checkpoint()
 
-    summary = {
-        "status": status,
-        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-        "metrics": {k: metrics.get(k) for k in ("train/loss", "train/acc", "test/loss", "test/acc")},
-        "layers": {"init": state["init_stats"], "final": final_stats},
-        "steps": step,
-        "epochs": step / batches.steps_per_epoch,
-        "wall_time_s": state["elapsed_s"] + time.perf_counter() - started,
-        "train_time_s": loop_seconds,  # this process's step loop alone: no evaluation, no final probe
-        "samples_per_s": (step - start_step) * cfg.data.batch_size / max(loop_seconds, 1e-9),
-        "device": str(device),
-        "data_source": data.source,
-        "run_dir": str(run_dir),
-        "versions": versions(),
-    }
-    if nonfinite_step is not None:
-        summary["diverged_at_step"] = nonfinite_step
-    if stop_signal is not None:
-        summary["signal"] = stop_signal
-    summary = finite_or_none(summary)
-    write_summary(run_dir, summary)
-    writer.hparams(step, summary["config"], summary["metrics"])  # the run's row in TensorBoard's HParams tab
-    writer.close()
-    print_summary(summary)
+    summary = finish_run(cfg, run_dir, writer, status=status, step=step, start_step=start_step, metrics=metrics,
+                         init_stats=state["init_stats"], final_stats=final_stats,
+                         steps_per_epoch=batches.steps_per_epoch,
+                         wall_time_s=state["elapsed_s"] + time.perf_counter() - started, loop_seconds=loop_seconds,
+                         device=device, data_source=data.source, nonfinite_step=nonfinite_step, signal=stop_signal)
     if status == "diverged" and t.on_nonfinite == "raise":
         raise Diverged(f"non-finite training loss at step {nonfinite_step} (trainer.on_nonfinite=raise)")
     return summary
 
 
 # ------------------------------------------------------------------------------------------------
+# the pieces of a run, shared with nrexp/fused.py (which trains many runs at once)
+
+
+def build(cfg, data: Dataset, device: torch.device):
+    """The initialized model, its optimizer and its monitor. Call right after torch.manual_seed(cfg.seed):
+    the default init of the layers and `init_weights` both draw from the global random stream."""
+    model = build_model(cfg, data.input_shape, data.num_classes).to(device)
+    init_weights(model, cfg.init.name, cfg.init.scale, str(getattr(cfg.model.activation, "value", cfg.model.activation)))
+    return model, build_optimizer(model, cfg.optim), LayerMonitor(model.monitored_layers())
+
+
+def log_step(writer: TensorBoardWriter, monitor: LayerMonitor, optimizer, step: int, stats, loss_sum: torch.Tensor,
+             correct_sum: torch.Tensor, steps: int, batch_size: int, since: float):
+    """Write one logging step: per-layer statistics (`stats` from monitor.before_step, or None), the
+    mean training loss and accuracy over the `steps` steps since the last log, throughput since the
+    clock time `since`, the learning rate. Everything comes to the host in one transfer.
+    Returns (per-layer statistics, scalars) as floats."""
+    scalars = {"train/loss": loss_sum / steps, "train/acc": correct_sum / (steps * batch_size)}
+    layer_stats, values = monitor.to_host(monitor.after_step(stats) if stats is not None else {}, scalars)
+    values["throughput/samples_per_s"] = steps * batch_size / max(time.perf_counter() - since, 1e-9)
+    values["lr"] = optimizer.param_groups[0]["lr"]
+    writer.layer_stats(step, layer_stats)
+    writer.scalars(step, values)
+    if step == 0 and layer_stats:
+        writer.depth_plot(0, layer_stats, "init")
+    return layer_stats, values
+
+
+def final_evaluation(model, monitor: LayerMonitor, writer: TensorBoardWriter, data: Dataset, cfg, step: int,
+                     metrics: Dict) -> Dict:
+    """The trained net's per-layer statistics (the final probe) and its loss and accuracy on the test
+    and training sets (into `metrics`), written at `step`. Returns the per-layer statistics."""
+    final_stats = probe(model, monitor, data, cfg.data.batch_size) if cfg.trainer.layer_stats else {}
+    if final_stats:
+        writer.layer_stats(step, final_stats)
+        writer.depth_plot(step, final_stats, "final")
+    metrics.update(evaluate(model, data.test_x, data.test_y, cfg.data.eval_batch_size, "test"))
+    metrics.update(evaluate(model, data.train_x, data.train_y, cfg.data.eval_batch_size, "train"))
+    writer.scalars(step, {k: metrics[k] for k in ("test/loss", "test/acc")})
+    return final_stats
+
+
+def finish_run(cfg, run_dir: Path, writer: TensorBoardWriter, *, status: str, step: int, start_step: int,
+               metrics: Dict, init_stats: Dict, final_stats: Dict, steps_per_epoch: int, wall_time_s: float,
+               loop_seconds: float, device: torch.device, data_source: str, nonfinite_step=None, signal=None,
+               extra: Dict | None = None, print_table: bool = True) -> Dict:
+    """Write summary.json (atomically) and the run's HParams row, close TensorBoard; return the summary."""
+    summary = {
+        "status": status,
+        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        "metrics": {k: metrics.get(k) for k in ("train/loss", "train/acc", "test/loss", "test/acc")},
+        "layers": {"init": init_stats, "final": final_stats},
+        "steps": step,
+        "epochs": step / steps_per_epoch,
+        "wall_time_s": wall_time_s,
+        "train_time_s": loop_seconds,  # this process's step loop alone: no evaluation, no final probe
+        "samples_per_s": (step - start_step) * cfg.data.batch_size / max(loop_seconds, 1e-9),
+        "device": str(device),
+        "data_source": data_source,
+        "run_dir": str(run_dir),
+        "versions": versions(),
+        **(extra or {}),
+    }
+    if nonfinite_step is not None:
+        summary["diverged_at_step"] = nonfinite_step
+    if signal is not None:
+        summary["signal"] = signal
+    summary = finite_or_none(summary)
+    write_summary(run_dir, summary)
+    writer.hparams(step, summary["config"], summary["metrics"])  # the run's row in TensorBoard's HParams tab
+    writer.close()
+    if print_table:
+        print_summary(summary)
+    return summary
 
 
 def resolve_device(requested: str) -> torch.device:

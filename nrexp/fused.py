@@ -1,0 +1,492 @@
+"""Train several sweep members at once, as one vectorized model (`hydra/launcher=fused`).
+
+The members of a group share everything that decides the shapes of the computation (model, depth,
+width, norm, batch size, data, trainer settings) and may differ in what can vary per member:
+`FREE_KEYS` (seed: init, dropout masks and data order; optim.lr; optim.weight_decay; dropout.p and
+dropout.input_p; init.scale). The launcher (hydra_plugins/nrexp_fused_launcher) forms the groups with
+`plan`; `train_group` trains one.
+
+How.
+- Each member is first built exactly as a solo run builds it (`train.build` right after
+  `torch.manual_seed(seed)`): same initial weights, same random stream afterwards, and a model,
+  optimizer and monitor of the solo kind, which keep the member's state in the solo format.
+- `StackedMLP` then holds every parameter of all members as one leaf tensor with a leading member
+  axis: a Linear weight as (M, in, out), so that one `torch.baddbmm` computes a layer of every member
+  and the weight gradient comes out in the weight's own layout (an (M, out, in) weight used
+  transposed would cost a copy of its gradient every step). Members with the same `optim` settings
+  form one stack stepped by one torch.optim optimizer (one foreach call over a few big tensors, not
+  one optimizer call per member); torch.optim's updates are elementwise, so each member's update is
+  its solo run's. Members with other settings form other stacks, concatenated in the forward pass.
+- Data order: each member's minibatch indices come from its own `TrainBatches` permutation, so a
+  step's batch is one gather `x[idx]` with idx of shape (M, B).
+- Dropout: each member draws its masks from its own generator, which continues the random stream its
+  solo run would have after initialization, with the very call F.dropout makes on CPU
+  (`bernoulli_(1 - p)`, then `/(1 - p)`): on CPU the masks are the solo run's masks, bit for bit.
+- BatchNorm: statistics over each member's own batch; running statistics per member, updated with
+  the formula nn.BatchNorm1d uses.
+- Whenever a member's state is read (logging steps: per-layer statistics; evaluation; checkpoints;
+  the end), the stacks are copied back into the members' own modules (`StackedMLP.write_back`) and the
+  solo run's own functions do the work: LayerMonitor, evaluate, probe, save_checkpoint, finish_run.
+What differs from a solo run is the float rounding of batched matmuls, nothing else: every member's
+run dir is a solo run's dir (its checkpoint resumes as a solo run), and `nrexp report` cannot tell the
+difference; summary.json adds `fused_group_size`.
+
+Why not torch.func (stack_module_state + functional_call + vmap): under vmap a module's dropout p is
+one Python float for all members, its masks cannot continue each member's own random stream, and
+BatchNorm's in-place running-statistics update needs workarounds. Stacking explicitly costs a small
+MLP forward written for stacked weights (`StackedMLP.forward`); it is why only `model=mlp` (with
+every norm but weight norm) is fused: see `unfusable_reason`.
+
+A member whose loss turns non-finite is finished right there (status diverged, as its solo run would
+be); the others go on (its slice of the stacks is independent of theirs). Ctrl-C / SIGTERM checkpoint
+every member (status interrupted); each resumes alone with `nrexp train resume=<its dir>`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from nrexp.checkpoint import CHECKPOINT, save_checkpoint
+from nrexp.config import FUSED_FREE_KEYS, validate
+from nrexp.console import TrainProgress
+from nrexp.data import TrainBatches, load_dataset
+from nrexp.optim import make_optimizer, param_groups
+from nrexp.signals import GracefulStop
+from nrexp.train import build, evaluate, final_evaluation, finish_run, log_step, resolve_device
+from nrexp.writers import TensorBoardWriter
+
+log = logging.getLogger("nrexp")
+
+FREE_KEYS = FUSED_FREE_KEYS  # what members of one group may differ in: no tensor shape depends on them
+
+
+def unfusable_reason(cfg) -> Optional[str]:
+    """Why this job must run alone (None: it can join a fused group)."""
+    if cfg.model.name != "mlp":
+        return f"model={cfg.model.name}: only mlp is fused"
+    if cfg.norm.name == "weight":
+        return "norm=weight: its weights are reparametrized per unit, which is not fused"
+    if cfg.resume:
+        return "resume= continues one run"
+    if cfg.trainer.preact_percentiles:
+        return "trainer.preact_percentiles=true is not fused"
+    if cfg.data.augment:
+        return "data.augment=true is not fused"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# grouping the sweep's jobs
+
+
+@dataclass
+class Group:
+    """Jobs (indices into the sweep's job list) trained together, or one job that runs alone, and why."""
+    jobs: List[int]
+    fused: bool
+    label: str
+
+
+def plan(cfgs: Sequence, max_members: int) -> List[Group]:
+    """Group the sweep's job configs: equal but for FREE_KEYS -> one fused group (split into chunks of
+    at most `max_members`); unfusable or single jobs -> alone. In the order of each group's first job."""
+    keyed: Dict[str, List[int]] = {}
+    order: List[object] = []  # a shape key (a fused group) or a Group (one job alone)
+    for i, cfg in enumerate(cfgs):
+        reason = unfusable_reason(cfg)
+        if reason:
+            order.append(Group([i], False, reason))
+            continue
+        key = shape_key(cfg)
+        if key not in keyed:
+            keyed[key] = []
+            order.append(key)
+        keyed[key].append(i)
+    groups = []
+    for entry in order:
+        if isinstance(entry, Group):
+            groups.append(entry)
+        elif len(keyed[entry]) == 1:
+            groups.append(Group(keyed[entry], False, "no other job shares its shapes"))
+        else:
+            jobs, m = keyed[entry], cfgs[keyed[entry][0]]
+            label = f"mlp {m.model.depth}x{m.model.width} norm={m.norm.name} batch {m.data.batch_size}"
+            groups += [Group(jobs[i:i + max_members], True, label) for i in range(0, len(jobs), max_members)]
+    return groups
+
+
+def shape_key(cfg) -> str:
+    """The job's whole config but FREE_KEYS, as text: jobs with the same key can be fused."""
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for key in FREE_KEYS:
+        parent, _, leaf = key.rpartition(".")
+        (plain[parent] if parent else plain).pop(leaf, None)
+    return json.dumps(plain, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the members and their stacked model
+
+
+class Member:
+    """One member: what a solo run holds (model, optimizer, monitor, writer, bookkeeping)."""
+
+    def __init__(self, index: int, cfg, run_dir: Path, data, device: torch.device):
+        self.index, self.cfg, self.run_dir = index, cfg, Path(run_dir)
+        torch.manual_seed(cfg.seed)  # as a solo run does, so that init and the random stream match it
+        self.model, self.optimizer, self.monitor = build(cfg, data, device)
+        # the member's own random stream for dropout, continuing where its solo run's would be now
+        self.rng = torch.Generator(device=device)
+        self.rng.set_state(torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device))
+        self.batches = TrainBatches(data.train_x, data.train_y, cfg.data.batch_size, cfg.seed)
+        self.keep = 1.0 - cfg.dropout.p  # keep probabilities (1 = no dropout module, no random draws)
+        self.input_keep = 1.0 - cfg.dropout.input_p
+        self.writer = TensorBoardWriter(self.run_dir, self.monitor.names)
+        self.metrics: Dict[str, float] = {}
+        self.init_stats: Dict = {}
+        self.last_stats: Dict = {}
+        self.summary: Optional[Dict] = None
+
+    def rng_state(self) -> Dict:
+        """The random state a checkpoint stores: this member's stream in the slot its solo run uses."""
+        if self.rng.device.type == "cpu":
+            return {"torch": self.rng.get_state()}
+        return {"cuda": [self.rng.get_state()]}
+
+
+def _is_linear_weight(name: str) -> bool:
+    return name.endswith("linear.weight") or name == "head.weight"
+
+
+class StackedMLP:
+    """All members' MLPs (models.MLP) as stacked leaf tensors; members in `stacks` of equal optim settings.
+
+    `self.params[name]` lists one leaf per stack, shaped (members of the stack, ...); Linear weights
+    are stored as (M, in, out), i.e. each member's weight transposed. `tensor(name)` is the whole
+    group's (M, ...) tensor in member order (the members are ordered stack by stack).
+    """
+
+    def __init__(self, members: Sequence[Member]):
+        by_setting: Dict[str, List[Member]] = {}
+        for m in members:
+            by_setting.setdefault(json.dumps(OmegaConf.to_container(m.cfg.optim, resolve=True), sort_keys=True), []).append(m)
+        self.stacks = list(by_setting.values())
+        self.members = [m for stack in self.stacks for m in stack]
+        first = self.members[0].model
+        self.blocks = list(first.blocks.items())  # (name, block of member 0): layer types and flags
+        self.names = [name for name, _ in first.named_parameters()]
+        with torch.no_grad():
+            self.params = {name: [self._stack(name, stack).requires_grad_() for stack in self.stacks]
+                           for name in self.names}
+            self.buffers = {name: torch.stack([dict(m.model.named_buffers())[name] for m in self.members])
+                            for name, _ in first.named_buffers()}  # BatchNorm running statistics
+        self.optimizers = [self._optimizer(k, stack) for k, stack in enumerate(self.stacks)]
+        starts = [0] + [len(stack) for stack in self.stacks]
+        self.rows = [slice(sum(starts[:k + 1]), sum(starts[:k + 2])) for k in range(len(self.stacks))]
+
+    def _stack(self, name: str, stack: Sequence[Member]) -> torch.Tensor:
+        tensors = [m.model.get_parameter(name).detach() for m in stack]
+        return torch.stack([t.t() for t in tensors] if _is_linear_weight(name) else tensors).contiguous()
+
+    def _optimizer(self, k: int, stack: Sequence[Member]) -> torch.optim.Optimizer:
+        """The stack's optimizer: the members' own param groups (decayed weights, the rest), stacked."""
+        cfg = stack[0].cfg.optim
+        model = stack[0].model
+        member_groups = param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+        name_of = {p: name for name, p in model.named_parameters()}
+        groups = [{**g, "params": [self.params[name_of[p]][k] for p in g["params"]]} for g in member_groups]
+        return make_optimizer(groups, cfg)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        parts = self.params[name]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _linear(self, h: torch.Tensor, prefix: str) -> torch.Tensor:
+        """h (M, B, in) -> (M, B, out). With several stacks, each stack's rows are multiplied by its own
+        weights and the outputs joined: (M, B, out) is smaller than the weights a join would copy."""
+        weights, biases = self.params[prefix + "weight"], self.params[prefix + "bias"]
+        if len(weights) == 1:
+            return torch.baddbmm(biases[0].unsqueeze(1), h, weights[0])
+        return torch.cat([torch.baddbmm(b.unsqueeze(1), h[rows], w) for rows, w, b in zip(self.rows, weights, biases)])
+
+    # -- the forward pass: models.MLP.forward and MLPBlock.forward, for every member at once
+    def forward(self, x: torch.Tensor, activations: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """x (M, B, ...) -> logits (M, B, classes); `activations` gets each block's output, as MLP records."""
+        h = self._dropout(x.flatten(2), [m.input_keep for m in self.members])
+        for name, block in self.blocks:
+            prefix = f"blocks.{name}."
+            h = self._linear(h, prefix + "linear.")
+            if block.norm_before_act:
+                h = self._norm(h, block.norm, prefix + "norm.")
+            h = block.act(h)  # elementwise: member 0's module serves all
+            if not block.norm_before_act:
+                h = self._norm(h, block.norm, prefix + "norm.")
+            h = self._dropout(h, [m.keep for m in self.members])
+            if activations is not None:
+                activations.append(h)
+        logits = self._linear(h, "head.")
+        if activations is not None:
+            activations.append(logits)
+        return logits
+
+    def _norm(self, h: torch.Tensor, norm: nn.Module, prefix: str) -> torch.Tensor:
+        """Member 0's norm layer `norm` tells the kind; each member's slice of h (M, B, D) is its own."""
+        if isinstance(norm, nn.Identity):
+            return h
+        features = h.shape[-1]
+        if isinstance(norm, nn.BatchNorm1d):
+            var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)  # per member and feature, over B
+            if norm.track_running_stats:
+                self._update_running_stats(prefix, mean.detach().squeeze(1), var.detach().squeeze(1), h.shape[1], norm.momentum)
+            h = (h - mean) * torch.rsqrt(var + norm.eps)
+        elif isinstance(norm, nn.LayerNorm):
+            h = F.layer_norm(h, (features,), eps=norm.eps)  # over each example's D features
+        elif isinstance(norm, nn.RMSNorm):
+            h = F.rms_norm(h, (features,), eps=norm.eps)
+        elif isinstance(norm, nn.GroupNorm):
+            m, b = h.shape[:2]
+            h = F.group_norm(h.reshape(m * b, features), norm.num_groups, eps=norm.eps).view(m, b, features)
+        else:  # unfusable_reason() admits only the norms above
+            raise TypeError(f"no stacked form for {type(norm).__name__}")
+        if prefix + "weight" in self.params:  # affine: a gain (and, but for RMSNorm, a shift) per member
+            h = h * self.tensor(prefix + "weight").unsqueeze(1)
+        if prefix + "bias" in self.params:
+            h = h + self.tensor(prefix + "bias").unsqueeze(1)
+        return h
+
+    @torch.no_grad()
+    def _update_running_stats(self, prefix: str, mean: torch.Tensor, var: torch.Tensor, n: int, momentum: float) -> None:
+        """nn.BatchNorm1d's update: r <- (1 - momentum) r + momentum * batch statistic, the variance unbiased."""
+        self.buffers[prefix + "running_mean"].mul_(1.0 - momentum).add_(mean, alpha=momentum)
+        self.buffers[prefix + "running_var"].mul_(1.0 - momentum).add_(var * (n / (n - 1)), alpha=momentum)
+        self.buffers[prefix + "num_batches_tracked"].add_(1)
+
+    def _dropout(self, h: torch.Tensor, keeps: Sequence[float]) -> torch.Tensor:
+        """Each member's dropout on its slice of h, with masks from its own stream (see the module doc)."""
+        if all(keep == 1.0 for keep in keeps):
+            return h
+        shape = h.shape[1:]
+        masks = [torch.empty(shape, device=h.device).bernoulli_(keep, generator=m.rng).div_(keep) if keep < 1.0
+                 else torch.ones(shape, device=h.device) for m, keep in zip(self.members, keeps)]
+        return h * torch.stack(masks)
+
+    # -- the members' own modules, brought up to date when something reads them
+    @torch.no_grad()
+    def write_back(self, grads: bool = False) -> None:
+        """Copy every member's slice of the stacks into its own model (and gradients, if asked)."""
+        for name in self.names:
+            for stack, part in zip(self.stacks, self.params[name]):
+                for m, value, grad in zip(stack, part, part.grad if grads and part.grad is not None else [None] * len(stack)):
+                    p = m.model.get_parameter(name)
+                    p.copy_(value.t() if _is_linear_weight(name) else value)
+                    if grads:
+                        p.grad = None if grad is None else (grad.t() if _is_linear_weight(name) else grad).contiguous()
+        for name, stacked in self.buffers.items():
+            for m, value in zip(self.members, stacked):
+                dict(m.model.named_buffers())[name].copy_(value)
+
+    @torch.no_grad()
+    def write_back_optimizer_state(self, member: Member) -> None:
+        """The member's slice of its stack's optimizer state, into its own optimizer (the solo format)."""
+        k = next(i for i, stack in enumerate(self.stacks) if member in stack)
+        row = self.stacks[k].index(member)
+        for name in self.names:
+            stacked = self.params[name][k]
+            state = self.optimizers[k].state.get(stacked)
+            if not state:
+                continue
+            own = {}
+            for key, value in state.items():  # momentum buffers, Adam moments: sliced; Adam's step: shared
+                if torch.is_tensor(value) and value.shape == stacked.shape:
+                    value = value[row].t() if _is_linear_weight(name) else value[row]
+                own[key] = value.clone(memory_format=torch.contiguous_format) if torch.is_tensor(value) else value
+            member.optimizer.state[member.model.get_parameter(name)] = own
+
+    def zero_grad(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop: train.py's, step for step, for all members at once
+
+
+def train_group(cfgs: Sequence, run_dirs: Sequence[Path]) -> List[Dict]:
+    """Train the members `cfgs` (one fusable group) together; return their summaries, in order."""
+    with GracefulStop() as stop:
+        return _train_group(list(cfgs), [Path(d) for d in run_dirs], stop)
+
+
+def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[Dict]:
+    for cfg in cfgs:
+        validate(cfg)
+    set_up = time.perf_counter()
+    first, t = cfgs[0], cfgs[0].trainer
+    device = resolve_device(str(getattr(t.device, "value", t.device)))
+    data = load_dataset(first.data, device)
+    log.info("fused group of %d members | device %s | data %s (%s): %d train / %d test examples",
+             len(cfgs), device, data.name, data.source, len(data.train_x), len(data.test_x))
+    members = [Member(i, cfg, d, data, device) for i, (cfg, d) in enumerate(zip(cfgs, run_dirs))]
+    for m in members:
+        m.writer.text("run/config", "```\n" + OmegaConf.to_yaml(m.cfg, resolve=True) + "```")
+        m.writer.text("run/data_source", f"{data.name} from {data.source} on {device} (fused group of {len(members)})")
+    net = StackedMLP(members)
+    order = net.members  # stack order: row j of every stacked tensor is order[j]
+    steps_per_epoch, batch_size = members[0].batches.steps_per_epoch, first.data.batch_size
+    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    eval_every = t.eval_every or steps_per_epoch
+    check_every = 1 if device.type == "cpu" else t.log_every  # as train.py: no per-step GPU sync on CUDA
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+
+    alive = list(order)
+    loss_sum = torch.zeros(len(order), device=device)  # per member (stack order), since the last log
+    correct_sum = torch.zeros(len(order), device=device)
+    steps_since_log, step = 0, 0
+    loop_end: Optional[float] = None  # set when the loop is over (a member that diverges ends earlier)
+    started = clock = time.perf_counter()
+    eval_seconds = 0.0
+
+    def checkpoint(m: Member) -> None:
+        net.write_back_optimizer_state(m)
+        j = order.index(m)
+        save_checkpoint(m.run_dir / CHECKPOINT, m.model, m.optimizer, m.monitor, m.cfg, {
+            "step": step, "loss_sum": loss_sum[j].item(), "correct_sum": correct_sum[j].item(),
+            "steps_since_log": steps_since_log, "init_stats": m.init_stats, "metrics": m.metrics,
+            "elapsed_s": time.perf_counter() - started}, rng=m.rng_state())
+
+    def finish(m: Member, status: str, nonfinite_step: Optional[int] = None, signal: Optional[int] = None) -> None:
+        """As the end of train.py's loop, for one member (the members' modules are up to date)."""
+        loop_seconds = (loop_end or time.perf_counter()) - started - eval_seconds  # the step loop alone
+        final_stats = {}
+        if status == "interrupted":
+            checkpoint(m)
+        else:
+            saved = torch.get_rng_state()
+            if device.type == "cpu":  # the probe's dropout draws from the member's stream, as its solo run's would
+                torch.set_rng_state(m.rng.get_state())
+            final_stats = final_evaluation(m.model, m.monitor, m.writer, data, m.cfg, step, m.metrics)
+            torch.set_rng_state(saved)
+            if status == "completed":
+                checkpoint(m)
+        m.summary = finish_run(
+            m.cfg, m.run_dir, m.writer, status=status, step=step, start_step=0, metrics=m.metrics,
+            init_stats=m.init_stats, final_stats=final_stats, steps_per_epoch=steps_per_epoch,
+            wall_time_s=time.perf_counter() - started, loop_seconds=loop_seconds,
+            device=device, data_source=data.source, nonfinite_step=nonfinite_step, signal=signal,
+            extra={"fused_group_size": len(members)}, print_table=False)
+        acc = m.summary["metrics"]["test/acc"]
+        log.info("%s: %s after %d steps, test acc %s", m.run_dir.name, status, step, "n/a" if acc is None else f"{acc:.4f}")
+
+    with TrainProgress(total_steps, steps_per_epoch, enabled=t.progress) as progress:
+        while step < total_steps and alive and not stop.requested:
+            epoch = step // steps_per_epoch
+            orders = torch.stack([m.batches.permutation(epoch) for m in order])  # (M, N): each its own order
+            for i in range(step % steps_per_epoch, steps_per_epoch):
+                if stop.requested:
+                    break
+                # -- work due at this boundary, on the weights after `step` updates (as train.py)
+                checkpoint_due = step > 0 and t.checkpoint_every and step % t.checkpoint_every == 0
+                eval_due = step > 0 and step % eval_every == 0
+                if checkpoint_due or eval_due:
+                    paused = time.perf_counter()
+                    net.write_back()
+                    for m in alive:
+                        if checkpoint_due:
+                            checkpoint(m)
+                        if eval_due:
+                            m.metrics.update(evaluate(m.model, data.test_x, data.test_y, first.data.eval_batch_size, "test"))
+                            m.writer.scalars(step, {k: m.metrics[k] for k in ("test/loss", "test/acc")})
+                            if m.last_stats:
+                                m.writer.depth_plot(step, m.last_stats, "latest")
+                    if eval_due:
+                        progress.update(step, _mean_of([m.metrics for m in alive]))
+                        eval_seconds += time.perf_counter() - paused
+                    clock += time.perf_counter() - paused
+
+                # -- one training step of every member
+                idx = orders[:, i * batch_size:(i + 1) * batch_size]  # (M, B)
+                x, y = data.train_x[idx], data.train_y[idx]
+                logging_step = step % t.log_every == 0
+                with_stats = logging_step and t.layer_stats
+                activations = [] if with_stats else None
+                with autocast:
+                    logits = net.forward(x, activations)
+                    losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+                net.zero_grad()
+                losses.sum().backward()  # member j's parameters get d loss_j: no other loss involves them
+                stats = {}
+                if with_stats:  # the solo monitor, on each member's own module: weights and gradients copied back
+                    net.write_back(grads=True)
+                    stats = {m: m.monitor.before_step([a[j] for a in activations]) for j, m in enumerate(order) if m in alive}
+                net.step()
+                loss_sum += losses.detach().float()
+                correct_sum += (logits.detach().argmax(-1) == y).sum(1).float()
+                steps_since_log += 1
+
+                if logging_step:
+                    if with_stats:
+                        net.write_back()
+                    shown = []
+                    for j, m in enumerate(order):
+                        if m in alive:
+                            m.last_stats, values = log_step(m.writer, m.monitor, m.optimizer, step, stats.get(m),
+                                                            loss_sum[j], correct_sum[j], steps_since_log, batch_size, clock)
+                            if step == 0 and with_stats:
+                                m.init_stats = m.last_stats
+                            shown.append(values)
+                    progress.update(step, _mean_of(shown))
+                    loss_sum.zero_(), correct_sum.zero_()
+                    steps_since_log, clock = 0, time.perf_counter()
+                step += 1
+                progress.advance_to(step)
+
+                # -- a member whose loss is non-finite is finished now; the others go on
+                if step % check_every == 0 or logging_step:
+                    finite = torch.isfinite(losses.detach()).tolist()
+                    failed = [m for j, m in enumerate(order) if not finite[j] and m in alive]
+                    if failed:
+                        net.write_back()
+                        for m in failed:
+                            log.warning("%s: non-finite training loss at step %d: stopping this member (status "
+                                        "diverged); the others go on", m.run_dir.name, step - 1)
+                            finish(m, "diverged", nonfinite_step=step - 1)
+                            alive.remove(m)
+                        if not alive:
+                            break
+                if step >= total_steps:
+                    break
+
+        net.write_back()
+        loop_end = time.perf_counter()
+        for m in list(alive):
+            if stop.requested:
+                finish(m, "interrupted", signal=stop.signum)
+            else:
+                finish(m, "completed")
+    log.info("fused group of %d: set up in %.1f s, %d steps in %.1f s (%.1f s of them evaluating), results "
+             "written in %.1f s", len(members), started - set_up, step, loop_end - started, eval_seconds,
+             time.perf_counter() - loop_end)
+    if stop.requested:
+        log.warning("stopped by signal %d at step %d; every member wrote a checkpoint. Continue one with: "
+                    "nrexp train resume=<its dir>", stop.signum, step)
+    return [m.summary for m in members]
+
+
+def _mean_of(values: List[Dict[str, float]]) -> Dict[str, float]:
+    """The group's mean of each shown value, for the one progress line of the group."""
+    keys = {k for v in values for k in v if isinstance(v.get(k), (int, float)) and math.isfinite(v[k])}
+    return {k: sum(v[k] for v in values if k in v) / sum(1 for v in values if k in v) for k in keys}

@@ -1,0 +1,130 @@
+"""Fused sweeps (`hydra/launcher=fused`, nrexp/fused.py): grouping, members equal to solo runs, per-member
+divergence, solo-resumable checkpoints, and the launcher end to end through the real CLI."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import TINY, compose, read_summary, run_cli, run_dirs
+
+# Small runs on the bundled data, long enough to cross evaluations, checkpoints and logging steps.
+BASE = TINY + ["trainer.progress=false", "trainer.max_steps=12", "trainer.eval_every=4", "trainer.checkpoint_every=6"]
+# Members differ in every kind of free key; two optim settings (lr) make two stacks, joined in the forward pass.
+MEMBERS = [["seed=0", "dropout.p=0"], ["seed=1", "dropout.p=0.2", "optim.weight_decay=1e-3"],
+           ["seed=2", "dropout.p=0.3", "optim.lr=0.02", "init.scale=1.5", "dropout.input_p=0.1"]]
+
+
+def _scalars(run_dir: Path, tag: str):
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def _close(a, b, rel=2e-4, abs_=2e-5):
+    return a == b or (a is not None and b is not None and math.isclose(a, b, rel_tol=rel, abs_tol=abs_))
+
+
+def test_plan_groups_by_shape_and_keeps_unfusable_jobs_alone():
+    from nrexp.fused import plan
+
+    cfgs = [compose(["seed=0"]), compose(["seed=1", "optim.lr=0.1", "dropout.p=0.5"]), compose(["norm=batch"]),
+            compose(["model=resmlp"]), compose(["seed=2", "init.scale=3", "optim.weight_decay=1e-4"]),
+            compose(["norm=batch", "seed=5"]), compose(["model.width=64"])]
+    groups = plan(cfgs, max_members=64)
+    assert [(g.jobs, g.fused) for g in groups] == [([0, 1, 4], True), ([2, 5], True), ([3], False), ([6], False)]
+    assert "only mlp is fused" in groups[2].label and "no other job" in groups[3].label
+    assert [g.jobs for g in plan(cfgs, max_members=2)][:2] == [[0, 1], [4]]  # a big group is split in chunks
+    assert plan([compose(["norm=weight"]), compose(["norm=weight", "seed=1"])], 64)[0].fused is False
+
+
+@pytest.mark.parametrize("norm", ["none", "layer", "batch"])
+def test_members_equal_solo_runs(tmp_path, norm):
+    """Each member's metrics, per-layer statistics and TensorBoard curves are its solo run's, to float rounding
+    (dropout masks and data order are the solo run's exactly: any mismatch would show as O(1) differences)."""
+    from nrexp.fused import train_group
+    from nrexp.train import train
+
+    cfgs = [compose(BASE + [f"norm={norm}"] + m) for m in MEMBERS]
+    fused = train_group(cfgs, [tmp_path / f"fused{i}" for i in range(len(cfgs))])
+    for i, cfg in enumerate(cfgs):
+        solo = train(cfg, tmp_path / f"solo{i}")
+        f = fused[i]
+        assert f["status"] == solo["status"] == "completed" and f["steps"] == solo["steps"] == 12
+        assert f["fused_group_size"] == 3 and f["config"] == solo["config"]
+        for key, value in solo["metrics"].items():
+            assert _close(f["metrics"][key], value), (i, key, f["metrics"][key], value)
+        for when in ("init", "final"):
+            for metric, per_layer in solo["layers"][when].items():
+                for layer, value in per_layer.items():
+                    assert _close(f["layers"][when][metric][layer], value, rel=1e-3), (i, when, metric, layer)
+        for tag in ("train/loss", "test/acc", "act_norm/block00", "grad_norm/head", "update_ratio/block01"):
+            a, b = _scalars(tmp_path / f"fused{i}", tag), _scalars(tmp_path / f"solo{i}", tag)
+            assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= 2, tag
+            assert all(_close(x, y, rel=1e-3) for (_, x), (_, y) in zip(a, b)), (tag, a, b)
+    # the members really differ from each other (a fused run that trained one net three times would not)
+    assert len({round(s["metrics"]["train/loss"], 6) for s in fused}) == 3
+
+
+def test_a_diverging_member_stops_alone(tmp_path):
+    from nrexp.fused import train_group
+    from nrexp.train import train
+
+    cfgs = [compose(BASE + ["optim.lr=1e4"]), compose(BASE + ["seed=1"])]  # lr 1e4: NaN within a few steps
+    fused = train_group(cfgs, [tmp_path / "f0", tmp_path / "f1"])
+    solo = [train(cfg, tmp_path / f"s{i}") for i, cfg in enumerate(cfgs)]
+    assert fused[0]["status"] == solo[0]["status"] == "diverged"
+    assert fused[0]["diverged_at_step"] == solo[0]["diverged_at_step"] < 12
+    assert fused[1]["status"] == "completed" and fused[1]["steps"] == 12
+    assert all(_close(fused[1]["metrics"][k], v) for k, v in solo[1]["metrics"].items())
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw"])
+def test_member_checkpoint_resumes_as_a_solo_run(tmp_path, optim):
+    """A member's checkpoint is in the solo format with its own optimizer state and random stream:
+    resumed alone to 20 steps, it ends where a solo run of 20 steps ends."""
+    from nrexp.fused import train_group
+    from nrexp.train import train
+
+    cfgs = [compose(BASE + [f"optim={optim}"] + m) for m in MEMBERS[1:]]
+    train_group(cfgs, [tmp_path / "f0", tmp_path / "f1"])
+    longer = compose(BASE + [f"optim={optim}"] + MEMBERS[2] + ["trainer.max_steps=20"])
+    resumed = train(longer, tmp_path / "f1", resume=True)
+    straight = train(longer, tmp_path / "solo")
+    assert resumed["steps"] == straight["steps"] == 20
+    for key, value in straight["metrics"].items():
+        assert _close(resumed["metrics"][key], value), (key, resumed["metrics"][key], value)
+
+
+def test_fused_launcher_end_to_end(tmp_path):
+    """The same sweep under the basic and the fused launcher: same job dirs, same files, same .hydra
+    configs, same metrics; an unfusable job runs alone and the output says why; nrexp report reads both."""
+    sweep = ["train", "-m", *BASE, "seed=0,1", "dropout.p=0,0.2", "model=mlp,resmlp"]
+    basic = run_cli([*sweep, "hydra.sweep.dir=basic"], cwd=tmp_path)
+    fused = run_cli([*sweep, "hydra/launcher=fused", "hydra.sweep.dir=fused"], cwd=tmp_path)
+    assert basic.returncode == 0 and fused.returncode == 0, fused.stdout + fused.stderr
+    out = fused.stdout + fused.stderr
+    assert "8 jobs in 5 group(s): 4 x mlp 2x32 norm=none batch 64" in out
+    assert out.count("alone (model=resmlp: only mlp is fused)") == 4
+    assert "8 completed" in out  # the status table at the end of the sweep
+    jobs = sorted(p.name for p in (tmp_path / "basic").iterdir() if p.is_dir())
+    assert jobs == sorted(p.name for p in (tmp_path / "fused").iterdir() if p.is_dir()) and len(jobs) == 8
+    for job in jobs:
+        b, f = tmp_path / "basic" / job, tmp_path / "fused" / job
+        files = lambda d: sorted(p.name.split(".out.tfevents")[0] for p in d.iterdir())  # noqa: E731
+        assert files(b) == files(f) == [".hydra", "checkpoint.pt", "events", "summary.json", "train.log"]
+        for name in ("config.yaml", "overrides.yaml"):
+            assert (b / ".hydra" / name).read_text() == (f / ".hydra" / name).read_text(), (job, name)
+        sb, sf = read_summary(b), read_summary(f)
+        assert sf["status"] == "completed" and ("fused_group_size" in sf) == ("model=mlp" in job)
+        for key, value in sb["metrics"].items():
+            assert _close(sf["metrics"][key], value), (job, key)
+        assert "step 10/12" in (f / "train.log").read_text()  # each member's own log has the group's progress lines
+    reports = [run_cli(["report", str(tmp_path / d), "--json"], cwd=tmp_path) for d in ("basic", "fused")]
+    assert all(r.returncode == 0 for r in reports), reports[1].stderr
+    basic_rows, fused_rows = (json.loads(r.stdout)["settings"] for r in reports)
+    assert len(basic_rows) == len(fused_rows) == 4  # 4 settings x 2 seeds, aggregated the same way
+    for b, f in zip(basic_rows, fused_rows):
+        assert b["n"] == f["n"] == 2 and _close(b["test_acc_mean"], f["test_acc_mean"])
+    assert len(run_dirs(tmp_path / "fused")) == 8
