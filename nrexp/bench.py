@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -242,7 +243,7 @@ def run(args) -> Dict:
                            "warmup": not args.no_warmup},
               "arms": {a: ARM_DOC[a] for a in args.arms}, "configs": []}
     t_start = time.perf_counter()
-    for model_name in args.models:
+    for model_name in ([] if args.no_arms else args.models):
         depth, width = MODELS[model_name]
         for batch in args.batches:
             steps = max(args.samples // batch, args.min_steps)
@@ -288,6 +289,8 @@ def run(args) -> Dict:
             print_entry(entry)
     if args.cli:
         result["cli"] = cli_checks(work, args.sweep_jobs, rss=not args.tiny, threads=args.threads)
+    if args.fused:
+        result["fused"] = fused_checks(work, args.fused_batches, args.fused_repeats, args.threads, args.device)
     result["total_s"] = time.perf_counter() - t_start
     return result
 
@@ -304,16 +307,22 @@ def _timed(cmd: List[str], cwd: Path, env: Dict[str, str]) -> float:
     return time.perf_counter() - started
 
 
-def cli_checks(work: Path, sweep_jobs: int, rss: bool, threads: int) -> Dict:
-    """`nrexp --help` and `nrexp train --cfg job` wall time; a sweep's per-job overhead; peak RSS of `nrexp train`.
-
-    The subprocesses get OMP_NUM_THREADS=threads (as the timed arms use), unless threads is 0.
-    """
+def _cli_env(work: Path, threads: int) -> Dict[str, str]:
+    """Subprocesses run this checkout's nrexp, with OMP_NUM_THREADS=threads (as the timed arms), no MNIST files."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                NREXP_DATA_ROOT=str(work / "no-data"))
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def cli_checks(work: Path, sweep_jobs: int, rss: bool, threads: int) -> Dict:
+    """`nrexp --help` and `nrexp train --cfg job` wall time; a sweep's per-job overhead; peak RSS of `nrexp train`.
+
+    The subprocesses get OMP_NUM_THREADS=threads (as the timed arms use), unless threads is 0.
+    """
+    env = _cli_env(work, threads)
     nrexp_cmd = [sys.executable, "-m", "nrexp"]
     out: Dict = {}
     cwd = work / "cli"
@@ -334,6 +343,54 @@ def cli_checks(work: Path, sweep_jobs: int, rss: bool, threads: int) -> Dict:
         kb = next((int(line.split(":")[1]) for line in proc.stderr.splitlines() if "Maximum resident set size" in line), None)
         out["train_default_peak_rss_mb"] = None if kb is None else kb / 1024
         out["train_default_note"] = "default `nrexp train` (data.source=auto; no MNIST here, so the bundled sample)"
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# fused sweeps (issue 8): the same sweep under the basic launcher and hydra/launcher=fused
+
+FUSED_SWEEP = ["seed=0,1,2,3", "optim.weight_decay=0,1e-4", "dropout.p=0,0.2", "model.depth=3", "model.width=100",
+               "data.source=bundled", "trainer.progress=false"]  # 16 members of a 3 x 100 MLP, 5 epochs of 4,000 digits
+FUSED_TARGETS = {128: 1.3, 32: 2.0}  # whole-sweep speed-up over the basic launcher (issue 8, 2-core CPU)
+
+
+def fused_checks(work: Path, batches: List[int], repeats: int, threads: int, device: str) -> Dict:
+    """Wall time of one 16-job sweep, start-up included, under the basic and the fused launcher.
+
+    Interleaved (basic, fused, basic, fused, ...), median of `repeats`, each a fresh `nrexp train -m`
+    process. Also read back: the sum of the basic jobs' step loops and the fused group's one, and
+    whether every fused member's test accuracy matches its basic twin's (to 1e-4)."""
+    env = _cli_env(work, threads)
+    cwd = work / "fused"
+    cwd.mkdir(parents=True, exist_ok=True)
+    out: Dict = {"command": "nrexp train -m " + " ".join(FUSED_SWEEP) + f" trainer.device={device} data.batch_size=B "
+                            "[hydra/launcher=fused]", "batches": {}}
+    for batch in batches:
+        walls: Dict[str, List[float]] = {"basic": [], "fused": []}
+        loops: Dict[str, List[float]] = {"basic": [], "fused": []}
+        accs: Dict[str, Dict[str, float]] = {}
+        for rep in range(repeats):
+            for launcher in ("basic", "fused"):
+                sweep_dir = cwd / f"b{batch}-{launcher}-{rep}"
+                cmd = [sys.executable, "-m", "nrexp", "train", "-m", *FUSED_SWEEP, f"data.batch_size={batch}",
+                       f"trainer.device={device}", f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep_dir}"]
+                walls[launcher].append(_timed(cmd, cwd, env))
+                summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.rglob("summary.json")}
+                times = [s["train_time_s"] for s in summaries.values()]
+                loops[launcher].append(sum(times) if launcher == "basic" else max(times))  # the group's loop is shared
+                accs[launcher] = {name: s["metrics"]["test/acc"] for name, s in summaries.items()}
+                shutil.rmtree(sweep_dir, ignore_errors=True)
+        median = {k: statistics.median(v) for k, v in walls.items()}
+        agree = accs["basic"].keys() == accs["fused"].keys() and all(
+            abs(accs["basic"][k] - accs["fused"][k]) <= 1e-4 for k in accs["basic"])
+        target = FUSED_TARGETS.get(batch)
+        ratio = median["basic"] / median["fused"]
+        out["batches"][batch] = {"wall_s": walls, "median_wall_s": median, "step_loops_s": loops,
+                                 "speedup": ratio, "target": target, "ok": None if target is None else ratio >= target,
+                                 "jobs": len(accs["fused"]), "test_acc_agree": agree}
+        print(f"fused sweep, batch {batch}: basic {median['basic']:.1f} s, fused {median['fused']:.1f} s -> "
+              f"{ratio:.2f}x" + ("" if target is None else f" (target >= {target:g}x)") + f"; test accuracies agree: {agree}",
+              flush=True)
     return out
 
 
@@ -382,6 +439,21 @@ def cli_lines(result: Dict) -> List[str]:
     return lines
 
 
+def fused_lines(result: Dict) -> List[str]:
+    f = result.get("fused")
+    if not f:
+        return []
+    lines = [f"fused sweep `{f['command']}` (16 jobs), whole-sweep wall time, median of "
+             f"{len(next(iter(f['batches'].values()))['wall_s']['basic'])} interleaved runs:"]
+    for batch, b in f["batches"].items():
+        m, loops = b["median_wall_s"], {k: statistics.median(v) for k, v in b["step_loops_s"].items()}
+        verdict = "" if b["target"] is None else f" (target >= {b['target']:g}x{'' if b['ok'] else ' ✗'})"
+        lines.append(f"batch {batch}: basic launcher {m['basic']:.1f} s, fused {m['fused']:.1f} s -> "
+                     f"**{b['speedup']:.2f}x**{verdict}; step loops: 16 basic jobs {loops['basic']:.1f} s, fused group "
+                     f"{loops['fused']:.1f} s; test accuracies of the 16 pairs agree: {'yes' if b['test_acc_agree'] else 'NO'}")
+    return lines
+
+
 def print_table(result: Dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -398,7 +470,7 @@ def print_table(result: Dict) -> None:
     m = result["machine"]
     console.print(f"  machine: {m['nproc']} CPUs, {m['cpu']}, torch {m['torch']} ({m['torch_threads']} threads), "
                   f"device {result['device']}; data: {result['data']['kind']} to {result['data']['train']} train")
-    for line in cli_lines(result):
+    for line in cli_lines(result) + fused_lines(result):
         console.print("  " + line, markup=False)
 
 
@@ -411,7 +483,7 @@ def markdown(result: Dict) -> str:
               f"Data: {result['data']['kind']} to {result['data']['train']} x 28 x 28 uint8. "
               f"Median of {s['repeats']} interleaved repeats of ~{s['samples_per_measure']:,} samples per arm."]
     lines += [f"- {a}: {doc}" for a, doc in result["arms"].items()]
-    lines += [""] + [f"- {line}" for line in cli_lines(result)] if cli_lines(result) else []
+    lines += [""] + [f"- {line}" for line in cli_lines(result) + fused_lines(result)] if cli_lines(result) + fused_lines(result) else []
     return "\n".join(lines) + "\n"
 
 
@@ -437,6 +509,12 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--cli", action="store_true",
                    help="also time `nrexp --help`, `nrexp train --cfg job`, a sweep's per-job overhead, peak RSS of `nrexp train`")
     p.add_argument("--sweep-jobs", type=int, default=32, help="jobs in the --cli sweep (trainer.max_steps=1 each)")
+    p.add_argument("--fused", action="store_true",
+                   help="also time a 16-job sweep of a 3 x 100 MLP under the basic launcher vs hydra/launcher=fused "
+                        "(whole sweep, start-up included; ~10 min at the defaults)")
+    p.add_argument("--fused-batches", nargs="+", type=int, default=[128, 32], help="batch sizes of the --fused sweeps")
+    p.add_argument("--fused-repeats", type=int, default=3, help="interleaved repeats of each --fused sweep")
+    p.add_argument("--no-arms", action="store_true", help="skip the per-step arms (e.g. with --cli or --fused alone)")
     p.add_argument("--json", default="bench.json", help="where to write the results (default ./bench.json)")
     p.add_argument("--markdown", default=None, help="also write the table as markdown here")
     p.add_argument("-v", "--verbose", action="store_true", help="print every round's samples/s")
