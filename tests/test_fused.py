@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import TINY, compose, read_summary, run_cli, run_dirs
@@ -105,7 +106,7 @@ def test_fused_launcher_end_to_end(tmp_path):
     fused = run_cli([*sweep, "hydra/launcher=fused", "hydra.sweep.dir=fused"], cwd=tmp_path)
     assert basic.returncode == 0 and fused.returncode == 0, fused.stdout + fused.stderr
     out = fused.stdout + fused.stderr
-    assert "8 jobs in 5 group(s): 4 x mlp 2x32 norm=none batch 64" in out
+    assert "8 jobs (2 composed by Hydra, the others derived from them) in 5 group(s): 4 x mlp 2x32 norm=none batch 64" in out
     assert out.count("alone (model=resmlp: only mlp is fused)") == 4
     assert "8 completed" in out  # the status table at the end of the sweep
     jobs = sorted(p.name for p in (tmp_path / "basic").iterdir() if p.is_dir())
@@ -116,6 +117,13 @@ def test_fused_launcher_end_to_end(tmp_path):
         assert files(b) == files(f) == [".hydra", "checkpoint.pt", "events", "summary.json", "train.log"]
         for name in ("config.yaml", "overrides.yaml"):
             assert (b / ".hydra" / name).read_text() == (f / ".hydra" / name).read_text(), (job, name)
+        # hydra.yaml too (the fused launcher derives most members' configs instead of composing each): all
+        # but what names the launcher and the sweep dir
+        hb, hf = (yaml.safe_load((d / ".hydra" / "hydra.yaml").read_text())["hydra"] for d in (b, f))
+        for h in (hb, hf):
+            h.pop("launcher"), h["overrides"].pop("hydra"), h["runtime"]["choices"].pop("hydra/launcher")
+            h["runtime"].pop("output_dir"), h["sweep"].pop("dir")
+        assert hb == hf, job
         sb, sf = read_summary(b), read_summary(f)
         assert sf["status"] == "completed" and ("fused_group_size" in sf) == ("model=mlp" in job)
         for key, value in sb["metrics"].items():
