@@ -56,6 +56,7 @@ def train_app(args: List[str]) -> int:
     config.register()
     import nrexp.sweep  # noqa: F401 - registers the resolver that names sweep job dirs (configs/train.yaml)
 
+    args = [quote_path_override(a) for a in args]
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
     flags_only_print = any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "-sc",
                                  "--shell-completion") for a in args)
@@ -64,9 +65,9 @@ def train_app(args: List[str]) -> int:
             preflight(overrides, multirun=any(a in ("-m", "--multirun") for a in args))
         except config.ConfigError as err:
             return error(str(err))
-        resume = next((a.split("=", 1)[1] for a in overrides if a.startswith("resume=")), None)
+        resume = next((_unquote(a.split("=", 1)[1]) for a in overrides if a.startswith("resume=")), None)
         if resume:  # continue in the run's own directory, leaving its recorded config untouched
-            args = [*args, f"hydra.run.dir={Path(resume).resolve()}", "hydra.output_subdir=null"]
+            args = [*args, quote_path_override(f"hydra.run.dir={Path(resume).resolve()}"), "hydra.output_subdir=null"]
 
     @hydra.main(version_base="1.3", config_path=nrexp.config_dir(), config_name="train")
     def _train(cfg) -> Optional[float]:
@@ -109,6 +110,29 @@ def train_app(args: List[str]) -> int:
     sys.argv = [sys.argv[0], *args]
     _train()
     return 0
+
+
+PATH_KEYS = ("resume", "hydra.run.dir", "hydra.sweep.dir", "data.root")
+_GRAMMAR = set("=,()[]{}:'\" \t$")
+
+
+def quote_path_override(arg: str) -> str:
+    """`resume=<dir>` with the dir quoted for Hydra's override grammar when it needs it.
+
+    Sweep job dirs are named by their overrides (`dropout.p=0.2,norm=batch`), so the path of a sweep
+    member holds `=` and `,`, which Hydra's parser would read as syntax: `nrexp train resume=<member dir>`
+    would not parse. A path value is a string whatever it holds, so we quote it for the user.
+    """
+    key, sep, value = arg.partition("=")
+    if not sep or key not in PATH_KEYS or not value or value[0] in "'\"" or "${" in value or not (_GRAMMAR & set(value)):
+        return arg
+    return f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _unquote(value: str) -> str:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return str(OverridesParser.create().parse_override(f"x={value}").value())
 
 
 def preflight(overrides: List[str], multirun: bool = False) -> None:

@@ -191,6 +191,9 @@ class StackedMLP:
             self.buffers = {name: torch.stack([dict(m.model.named_buffers())[name] for m in self.members])
                             for name, _ in first.named_buffers()}  # BatchNorm running statistics
         self.optimizers = [self._optimizer(k, stack) for k, stack in enumerate(self.stacks)]
+        # the members' own tensors, in stack order, for write_back
+        self.member_params = {name: [m.model.get_parameter(name) for m in self.members] for name in self.names}
+        self.member_buffers = {name: [dict(m.model.named_buffers())[name] for m in self.members] for name in self.buffers}
         starts = [0] + [len(stack) for stack in self.stacks]
         self.rows = [slice(sum(starts[:k + 1]), sum(starts[:k + 2])) for k in range(len(self.stacks))]
 
@@ -275,25 +278,30 @@ class StackedMLP:
         """Each member's dropout on its slice of h, with masks from its own stream (see the module doc)."""
         if all(keep == 1.0 for keep in keeps):
             return h
-        shape = h.shape[1:]
-        masks = [torch.empty(shape, device=h.device).bernoulli_(keep, generator=m.rng).div_(keep) if keep < 1.0
-                 else torch.ones(shape, device=h.device) for m, keep in zip(self.members, keeps)]
-        return h * torch.stack(masks)
+        masks = torch.ones_like(h)
+        for mask, m, keep in zip(masks, self.members, keeps):  # each row contiguous: the same draws as alone
+            if keep < 1.0:
+                mask.bernoulli_(keep, generator=m.rng).div_(keep)
+        return h * masks
 
     # -- the members' own modules, brought up to date when something reads them
     @torch.no_grad()
     def write_back(self, grads: bool = False) -> None:
         """Copy every member's slice of the stacks into its own model (and gradients, if asked)."""
+        own, rows = [], []
         for name in self.names:
-            for stack, part in zip(self.stacks, self.params[name]):
-                for m, value, grad in zip(stack, part, part.grad if grads and part.grad is not None else [None] * len(stack)):
-                    p = m.model.get_parameter(name)
-                    p.copy_(value.t() if _is_linear_weight(name) else value)
-                    if grads:
-                        p.grad = None if grad is None else (grad.t() if _is_linear_weight(name) else grad).contiguous()
+            flip = _is_linear_weight(name)  # stored (in, out), the member's Linear holds (out, in)
+            stacked = self.tensor(name)
+            own += self.member_params[name]
+            rows += [row.t() if flip else row for row in stacked.unbind()]
+            if grads:
+                grad = torch.cat([part.grad for part in self.params[name]]) if len(self.params[name]) > 1 else self.params[name][0].grad
+                for p, g in zip(self.member_params[name], grad.unbind()):
+                    p.grad = (g.t() if flip else g).contiguous()
         for name, stacked in self.buffers.items():
-            for m, value in zip(self.members, stacked):
-                dict(m.model.named_buffers())[name].copy_(value)
+            own += self.member_buffers[name]
+            rows += list(stacked.unbind())
+        torch._foreach_copy_(own, rows)
 
     @torch.no_grad()
     def write_back_optimizer_state(self, member: Member) -> None:

@@ -136,3 +136,50 @@ def test_fused_launcher_end_to_end(tmp_path):
     for b, f in zip(basic_rows, fused_rows):
         assert b["n"] == f["n"] == 2 and _close(b["test_acc_mean"], f["test_acc_mean"])
     assert len(run_dirs(tmp_path / "fused")) == 8
+
+
+def test_ctrl_c_checkpoints_every_member_and_each_resumes_alone(tmp_path):
+    """SIGINT in a fused group: every member checkpointed with status interrupted, exit 130; resumed alone,
+    a member ends with the metrics of its uninterrupted solo run (to float rounding)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import cli_env
+
+    long_run = [o for o in BASE if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=400", "trainer.log_every=10"]
+    with open(tmp_path / "stdout.txt", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "nrexp", "train", "-m", *long_run, "seed=0,1",
+                                 "hydra/launcher=fused", "hydra.sweep.dir=sweep"], cwd=tmp_path, env=cli_env(tmp_path),
+                                stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        while "step 40/" not in "".join(p.read_text() for p in (tmp_path / "sweep").rglob("train.log")):
+            assert time.time() < deadline and proc.poll() is None, (tmp_path / "stdout.txt").read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, (tmp_path / "stdout.txt").read_text()
+    members = run_dirs(tmp_path / "sweep")
+    assert len(members) == 2
+    summaries = [read_summary(d) for d in members]
+    assert all(s["status"] == "interrupted" and s["signal"] == signal.SIGINT for s in summaries)
+    assert len({s["steps"] for s in summaries}) == 1 and 40 <= summaries[0]["steps"] < 400
+    member = next(d for d in members if "seed=1" in d.name)
+    resumed = run_cli(["train", f"resume={member}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    alone = run_cli(["train", *long_run, "seed=1"], cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    final, reference = read_summary(member), read_summary(run_dirs(tmp_path / "outputs")[-1])
+    assert final["status"] == "completed" and final["steps"] == reference["steps"] == 400
+    for key, value in reference["metrics"].items():
+        assert _close(final["metrics"][key], value, rel=1e-3), (key, final["metrics"][key], value)
+
+
+def test_a_group_that_fails_is_recorded_and_the_sweep_goes_on(tmp_path):
+    """data.train_size beyond the data fails when the group loads it: every member says so, exit 0."""
+    proc = run_cli(["train", "-m", *BASE, "seed=0,1", "data.train_size=5000", "hydra/launcher=fused",
+                    "hydra.sweep.dir=sweep"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summaries = [read_summary(d) for d in run_dirs(tmp_path / "sweep")]
+    assert len(summaries) == 2 and all(s["status"] == "failed" and "data.train_size=5000" in s["error"] for s in summaries)
+    assert "2 failed" in proc.stdout + proc.stderr
