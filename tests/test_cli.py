@@ -112,6 +112,15 @@ def test_installed_wheel_finds_its_configs(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert list((elsewhere / "outputs").rglob("summary.json"))
+    # the fused launcher ships in the wheel, in Hydra's plugin namespace, and Hydra finds it there
+    plugin = "import hydra_plugins.nrexp_fused_launcher as m; print(m.__file__)"
+    where = subprocess.run([sys.executable, "-c", plugin], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert where.stdout.startswith(str(target)), where.stdout + where.stderr
+    proc = subprocess.run([sys.executable, "-m", "nrexp", "train", "-m", *TINY, "trainer.max_steps=2", "seed=0,1",
+                           "hydra/launcher=fused", "hydra.sweep.dir=fused"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "fused launcher: 2 jobs" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert len(list((elsewhere / "fused").rglob("summary.json"))) == 2
 
 
 def test_readme_starts_with_the_two_setup_commands_and_ci_runs_the_same_tests():
