@@ -37,6 +37,8 @@ BAD_INPUTS = [  # (overrides, words the one-line error must contain)
     (["norm=batch", "data.batch_size=1"], ["BatchNorm needs more than one example", "norm=layer"]),
     (["norm=none,batch"], ["sweep", "-m"]),
     (["-m", "dropout.p=0,2"], ["dropout.p=2.0"]),
+    (["-m", "seed=0,abc"], ["seed", "'abc'", "Integer"]),  # each swept value type-checked before any job
+    (["-m", "seed=0,1", "norm=none,bogus"], ["norm", "choose one of"]),
     (["trainer.on_nonfinite=ignore"], ["trainer.on_nonfinite"]),
     (["resume=nowhere"], ["resume", "no checkpoint"]),
     (["hydra.run.dir=/etc/hostname/run"], ["output directory", "not a writable directory"]),
