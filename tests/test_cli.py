@@ -76,6 +76,15 @@ def test_train_end_to_end_writes_events_summary_checkpoint(tiny_run):
     for tag in ("train/loss", "train/acc", "test/loss", "test/acc", "lr", "throughput/samples_per_s"):
         assert tag in tags, tag
     assert {"depth/init", "depth/final"} <= set(events.Tags()["images"])
+    import io
+
+    from PIL import Image
+
+    for tag in ("depth/init", "depth/final"):  # each a PNG of the whole figure, drawn (not blank)
+        (record,) = events.Images(tag)
+        picture = Image.open(io.BytesIO(record.encoded_image_string))
+        assert picture.format == "PNG" and picture.size == (record.width, record.height) == (800, 320)
+        assert len(picture.convert("L").getcolors(maxcolors=256 * 256) or ()) > 20, tag  # text, lines and markers, not one color
     # the custom-scalars layout (one chart per per-layer metric) and the run's config and data source
     from tensorboard.plugins.custom_scalar import layout_pb2
 
