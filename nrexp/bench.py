@@ -7,6 +7,8 @@ Arms (same model, same init, same data in the same order, same optimizer in ever
   c       nrexp's trainer, per-layer statistics off        (trainer.layer_stats=false)
   d       nrexp's trainer, statistics every step            (trainer.log_every=1)
   e       nrexp's trainer, default trainer.log_every
+  f       nrexp's trainer, default trainer.log_every, trainer.compile=true (only with --arms ... f: its
+          warm-up round compiles each model and batch size, tens of seconds each on a CPU)
 
 Every arm trains `steps` optimizer steps from the start of epoch 0; samples/s = steps * batch / time of
 the step loop. Arms c/d/e call `nrexp.train.train` itself and read its `train_time_s` (the step loop
@@ -34,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-ARMS = ("a0", "a2", "b", "c", "d", "e")
+ARMS = ("a0", "a2", "b", "c", "d", "e", "f")
+DEFAULT_ARMS = ("a0", "a2", "b", "c", "d", "e")
 ARM_DOC = {
     "a0": "torchvision MNIST + PIL transforms + DataLoader(shuffle, workers=0)",
     "a2": "torchvision MNIST + PIL transforms + DataLoader(shuffle, workers=2)",
@@ -42,6 +45,7 @@ ARM_DOC = {
     "c": "nrexp trainer, trainer.layer_stats=false",
     "d": "nrexp trainer, trainer.log_every=1",
     "e": "nrexp trainer, default trainer.log_every",
+    "f": "nrexp trainer, default trainer.log_every, trainer.compile=true",
 }
 MODELS = {"mlp-3x256": (3, 256), "mlp-50x100": (50, 100)}
 # (numerator, denominator, target); "a" is the faster of a0 and a2 (the conservative choice)
@@ -249,7 +253,9 @@ def run(args) -> Dict:
             base = [f"model.depth={depth}", f"model.width={width}", f"data.batch_size={batch}",
                     "data.source=local", f"data.root={work / 'data'}", f"trainer.device={args.device}",
                     f"trainer.max_steps={steps}", "trainer.progress=false", "seed=0"]
-            arm_overrides = {"c": ["trainer.layer_stats=false"], "d": ["trainer.log_every=1"], "e": []}
+            arm_overrides = {"c": ["trainer.layer_stats=false"], "d": ["trainer.log_every=1"], "e": [],
+                             "f": ["trainer.compile=true"]}
+            arm_overrides = {arm: extra for arm, extra in arm_overrides.items() if arm in args.arms or arm == "e"}
             cfgs = {arm: compose(base + extra) for arm, extra in arm_overrides.items()}
             # the warm-up round (imports, allocator, thread pools, first figures) runs a few steps only
             warm_steps = min(steps, 4)
@@ -427,7 +433,8 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="training images of the MNIST-like data (default 60000; quick 12000)")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--batches", nargs="+", type=int, default=[128, 1024])
-    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(DEFAULT_ARMS),
+                   help="which arms to time (default: all but f, the torch.compile arm)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads for every arm (default 1: on a small shared machine two "

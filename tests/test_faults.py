@@ -62,6 +62,21 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, monkeypatch, c
     assert not outputs.exists() or not any(p.is_file() for p in outputs.rglob("*"))  # nothing half-written
 
 
+def test_compile_without_a_compiler_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    """trainer.compile=true where torch.compile cannot build kernels (no C++ compiler for CPU): one line
+    naming the knob and the fix, exit 2, before anything is written."""
+    if _cuda_available():
+        pytest.skip("this machine has a GPU: trainer.device=auto would compile for CUDA")
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    code = run_main(tmp_path, monkeypatch, ["train", "data.source=bundled", "trainer.max_steps=2", "trainer.compile=true"])
+    out, err = capsys.readouterr()
+    assert code == 2, out + err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("nrexp: error: trainer.compile=true") and "no-such-c++-compiler" in line and "Fix" in line
+    outputs = tmp_path / "outputs"
+    assert not outputs.exists() or not any(p.is_file() for p in outputs.rglob("*"))
+
+
 def run_main(cwd, monkeypatch, argv):
     """`nrexp <argv>` in this process (fast: no interpreter or torch start-up); returns the exit code."""
     from nrexp.cli import main
