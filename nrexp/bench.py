@@ -7,6 +7,8 @@ Arms (same model, same init, same data in the same order, same optimizer in ever
   c       nrexp's trainer, per-layer statistics off        (trainer.layer_stats=false)
   d       nrexp's trainer, statistics every step            (trainer.log_every=1)
   e       nrexp's trainer, default trainer.log_every
+  f       nrexp's trainer, default trainer.log_every, trainer.compile=true (only with --arms ... f: its
+          warm-up round compiles each model and batch size, tens of seconds each on a CPU)
 
 Every arm trains `steps` optimizer steps from the start of epoch 0; samples/s = steps * batch / time of
 the step loop. Arms c/d/e call `nrexp.train.train` itself and read its `train_time_s` (the step loop
@@ -35,7 +37,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-ARMS = ("a0", "a2", "b", "c", "d", "e")
+ARMS = ("a0", "a2", "b", "c", "d", "e", "f")
+DEFAULT_ARMS = ("a0", "a2", "b", "c", "d", "e")
 ARM_DOC = {
     "a0": "torchvision MNIST + PIL transforms + DataLoader(shuffle, workers=0)",
     "a2": "torchvision MNIST + PIL transforms + DataLoader(shuffle, workers=2)",
@@ -43,6 +46,7 @@ ARM_DOC = {
     "c": "nrexp trainer, trainer.layer_stats=false",
     "d": "nrexp trainer, trainer.log_every=1",
     "e": "nrexp trainer, default trainer.log_every",
+    "f": "nrexp trainer, default trainer.log_every, trainer.compile=true",
 }
 MODELS = {"mlp-3x256": (3, 256), "mlp-50x100": (50, 100)}
 # (numerator, denominator, target); "a" is the faster of a0 and a2 (the conservative choice)
@@ -250,7 +254,9 @@ def run(args) -> Dict:
             base = [f"model.depth={depth}", f"model.width={width}", f"data.batch_size={batch}",
                     "data.source=local", f"data.root={work / 'data'}", f"trainer.device={args.device}",
                     f"trainer.max_steps={steps}", "trainer.progress=false", "seed=0"]
-            arm_overrides = {"c": ["trainer.layer_stats=false"], "d": ["trainer.log_every=1"], "e": []}
+            arm_overrides = {"c": ["trainer.layer_stats=false"], "d": ["trainer.log_every=1"], "e": [],
+                             "f": ["trainer.compile=true"]}
+            arm_overrides = {arm: extra for arm, extra in arm_overrides.items() if arm in args.arms or arm == "e"}
             cfgs = {arm: compose(base + extra) for arm, extra in arm_overrides.items()}
             # the warm-up round (imports, allocator, thread pools, first figures) runs a few steps only
             warm_steps = min(steps, 4)
@@ -330,13 +336,28 @@ def cli_checks(work: Path, sweep_jobs: int, rss: bool, threads: int) -> Dict:
     out["help_s"] = statistics.median(_timed(nrexp_cmd + ["--help"], cwd, env) for _ in range(3))
     out["cfg_job_s"] = statistics.median(_timed(nrexp_cmd + ["train", "--cfg", "job"], cwd, env) for _ in range(3))
     if sweep_jobs:
-        args = ["train", "-m", f"seed=range({sweep_jobs})", "trainer.max_steps=1", "data.source=bundled",
-                "trainer.progress=false"]
-        wall = _timed(nrexp_cmd + args, cwd, env)
-        summaries = [json.loads(p.read_text()) for p in (cwd / "outputs").rglob("summary.json")]
-        train_s = sum(s["train_time_s"] for s in summaries)
-        out["sweep"] = {"command": "nrexp " + " ".join(args), "jobs": len(summaries), "wall_s": wall,
-                        "sum_train_time_s": train_s, "overhead_per_job_s": (wall - train_s) / max(len(summaries), 1)}
+        # The number is (wall - training) / jobs of one sweep. It mixes what every job pays
+        # (Hydra composing its config, its .hydra/ files, its run's set-up and final work) with what
+        # the process pays once (interpreter, torch and torch._dynamo imports, ~5-8 s here). A second,
+        # smaller sweep separates them: the difference of the two is the cost per additional job.
+        sweeps = {}
+        for jobs in sorted({max(sweep_jobs // 4, 1), sweep_jobs}):
+            args = ["train", "-m", f"seed=range({jobs})", "trainer.max_steps=1", "data.source=bundled",
+                    "trainer.progress=false"]
+            sweep_cwd = cwd / f"sweep{jobs}"
+            sweep_cwd.mkdir(parents=True, exist_ok=True)
+            wall = _timed(nrexp_cmd + args, sweep_cwd, env)
+            summaries = [json.loads(p.read_text()) for p in (sweep_cwd / "outputs").rglob("summary.json")]
+            train_s = sum(s["train_time_s"] for s in summaries)
+            sweeps[jobs] = {"command": "nrexp " + " ".join(args), "jobs": len(summaries), "wall_s": wall,
+                            "sum_train_time_s": train_s, "overhead_per_job_s": (wall - train_s) / max(len(summaries), 1)}
+        out["sweep"] = sweeps[sweep_jobs]
+        if len(sweeps) == 2:
+            small, big = (sweeps[n] for n in sorted(sweeps))
+            marginal = ((big["wall_s"] - big["sum_train_time_s"]) - (small["wall_s"] - small["sum_train_time_s"])) / (
+                big["jobs"] - small["jobs"])
+            out["sweep"].update(small_jobs=small["jobs"], small_wall_s=small["wall_s"], marginal_per_job_s=marginal,
+                                once_per_process_s=(big["wall_s"] - big["sum_train_time_s"]) - big["jobs"] * marginal)
     if rss and Path("/usr/bin/time").exists():
         proc = subprocess.run(["/usr/bin/time", "-v", *nrexp_cmd, "train", "trainer.progress=false"], cwd=cwd, env=env,
                               capture_output=True, text=True)
@@ -434,6 +455,10 @@ def cli_lines(result: Dict) -> List[str]:
         sw = c["sweep"]
         lines.append(f"sweep `{sw['command']}`: {sw['jobs']} jobs, wall {sw['wall_s']:.1f} s, sum of train_time_s "
                      f"{sw['sum_train_time_s']:.2f} s -> overhead {sw['overhead_per_job_s']:.2f} s per job (target <= 0.3 s)")
+        if "marginal_per_job_s" in sw:
+            lines.append(f"of which, from a second sweep of {sw['small_jobs']} jobs (wall {sw['small_wall_s']:.1f} s): "
+                         f"{sw['marginal_per_job_s']:.2f} s per additional job, {sw['once_per_process_s']:.1f} s once per "
+                         "process (start-up, imports)")
     if c.get("train_default_peak_rss_mb") is not None:
         lines.append(f"peak RSS of {c['train_default_note']}: {c['train_default_peak_rss_mb']:.0f} MB (target <= 1536 MB)")
     return lines
@@ -499,7 +524,8 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="training images of the MNIST-like data (default 60000; quick 12000)")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--batches", nargs="+", type=int, default=[128, 1024])
-    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(DEFAULT_ARMS),
+                   help="which arms to time (default: all but f, the torch.compile arm)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads for every arm (default 1: on a small shared machine two "

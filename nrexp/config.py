@@ -172,6 +172,9 @@ class TrainerConfig:
     layer_stats: bool = knob(True, "gather per-layer statistics (false: only loss/accuracy are logged)")
     precision: str = knob("fp32", "fp32 | bf16: bf16 autocasts the training forward pass (weights, optimizer and "
                                   "statistics stay fp32); pays off on GPUs with bf16 tensor cores")
+    compile: bool = knob(False, "torch.compile the training forward of steps without per-layer statistics (those "
+                                "run the same weights eagerly); needs a C++ compiler on CPU, triton on CUDA; the first "
+                                "steps pay the compilation (tens of seconds)")
     eval_every: int = knob(0, "steps between test-set evaluations; 0 = at the end of every epoch")
     checkpoint_every: int = knob(500, "steps between checkpoints (atomic; one file, overwritten); 0 = only at the end")
     on_nonfinite: str = knob(

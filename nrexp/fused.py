@@ -82,6 +82,8 @@ def unfusable_reason(cfg) -> Optional[str]:
         return "trainer.preact_percentiles=true is not fused"
     if cfg.data.augment:
         return "data.augment=true is not fused"
+    if cfg.trainer.get("compile", False):
+        return "trainer.compile=true: the stacked forward is not compiled"
     return None
 
 

@@ -75,26 +75,30 @@ class LayerMonitor:
     def reset_init(self, init_weights: List[torch.Tensor]) -> None:
         """Use these as W_init (when resuming, the run's true init comes from the checkpoint)."""
         self.init_weights = [w.detach().clone() for w in init_weights]
-        self.init_norms = self._norms(self.init_weights)
+        (self.init_norms,) = self._norms(self.init_weights)
 
-    def _norms(self, tensors: List[torch.Tensor]) -> torch.Tensor:
-        """One Frobenius norm per named layer, over all of that layer's weight tensors together."""
-        norms = torch.stack(torch._foreach_norm(tensors))
+    def _norms(self, *groups: List[torch.Tensor]) -> torch.Tensor:
+        """One Frobenius norm per named layer, over all of that layer's weight tensors together, for
+        each group of per-weight tensors: shape (groups, layers). All groups go through one
+        `_foreach_norm` and one stack: on CPU each such call has a fixed cost on top of its per-tensor work."""
+        tensors = [t for group in groups for t in group]
+        norms = torch.stack(torch._foreach_norm(tensors)).view(len(groups), -1)
         if self._owner is None:
             return norms
-        squares = torch.zeros(len(self.names), device=norms.device, dtype=norms.dtype)
-        return squares.index_add_(0, self._owner, norms.square()).sqrt()
+        squares = torch.zeros(len(groups), len(self.names), device=norms.device, dtype=norms.dtype)
+        return squares.index_add_(1, self._owner, norms.square()).sqrt()
 
     @torch.no_grad()
     def before_step(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Statistics of the current weights, activations and gradients (call after backward)."""
         weights = self.weights()
-        weight_norm = self._norms(weights)
+        weight_norm, grad_norm, change_norm = self._norms(
+            weights, [weight_grad(m) for m in self.modules], torch._foreach_sub(weights, self.init_weights))
         stats = {
             "act_norm": activation_norms(activations),
-            "grad_norm": self._norms([weight_grad(m) for m in self.modules]),
+            "grad_norm": grad_norm,
             "weight_norm": weight_norm,
-            "weight_change": self._norms(torch._foreach_sub(weights, self.init_weights)) / self.init_norms,
+            "weight_change": change_norm / self.init_norms,
         }
         self._before_step = torch._foreach_mul(weights, 1.0)  # copies of W in one fused call, not one per layer
         return stats
@@ -103,7 +107,7 @@ class LayerMonitor:
     def after_step(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Add the update ratio ||W_after - W_before|| / ||W_before|| of the step just taken."""
         before = self._before_step
-        delta = self._norms(torch._foreach_sub(self.weights(), before))
+        (delta,) = self._norms(torch._foreach_sub(self.weights(), before))
         stats["update_ratio"] = delta / stats["weight_norm"]
         self._before_step = None
         return stats

@@ -69,6 +69,7 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
     batches = TrainBatches(data.train_x, data.train_y, cfg.data.batch_size, cfg.seed, augment=cfg.data.augment)
     total_steps = t.max_steps or t.epochs * batches.steps_per_epoch
     eval_every = t.eval_every or batches.steps_per_epoch
+    forward = CompiledForward(model, device) if t.compile else model  # trainer.compile: see CompiledForward
 
     # Everything a resumed run needs to continue exactly where it stopped (see checkpoint.py).
     state = {"step": 0, "loss_sum": 0.0, "correct_sum": 0.0, "steps_since_log": 0, "init_stats": {},
@@ -123,7 +124,8 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
                 activations = [] if with_stats else None
                 armed = preact.arm(model, logging_step and t.preact_percentiles)  # preact/ percentiles
                 with autocast:
-                    logits = model(x, activations)
+                    # steps that record activations or pre-activations run eagerly (same weights)
+                    logits = model(x, activations) if with_stats or armed else forward(x)
                     loss = F.cross_entropy(logits, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -178,7 +180,8 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
                          init_stats=state["init_stats"], final_stats=final_stats,
                          steps_per_epoch=batches.steps_per_epoch,
                          wall_time_s=state["elapsed_s"] + time.perf_counter() - started, loop_seconds=loop_seconds,
-                         device=device, data_source=data.source, nonfinite_step=nonfinite_step, signal=stop_signal)
+                         device=device, data_source=data.source, nonfinite_step=nonfinite_step, signal=stop_signal,
+                         extra={"compile": forward.status} if t.compile else None)  # whether compiling really ran
     if status == "diverged" and t.on_nonfinite == "raise":
         raise Diverged(f"non-finite training loss at step {nonfinite_step} (trainer.on_nonfinite=raise)")
     return summary
@@ -269,6 +272,54 @@ def resolve_device(requested: str) -> torch.device:
         raise ConfigError("trainer.device='cuda' is invalid: no CUDA GPU is visible to PyTorch on this "
                           "machine. Fix: use trainer.device=auto (CUDA when present, else CPU) or trainer.device=cpu")
     return torch.device(requested)
+
+
+class CompiledForward:
+    """trainer.compile=true: the model's forward through torch.compile, for the steps that record
+    nothing. Logging steps call the model itself: they pass a list to collect each layer's activation
+    and may arm a block to keep its pre-activation (models.py, preact.py); run eagerly, that costs no
+    graph variants or recompilations, and the compiled and eager paths share the same parameters.
+
+    Whether this machine can compile is checked before anything is written (one ConfigError line).
+    Should compilation still fail (an unusual toolchain), the run warns once and goes on eagerly, with
+    the reason in summary.json's "compile": a speed knob should not cost the run its results.
+    """
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        check_compile_available(device)
+        self.model, self.compiled = model, torch.compile(model)
+        self.status = "not used"  # until the first compiled step: "compiled", or "failed, eager: <reason>"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                logits = self.compiled(x)
+                self.status = "compiled"
+                return logits
+            except Exception as err:  # noqa: BLE001 - compilation failed: fall back (an eager error re-raises below)
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                log.warning("trainer.compile: torch.compile failed (%s); continuing without it", reason)
+                self.compiled, self.status = None, f"failed, eager: {reason}"
+        return self.model(x)
+
+
+def check_compile_available(device: torch.device) -> None:
+    """torch.compile's default backend builds C++ kernels on CPU and triton kernels on CUDA."""
+    import os
+    import shutil
+
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ConfigError("trainer.compile=true is invalid here: torch.compile on CUDA needs triton, which is "
+                              "not installed. Fix: pip install triton, or use trainer.compile=false")
+    elif device.type == "cpu":
+        cxx = os.environ.get("CXX", "g++")
+        if shutil.which(cxx) is None:
+            raise ConfigError(f"trainer.compile=true is invalid here: torch.compile on CPU builds C++ kernels with "
+                              f"{cxx!r} ($CXX, default g++), which is not on PATH. Fix: install g++ (apt-get install "
+                              "g++) or set CXX, or use trainer.compile=false")
 
 
 @torch.no_grad()

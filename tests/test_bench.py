@@ -85,3 +85,20 @@ def test_no_host_sync_in_the_cuda_step_loop(tmp_path, monkeypatch):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert summary["status"] == "completed"
+
+
+def test_fast_event_checksums_are_tensorboards_own():
+    """The C CRC-32C patched into tensorboard's event writer gives exactly tensorboard's masked checksum
+    (event files stay byte for byte the same; tensorboard's reader checks every record with its own)."""
+    import os
+
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference
+    from tensorboard.summary.writer import record_writer
+
+    from nrexp.writers import use_fast_event_checksums
+
+    if not use_fast_event_checksums():
+        pytest.skip("google-crc32c with its C extension is not installed: tensorboard's own checksum is used")
+    assert record_writer.masked_crc32c is not reference
+    for data in (b"", b"\x00", b"123456789", bytes(range(256)) * 29, os.urandom(7000)):
+        assert record_writer.masked_crc32c(data) == reference(data)

@@ -76,6 +76,15 @@ def test_train_end_to_end_writes_events_summary_checkpoint(tiny_run):
     for tag in ("train/loss", "train/acc", "test/loss", "test/acc", "lr", "throughput/samples_per_s"):
         assert tag in tags, tag
     assert {"depth/init", "depth/final"} <= set(events.Tags()["images"])
+    import io
+
+    from PIL import Image
+
+    for tag in ("depth/init", "depth/final"):  # each a PNG of the whole figure, drawn (not blank)
+        (record,) = events.Images(tag)
+        picture = Image.open(io.BytesIO(record.encoded_image_string))
+        assert picture.format == "PNG" and picture.size == (record.width, record.height) == (800, 320)
+        assert len(picture.convert("L").getcolors(maxcolors=256 * 256) or ()) > 20, tag  # text, lines and markers, not one color
     # the custom-scalars layout (one chart per per-layer metric) and the run's config and data source
     from tensorboard.plugins.custom_scalar import layout_pb2
 
@@ -159,3 +168,36 @@ def test_bf16_autocast_changes_the_arithmetic_not_the_bookkeeping(tmp_path):
     assert bf16["metrics"]["train/loss"] != fp32["metrics"]["train/loss"]  # autocast really took effect
     assert abs(bf16["metrics"]["train/loss"] - fp32["metrics"]["train/loss"]) < 0.05 * fp32["metrics"]["train/loss"]
     assert bf16["layers"]["init"]["act_norm"].keys() == fp32["layers"]["init"]["act_norm"].keys()
+
+
+def test_compile_computes_what_eager_does_and_keeps_every_statistic(tmp_path):
+    """trainer.compile=true: steps without statistics run the torch.compile'd forward (BatchNorm buffers
+    included), logging steps the eager one; losses and statistics match the eager run to float rounding."""
+    import os
+    import shutil
+
+    import pytest
+
+    from conftest import compose
+    from nrexp.train import train
+
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler here: torch.compile cannot build CPU kernels (the error path is tested in test_faults)")
+    runs = {}
+    for compiled in ("false", "true"):
+        cfg = compose([*TINY, "norm=batch", f"trainer.compile={compiled}", "trainer.progress=false"])
+        runs[compiled] = train(cfg, tmp_path / compiled)
+    eager, fast = runs["false"], runs["true"]
+    assert fast["compile"] == "compiled" and "compile" not in eager  # the compiled forward really ran
+    assert fast["status"] == "completed" and fast["steps"] == eager["steps"] == 8
+    for key, value in eager["metrics"].items():  # final evaluations, after 4 compiled + 4 eager steps
+        assert math.isclose(fast["metrics"][key], value, rel_tol=1e-4, abs_tol=1e-6), key
+    curves = {name: EventAccumulator(str(tmp_path / name)).Reload() for name in runs}
+    losses = {name: [e.value for e in acc.Scalars("train/loss")] for name, acc in curves.items()}
+    assert len(losses["true"]) == len(losses["false"]) == 4 and all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(losses["true"], losses["false"]))
+    for when in ("init", "final"):  # every layer's statistics, at init and of the trained net
+        for metric, per_layer in eager["layers"][when].items():
+            assert per_layer.keys() == fast["layers"][when][metric].keys()
+            for layer, value in per_layer.items():
+                assert math.isclose(fast["layers"][when][metric][layer], value, rel_tol=1e-3, abs_tol=1e-6), (when, metric, layer)
+    assert set(curves["true"].Tags()["scalars"]) == set(curves["false"].Tags()["scalars"])

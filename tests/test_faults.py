@@ -37,6 +37,8 @@ BAD_INPUTS = [  # (overrides, words the one-line error must contain)
     (["norm=batch", "data.batch_size=1"], ["BatchNorm needs more than one example", "norm=layer"]),
     (["norm=none,batch"], ["sweep", "-m"]),
     (["-m", "dropout.p=0,2"], ["dropout.p=2.0"]),
+    (["-m", "seed=0,abc"], ["seed", "'abc'", "Integer"]),  # each swept value type-checked before any job
+    (["-m", "seed=0,1", "norm=none,bogus"], ["norm", "choose one of"]),
     (["trainer.on_nonfinite=ignore"], ["trainer.on_nonfinite"]),
     (["resume=nowhere"], ["resume", "no checkpoint"]),
     (["hydra.run.dir=/etc/hostname/run"], ["output directory", "not a writable directory"]),
@@ -58,6 +60,21 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, monkeypatch, c
     assert "Traceback" not in out + err
     outputs = tmp_path / "outputs"
     assert not outputs.exists() or not any(p.is_file() for p in outputs.rglob("*"))  # nothing half-written
+
+
+def test_compile_without_a_compiler_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    """trainer.compile=true where torch.compile cannot build kernels (no C++ compiler for CPU): one line
+    naming the knob and the fix, exit 2, before anything is written."""
+    if _cuda_available():
+        pytest.skip("this machine has a GPU: trainer.device=auto would compile for CUDA")
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    code = run_main(tmp_path, monkeypatch, ["train", "data.source=bundled", "trainer.max_steps=2", "trainer.compile=true"])
+    out, err = capsys.readouterr()
+    assert code == 2, out + err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("nrexp: error: trainer.compile=true") and "no-such-c++-compiler" in line and "Fix" in line
+    outputs = tmp_path / "outputs"
+    assert not outputs.exists() or not any(p.is_file() for p in outputs.rglob("*"))
 
 
 def run_main(cwd, monkeypatch, argv):

@@ -149,3 +149,30 @@ def test_optuna_sweeper_searches_and_reports_the_best_trial(tmp_path):
     assert result["best_value"] == pytest.approx(max(s["metrics"]["test/acc"] for s in summaries))
     assert 1e-6 <= result["best_params"]["optim.weight_decay"] <= 1e-2
     json.dumps(result)  # plain values a script can read
+
+
+@pytest.mark.parametrize("override", ["seed=7", "optim.lr=0.125", "trainer.max_steps=null", "data.train_size=100",
+                                      "model.activation=tanh", "data.root=/tmp/x"])
+def test_preflight_shortcut_gives_hydras_own_config(override):
+    """preflight checks a swept plain value by updating one composed config instead of composing anew:
+    the config it checks must be exactly the one Hydra composes for that job."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose
+    from nrexp.cli import _with_plain_override
+
+    fixed = ["norm=batch", "data.batch_size=32"]
+    shortcut = _with_plain_override(compose(fixed), override)
+    assert shortcut is not None
+    assert OmegaConf.to_container(shortcut) == OmegaConf.to_container(compose(fixed + [override]))
+
+
+@pytest.mark.parametrize("override", ["norm=layer", "+foo=1", "~seed", "norm.foo=1", "seed=abc", "model.depth=2.5",
+                                      "optim.betas=[0.5,0.75]"])
+def test_preflight_shortcut_leaves_groups_new_keys_and_bad_values_to_hydra(override):
+    """Groups, +/~ overrides, unknown keys, values of the wrong type and lists (merged by Hydra's rules) take
+    Hydra's full compose (and its error wording): the shortcut declines them."""
+    from conftest import compose
+    from nrexp.cli import _with_plain_override
+
+    assert _with_plain_override(compose([]), override) is None
