@@ -82,7 +82,8 @@ class FusedLauncher(Launcher):
                 sweep_config.hydra.job.id = sweep_config.hydra.job.num = num
             configs.append(sweep_config)
 
-        groups = fused.plan([_task_config(c) for c in configs], self.max_members)
+        task_configs = [_task_config(c) for c in configs]
+        groups = fused.plan(task_configs, self.max_members)
         log.info("fused launcher: %d jobs (%d composed by Hydra, the others derived from them) in %d group(s): %s",
                  len(configs), len(composed), len(groups),
                  "; ".join(f"{len(g.jobs)} x {g.label}" if g.fused else f"1 alone ({g.label})" for g in groups))
@@ -91,7 +92,8 @@ class FusedLauncher(Launcher):
             for i in group.jobs:
                 log.info("\t#%d : %s", initial_job_idx + i, " ".join(filter_overrides(list(job_overrides[i]))))
             if group.fused:
-                for i, ret in zip(group.jobs, self._run_group([configs[i] for i in group.jobs])):
+                for i, ret in zip(group.jobs, self._run_group([configs[i] for i in group.jobs],
+                                                              [task_configs[i] for i in group.jobs])):
                     returns[i] = ret
             else:
                 returns[group.jobs[0]] = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
@@ -100,21 +102,20 @@ class FusedLauncher(Launcher):
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return returns
 
-    def _run_group(self, configs: List[DictConfig]) -> List[JobReturn]:
+    def _run_group(self, configs: List[DictConfig], task_configs: List[DictConfig]) -> List[JobReturn]:
         """Set up every member as `run_job` sets up a job, train them together, then end each job."""
         from nrexp import fused, sweep
 
         saved_hydra_config = HydraConfig.instance().cfg
         returns, run_dirs, extra_logs = [], [], []
         try:
-            for config in configs:
-                returns.append(self._start_job(config))
+            for config, task_config in zip(configs, task_configs):
+                returns.append(self._start_job(config, task_config))
                 run_dirs.append(Path(config.hydra.runtime.output_dir))
             # the console and the first member's train.log as Hydra configures them; the others' logs added
             HydraConfig.instance().set_config(configs[0])
             configure_log(configs[0].hydra.job_logging, configs[0].hydra.verbose)
             extra_logs = _add_log_files(run_dirs[1:], f"{configs[0].hydra.job.name}.log")
-            task_configs = [ret.cfg for ret in returns]
             try:
                 summaries = fused.train_group(task_configs, run_dirs)
             except Exception as err:  # noqa: BLE001 - as under any launcher, a failure is recorded, the sweep goes on
@@ -135,15 +136,14 @@ class FusedLauncher(Launcher):
             raise SystemExit(128 + signal)
         return returns
 
-    def _start_job(self, config: DictConfig) -> JobReturn:
+    def _start_job(self, config: DictConfig, task_config: DictConfig) -> JobReturn:
         """What hydra.core.utils.run_job does before it calls the task function (Hydra 1.3)."""
-        HydraConfig.instance().set_config(config)
         output_dir = os.path.join(str(config.hydra.sweep.dir), str(OmegaConf.select(config, "hydra.sweep.subdir")))
         with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
             config.hydra.runtime.output_dir = os.path.abspath(output_dir)
         HydraConfig.instance().set_config(config)
         ret = JobReturn()
-        ret.cfg = _task_config(config)
+        ret.cfg = task_config
         ret.hydra_cfg = copy.deepcopy(HydraConfig.instance().cfg)
         ret.overrides = OmegaConf.to_container(config.hydra.overrides.task)
         ret.working_dir = os.getcwd()
