@@ -102,3 +102,17 @@ def test_fast_event_checksums_are_tensorboards_own():
     assert record_writer.masked_crc32c is not reference
     for data in (b"", b"\x00", b"123456789", bytes(range(256)) * 29, os.urandom(7000)):
         assert record_writer.masked_crc32c(data) == reference(data)
+
+
+def test_fused_sweep_lines_report_ratio_target_and_gaps():
+    """The --fused section's wording from a result of fused_checks' shape (the sweeps themselves take minutes)."""
+    from nrexp.bench import fused_lines
+
+    result = {"fused": {"command": "nrexp train -m ...", "batches": {32: {
+        "wall_s": {"basic": [40.0, 38.0, 39.0], "fused": [25.0, 26.0, 24.0]}, "median_wall_s": {"basic": 39.0, "fused": 25.0},
+        "step_loops_s": {"basic": [22.0, 23.0, 21.0], "fused": [10.0, 11.0, 12.0]}, "speedup": 39.0 / 25.0, "target": 2.0,
+        "ok": False, "jobs": 16, "test_acc_abs_diff": [0.0] * 14 + [0.004, 0.012], "pairs_equal_1e-4": 14}}}}
+    lines = fused_lines(result)
+    assert "median of 3 interleaved runs" in lines[0]
+    assert "basic launcher 39.0 s, fused 25.0 s -> **1.56x** (target >= 2x ✗)" in lines[1]
+    assert "16 basic jobs 22.0 s, fused group 11.0 s" in lines[1] and "14 of 16 pairs, largest gap 0.012" in lines[1]
