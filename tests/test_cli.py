@@ -1,5 +1,6 @@
 """The `nrexp` command end to end, through a real subprocess, and what it leaves on disk."""
 import math
+import os
 import subprocess
 import sys
 import zipfile
@@ -201,3 +202,14 @@ def test_compile_computes_what_eager_does_and_keeps_every_statistic(tmp_path):
             for layer, value in per_layer.items():
                 assert math.isclose(fast["layers"][when][metric][layer], value, rel_tol=1e-3, abs_tol=1e-6), (when, metric, layer)
     assert set(curves["true"].Tags()["scalars"]) == set(curves["false"].Tags()["scalars"])
+
+
+def test_help_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`nrexp train --help | head -1`: the reader is gone before nrexp writes; no traceback on stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write into the pipe now fails with EPIPE, as after `head` has exited
+    proc = subprocess.run([sys.executable, "-m", "nrexp", "train", "--help"], cwd=tmp_path, env=cli_env(tmp_path),
+                          stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write_end)
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141
