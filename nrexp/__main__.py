@@ -1,5 +1,3 @@
-import sys
+from nrexp.cli import entry
 
-from nrexp.cli import main
-
-sys.exit(main())
+entry()

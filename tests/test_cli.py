@@ -28,6 +28,23 @@ def test_cfg_job_composes_without_importing_torch(tmp_path):
     assert not (tmp_path / "outputs").exists()  # printing the config runs nothing
 
 
+def test_fast_exit_keeps_exit_code_output_threads_and_atexit(tmp_path):
+    # entry() leaves with os._exit once torch is imported: everything Python's own exit does that
+    # matters must still happen: a worker thread finishes its file, atexit handlers run, unflushed
+    # output (no newline, stdout a pipe) arrives, and main()'s exit code is the process's.
+    code = ("import atexit, threading, time, torch, nrexp.cli as cli\n"
+            "atexit.register(lambda: open('atexit.txt', 'w').write('ran'))\n"
+            "def slow_writer():\n    time.sleep(0.5); open('thread.txt', 'w').write('done')\n"
+            "threading.Thread(target=slow_writer).start()\n"
+            "cli.main = lambda: (print('last words', end=''), 7)[1]\n"
+            "cli.entry()\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True)
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout == "last words"
+    assert (tmp_path / "atexit.txt").read_text() == "ran"
+    assert (tmp_path / "thread.txt").read_text() == "done"
+
+
 def test_train_help_shows_groups_and_every_knob(tmp_path):
     proc = run_cli(["train", "--help"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
