@@ -426,8 +426,11 @@ def entry() -> None:
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:  # the reader of a pipe left before the last output: as main() does
+        code = 141
     os._exit(code)
 
 

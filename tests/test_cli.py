@@ -45,6 +45,20 @@ def test_fast_exit_keeps_exit_code_output_threads_and_atexit(tmp_path):
     assert (tmp_path / "thread.txt").read_text() == "done"
 
 
+def test_fast_exit_into_a_closed_pipe_is_quiet(tmp_path):
+    # output still buffered when main() returns meets a pipe whose reader left: exit 141, no traceback
+    code = "import torch, nrexp.cli as cli; cli.main = lambda: (print('x' * 10, end=''), 0)[1]; cli.entry()"
+    env = {k: v for k, v in cli_env(tmp_path).items() if k != "PYTHONUNBUFFERED"}  # keep stdout buffered
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
 def test_train_help_shows_groups_and_every_knob(tmp_path):
     proc = run_cli(["train", "--help"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
