@@ -422,9 +422,14 @@ def entry() -> None:
     import atexit
     import threading
 
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    # As the interpreter's exit does, in its order: threading's exit hooks (they stop executors such as
+    # the depth figures' helper process, nrexp/figures.py), join the threads still working, then atexit.
+    if hasattr(threading, "_shutdown"):
+        threading._shutdown()
+    else:  # not in any CPython nrexp supports; the same without the exit hooks
+        for thread in threading.enumerate():
+            if thread is not threading.main_thread() and not thread.daemon:
+                thread.join()
     atexit._run_exitfuncs()
     try:
         sys.stdout.flush()

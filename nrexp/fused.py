@@ -24,9 +24,11 @@ How.
   (`bernoulli_(1 - p)`, then `/(1 - p)`): on CPU the masks are the solo run's masks, bit for bit.
 - BatchNorm: statistics over each member's own batch; running statistics per member, updated with
   the formula nn.BatchNorm1d uses.
-- Whenever a member's state is read (logging steps: per-layer statistics; evaluation; checkpoints;
-  the end), the stacks are copied back into the members' own modules (`StackedMLP.write_back`) and the
-  solo run's own functions do the work: LayerMonitor, evaluate, probe, save_checkpoint, finish_run.
+- Per-layer statistics on logging steps are computed on the stacks for all members at once
+  (`StackedMonitor`, LayerMonitor's definitions). Whenever a member's state is read otherwise
+  (evaluation, checkpoints, the end), the stacks are copied back into the members' own modules
+  (`StackedMLP.write_back`) and the solo run's own functions do the work: evaluate, probe,
+  save_checkpoint, finish_run.
 What differs from a solo run is the float rounding of batched matmuls, nothing else: every member's
 run dir is a solo run's dir (its checkpoint resumes as a solo run), and `nrexp report` cannot tell the
 difference; summary.json adds `fused_group_size`.
@@ -62,7 +64,7 @@ from nrexp.console import TrainProgress
 from nrexp.data import TrainBatches, load_dataset
 from nrexp.optim import make_optimizer, param_groups
 from nrexp.signals import GracefulStop
-from nrexp.train import build, evaluate, final_evaluation, finish_run, log_step, resolve_device
+from nrexp.train import build, evaluate, final_evaluation, finish_run, resolve_device, write_log
 from nrexp.writers import TensorBoardWriter
 
 log = logging.getLogger("nrexp")
@@ -216,6 +218,10 @@ class StackedMLP:
         parts = self.params[name]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    def grad(self, name: str) -> torch.Tensor:
+        parts = [part.grad for part in self.params[name]]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def _linear(self, h: torch.Tensor, prefix: str) -> torch.Tensor:
         """h (M, B, in) -> (M, B, out). With several stacks, each stack's rows are multiplied by its own
         weights and the outputs joined: (M, B, out) is smaller than the weights a join would copy."""
@@ -288,18 +294,14 @@ class StackedMLP:
 
     # -- the members' own modules, brought up to date when something reads them
     @torch.no_grad()
-    def write_back(self, grads: bool = False) -> None:
-        """Copy every member's slice of the stacks into its own model (and gradients, if asked)."""
+    def write_back(self) -> None:
+        """Copy every member's slice of the stacks into its own model."""
         own, rows = [], []
         for name in self.names:
             flip = _is_linear_weight(name)  # stored (in, out), the member's Linear holds (out, in)
             stacked = self.tensor(name)
             own += self.member_params[name]
             rows += [row.t() if flip else row for row in stacked.unbind()]
-            if grads:
-                grad = torch.cat([part.grad for part in self.params[name]]) if len(self.params[name]) > 1 else self.params[name][0].grad
-                for p, g in zip(self.member_params[name], grad.unbind()):
-                    p.grad = (g.t() if flip else g).contiguous()
         for name, stacked in self.buffers.items():
             own += self.member_buffers[name]
             rows += list(stacked.unbind())
@@ -331,6 +333,66 @@ class StackedMLP:
             optimizer.step()
 
 
+class StackedMonitor:
+    """monitor.LayerMonitor's per-layer statistics, for every member at once, computed on the stacks.
+
+    Each member's own monitor reads the member's own modules: on a logging step that meant copying the
+    stacks and their gradients back into M modules and running M monitors of a few dozen small ops
+    each, which on CPU cost as much as ten training steps of the group. Here each statistic of a layer
+    is one reduction over the member axis of a stacked tensor, and every member's numbers reach the
+    host in one transfer. The definitions are monitor.py's; only the order in which the floats of a
+    norm are summed differs.
+    """
+
+    def __init__(self, net: StackedMLP, member: Member):
+        module_name = {module: name for name, module in member.model.named_modules()}
+        self.net = net
+        self.layer_names = member.monitor.names
+        self.weight_names = [f"{module_name[module]}.weight" for module in member.monitor.modules]
+        assert len(self.weight_names) == len(self.layer_names)  # one Linear per named layer: the MLP's blocks
+        with torch.no_grad():
+            self.init = [net.tensor(name).clone() for name in self.weight_names]
+        self.init_norms = self._norms(self.init)
+        self._before_step: Optional[List[torch.Tensor]] = None
+
+    @staticmethod
+    def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(layers, M): the Frobenius norm of each member's slice of each stacked tensor."""
+        return torch.stack([torch.linalg.vector_norm(t.flatten(1), dim=1) for t in tensors])
+
+    @torch.no_grad()
+    def before_step(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """LayerMonitor.before_step for all members: each statistic (layers, M). Call after backward."""
+        weights = [self.net.tensor(name) for name in self.weight_names]
+        weight_norm = self._norms(weights)
+        stats = {
+            "act_norm": torch.stack([torch.linalg.vector_norm(a.detach().flatten(2).float(), dim=2).mean(1)
+                                     for a in activations]),
+            "grad_norm": self._norms([self.net.grad(name) for name in self.weight_names]),
+            "weight_norm": weight_norm,
+            "weight_change": self._norms(torch._foreach_sub(weights, self.init)) / self.init_norms,
+        }
+        self._before_step = [w.clone() for w in weights]
+        return stats
+
+    @torch.no_grad()
+    def after_step(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Add each member's update ratio ||W_after - W_before|| / ||W_before|| of the step just taken."""
+        after = [self.net.tensor(name) for name in self.weight_names]
+        stats["update_ratio"] = self._norms(torch._foreach_sub(after, self._before_step)) / stats["weight_norm"]
+        self._before_step = None
+        return stats
+
+    def to_host(self, stats: Dict[str, torch.Tensor], scalars: Dict[str, torch.Tensor]) -> List[tuple]:
+        """For each member in stack order, LayerMonitor.to_host's ({metric: {layer: value}}, {tag: value});
+        `scalars` hold one value per member. One device->host copy for the whole group."""
+        n = len(self.layer_names)
+        rows = [stats[k].float() for k in stats] + [v.detach().float().reshape(1, -1) for v in scalars.values()]
+        per_member = torch.cat(rows).T.tolist()
+        return [({k: dict(zip(self.layer_names, flat[i * n:(i + 1) * n])) for i, k in enumerate(stats)},
+                 dict(zip(scalars, flat[len(stats) * n:]))) for flat in per_member]
+
+
 # ------------------------------------------------------------------------------------------------
 # the loop: train.py's, step for step, for all members at once
 
@@ -355,6 +417,7 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
         m.writer.text("run/config", "```\n" + OmegaConf.to_yaml(m.cfg, resolve=True) + "```")
         m.writer.text("run/data_source", f"{data.name} from {data.source} on {device} (fused group of {len(members)})")
     net = StackedMLP(members)
+    monitor = StackedMonitor(net, members[0])
     order = net.members  # stack order: row j of every stacked tensor is order[j]
     steps_per_epoch, batch_size = members[0].batches.steps_per_epoch, first.data.batch_size
     total_steps = t.max_steps or t.epochs * steps_per_epoch
@@ -378,18 +441,26 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
             "steps_since_log": steps_since_log, "init_stats": m.init_stats, "metrics": m.metrics,
             "elapsed_s": time.perf_counter() - started}, rng=m.rng_state())
 
-    def finish(m: Member, status: str, nonfinite_step: Optional[int] = None, signal: Optional[int] = None) -> None:
-        """As the end of train.py's loop, for one member (the members' modules are up to date)."""
+    def evaluate_member(m: Member) -> Dict:
+        """train.py's final probe and evaluation, for one member (its module is up to date)."""
+        saved = torch.get_rng_state()
+        if device.type == "cpu":  # the probe's dropout draws from the member's stream, as its solo run's would
+            torch.set_rng_state(m.rng.get_state())
+        final_stats = final_evaluation(m.model, m.monitor, m.writer, data, m.cfg, step, m.metrics)
+        torch.set_rng_state(saved)
+        return final_stats
+
+    def finish(m: Member, status: str, final_stats: Optional[Dict] = None, nonfinite_step: Optional[int] = None,
+               signal: Optional[int] = None) -> None:
+        """As the end of train.py's loop, for one member (the members' modules are up to date);
+        `final_stats` are evaluate_member's, when it already ran."""
         loop_seconds = (loop_end or time.perf_counter()) - started - eval_seconds  # the step loop alone
-        final_stats = {}
         if status == "interrupted":
+            final_stats = {}
             checkpoint(m)
         else:
-            saved = torch.get_rng_state()
-            if device.type == "cpu":  # the probe's dropout draws from the member's stream, as its solo run's would
-                torch.set_rng_state(m.rng.get_state())
-            final_stats = final_evaluation(m.model, m.monitor, m.writer, data, m.cfg, step, m.metrics)
-            torch.set_rng_state(saved)
+            if final_stats is None:
+                final_stats = evaluate_member(m)
             if status == "completed":
                 checkpoint(m)
         m.summary = finish_run(
@@ -439,22 +510,22 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
                 net.zero_grad()
                 losses.sum().backward()  # member j's parameters get d loss_j: no other loss involves them
                 stats = {}
-                if with_stats:  # the solo monitor, on each member's own module: weights and gradients copied back
-                    net.write_back(grads=True)
-                    stats = {m: m.monitor.before_step([a[j] for a in activations]) for j, m in enumerate(order) if m in alive}
+                if with_stats:  # every member's per-layer statistics at once, as its solo monitor computes them
+                    stats = monitor.before_step(activations)
                 net.step()
                 loss_sum += losses.detach().float()
                 correct_sum += (logits.detach().argmax(-1) == y).sum(1).float()
                 steps_since_log += 1
 
-                if logging_step:
-                    if with_stats:
-                        net.write_back()
+                if logging_step:  # train.log_step for every member, from one transfer
+                    rows = monitor.to_host(monitor.after_step(stats) if with_stats else {}, {
+                        "train/loss": loss_sum / steps_since_log, "train/acc": correct_sum / (steps_since_log * batch_size)})
                     shown = []
-                    for j, m in enumerate(order):
+                    for m, (layer_stats, values) in zip(order, rows):
                         if m in alive:
-                            m.last_stats, values = log_step(m.writer, m.monitor, m.optimizer, step, stats.get(m),
-                                                            loss_sum[j], correct_sum[j], steps_since_log, batch_size, clock)
+                            m.last_stats, values = write_log(m.writer, step, layer_stats, values, since=clock,
+                                                             samples=steps_since_log * batch_size,
+                                                             lr=m.optimizer.param_groups[0]["lr"])
                             if step == 0 and with_stats:
                                 m.init_stats = m.last_stats
                             shown.append(values)
@@ -482,11 +553,12 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
 
         net.write_back()
         loop_end = time.perf_counter()
+        signum = stop.signum if stop.requested else None
+        # Every member's probe and evaluation first, then the writing: the helper process draws each
+        # member's final depth figure (nrexp/figures.py) while the next members are evaluated.
+        final = {m: evaluate_member(m) if signum is None else {} for m in alive}
         for m in list(alive):
-            if stop.requested:
-                finish(m, "interrupted", signal=stop.signum)
-            else:
-                finish(m, "completed")
+            finish(m, "completed" if signum is None else "interrupted", final[m], signal=signum)
     log.info("fused group of %d: set up in %.1f s, %d steps in %.1f s (%.1f s of them evaluating), results "
              "written in %.1f s", len(members), started - set_up, step, loop_end - started, eval_seconds,
              time.perf_counter() - loop_end)

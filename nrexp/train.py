@@ -207,8 +207,16 @@ def log_step(writer: TensorBoardWriter, monitor: LayerMonitor, optimizer, step: 
     Returns (per-layer statistics, scalars) as floats."""
     scalars = {"train/loss": loss_sum / steps, "train/acc": correct_sum / (steps * batch_size)}
     layer_stats, values = monitor.to_host(monitor.after_step(stats) if stats is not None else {}, scalars)
-    values["throughput/samples_per_s"] = steps * batch_size / max(time.perf_counter() - since, 1e-9)
-    values["lr"] = optimizer.param_groups[0]["lr"]
+    return write_log(writer, step, layer_stats, values, samples=steps * batch_size, since=since,
+                     lr=optimizer.param_groups[0]["lr"])
+
+
+def write_log(writer: TensorBoardWriter, step: int, layer_stats: Dict, values: Dict, *, samples: int, since: float,
+              lr: float):
+    """The writing half of log_step, for statistics already on the host (fused.py computes them for
+    all members at once): adds throughput and lr to `values`, returns (layer_stats, values)."""
+    values["throughput/samples_per_s"] = samples / max(time.perf_counter() - since, 1e-9)
+    values["lr"] = lr
     writer.layer_stats(step, layer_stats)
     writer.scalars(step, values)
     if step == 0 and layer_stats:

@@ -6,8 +6,8 @@ TensorBoard tags (the contract `nrexp report` and users rely on):
   A custom-scalars layout puts each per-layer metric's layers in one chart, and `depth/<when>` figures
   plot activation and gradient norm against layer depth (the lecture's plot).
 Cost: the scalars of one step go into one event (one protobuf, not one per tag), and depth figures are
-only recorded during training and drawn by flush()/close(), outside the step loop (matplotlib takes
-tenths of a second per figure, more than hundreds of training steps of a small net).
+drawn by a helper process while the run goes on (nrexp/figures.py: matplotlib takes tenths of a second
+per figure, more than hundreds of training steps of a small net) and written by flush()/close().
 The events live directly in the run dir, so `tensorboard --logdir <sweep dir>` names runs by dir.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping
 
+from nrexp import figures
 from nrexp.monitor import LAYER_METRICS
 
 
@@ -86,96 +87,6 @@ def write_summary(run_dir: Path, summary: Dict) -> None:
     atomic_write(Path(run_dir) / "summary.json", (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
 
 
-def depth_figure(layer_names: List[str], stats: Mapping[str, Mapping[str, float]], title: str):
-    """Activation norm and gradient norm against layer depth, log scale (a new matplotlib Figure)."""
-    return DepthFigure(layer_names).draw(stats, title)
-
-
-class DepthFigure:
-    """One depth figure, redrawn with new values: axes, ticks and labels are built once, which is most
-    of matplotlib's cost (a sweep of tiny runs in one process reuses it across runs).
-
-    `render()` (what runs use) also draws the parts that never change only once: the frames, the x axes
-    with their tick labels and titles. It keeps that picture and, per figure, pastes it back and draws
-    over it only what changes: the two curves, the y axes (their range and ticks follow the data) and
-    the title. Text is most of matplotlib's drawing time, and half of the figure's text is static.
-    """
-
-    METRICS = (("act_norm", "activation norm (mean over batch)"), ("grad_norm", "gradient norm ||dL/dW||"))
-
-    def __init__(self, layer_names: List[str]):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-
-        self.layer_names = list(layer_names)
-        self.fig = Figure(figsize=(8, 3.2), dpi=100)
-        self.canvas = FigureCanvasAgg(self.fig)
-        self.axes = list(self.fig.subplots(1, 2))
-        self.lines = []
-        for ax, (_, label) in zip(self.axes, self.METRICS):
-            (line,) = ax.plot(range(len(self.layer_names)), [1.0] * len(self.layer_names), marker="o", markersize=3)
-            self.lines.append(line)
-            ax.set_xlabel("layer depth (0 = first hidden block, last = head)")
-            ax.set_ylabel(label)
-            ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
-            ax.minorticks_off()  # each tick is a few artists: minor ticks on a log axis were half the drawing
-            ax.grid(True, which="major", alpha=0.3)
-        self.title = self.fig.suptitle("")
-        self.fig.subplots_adjust(left=0.09, right=0.98, bottom=0.16, top=0.86, wspace=0.3)  # fixed: tight_layout is slow
-        self._scales: List[str] = ["linear"] * len(self.axes)
-        self._background = None  # the static parts, drawn once by render()
-
-    def draw(self, stats: Mapping[str, Mapping[str, float]], title: str):
-        """Set the figure to these values (log y scale unless a value is <= 0) and return it."""
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-        for i, (ax, line, (metric, _)) in enumerate(zip(self.axes, self.lines, self.METRICS)):
-            values = [stats[metric][name] for name in self.layer_names]
-            scale = "log" if all(v > 0 for v in values) else "linear"  # never log-scale a zero
-            line.set_ydata(values)
-            ax.relim()  # before a change of scale: the data limits of a previous draw may hold a zero
-            if scale != self._scales[i]:  # a new scale makes new ticks: only when it changes
-                ax.set_yscale(scale)
-                if scale == "log":
-                    # plain-text labels on decades only: matplotlib's default log labels go through
-                    # mathtext, which was most of the figure's cost
-                    ax.yaxis.set_major_locator(LogLocator(base=10, numticks=6))
-                    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-                    ax.yaxis.set_minor_formatter(NullFormatter())
-                ax.minorticks_off()
-                ax.grid(True, which="major", alpha=0.3)
-                self._scales[i] = scale
-            ax.autoscale_view()
-        self.title.set_text(title)
-        return self.fig
-
-    def render(self, stats: Mapping[str, Mapping[str, float]], title: str):
-        """The figure for these values as an RGB image (H, W, 3 uint8 numpy array)."""
-        import numpy as np
-
-        self.draw(stats, title)
-        changing = [*self.lines, *(ax.yaxis for ax in self.axes), self.title]
-        if self._background is None:
-            for artist in changing:  # left out of the full draw below (matplotlib's blitting)
-                artist.set_animated(True)
-            self.canvas.draw()
-            self._background = self.canvas.copy_from_bbox(self.fig.bbox)
-        else:
-            self.canvas.restore_region(self._background)
-        for ax, line in zip(self.axes, self.lines):
-            ax.draw_artist(ax.yaxis)  # ticks, tick labels, grid lines and label of the y axis
-            ax.draw_artist(line)
-        self.fig.draw_artist(self.title)
-        return np.asarray(self.canvas.buffer_rgba())[:, :, :3].copy()
-
-
-_DEPTH_FIGURES: Dict[tuple, DepthFigure] = {}  # the last layer list's figure, kept for the next run in this process
-
-
 # The hyper-parameters every run reports to TensorBoard's HParams tab: (name shown, path in the config).
 # Names follow the command line (`norm=batch`, `optim.lr=0.1`). The set is fixed so that every run of
 # every sweep has the same columns: the HParams tab takes its column list from one run's summary.
@@ -210,7 +121,7 @@ class TensorBoardWriter:
 
         use_fast_event_checksums()
         self.layer_names = layer_names
-        self.pending_figures: List[tuple] = []  # (step, stats, when), drawn by flush()/close()
+        self.pending_figures: List[tuple] = []  # (step, when, stats, title, Future), written by flush()/close()
         self.tb = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
         if purge_step is None:  # a resumed run already has its layout
             self.tb.add_custom_scalars({
@@ -236,33 +147,23 @@ class TensorBoardWriter:
         self._add_scalars(step, values)
 
     def depth_plot(self, step: int, stats: Mapping[str, Mapping[str, float]], when: str) -> None:
-        """Record a depth figure; it is drawn at the next flush() or close(), not in the step loop."""
-        self.pending_figures.append((step, stats, when))
+        """Record a depth figure: drawn now by the helper process (nrexp/figures.py), written at the
+        next flush() or close()."""
+        title = f"{when} (step {step})"
+        self.pending_figures.append((step, when, stats, title, figures.submit(self.layer_names, stats, title)))
 
-    def _draw_pending(self) -> None:
-        pending, self.pending_figures = self.pending_figures, []
-        final_steps = {step for step, _, when in pending if when == "final"}
-        for step, stats, when in pending:
-            if when == "latest" and step in final_steps:  # the final probe at the same step supersedes it
-                continue
-            key = tuple(self.layer_names)
-            if key not in _DEPTH_FIGURES:
-                _DEPTH_FIGURES.clear()
-                _DEPTH_FIGURES[key] = DepthFigure(self.layer_names)
-            self._add_image(f"depth/{when}", _DEPTH_FIGURES[key].render(stats, f"{when} (step {step})"), step)
-
-    def _add_image(self, tag: str, rgb, step: int) -> None:
-        """What SummaryWriter.add_image writes for an (H, W, 3) uint8 image, with the PNG compressed at
-        level 1 instead of 6: 2x faster to encode and ~7% larger for these flat-colored plots."""
-        import io
-
-        from PIL import Image
+    def _write_pending(self) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        png = io.BytesIO()
-        Image.fromarray(rgb).save(png, format="PNG", compress_level=1)
-        image = Summary.Image(height=rgb.shape[0], width=rgb.shape[1], colorspace=3, encoded_image_string=png.getvalue())
-        self.tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        pending, self.pending_figures = self.pending_figures, []
+        final_steps = {step for step, when, *_ in pending if when == "final"}
+        for step, when, stats, title, future in pending:
+            if when == "latest" and step in final_steps:  # the final probe at the same step supersedes it
+                future.cancel()
+                continue
+            height, width, png = figures.result(future, self.layer_names, stats, title)
+            image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
+            self.tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=f"depth/{when}", image=image)]), step)
 
     def hparams(self, step: int, config: Mapping, metrics: Mapping[str, float]) -> None:
         """List this run in TensorBoard's HParams tab: its hyper-parameters and final metrics.
@@ -297,9 +198,9 @@ class TensorBoardWriter:
         self.tb.add_text(tag, text, 0)
 
     def flush(self) -> None:
-        self._draw_pending()
+        self._write_pending()
         self.tb.flush()
 
     def close(self) -> None:
-        self._draw_pending()
+        self._write_pending()
         self.tb.close()

@@ -60,7 +60,9 @@ def test_members_equal_solo_runs(tmp_path, norm):
             for metric, per_layer in solo["layers"][when].items():
                 for layer, value in per_layer.items():
                     assert _close(f["layers"][when][metric][layer], value, rel=1e-3), (i, when, metric, layer)
-        for tag in ("train/loss", "test/acc", "act_norm/block00", "grad_norm/head", "update_ratio/block01"):
+        # every per-layer metric of logging steps (fused.StackedMonitor computes them on the stacks), one layer each
+        for tag in ("train/loss", "train/acc", "test/acc", "act_norm/block00", "grad_norm/head", "update_ratio/block01",
+                    "weight_norm/block01", "weight_change/head", "act_norm/head"):
             a, b = _scalars(tmp_path / f"fused{i}", tag), _scalars(tmp_path / f"solo{i}", tag)
             assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= 2, tag
             assert all(_close(x, y, rel=1e-3) for (_, x), (_, y) in zip(a, b)), (tag, a, b)

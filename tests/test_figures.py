@@ -1,0 +1,86 @@
+"""Depth figures drawn by the helper process (nrexp/figures.py): the very PNG this process would draw,
+and no figure lost when the helper gets Ctrl-C or dies."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from conftest import cli_env
+from nrexp import figures
+
+LAYERS = ["block00", "block01", "block02", "head"]
+
+
+def stats(scale: float):
+    """Per-layer values; scale 0 makes them all zero, which switches the figure's axes to linear."""
+    return {"act_norm": {name: scale * (i + 1) for i, name in enumerate(LAYERS)},
+            "grad_norm": {name: scale / (i + 1) for i, name in enumerate(LAYERS)}}
+
+
+@pytest.fixture
+def fresh_helper():
+    figures.shutdown()
+    figures._helper_failed = False
+    yield
+    figures.shutdown()
+    figures._helper_failed = False
+
+
+def helper_pid() -> int:
+    (pid,) = figures._helper._processes  # the executor's one worker process
+    return pid
+
+
+def test_the_helper_draws_in_another_process_the_png_this_process_draws(fresh_helper):
+    scales = [1.0, 1e3, 0.0, 2.0]  # log, log with other decades, linear, log again: the cached figure's scale changes
+    futures = [figures.submit(LAYERS, stats(s), f"init (step {i})") for i, s in enumerate(scales)]
+    drawn_there = [f.result() for f in futures]
+    assert helper_pid() != os.getpid() and not figures._helper_failed
+    drawn_here = [figures.render_png(LAYERS, stats(s), f"init (step {i})") for i, s in enumerate(scales)]
+    assert drawn_there == drawn_here  # byte for byte
+    assert len({png for _, _, png in drawn_here}) == len(scales)  # and each figure shows its own values
+    height, width, png = drawn_there[0]
+    assert Image.open(io.BytesIO(png)).size == (width, height) == (800, 320)
+
+
+def test_ctrl_c_to_the_process_group_leaves_the_helper_drawing(fresh_helper):
+    figures.submit(LAYERS, stats(1.0), "a").result()
+    pid = helper_pid()
+    os.kill(pid, signal.SIGINT)  # what a terminal's Ctrl-C sends to every process of the group
+    assert figures.result(figures.submit(LAYERS, stats(3.0), "b"), LAYERS, stats(3.0), "b") == \
+        figures.render_png(LAYERS, stats(3.0), "b")
+    assert helper_pid() == pid and not figures._helper_failed
+
+
+def test_a_helper_that_dies_loses_no_figure(fresh_helper):
+    figures.submit(LAYERS, stats(1.0), "a").result()
+    os.kill(helper_pid(), signal.SIGKILL)  # e.g. the OOM killer
+    expected = figures.render_png(LAYERS, stats(5.0), "b")
+    future = figures.submit(LAYERS, stats(5.0), "b")  # queued to the dead helper, or drawn here at once
+    assert figures.result(future, LAYERS, stats(5.0), "b") == expected
+    assert figures._helper_failed  # from now on figures are drawn in this process
+    later = figures.submit(LAYERS, stats(7.0), "c")
+    assert later.done() and later.result() == figures.render_png(LAYERS, stats(7.0), "c")
+
+
+def test_a_script_without_a_main_guard_runs_once(tmp_path):
+    # multiprocessing's spawn re-runs the parent's main script in the child unless the script guards
+    # itself; a user's script that trains in-process must not run twice because a figure was drawn
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "open('runs.txt', 'a').write('run ')\n"
+        "from nrexp import figures\n"
+        "stats = {'act_norm': {'a': 1.0, 'b': 2.0}, 'grad_norm': {'a': 3.0, 'b': 4.0}}\n"
+        "drawn = figures.result(figures.submit(['a', 'b'], stats, 't'), ['a', 'b'], stats, 't')\n"
+        "assert drawn == figures.render_png(['a', 'b'], stats, 't')\n"
+        "print('helper ok' if figures._helper is not None and not figures._helper_failed else 'helper failed')\n")
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "helper ok", proc.stdout + proc.stderr
+    assert (tmp_path / "runs.txt").read_text() == "run "
