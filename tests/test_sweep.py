@@ -176,3 +176,57 @@ def test_preflight_shortcut_leaves_groups_new_keys_and_bad_values_to_hydra(overr
     from nrexp.cli import _with_plain_override
 
     assert _with_plain_override(compose([]), override) is None
+
+
+def _loader_and_sweep_config():
+    """Hydra's config loader and the sweep's own config, as `nrexp train -m ...` has them."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.types import RunMode
+
+    import nrexp
+    from nrexp import config
+
+    config.register()
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(nrexp.config_dir()))
+    return loader, loader.load_configuration(config_name="train", overrides=["seed=0,1"], run_mode=RunMode.MULTIRUN)
+
+
+REFERENCE_JOB = ["norm=batch", "seed=0", "optim.lr=0.1", "model.depth=2", "data.root=/tmp/x"]
+
+
+@pytest.mark.parametrize("job", [["norm=batch", "seed=5", "optim.lr=0.125", "model.depth=4", "data.root=/tmp/x"],
+                                 ["norm=batch", "seed=0", "optim.lr=0.1", "model.depth=2", "data.root=/tmp/y z"],
+                                 REFERENCE_JOB])
+def test_derived_job_config_is_hydras_own_key_for_key(job):
+    """A sweep job's config derived from a composed neighbour's (nrexp.sweep.derive_config: what the basic
+    launcher runs in `nrexp train -m` processes, and the fused launcher) equals Hydra's compose of that job,
+    hydra's own keys (task overrides, override_dirname, the job's dir name) included."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from omegaconf import OmegaConf
+
+    from nrexp.sweep import derive_config
+
+    loader, sweep = _loader_and_sweep_config()
+    compose = ConfigLoaderImpl.load_sweep_config  # Hydra's own (the CLI patches it only in `nrexp train -m` processes)
+    derived = derive_config((REFERENCE_JOB, compose(loader, sweep, REFERENCE_JOB)), job)
+    assert derived is not None
+    expected = compose(loader, sweep, job)
+    assert OmegaConf.to_container(derived) == OmegaConf.to_container(expected)
+    assert derived.hydra.job.override_dirname == expected.hydra.job.override_dirname  # the job's dir name
+    assert derived.hydra.overrides.task == job and f"seed={derived.seed}" in derived.hydra.job.override_dirname
+
+
+@pytest.mark.parametrize("job", [["norm=layer", "seed=0", "optim.lr=0.1", "model.depth=2", "data.root=/tmp/x"],  # a group
+                                 ["norm=batch", "seed=abc", "optim.lr=0.1", "model.depth=2", "data.root=/tmp/x"],  # bad value
+                                 ["norm=batch", "seed=0", "optim.lr=0.1", "model.depth=2"],  # one override fewer
+                                 ["norm=batch", "seed=0", "optim.lr=0.1", "model.depth=2", "+foo=1"],  # a new key
+                                 ["norm=batch", "seed=0", "optim.lr=0.1", "model.depth=2", "data.root=/tmp/x",
+                                  "optim.betas=[0.5,0.75]"]])
+def test_derived_job_config_leaves_everything_else_to_hydra(job):
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    from nrexp.sweep import derive_config
+
+    loader, sweep = _loader_and_sweep_config()
+    assert derive_config((REFERENCE_JOB, ConfigLoaderImpl.load_sweep_config(loader, sweep, REFERENCE_JOB)), job) is None
