@@ -243,6 +243,8 @@ def derive_job_configs_that_differ_in_plain_values() -> None:
     from nrexp.sweep import derive_config
 
     compose = ConfigLoaderImpl.load_sweep_config
+    if hasattr(compose, "hydra_compose"):  # already installed in this process (in-process callers: tests)
+        return
     composed: List[tuple] = []  # (overrides, pristine config) of the jobs Hydra composed, newest last
 
     def load_sweep_config(self, master_config, sweep_overrides):
@@ -256,6 +258,7 @@ def derive_job_configs_that_differ_in_plain_values() -> None:
         composed.append((overrides, copy.deepcopy(config)))  # launchers write into the one they run
         return config
 
+    load_sweep_config.hydra_compose = compose  # type: ignore[attr-defined]
     ConfigLoaderImpl.load_sweep_config = load_sweep_config  # type: ignore[method-assign]
 
 

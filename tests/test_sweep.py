@@ -208,7 +208,8 @@ def test_derived_job_config_is_hydras_own_key_for_key(job):
     from nrexp.sweep import derive_config
 
     loader, sweep = _loader_and_sweep_config()
-    compose = ConfigLoaderImpl.load_sweep_config  # Hydra's own (the CLI patches it only in `nrexp train -m` processes)
+    # Hydra's own compose (`nrexp train -m` replaces it in its process: an in-process sweep may have)
+    compose = getattr(ConfigLoaderImpl.load_sweep_config, "hydra_compose", ConfigLoaderImpl.load_sweep_config)
     derived = derive_config((REFERENCE_JOB, compose(loader, sweep, REFERENCE_JOB)), job)
     assert derived is not None
     expected = compose(loader, sweep, job)
@@ -229,4 +230,30 @@ def test_derived_job_config_leaves_everything_else_to_hydra(job):
     from nrexp.sweep import derive_config
 
     loader, sweep = _loader_and_sweep_config()
-    assert derive_config((REFERENCE_JOB, ConfigLoaderImpl.load_sweep_config(loader, sweep, REFERENCE_JOB)), job) is None
+    compose = getattr(ConfigLoaderImpl.load_sweep_config, "hydra_compose", ConfigLoaderImpl.load_sweep_config)
+    assert derive_config((REFERENCE_JOB, compose(loader, sweep, REFERENCE_JOB)), job) is None
+
+
+def test_sweep_process_composes_one_job_per_group_and_derives_the_others(monkeypatch):
+    """What `nrexp train -m` installs: Hydra composes the first job of each group of overrides; its
+    neighbours that differ in plain values only are derived, each equal to Hydra's compose of it."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from omegaconf import OmegaConf
+
+    from nrexp.cli import derive_job_configs_that_differ_in_plain_values
+
+    hydra_compose = getattr(ConfigLoaderImpl.load_sweep_config, "hydra_compose", ConfigLoaderImpl.load_sweep_config)
+    composed = []
+
+    def counting_compose(self, master_config, overrides):
+        composed.append(list(overrides))
+        return hydra_compose(self, master_config, overrides)
+
+    monkeypatch.setattr(ConfigLoaderImpl, "load_sweep_config", counting_compose)  # restored after the test
+    derive_job_configs_that_differ_in_plain_values()
+    loader, sweep = _loader_and_sweep_config()
+    jobs = [["norm=batch", f"seed={s}"] for s in range(3)] + [["norm=layer", "seed=0"], ["norm=layer", "seed=1"]]
+    configs = [ConfigLoaderImpl.load_sweep_config(loader, sweep, job) for job in jobs]
+    assert composed == [jobs[0], jobs[3]]
+    for job, cfg in zip(jobs, configs):
+        assert OmegaConf.to_container(cfg) == OmegaConf.to_container(hydra_compose(loader, sweep, job)), job
