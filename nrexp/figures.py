@@ -14,8 +14,11 @@ This module imports neither torch nor anything of nrexp that does: it is what th
 from __future__ import annotations
 
 import io
+import os
 import signal
 import sys
+import threading
+import time
 import types
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -124,10 +127,20 @@ def render_png(layer_names: Sequence[str], stats: Stats, title: str) -> Tuple[in
     return rgb.shape[0], rgb.shape[1], png.getvalue()
 
 
-def _ignore_ctrl_c() -> None:
-    """The helper's initializer. Ctrl-C in a terminal signals the whole process group: the run it
-    interrupts still writes its figures (train.py stops cleanly), so the helper must not die of it."""
+def _helper_init(parent: int) -> None:
+    """The helper's initializer.
+    - Ctrl-C in a terminal signals the whole process group: the run it interrupts still writes its
+      figures (train.py stops cleanly), so the helper must not die of it.
+    - If nrexp itself is killed (kill -9, the OOM killer), nothing tells the helper, which would wait
+      for work forever (it holds both ends of its own queue): it leaves once its parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def leave_with_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=leave_with_parent, name="nrexp-figures-watchdog", daemon=True).start()
 
 
 def _start_helper() -> ProcessPoolExecutor:
@@ -135,7 +148,7 @@ def _start_helper() -> ProcessPoolExecutor:
 
     # spawn, not fork: a forked copy of a process that runs torch's thread pools can deadlock
     helper = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_ignore_ctrl_c)
+                                 initializer=_helper_init, initargs=(os.getpid(),))
     # A spawned process first re-runs the parent's main script, unless that script guards itself with
     # `if __name__ == "__main__":` (multiprocessing's rule). The helper needs nothing of it, and a
     # user's unguarded script that trains in-process must not run twice. With a bare __main__ in place

@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -84,3 +86,28 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "helper ok", proc.stdout + proc.stderr
     assert (tmp_path / "runs.txt").read_text() == "run "
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` still runs (an exited one that nobody has reaped yet does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_the_helper_leaves_when_nrexp_is_killed(tmp_path):
+    # nrexp killed outright (kill -9, the OOM killer) cannot stop its helper: the helper must notice
+    code = ("import os\nfrom nrexp import figures\n"
+            "figures.submit(['a'], {'act_norm': {'a': 1.0}, 'grad_norm': {'a': 2.0}}, 't').result()\n"
+            "(pid,) = figures._helper._processes\nprint(pid, flush=True)\n"
+            "os._exit(0)\n")  # gone without a word, as after kill -9
+    out = tmp_path / "out.txt"  # a file, not a pipe: the helper holds the parent's stdout open while it lives
+    with out.open("w") as stdout:
+        subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), stdout=stdout, timeout=120)
+    helper = int(out.read_text())
+    deadline = time.monotonic() + 10
+    while _running(helper) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(helper)
