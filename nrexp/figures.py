@@ -190,8 +190,8 @@ def result(future: Future, layer_names: Sequence[str], stats: Stats, title: str)
 
 
 def shutdown() -> None:
-    """Stop the helper (after it drew what was submitted). Python's exit does this too; nrexp's fast
-    exit (cli.entry) calls it explicitly."""
+    """Stop the helper (after it drew what was submitted). Python's exit does this too, through
+    threading's exit hooks, and so does nrexp's fast exit (cli.entry); tests call it to start afresh."""
     global _helper
     if _helper is not None:
         _helper.shutdown(wait=True)
