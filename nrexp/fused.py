@@ -221,12 +221,6 @@ class StackedMLP:
         return [{**g, "lr": cfg.lr, "params": [self.parts[name_of[p]][k] for p in g["params"]]}
                 for g in param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)]
 
-    def tensor(self, name: str) -> torch.Tensor:
-        return self.params[name]
-
-    def grad(self, name: str) -> torch.Tensor:
-        return self.params[name].grad
-
     def _linear(self, h: torch.Tensor, prefix: str) -> torch.Tensor:
         """h (M, B, in) -> (M, B, out): every member's layer in one batched matmul."""
         return torch.baddbmm(self.params[prefix + "bias"].unsqueeze(1), h, self.params[prefix + "weight"])
@@ -271,9 +265,9 @@ class StackedMLP:
         else:  # unfusable_reason() admits only the norms above
             raise TypeError(f"no stacked form for {type(norm).__name__}")
         if prefix + "weight" in self.params:  # affine: a gain (and, but for RMSNorm, a shift) per member
-            h = h * self.tensor(prefix + "weight").unsqueeze(1)
+            h = h * self.params[prefix + "weight"].unsqueeze(1)
         if prefix + "bias" in self.params:
-            h = h + self.tensor(prefix + "bias").unsqueeze(1)
+            h = h + self.params[prefix + "bias"].unsqueeze(1)
         return h
 
     @torch.no_grad()
@@ -300,7 +294,7 @@ class StackedMLP:
         own, rows = [], []
         for name in self.names:
             flip = _is_linear_weight(name)  # stored (in, out), the member's Linear holds (out, in)
-            stacked = self.tensor(name)
+            stacked = self.params[name]
             own += self.member_params[name]
             rows += [row.t() if flip else row for row in stacked.unbind()]
         for name, stacked in self.buffers.items():
@@ -326,8 +320,10 @@ class StackedMLP:
             member.optimizer.state[member.model.get_parameter(name)] = own
 
     def zero_grad(self) -> None:
-        for name in self.names:
+        for name in self.names:  # the parts' gradients are views of the leaf's: dropped with it
             self.params[name].grad = None
+            for part in self.parts[name]:
+                part.grad = None
 
     def step(self) -> None:
         """One optimizer step of every stack, on the gradients of the group's leaves (see the class doc)."""
@@ -356,7 +352,7 @@ class StackedMonitor:
         self.weight_names = [f"{module_name[module]}.weight" for module in member.monitor.modules]
         assert len(self.weight_names) == len(self.layer_names)  # one Linear per named layer: the MLP's blocks
         with torch.no_grad():
-            self.init = [net.tensor(name).clone() for name in self.weight_names]
+            self.init = [net.params[name].clone() for name in self.weight_names]
         self.init_norms = self._norms(self.init)
         self._before_step: Optional[List[torch.Tensor]] = None
 
@@ -368,12 +364,12 @@ class StackedMonitor:
     @torch.no_grad()
     def before_step(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """LayerMonitor.before_step for all members: each statistic (layers, M). Call after backward."""
-        weights = [self.net.tensor(name) for name in self.weight_names]
+        weights = [self.net.params[name] for name in self.weight_names]
         weight_norm = self._norms(weights)
         stats = {
             "act_norm": torch.stack([torch.linalg.vector_norm(a.detach().flatten(2).float(), dim=2).mean(1)
                                      for a in activations]),
-            "grad_norm": self._norms([self.net.grad(name) for name in self.weight_names]),
+            "grad_norm": self._norms([self.net.params[name].grad for name in self.weight_names]),
             "weight_norm": weight_norm,
             "weight_change": self._norms(torch._foreach_sub(weights, self.init)) / self.init_norms,
         }
@@ -383,7 +379,7 @@ class StackedMonitor:
     @torch.no_grad()
     def after_step(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Add each member's update ratio ||W_after - W_before|| / ||W_before|| of the step just taken."""
-        after = [self.net.tensor(name) for name in self.weight_names]
+        after = [self.net.params[name] for name in self.weight_names]
         stats["update_ratio"] = self._norms(torch._foreach_sub(after, self._before_step)) / stats["weight_norm"]
         self._before_step = None
         return stats
