@@ -272,14 +272,14 @@ def _with_plain_override(base, override: str):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    missing = object()
+    from nrexp.sweep import is_plain_value
+
     try:
         (o,) = OverridesParser.create().parse_overrides([override])
         key = o.key_or_group
         if o.package is not None or o.type != OverrideType.CHANGE or o.is_sweep_override():
             return None  # +key, ~key, key@package: Hydra's own rules
-        node = OmegaConf.select(base, key, default=missing, throw_on_missing=False)
-        if node is missing or OmegaConf.is_config(node):  # a new key, or a config group (norm=batch)
+        if not is_plain_value(base, key):
             return None
         cfg = copy.deepcopy(base)
         OmegaConf.update(cfg, key, o.value(), merge=True)
@@ -460,12 +460,7 @@ def entry() -> None:
 
     # As the interpreter's exit does, in its order: threading's exit hooks (they stop executors such as
     # the depth figures' helper process, nrexp/figures.py), join the threads still working, then atexit.
-    if hasattr(threading, "_shutdown"):
-        threading._shutdown()
-    else:  # not in any CPython nrexp supports; the same without the exit hooks
-        for thread in threading.enumerate():
-            if thread is not threading.main_thread() and not thread.daemon:
-                thread.join()
+    threading._shutdown()
     atexit._run_exitfuncs()
     try:
         sys.stdout.flush()

@@ -174,8 +174,7 @@ def derive_config(reference, overrides: List[str], free_keys: Optional[Sequence[
         simple = all(o.type == OverrideType.CHANGE and o.package is None and not o.is_sweep_override() for o in (a, b))
         if not simple or a.key_or_group != b.key_or_group or (free_keys is not None and b.key_or_group not in free_keys):
             return None
-        node = OmegaConf.select(ref_config, b.key_or_group, default=_MISSING, throw_on_missing=False)
-        if node is _MISSING or OmegaConf.is_config(node):  # a new key, or a config group (norm=batch)
+        if not is_plain_value(ref_config, b.key_or_group):
             return None
         changed.append(b)
     cfg = copy.deepcopy(ref_config)
@@ -192,6 +191,13 @@ def derive_config(reference, overrides: List[str], free_keys: Optional[Sequence[
                                                       item_sep=job.config.override_dirname.item_sep,
                                                       exclude_keys=job.config.override_dirname.exclude_keys)
     return cfg
+
+
+def is_plain_value(cfg, key: str) -> bool:
+    """Whether `key` names an existing plain value of `cfg`: not a new key, not a config group
+    (norm=batch selects a node), not a list (Hydra merges lists by its own rules)."""
+    node = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False)
+    return node is not _MISSING and not OmegaConf.is_config(node)
 
 
 _MISSING = object()
