@@ -200,6 +200,11 @@ class StackedMLP:
                             for name, _ in first.named_buffers()}  # BatchNorm running statistics
         self.optimizer = make_optimizer([g for k in range(len(self.stacks)) for g in self._param_groups(k)],
                                         self.members[0].cfg.optim)
+        # dropout, per kind: (rows that draw masks: (row, its generator, keep), keep of every row as (M, 1, 1))
+        device = self.params[self.names[0]].device
+        self.dropout = {kind: ([(j, m.rng, getattr(m, kind)) for j, m in enumerate(self.members) if getattr(m, kind) < 1.0],
+                               torch.tensor([getattr(m, kind) for m in self.members], device=device).view(-1, 1, 1))
+                        for kind in ("input_keep", "keep")}
         # the members' own tensors, in stack order, for write_back
         self.member_params = {name: [m.model.get_parameter(name) for m in self.members] for name in self.names}
         self.member_buffers = {name: [dict(m.model.named_buffers())[name] for m in self.members] for name in self.buffers}
@@ -230,7 +235,7 @@ class StackedMLP:
     # -- the forward pass: models.MLP.forward and MLPBlock.forward, for every member at once
     def forward(self, x: torch.Tensor, activations: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
         """x (M, B, ...) -> logits (M, B, classes); `activations` gets each block's output, as MLP records."""
-        h = self._dropout(x.flatten(2), [m.input_keep for m in self.members])
+        h = self._dropout(x.flatten(2), "input_keep")
         for name, block in self.blocks:
             prefix = f"blocks.{name}."
             h = self._linear(h, prefix + "linear.")
@@ -239,7 +244,7 @@ class StackedMLP:
             h = block.act(h)  # elementwise: member 0's module serves all
             if not block.norm_before_act:
                 h = self._norm(h, block.norm, prefix + "norm.")
-            h = self._dropout(h, [m.keep for m in self.members])
+            h = self._dropout(h, "keep")
             if activations is not None:
                 activations.append(h)
         logits = self._linear(h, "head.")
@@ -279,14 +284,17 @@ class StackedMLP:
         self.buffers[prefix + "running_var"].mul_(1.0 - momentum).add_(var * (n / (n - 1)), alpha=momentum)
         self.buffers[prefix + "num_batches_tracked"].add_(1)
 
-    def _dropout(self, h: torch.Tensor, keeps: Sequence[float]) -> torch.Tensor:
-        """Each member's dropout on its slice of h, with masks from its own stream (see the module doc)."""
-        if all(keep == 1.0 for keep in keeps):
+    def _dropout(self, h: torch.Tensor, kind: str) -> torch.Tensor:
+        """Each member's dropout (`kind`: its keep or input_keep) on its slice of h, with masks from its
+        own stream (see the module doc)."""
+        draws, keeps = self.dropout[kind]
+        if not draws:
             return h
         masks = torch.ones(h.shape, dtype=h.dtype, device=h.device)  # each member's (B, D) row-major, as alone:
-        for mask, m, keep in zip(masks, self.members, keeps):           # bernoulli_ fills in memory order
-            if keep < 1.0:
-                mask.bernoulli_(keep, generator=m.rng).div_(keep)
+        rows = masks.unbind()                                         # bernoulli_ fills in memory order
+        for j, rng, keep in draws:
+            rows[j].bernoulli_(keep, generator=rng)
+        masks.div_(keeps)  # 0 or 1 / keep, as F.dropout's div_(keep); rows without dropout stay 1
         if masks.stride() != h.stride():  # h feature-major (see _linear): the product (and its backward) in one layout
             masks = torch.empty_like(h).copy_(masks)
         return h * masks
