@@ -418,7 +418,7 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
     for cfg in cfgs:
         validate(cfg)
     set_up = time.perf_counter()
-    first, t = cfgs[0], cfgs[0].trainer
+    first, t = cfgs[0], OmegaConf.to_object(cfgs[0].trainer)  # a plain TrainerConfig, read every step (as train.py)
     device = resolve_device(str(getattr(t.device, "value", t.device)))
     data = load_dataset(first.data, device)
     log.info("fused group of %d members | device %s | data %s (%s): %d train / %d test examples",

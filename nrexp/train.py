@@ -57,7 +57,7 @@ def train(cfg, run_dir: Path, resume: bool = False) -> Dict:
 
 def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
     validate(cfg)
-    t = cfg.trainer
+    t = OmegaConf.to_object(cfg.trainer)  # a plain TrainerConfig: the loop reads it every step (~8 us per DictConfig read)
     device = resolve_device(str(getattr(t.device, "value", t.device)))
     torch.manual_seed(cfg.seed)
 
