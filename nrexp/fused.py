@@ -532,13 +532,14 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
                 correct_sum += (logits.detach().argmax(-1) == y).sum(1).float()
                 steps_since_log += 1
 
-                if logging_step:  # train.log_step for every member, from one transfer
+                if logging_step:  # train.write_log for every member, from one transfer
+                    seconds = time.perf_counter() - clock
                     rows = monitor.to_host(monitor.after_step(stats) if with_stats else {}, {
                         "train/loss": loss_sum / steps_since_log, "train/acc": correct_sum / (steps_since_log * batch_size)})
                     shown = []
                     for m, (layer_stats, values) in zip(order, rows):
                         if m in alive:
-                            m.last_stats, values = write_log(m.writer, step, layer_stats, values, since=clock,
+                            m.last_stats, values = write_log(m.writer, step, layer_stats, values, seconds=seconds,
                                                              samples=steps_since_log * batch_size,
                                                              lr=m.optimizer.param_groups[0]["lr"])
                             if step == 0 and with_stats:

@@ -4,7 +4,9 @@ Read top-down. `train(cfg, run_dir)` is everything one run does; the helpers bel
 
 Per-layer statistics are gathered every `trainer.log_every` steps and at step 0 (the network at init):
 on those steps the forward pass also returns each layer's activation, and after the backward pass the
-monitor computes all norms on the device and copies them to the host once. Other steps run bare.
+monitor captures W, dL/dW and the activations and computes all norms on the device (on CPU on a
+worker thread, while the next step runs: see monitor.py), copied to the host once. The logging step is
+written when they are in, at the latest before the next optimizer step. Other steps run bare.
 
 `step` counts optimizer updates done. Each loop iteration first does the work due at this step
 boundary (checkpoint, then evaluation: both describe the weights after `step` updates), then one
@@ -18,8 +20,10 @@ import math
 import platform
 import sys
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +47,17 @@ log = logging.getLogger("nrexp")
 
 class Diverged(RuntimeError):
     """Raised instead of stopping quietly when trainer.on_nonfinite=raise."""
+
+
+@dataclass
+class PendingLog:
+    """A logging step not written yet: its per-layer statistics may still be computed (see write_log)."""
+    step: int
+    stats: Optional[Future]  # monitor.Capture.statistics(), or None without per-layer statistics
+    scalars: Dict[str, torch.Tensor]  # train/loss and train/acc since the last log, on the device
+    samples: int
+    seconds: float  # training time since the last log: throughput
+    lr: float
 
 
 def train(cfg, run_dir: Path, resume: bool = False) -> Dict:
@@ -95,10 +110,25 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
     correct_sum = torch.tensor(state["correct_sum"], device=device)
     steps_since_log, clock, eval_seconds = state["steps_since_log"], time.perf_counter(), 0.0
     metrics, last_stats = state["metrics"], {}
+    pending_log: Optional[PendingLog] = None
     check_every = 1 if device.type == "cpu" else t.log_every  # on CUDA a per-step check would sync the GPU
     # bf16 autocast of the training forward only; weights, optimizer state and statistics stay fp32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
     with TrainProgress(total_steps, batches.steps_per_epoch, enabled=t.progress) as progress:
+
+        def write_pending_log() -> None:
+            """Write the last logging step: wait for its statistics (usually in by now), one host copy."""
+            nonlocal pending_log, last_stats
+            if pending_log is None:
+                return
+            entry, pending_log = pending_log, None
+            layer_stats, values = monitor.to_host(entry.stats.result() if entry.stats is not None else {}, entry.scalars)
+            last_stats, values = write_log(writer, entry.step, layer_stats, values, samples=entry.samples,
+                                           seconds=entry.seconds, lr=entry.lr)
+            progress.update(entry.step, values)
+            if entry.step == 0 and entry.stats is not None:
+                state["init_stats"] = last_stats
+
         progress.advance_to(step)
         while step < total_steps:
             epoch = step // batches.steps_per_epoch
@@ -107,8 +137,10 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
                     break
                 # -- work due at this boundary, on the weights after `step` updates
                 if step > start_step and t.checkpoint_every and step % t.checkpoint_every == 0:
+                    write_pending_log()
                     checkpoint()
                 if step > 0 and step % eval_every == 0:
+                    write_pending_log()
                     paused = time.perf_counter()
                     metrics.update(evaluate(model, data.test_x, data.test_y, cfg.data.eval_batch_size, "test"))
                     writer.scalars(step, {k: metrics[k] for k in ("test/loss", "test/acc")})
@@ -129,20 +161,20 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
                     loss = F.cross_entropy(logits, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                write_pending_log()  # the last logging step's statistics read W: in before W changes
                 if with_stats:
-                    stats = monitor.before_step(activations)
+                    captured = monitor.capture(activations)  # W, dL/dW, activations as this step found them
                 optimizer.step()
                 loss_sum += loss.detach()
                 correct_sum += (logits.detach().argmax(1) == y).sum()
                 steps_since_log += 1
 
-                if logging_step:
-                    last_stats, values = log_step(writer, monitor, optimizer, step, stats if with_stats else None,
-                                                  loss_sum, correct_sum, steps_since_log, len(y), clock)
+                if logging_step:  # written by write_pending_log, at the latest after the next backward
+                    pending_log = PendingLog(step, captured.statistics() if with_stats else None, {
+                        "train/loss": loss_sum / steps_since_log, "train/acc": correct_sum / (steps_since_log * len(y))},
+                        samples=steps_since_log * len(y), seconds=time.perf_counter() - clock,
+                        lr=optimizer.param_groups[0]["lr"])
                     writer.scalars(step, preact.collect(armed))
-                    progress.update(step, values)
-                    if step == 0 and with_stats:
-                        state["init_stats"] = last_stats
                     loss_sum.zero_(), correct_sum.zero_()
                     steps_since_log, clock = 0, time.perf_counter()
                 step += 1
@@ -156,6 +188,7 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
                     break
             if nonfinite_step is not None or stop.requested:
                 break
+        write_pending_log()
         stop_signal = stop.signum
 
         if nonfinite_step is not None:
@@ -199,23 +232,12 @@ def build(cfg, data: Dataset, device: torch.device):
     return model, build_optimizer(model, cfg.optim), LayerMonitor(model.monitored_layers())
 
 
-def log_step(writer: TensorBoardWriter, monitor: LayerMonitor, optimizer, step: int, stats, loss_sum: torch.Tensor,
-             correct_sum: torch.Tensor, steps: int, batch_size: int, since: float):
-    """Write one logging step: per-layer statistics (`stats` from monitor.before_step, or None), the
-    mean training loss and accuracy over the `steps` steps since the last log, throughput since the
-    clock time `since`, the learning rate. Everything comes to the host in one transfer.
-    Returns (per-layer statistics, scalars) as floats."""
-    scalars = {"train/loss": loss_sum / steps, "train/acc": correct_sum / (steps * batch_size)}
-    layer_stats, values = monitor.to_host(monitor.after_step(stats) if stats is not None else {}, scalars)
-    return write_log(writer, step, layer_stats, values, samples=steps * batch_size, since=since,
-                     lr=optimizer.param_groups[0]["lr"])
-
-
-def write_log(writer: TensorBoardWriter, step: int, layer_stats: Dict, values: Dict, *, samples: int, since: float,
+def write_log(writer: TensorBoardWriter, step: int, layer_stats: Dict, values: Dict, *, samples: int, seconds: float,
               lr: float):
-    """The writing half of log_step, for statistics already on the host (fused.py computes them for
-    all members at once): adds throughput and lr to `values`, returns (layer_stats, values)."""
-    values["throughput/samples_per_s"] = samples / max(time.perf_counter() - since, 1e-9)
+    """Write one logging step, its numbers on the host: per-layer statistics, the scalars `values`
+    (mean training loss and accuracy since the last log), throughput (`samples` in `seconds`) and
+    the learning rate, which are added to `values`. Returns (layer_stats, values)."""
+    values["throughput/samples_per_s"] = samples / max(seconds, 1e-9)
     values["lr"] = lr
     writer.layer_stats(step, layer_stats)
     writer.scalars(step, values)

@@ -55,3 +55,52 @@ def pytest_approx(value):
     import pytest
 
     return pytest.approx(value, rel=1e-4, abs=1e-7)
+
+
+def test_capture_gives_the_numbers_of_before_and_after_step_on_the_worker_thread():
+    """The trainer's path (capture, optimizer step, statistics computed on the monitor's worker thread
+    while the caller goes on) gives exactly before_step's and after_step's numbers."""
+    import copy
+    import os
+
+    from nrexp import monitor as monitor_module
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # leaves a core idle on a multi-core machine: the worker thread is used
+    try:
+        torch.manual_seed(0)
+        cfg = compose(["model.depth=3", "model.width=40", "norm=layer"])
+        model = build_model(cfg, (1, 28, 28), 10)
+        twin = copy.deepcopy(model)
+        x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+        results = []
+        for net, use_capture in ((model, False), (twin, True)):
+            opt = build_optimizer(net, cfg.optim)
+            monitor = LayerMonitor(net.monitored_layers())
+            for _ in range(2):  # momentum and a moved W: every statistic is non-trivial
+                opt.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+            activations = []
+            opt.zero_grad()
+            F.cross_entropy(net(x, activations), y).backward()
+            if use_capture:
+                captured = monitor.capture(activations)
+                opt.step()
+                future = captured.statistics()
+                F.cross_entropy(net(x), y).backward()  # the next step's forward and backward meanwhile
+                stats = future.result()
+            else:
+                stats = monitor.before_step(activations)
+                opt.step()
+                stats = monitor.after_step(stats)
+            results.append(stats)
+        if (os.cpu_count() or 1) > 1:
+            assert monitor_module._worker is not None, "the statistics were not computed on the worker thread"
+        assert results[0].keys() == results[1].keys() == {"act_norm", "grad_norm", "weight_norm", "weight_change",
+                                                           "update_ratio"}
+        for key in results[0]:
+            assert torch.equal(results[0][key], results[1][key]), key
+            assert (results[0][key] > 0).all(), key
+    finally:
+        torch.set_num_threads(threads)
