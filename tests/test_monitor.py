@@ -16,15 +16,7 @@ def test_monitor_matches_plain_forward_and_grad():
     monitor = LayerMonitor(model.monitored_layers())
     x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
 
-    # a few steps first, so that weight_change is not zero
-    for _ in range(3):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    activations = []
-    opt.zero_grad()
-    F.cross_entropy(model(x, activations), y).backward()
+    activations = steps_then_backward(model, opt, x, y, steps=3)  # a few steps first: weight_change is not zero
     stats = monitor.before_step(activations)
     # independent: a plain forward pass through the blocks, layer by layer
     h = x.flatten(1)
@@ -49,6 +41,18 @@ def test_monitor_matches_plain_forward_and_grad():
         assert host["weight_change"][name] == pytest_approx(((weights_before[i] - init).norm() / init.norm()).item())
         assert host["weight_change"][name] > 0
         assert host["update_ratio"][name] == pytest_approx(((w - weights_before[i]).norm() / weights_before[i].norm()).item())
+
+
+def steps_then_backward(model, opt, x, y, steps: int):
+    """`steps` optimizer steps on (x, y), then one more forward (recording activations) and backward."""
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    activations = []
+    opt.zero_grad()
+    F.cross_entropy(model(x, activations), y).backward()
+    return activations
 
 
 def pytest_approx(value):
@@ -77,13 +81,7 @@ def test_capture_gives_the_numbers_of_before_and_after_step_on_the_worker_thread
         for net, use_capture in ((model, False), (twin, True)):
             opt = build_optimizer(net, cfg.optim)
             monitor = LayerMonitor(net.monitored_layers())
-            for _ in range(2):  # momentum and a moved W: every statistic is non-trivial
-                opt.zero_grad()
-                F.cross_entropy(net(x), y).backward()
-                opt.step()
-            activations = []
-            opt.zero_grad()
-            F.cross_entropy(net(x, activations), y).backward()
+            activations = steps_then_backward(net, opt, x, y, steps=2)  # momentum and a moved W: no trivial statistic
             if use_capture:
                 captured = monitor.capture(activations)
                 opt.step()
