@@ -259,6 +259,7 @@ def derive_job_configs_that_differ_in_plain_values() -> None:
         return config
 
     load_sweep_config.hydra_compose = compose  # type: ignore[attr-defined]
+    load_sweep_config.composed = composed  # type: ignore[attr-defined]  # the fused launcher's log counts them
     ConfigLoaderImpl.load_sweep_config = load_sweep_config  # type: ignore[method-assign]
 
 

@@ -21,7 +21,7 @@ import logging
 import re
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
@@ -138,7 +138,7 @@ class SweepStatusTable(Callback):
         wide_console().print(table)
 
 
-def derive_config(reference, overrides: List[str], free_keys: Optional[Sequence[str]] = None):
+def derive_config(reference, overrides: List[str]):
     """The config Hydra would compose for a job whose overrides are the reference job's but for plain
     values, derived from the reference's composed config; None when it can't be (Hydra composes it).
 
@@ -148,9 +148,9 @@ def derive_config(reference, overrides: List[str], free_keys: Optional[Sequence[
     after merging the files is `OmegaConf.update(cfg, key, value, merge=True)` per override, then it
     records the task overrides and `hydra.job.override_dirname` (hydra/_internal/config_loader_impl.py,
     Hydra 1.3). This does those steps on a copy of the reference's config. A changed key must name an
-    existing plain value of the config (and be one of `free_keys`, when given); anything else (a config
-    group, +key, ~key, a value of the wrong type) returns None. tests/test_sweep.py checks the result
-    against Hydra's own compose, key for key, hydra's keys included.
+    existing plain value of the config; anything else (a config group, +key, ~key, a value of the wrong
+    type) returns None. tests/test_sweep.py checks the result against Hydra's own compose, key for key,
+    hydra's keys included.
     """
     import copy
 
@@ -172,7 +172,7 @@ def derive_config(reference, overrides: List[str], free_keys: Optional[Sequence[
         if a.input_line == b.input_line:
             continue
         simple = all(o.type == OverrideType.CHANGE and o.package is None and not o.is_sweep_override() for o in (a, b))
-        if not simple or a.key_or_group != b.key_or_group or (free_keys is not None and b.key_or_group not in free_keys):
+        if not simple or a.key_or_group != b.key_or_group:
             return None
         if not is_plain_value(ref_config, b.key_or_group):
             return None
