@@ -137,7 +137,7 @@ def arm_naive(cfg, data, device, root: Path, steps: int, workers: int):
     from torchvision import transforms
     from torchvision.datasets import MNIST
 
-    from nrexp.data import MNIST_MEAN, MNIST_STD
+    from nrexp.data import MNIST_MEAN, MNIST_STD, epoch_generator
 
     model, optimizer = _fresh_model(cfg, device)
     dataset = MNIST(str(root), train=True, download=False,
@@ -145,7 +145,7 @@ def arm_naive(cfg, data, device, root: Path, steps: int, workers: int):
     # What DataLoader(shuffle=True) builds, with a generator seeded as nrexp seeds epoch 0, so that it
     # draws nrexp's permutation (given to DataLoader itself, the generator would first be used for the
     # workers' base seed and the order would differ)
-    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + 0)
+    gen = epoch_generator(cfg.seed, 0)
     loader = DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=RandomSampler(dataset, generator=gen),
                         num_workers=workers, drop_last=True)
     started = time.perf_counter()
@@ -168,11 +168,12 @@ def arm_bare(cfg, data, device, steps: int):
     import torch
     import torch.nn.functional as F
 
+    from nrexp.data import epoch_generator
+
     model, optimizer = _fresh_model(cfg, device)
     x_all, y_all, batch = data.train_x, data.train_y, cfg.data.batch_size
     started = time.perf_counter()
-    gen = torch.Generator(device=x_all.device).manual_seed(cfg.seed * 100_003 + 0)
-    perm = torch.randperm(len(x_all), device=x_all.device, generator=gen)
+    perm = torch.randperm(len(x_all), generator=epoch_generator(cfg.seed, 0)).to(device)  # nrexp's epoch-0 order
     for i in range(steps):
         idx = perm[i * batch:(i + 1) * batch]
         loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
@@ -495,9 +496,10 @@ def print_table(result: Dict) -> None:
     for row in table_rows(result):
         table.add_row(*row)
     console = Console(width=None if sys.stdout.isatty() else 200)
-    console.print(table)
-    for arm, doc in result["arms"].items():
-        console.print(f"  {arm}: {doc}")
+    if table.row_count:  # --no-arms: only the --cli / --fused lines below
+        console.print(table)
+        for arm, doc in result["arms"].items():
+            console.print(f"  {arm}: {doc}")
     m = result["machine"]
     console.print(f"  machine: {m['nproc']} CPUs, {m['cpu']}, torch {m['torch']} ({m['torch_threads']} threads), "
                   f"device {result['device']}; data: {result['data']['kind']} to {result['data']['train']} train")

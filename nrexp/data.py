@@ -263,10 +263,23 @@ def random_crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: 
     return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """The CPU generator of one epoch's draws. Always on the CPU, whatever the training device: CUDA's
+    generator would give another order for the same seed, so a run would not repeat its data order on
+    another device, and a naive DataLoader(shuffle=True) (nrexp bench's arm a) could not match it."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch + (stream << 40))
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor onto `device` without making the host wait for the GPU (pinned memory, non_blocking);
+    a plain copy from pageable memory would synchronize, once an epoch."""
+    return t if device.type == "cpu" else t.pin_memory().to(device, non_blocking=True)
+
+
 class TrainBatches:
     """Shuffled (and, with `augment`, randomly cropped and flipped) training minibatches on the device.
 
-    Each epoch's order is a `torch.randperm` drawn from a generator seeded by (seed, epoch), so any
+    Each epoch's order is a `torch.randperm` drawn from a CPU generator seeded by (seed, epoch), so any
     epoch's order can be recomputed exactly (used to resume mid-epoch) without storing RNG state.
     The augmentation offsets and flips of a whole epoch are drawn up front from a second generator
     seeded the same way, so they too are a pure function of (seed, epoch, step).
@@ -280,18 +293,18 @@ class TrainBatches:
         self.steps_per_epoch = len(x) // batch_size
 
     def _generator(self, epoch: int, stream: int) -> torch.Generator:
-        return torch.Generator(device=self.x.device).manual_seed(self.seed * 100_003 + epoch + (stream << 40))
+        return epoch_generator(self.seed, epoch, stream)
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        return torch.randperm(len(self.x), device=self.x.device, generator=self._generator(epoch, 0))
+        return to_device(torch.randperm(len(self.x), generator=self._generator(epoch, 0)), self.x.device)
 
     def augmentation(self, epoch: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dy, dx, flip) for every slot of the epoch: offsets in [0, 2 pad], flips with probability 1/2."""
-        gen, n, dev = self._generator(epoch, 1), len(self.x), self.x.device
-        dy = torch.randint(0, 2 * AUGMENT_PAD + 1, (n,), device=dev, generator=gen)
-        dx = torch.randint(0, 2 * AUGMENT_PAD + 1, (n,), device=dev, generator=gen)
-        flip = torch.randint(0, 2, (n,), device=dev, generator=gen).bool()
-        return dy, dx, flip
+        gen, n = self._generator(epoch, 1), len(self.x)
+        dy = torch.randint(0, 2 * AUGMENT_PAD + 1, (n,), generator=gen)
+        dx = torch.randint(0, 2 * AUGMENT_PAD + 1, (n,), generator=gen)
+        flip = torch.randint(0, 2, (n,), generator=gen).bool()
+        return tuple(to_device(t, self.x.device) for t in (dy, dx, flip))
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         perm = self.permutation(epoch)

@@ -433,7 +433,6 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
     steps_per_epoch, batch_size = members[0].batches.steps_per_epoch, first.data.batch_size
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     eval_every = t.eval_every or steps_per_epoch
-    check_every = 1 if device.type == "cpu" else t.log_every  # as train.py: no per-step GPU sync on CUDA
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
 
     alive = list(order)
@@ -551,8 +550,9 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
                 step += 1
                 progress.advance_to(step)
 
-                # -- a member whose loss is non-finite is finished now; the others go on
-                if step % check_every == 0 or logging_step:
+                # -- a member whose loss is non-finite is finished now; the others go on. On CUDA only
+                # at logging steps, whose host copy has synchronized already (as train.py)
+                if device.type == "cpu" or logging_step:
                     finite = torch.isfinite(losses.detach()).tolist()
                     failed = [m for j, m in enumerate(order) if not finite[j] and m in alive]
                     if failed:

@@ -38,10 +38,26 @@ def _block_names(count: int) -> List[str]:
     return [f"block{i:0{digits}d}" for i in range(count)]
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout computed as F.dropout computes it on the CPU, on every device: a mask drawn with
+    `bernoulli_(1 - p)` from the device's default generator, divided by (1 - p), times x.
+
+    On CUDA, F.dropout runs a fused kernel that uses the random stream its own way; a fused sweep
+    (nrexp/fused.py) draws each member's masks with bernoulli_ from the member's own generator, and
+    could not give a member its solo run's masks. This way both draw the same masks on any device.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = 1.0 - self.p
+        return x * torch.empty_like(x).bernoulli_(keep).div_(keep)
+
+
 def _dropout(p: float, spatial: bool = False) -> nn.Module:
     if p <= 0:
         return nn.Identity()
-    return nn.Dropout2d(p) if spatial else nn.Dropout(p)
+    return nn.Dropout2d(p) if spatial else Dropout(p)
 
 
 def weight_layers(module: nn.Module) -> List[nn.Module]:

@@ -111,14 +111,14 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
     steps_since_log, clock, eval_seconds = state["steps_since_log"], time.perf_counter(), 0.0
     metrics, last_stats = state["metrics"], {}
     pending_log: Optional[PendingLog] = None
-    check_every = 1 if device.type == "cpu" else t.log_every  # on CUDA a per-step check would sync the GPU
     # bf16 autocast of the training forward only; weights, optimizer state and statistics stay fp32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
     with TrainProgress(total_steps, batches.steps_per_epoch, enabled=t.progress) as progress:
 
         def write_pending_log() -> None:
-            """Write the last logging step: wait for its statistics (usually in by now), one host copy."""
-            nonlocal pending_log, last_stats
+            """Write the last logging step: wait for its statistics (usually in by now), one host copy.
+            That copy is where CUDA runs see a non-finite loss: the mean since the previous log is one."""
+            nonlocal pending_log, last_stats, nonfinite_step
             if pending_log is None:
                 return
             entry, pending_log = pending_log, None
@@ -126,6 +126,8 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
             last_stats, values = write_log(writer, entry.step, layer_stats, values, samples=entry.samples,
                                            seconds=entry.seconds, lr=entry.lr)
             progress.update(entry.step, values)
+            if nonfinite_step is None and not math.isfinite(values["train/loss"]):
+                nonfinite_step = entry.step
             if entry.step == 0 and entry.stats is not None:
                 state["init_stats"] = last_stats
 
@@ -138,9 +140,13 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
                 # -- work due at this boundary, on the weights after `step` updates
                 if step > start_step and t.checkpoint_every and step % t.checkpoint_every == 0:
                     write_pending_log()
+                    if nonfinite_step is not None:
+                        break
                     checkpoint()
                 if step > 0 and step % eval_every == 0:
                     write_pending_log()
+                    if nonfinite_step is not None:
+                        break
                     paused = time.perf_counter()
                     metrics.update(evaluate(model, data.test_x, data.test_y, cfg.data.eval_batch_size, "test"))
                     writer.scalars(step, {k: metrics[k] for k in ("test/loss", "test/acc")})
@@ -180,9 +186,12 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
                 step += 1
                 progress.advance_to(step)  # a no-op unless a live bar is shown
 
-                # -- a non-finite loss ends the run here
-                if (step % check_every == 0 or logging_step) and not math.isfinite(loss.item()):
+                # -- a non-finite loss ends the run here. On CPU each step's loss is checked (.item() is
+                # free there); on CUDA it would make the host wait for the GPU every step, so a logging
+                # step's host copy checks the mean loss since the last log (write_pending_log).
+                if device.type == "cpu" and not math.isfinite(loss.item()):
                     nonfinite_step = step - 1
+                if nonfinite_step is not None:
                     break
                 if step >= total_steps:
                     break

@@ -87,6 +87,23 @@ def test_dropout_keeps_the_expectation_and_is_identity_in_eval(p):
     assert torch.equal(dropout.eval()(x), x)
 
 
+def test_dropout_draws_the_masks_f_dropout_draws_on_cpu():
+    """nrexp's Dropout is F.dropout's CPU computation on every device (bernoulli_(1 - p), / (1 - p)):
+    on the CPU, from the same random state, the very same output; a wrong keep probability, another
+    draw or another order of operations would not give torch.equal."""
+    import torch.nn.functional as F
+
+    from nrexp.models import Dropout
+
+    x = torch.randn(64, 300)
+    for p in (0.1, 0.5):
+        torch.manual_seed(7)
+        ours = Dropout(p).train()(x)
+        torch.manual_seed(7)
+        assert torch.equal(ours, F.dropout(x, p, training=True)), p
+        assert torch.equal(Dropout(p).eval()(x), x)
+
+
 def test_sgd_weight_decay_shrinks_by_one_minus_lr_lambda():
     torch.manual_seed(0)
     cfg = compose(["optim=sgd", "optim.momentum=0", "optim.lr=0.1", "optim.weight_decay=0.01", "model.depth=1"])

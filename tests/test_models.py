@@ -9,7 +9,7 @@ from torch import nn
 from conftest import compose
 from nrexp.config import ConfigError, NORMS, validate
 from nrexp.init import init_weights
-from nrexp.models import build_model, weight_layers
+from nrexp.models import Dropout, build_model, weight_layers
 from nrexp.monitor import LayerMonitor
 from nrexp.optim import build_optimizer
 
@@ -40,7 +40,7 @@ def test_cnn_blocks_stages_and_pooling():
     assert colour(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("spatial,kind", [(False, nn.Dropout), (True, nn.Dropout2d)])
+@pytest.mark.parametrize("spatial,kind", [(False, Dropout), (True, nn.Dropout2d)])
 def test_cnn_dropout_kind(spatial, kind):
     _, model = build(CNN + ["dropout.p=0.3", f"dropout.spatial={spatial}"])
     assert type(model.blocks["block00"].dropout) is kind
