@@ -33,7 +33,10 @@ class CheckpointError(ConfigError):
 def save_checkpoint(path: Path, model, optimizer, monitor, cfg, state: Dict[str, Any],
                     rng: Optional[Dict[str, Any]] = None) -> None:
     """`rng` replaces entries of the random state stored (default: this process's CPU and CUDA streams);
-    a member of a fused group stores its own dropout stream in the slot its solo run would use."""
+    a member of a fused group stores its own dropout stream in the slot its solo run would use. Tensors
+    in `state` (the trainer's running sums, on the device) are stored as floats: read here, where the
+    host waits for the device anyway, not in the step loop."""
+    state = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
     random_state = {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     payload = {

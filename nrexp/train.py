@@ -100,7 +100,7 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
 
     def checkpoint() -> None:
         save_checkpoint(run_dir / CHECKPOINT, model, optimizer, monitor, cfg, {
-            **state, "step": step, "loss_sum": loss_sum.item(), "correct_sum": correct_sum.item(),
+            **state, "step": step, "loss_sum": loss_sum, "correct_sum": correct_sum,  # to floats in there
             "steps_since_log": steps_since_log, "elapsed_s": state["elapsed_s"] + time.perf_counter() - started})
 
     # ---- the loop
@@ -111,6 +111,7 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
     steps_since_log, clock, eval_seconds = state["steps_since_log"], time.perf_counter(), 0.0
     metrics, last_stats = state["metrics"], {}
     pending_log: Optional[PendingLog] = None
+    each_step = checks_every_step(device)  # else the logging steps' host copies check the loss
     # bf16 autocast of the training forward only; weights, optimizer state and statistics stay fp32
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
     with TrainProgress(total_steps, batches.steps_per_epoch, enabled=t.progress) as progress:
@@ -168,6 +169,8 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 write_pending_log()  # the last logging step's statistics read W: in before W changes
+                if nonfinite_step is not None:  # its loss was non-finite: this step is not taken
+                    break
                 if with_stats:
                     captured = monitor.capture(activations)  # W, dL/dW, activations as this step found them
                 optimizer.step()
@@ -186,18 +189,20 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
                 step += 1
                 progress.advance_to(step)  # a no-op unless a live bar is shown
 
-                # -- a non-finite loss ends the run here. On CPU each step's loss is checked (.item() is
-                # free there); on CUDA it would make the host wait for the GPU every step, so a logging
-                # step's host copy checks the mean loss since the last log (write_pending_log).
-                if device.type == "cpu" and not math.isfinite(loss.item()):
+                # -- a non-finite loss ends the run here (see checks_every_step)
+                if each_step and not math.isfinite(loss.item()):
                     nonfinite_step = step - 1
-                if nonfinite_step is not None:
                     break
                 if step >= total_steps:
                     break
             if nonfinite_step is not None or stop.requested:
                 break
         write_pending_log()
+        if nonfinite_step is None and not each_step and steps_since_log:
+            # the steps after the last logging step, which no log has checked: one host copy at the end
+            _, tail = monitor.to_host({}, {"loss_sum": loss_sum})
+            if not math.isfinite(tail["loss_sum"]):
+                nonfinite_step = step - 1
         stop_signal = stop.signum
 
         if nonfinite_step is not None:
@@ -301,6 +306,14 @@ def finish_run(cfg, run_dir: Path, writer: TensorBoardWriter, *, status: str, st
     if print_table:
         print_summary(summary)
     return summary
+
+
+def checks_every_step(device: torch.device) -> bool:
+    """Whether the loop reads every step's loss to stop at the first NaN/inf: on CPU, where `.item()`
+    costs nothing. On CUDA it would make the host wait for the GPU each step; there the host copy of
+    each logging step checks the mean loss since the previous log instead, and a run stops right
+    after the first logging step whose window holds a non-finite loss."""
+    return device.type == "cpu"
 
 
 def resolve_device(requested: str) -> torch.device:

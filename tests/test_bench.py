@@ -52,7 +52,7 @@ def test_cached_dataset_still_checks_the_batch_size():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_no_host_sync_in_the_cuda_step_loop(tmp_path, monkeypatch):
     """On CUDA the step loop never waits for the GPU, except in the one host copy of a logging step
-    (and evaluation, which is outside the step loop's timing)."""
+    (and evaluation, which is outside the step loop's timing, and checkpoints, which copy the weights)."""
     import nrexp.train as train_mod
     from nrexp.monitor import LayerMonitor
 
@@ -78,6 +78,7 @@ def test_no_host_sync_in_the_cuda_step_loop(tmp_path, monkeypatch):
     monkeypatch.setattr(LayerMonitor, "to_host", allowed(LayerMonitor.to_host))
     monkeypatch.setattr(train_mod, "evaluate", allowed(train_mod.evaluate))
     monkeypatch.setattr(train_mod, "probe", allowed(train_mod.probe))
+    monkeypatch.setattr(train_mod, "save_checkpoint", allowed(train_mod.save_checkpoint))  # a file of the weights
     cfg = compose(["data.source=bundled", "data.train_size=512", "data.batch_size=64", "trainer.device=cuda",
                    "trainer.max_steps=12", "trainer.log_every=5", "trainer.progress=false"])
     try:

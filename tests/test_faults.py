@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import TINY, cli_env, read_summary, run_cli, run_dirs
+from conftest import TINY, cli_env, compose, read_summary, run_cli, run_dirs
 
 BAD_INPUTS = [  # (overrides, words the one-line error must contain)
     (["norm.foo=1"], ["norm.foo", "unknown key"]),
@@ -119,6 +119,26 @@ def test_divergence_stops_at_once_and_is_a_result(tiny_run):
     assert summary["steps"] == summary["diverged_at_step"] + 1 < 50  # stopped right after the bad step
     assert summary["metrics"]["train/loss"] is None  # NaN is stored as null: summary.json stays valid JSON
     assert "non-finite training loss at step" in proc.stdout
+
+
+def test_divergence_without_a_per_step_check_stops_after_the_next_log(tmp_path, monkeypatch):
+    """CUDA's way (no per-step .item(): the logging steps' host copies check the loss), run here on the
+    CPU: the run stops at the first logging step at or after the CPU check's step, right after it."""
+    import nrexp.train as train_mod
+
+    overrides = TINY + ["optim.lr=1e4", "trainer.max_steps=50", "trainer.log_every=5", "trainer.progress=false"]
+    every_step = train_mod.train(compose(overrides), tmp_path / "cpu")
+    monkeypatch.setattr(train_mod, "checks_every_step", lambda device: False)
+    at_logs = train_mod.train(compose(overrides), tmp_path / "cuda-like")
+    first_bad = every_step["diverged_at_step"]
+    assert every_step["status"] == at_logs["status"] == "diverged" and first_bad < 40
+    assert at_logs["diverged_at_step"] == -(-first_bad // 5) * 5  # the first log whose window holds it
+    assert at_logs["steps"] == at_logs["diverged_at_step"] + 1  # stopped before the next optimizer step
+    # a divergence after the last logging step is caught once, at the end
+    tail = compose(TINY + ["optim.lr=1e4", f"trainer.max_steps={first_bad + 3}", "trainer.log_every=100",
+                           "trainer.progress=false"])
+    late = train_mod.train(tail, tmp_path / "late")
+    assert late["status"] == "diverged" and late["diverged_at_step"] == late["steps"] - 1 == first_bad + 2
 
 
 def test_divergence_can_be_an_error(tmp_path):

@@ -174,7 +174,10 @@ def test_ctrl_c_checkpoints_every_member_and_each_resumes_alone(tmp_path):
     final, reference = read_summary(member), read_summary(run_dirs(tmp_path / "outputs")[-1])
     assert final["status"] == "completed" and final["steps"] == reference["steps"] == 400
     for key, value in reference["metrics"].items():
-        assert _close(final["metrics"][key], value, rel=1e-3), (key, final["metrics"][key], value)
+        # accuracies count examples: over 360 steps a batched matmul's rounding can flip one (seen on CUDA:
+        # test/acc 0.847 vs 0.848), so they may differ by a few examples; the losses agree to 1e-3
+        tolerance = {"rel": 0, "abs_": 0.005} if key.endswith("/acc") else {"rel": 1e-3}
+        assert _close(final["metrics"][key], value, **tolerance), (key, final["metrics"][key], value)
 
 
 def test_a_group_that_fails_is_recorded_and_the_sweep_goes_on(tmp_path):
