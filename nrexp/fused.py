@@ -64,7 +64,8 @@ from nrexp.console import TrainProgress
 from nrexp.data import TrainBatches, load_dataset
 from nrexp.optim import make_optimizer, param_groups
 from nrexp.signals import GracefulStop
-from nrexp.train import build, evaluate, final_evaluation, finish_run, resolve_device, write_log
+from nrexp.train import (build, checks_every_step, evaluate, final_evaluation, finish_run, resolve_device,
+                         write_log)
 from nrexp.writers import TensorBoardWriter
 
 log = logging.getLogger("nrexp")
@@ -434,6 +435,7 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     eval_every = t.eval_every or steps_per_epoch
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+    each_step = checks_every_step(device)  # else at logging steps and at the end, as train.py
 
     alive = list(order)
     batch_x = torch.empty(len(order) * batch_size, *data.train_x.shape[1:], dtype=data.train_x.dtype, device=device)
@@ -453,13 +455,14 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
             "elapsed_s": time.perf_counter() - started}, rng=m.rng_state())
 
     def evaluate_member(m: Member) -> Dict:
-        """train.py's final probe and evaluation, for one member (its module is up to date)."""
-        saved = torch.get_rng_state()
-        if device.type == "cpu":  # the probe's dropout draws from the member's stream, as its solo run's would
-            torch.set_rng_state(m.rng.get_state())
-        final_stats = final_evaluation(m.model, m.monitor, m.writer, data, m.cfg, step, m.metrics)
-        torch.set_rng_state(saved)
-        return final_stats
+        """train.py's final probe and evaluation, for one member (its module is up to date). The probe's
+        dropout draws from the member's stream, as its solo run's would, on the CPU or the GPU."""
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(m.rng.get_state(), device)
+            else:
+                torch.set_rng_state(m.rng.get_state())
+            return final_evaluation(m.model, m.monitor, m.writer, data, m.cfg, step, m.metrics)
 
     def finish(m: Member, status: str, final_stats: Optional[Dict] = None, nonfinite_step: Optional[int] = None,
                signal: Optional[int] = None) -> None:
@@ -482,6 +485,18 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
             extra={"fused_group_size": len(members)}, print_table=False)
         acc = m.summary["metrics"]["test/acc"]
         log.info("%s: %s after %d steps, test acc %s", m.run_dir.name, status, step, "n/a" if acc is None else f"{acc:.4f}")
+
+    def stop_diverged(losses: torch.Tensor) -> None:
+        """Finish each member still training whose entry of `losses` (stack order) is not finite."""
+        finite = torch.isfinite(losses).tolist()
+        failed = [m for j, m in enumerate(order) if not finite[j] and m in alive]
+        if failed:
+            net.write_back()
+            for m in failed:
+                log.warning("%s: non-finite training loss at step %d: stopping this member (status diverged); "
+                            "the others go on", m.run_dir.name, step - 1)
+                finish(m, "diverged", nonfinite_step=step - 1)
+                alive.remove(m)
 
     with TrainProgress(total_steps, steps_per_epoch, enabled=t.progress) as progress:
         while step < total_steps and alive and not stop.requested:
@@ -550,22 +565,16 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
                 step += 1
                 progress.advance_to(step)
 
-                # -- a member whose loss is non-finite is finished now; the others go on. On CUDA only
-                # at logging steps, whose host copy has synchronized already (as train.py)
-                if device.type == "cpu" or logging_step:
-                    finite = torch.isfinite(losses.detach()).tolist()
-                    failed = [m for j, m in enumerate(order) if not finite[j] and m in alive]
-                    if failed:
-                        net.write_back()
-                        for m in failed:
-                            log.warning("%s: non-finite training loss at step %d: stopping this member (status "
-                                        "diverged); the others go on", m.run_dir.name, step - 1)
-                            finish(m, "diverged", nonfinite_step=step - 1)
-                            alive.remove(m)
-                        if not alive:
-                            break
+                # -- a member whose loss is non-finite is finished now; the others go on. Without a
+                # check every step (CUDA), at logging steps, whose host copy has synchronized already
+                if each_step or logging_step:
+                    stop_diverged(losses.detach())
+                    if not alive:
+                        break
                 if step >= total_steps:
                     break
+        if not each_step and steps_since_log and alive and not stop.requested:
+            stop_diverged(loss_sum)  # the steps after the last logging step, which no log has checked
 
         net.write_back()
         loop_end = time.perf_counter()

@@ -394,17 +394,17 @@ def probe(model, monitor: LayerMonitor, data: Dataset, batch_size: int) -> Dict[
     """Per-layer statistics of the network as it is now, on the first training batch, without updating it."""
     x, y = data.train_x[:batch_size], data.train_y[:batch_size]
     buffers = {name: b.clone() for name, b in model.named_buffers()}  # BatchNorm running stats stay as they were
-    rng = torch.get_rng_state()  # dropout here must not shift the random stream
-    activations = []
-    loss = F.cross_entropy(model(x, activations), y)
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    stats = monitor.before_step(activations)
-    model.zero_grad(set_to_none=True)
+    # dropout here must not shift the random stream (CPU's, and the GPU's when it runs there)
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        activations = []
+        loss = F.cross_entropy(model(x, activations), y)
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        stats = monitor.before_step(activations)
+        model.zero_grad(set_to_none=True)
     with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
-    torch.set_rng_state(rng)
     layer_stats, _ = monitor.to_host(stats, {})
     return layer_stats
 

@@ -70,17 +70,28 @@ def test_members_equal_solo_runs(tmp_path, norm):
     assert len({round(s["metrics"]["train/loss"], 6) for s in fused}) == 3
 
 
-def test_a_diverging_member_stops_alone(tmp_path):
+@pytest.mark.parametrize("each_step", [True, False], ids=["checked-each-step", "checked-at-logs-as-on-cuda"])
+def test_a_diverging_member_stops_alone(tmp_path, monkeypatch, each_step):
+    import nrexp.fused
+    import nrexp.train
     from nrexp.fused import train_group
     from nrexp.train import train
 
+    for module in (nrexp.train, nrexp.fused):  # False: CUDA's way (no per-step host sync), run on the CPU
+        monkeypatch.setattr(module, "checks_every_step", lambda device: each_step)
     cfgs = [compose(BASE + ["optim.lr=1e4"]), compose(BASE + ["seed=1"])]  # lr 1e4: NaN within a few steps
     fused = train_group(cfgs, [tmp_path / "f0", tmp_path / "f1"])
     solo = [train(cfg, tmp_path / f"s{i}") for i, cfg in enumerate(cfgs)]
     assert fused[0]["status"] == solo[0]["status"] == "diverged"
     assert fused[0]["diverged_at_step"] == solo[0]["diverged_at_step"] < 12
+    assert fused[0]["steps"] == solo[0]["steps"] == solo[0]["diverged_at_step"] + 1
     assert fused[1]["status"] == "completed" and fused[1]["steps"] == 12
     assert all(_close(fused[1]["metrics"][k], v) for k, v in solo[1]["metrics"].items())
+    if not each_step:  # no logging step after step 0: both find the divergence once, at the end
+        late = [compose(BASE + ["optim.lr=1e4", "trainer.log_every=100"]), compose(BASE + ["seed=1", "trainer.log_every=100"])]
+        fused_late, solo_late = train_group(late, [tmp_path / "lf0", tmp_path / "lf1"]), train(late[0], tmp_path / "ls0")
+        assert fused_late[0]["status"] == solo_late["status"] == "diverged" and fused_late[1]["status"] == "completed"
+        assert fused_late[0]["diverged_at_step"] == solo_late["diverged_at_step"] == 11
 
 
 @pytest.mark.parametrize("optim", ["sgd", "adamw"])
