@@ -450,7 +450,7 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
         net.write_back_optimizer_state(m)
         j = order.index(m)
         save_checkpoint(m.run_dir / CHECKPOINT, m.model, m.optimizer, m.monitor, m.cfg, {
-            "step": step, "loss_sum": loss_sum[j].item(), "correct_sum": correct_sum[j].item(),
+            "step": step, "loss_sum": loss_sum[j], "correct_sum": correct_sum[j],
             "steps_since_log": steps_since_log, "init_stats": m.init_stats, "metrics": m.metrics,
             "elapsed_s": time.perf_counter() - started}, rng=m.rng_state())
 
