@@ -49,36 +49,44 @@ def test_cached_dataset_still_checks_the_batch_size():
                      torch.device("cpu"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_no_host_sync_in_the_cuda_step_loop(tmp_path, monkeypatch):
-    """On CUDA the step loop never waits for the GPU, except in the one host copy of a logging step
-    (and evaluation, which is outside the step loop's timing, and checkpoints, which copy the weights)."""
+def _strict_step_loop(monkeypatch, strict_on, strict_off):
+    """Make train.py's progress context (the step loop, and the end of the run inside it) strict, save in
+    what may read from the device: the logging step's one host copy (LayerMonitor.to_host), evaluation,
+    the final probe and checkpoints (which copy the weights)."""
     import nrexp.train as train_mod
     from nrexp.monitor import LayerMonitor
 
     def allowed(fn):
         def wrapped(*args, **kwargs):
-            torch.cuda.set_sync_debug_mode("default")
+            strict_off()
             try:
                 return fn(*args, **kwargs)
             finally:
-                torch.cuda.set_sync_debug_mode("error")
+                strict_on()
         return wrapped
 
     class StrictProgress(train_mod.TrainProgress):
         def __enter__(self):
-            torch.cuda.set_sync_debug_mode("error")
+            strict_on()
             return super().__enter__()
 
         def __exit__(self, *exc):
-            torch.cuda.set_sync_debug_mode("default")
+            strict_off()
             return super().__exit__(*exc)
 
     monkeypatch.setattr(train_mod, "TrainProgress", StrictProgress)
     monkeypatch.setattr(LayerMonitor, "to_host", allowed(LayerMonitor.to_host))
-    monkeypatch.setattr(train_mod, "evaluate", allowed(train_mod.evaluate))
-    monkeypatch.setattr(train_mod, "probe", allowed(train_mod.probe))
-    monkeypatch.setattr(train_mod, "save_checkpoint", allowed(train_mod.save_checkpoint))  # a file of the weights
+    for name in ("evaluate", "probe", "save_checkpoint"):
+        monkeypatch.setattr(train_mod, name, allowed(getattr(train_mod, name)))
+    return train_mod
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_host_sync_in_the_cuda_step_loop(tmp_path, monkeypatch):
+    """On CUDA the step loop never waits for the GPU, except in the one host copy of a logging step
+    (and evaluation, which is outside the step loop's timing, and checkpoints, which copy the weights)."""
+    train_mod = _strict_step_loop(monkeypatch, lambda: torch.cuda.set_sync_debug_mode("error"),
+                                  lambda: torch.cuda.set_sync_debug_mode("default"))
     cfg = compose(["data.source=bundled", "data.train_size=512", "data.batch_size=64", "trainer.device=cuda",
                    "trainer.max_steps=12", "trainer.log_every=5", "trainer.progress=false"])
     try:
@@ -86,6 +94,40 @@ def test_no_host_sync_in_the_cuda_step_loop(tmp_path, monkeypatch):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert summary["status"] == "completed"
+
+
+def test_nrexp_reads_nothing_back_in_the_step_loop_without_a_per_step_check(tmp_path, monkeypatch):
+    """The CPU's stand-in for the CUDA test above, so that CI runs it: with CUDA's way of checking the
+    loss (train.checks_every_step false), nrexp's own code calls none of the tensor methods that copy
+    to the host (.item(), .tolist(), .cpu(), bool(), float(), ...) in the step loop, outside the
+    logging step's host copy, evaluation, probe and checkpoints. (Both host syncs the CUDA test found
+    on a GPU were such calls.)"""
+    import sys
+
+    strict = {"on": False}
+    train_mod = _strict_step_loop(monkeypatch, lambda: strict.update(on=True), lambda: strict.update(on=False))
+    monkeypatch.setattr(train_mod, "checks_every_step", lambda device: False)
+    package = str(REPO / "nrexp")
+    calls = []
+
+    def guarded(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapped(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if strict["on"] and caller.startswith(package):
+                calls.append(f"Tensor.{name} from {caller}:{sys._getframe(1).f_lineno}")
+            return original(self, *args, **kwargs)
+        return wrapped
+
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, guarded(name))
+    cfg = compose(["data.source=bundled", "data.train_size=512", "data.batch_size=64", "trainer.max_steps=12",
+                   "trainer.log_every=5", "trainer.checkpoint_every=6", "trainer.eval_every=4",
+                   "trainer.progress=false", "dropout.p=0.2", "norm=batch"])
+    summary = train_mod.train(cfg, tmp_path)
+    assert summary["status"] == "completed"
+    assert not calls, calls
 
 
 def test_fast_event_checksums_are_tensorboards_own():
