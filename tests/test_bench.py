@@ -130,6 +130,19 @@ def test_nrexp_reads_nothing_back_in_the_step_loop_without_a_per_step_check(tmp_
     assert not calls, calls
 
 
+def test_gpu_check_script_says_in_one_line_that_it_needs_a_gpu(tmp_path):
+    """scripts/gpu_check.sh (the checks for a lent GPU) on a machine without one: one line, exit 2, no output dir."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the script would run its checks")
+    env = dict(cli_env(tmp_path), OUT=str(tmp_path / "out"))
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "30"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "gpu_check: no CUDA GPU is visible to PyTorch here. Fix: run it on a machine with one"]
+    assert not (tmp_path / "out").exists()
+
+
 def test_fast_event_checksums_are_tensorboards_own():
     """The C CRC-32C patched into tensorboard's event writer gives exactly tensorboard's masked checksum
     (event files stay byte for byte the same; tensorboard's reader checks every record with its own)."""
