@@ -26,13 +26,14 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     exit 2
 fi
 mkdir -p "$OUT"
+parallel=$("$PY" -c "import xdist" 2>/dev/null && echo "-n $(( $(nproc) > 14 ? 14 : $(nproc) ))")
 {
 step "machine"
 nvidia-smi -L 2>/dev/null
 "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))"
 
 step "tests that behave differently on CUDA"
-timeout 150 "$PY" -m pytest -p no:cacheprovider -v --tb=short \
+timeout 150 "$PY" -m pytest -p no:cacheprovider -v --tb=short $parallel \
     tests/test_bench.py tests/test_fused.py tests/test_faults.py tests/test_layers.py -k "cuda or sync or reads_nothing or fused or divergence or diverging or dropout or members or resume" \
     > "$OUT/tests_cuda.log" 2>&1
 grep -E "(PASSED|FAILED|ERROR)|passed|failed" "$OUT/tests_cuda.log" | grep -v PASSED | tail -20
@@ -50,7 +51,6 @@ timeout $(( $(left) > 250 ? 140 : $(left) / 2 )) "$PY" -m nrexp bench --device c
     --json "$OUT/bench_fused.json" 2>&1 | tail -6
 
 step "the whole suite on the GPU"
-parallel=$("$PY" -c "import xdist" 2>/dev/null && echo "-n $(( $(nproc) > 14 ? 14 : $(nproc) ))")
 timeout $(( $(left) - 5 )) "$PY" -m pytest -p no:cacheprovider -v --tb=short $parallel > "$OUT/suite.log" 2>&1
 grep -E "FAILED|ERROR" "$OUT/suite.log" | sort -u | tail -30; tail -1 "$OUT/suite.log"
 step "done"
