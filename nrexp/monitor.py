@@ -102,10 +102,16 @@ class LayerMonitor:
 
     @torch.no_grad()
     def before_step(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Statistics of the current weights, activations and gradients (call after backward)."""
-        weights = self.weights()
-        self._before_step = torch._foreach_mul(weights, 1.0)  # copies of W in one fused call, not one per layer
-        return self._statistics(weights, [weight_grad(m) for m in self.modules], activations)
+        """Statistics of the current weights, activations and gradients (call after backward), and a copy
+        of W for after_step's update ratio."""
+        self._before_step = torch._foreach_mul(self.weights(), 1.0)  # copies of W in one fused call, not one per layer
+        return self.current_statistics(activations)
+
+    @torch.no_grad()
+    def current_statistics(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Statistics of the current weights, activations and gradients, without the update ratio
+        (no step follows: the final probe)."""
+        return self._statistics(self.weights(), [weight_grad(m) for m in self.modules], activations)
 
     @torch.no_grad()
     def after_step(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

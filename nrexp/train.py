@@ -116,12 +116,13 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
     with TrainProgress(total_steps, batches.steps_per_epoch, enabled=t.progress) as progress:
 
-        def write_pending_log() -> None:
+        def write_pending_log() -> bool:
             """Write the last logging step: wait for its statistics (usually in by now), one host copy.
-            That copy is where CUDA runs see a non-finite loss: the mean since the previous log is one."""
+            That copy is where CUDA runs see a non-finite loss: the mean since the previous log is one.
+            Returns whether the run has diverged (then no further step is taken)."""
             nonlocal pending_log, last_stats, nonfinite_step
             if pending_log is None:
-                return
+                return nonfinite_step is not None
             entry, pending_log = pending_log, None
             layer_stats, values = monitor.to_host(entry.stats.result() if entry.stats is not None else {}, entry.scalars)
             last_stats, values = write_log(writer, entry.step, layer_stats, values, samples=entry.samples,
@@ -131,6 +132,7 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
                 nonfinite_step = entry.step
             if entry.step == 0 and entry.stats is not None:
                 state["init_stats"] = last_stats
+            return nonfinite_step is not None
 
         progress.advance_to(step)
         while step < total_steps:
@@ -140,13 +142,11 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
                     break
                 # -- work due at this boundary, on the weights after `step` updates
                 if step > start_step and t.checkpoint_every and step % t.checkpoint_every == 0:
-                    write_pending_log()
-                    if nonfinite_step is not None:
+                    if write_pending_log():
                         break
                     checkpoint()
                 if step > 0 and step % eval_every == 0:
-                    write_pending_log()
-                    if nonfinite_step is not None:
+                    if write_pending_log():
                         break
                     paused = time.perf_counter()
                     metrics.update(evaluate(model, data.test_x, data.test_y, cfg.data.eval_batch_size, "test"))
@@ -168,8 +168,7 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
                     loss = F.cross_entropy(logits, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                write_pending_log()  # the last logging step's statistics read W: in before W changes
-                if nonfinite_step is not None:  # its loss was non-finite: this step is not taken
+                if write_pending_log():  # before W changes (its statistics read W); diverged: no step taken
                     break
                 if with_stats:
                     captured = monitor.capture(activations)  # W, dL/dW, activations as this step found them
@@ -400,7 +399,7 @@ def probe(model, monitor: LayerMonitor, data: Dataset, batch_size: int) -> Dict[
         loss = F.cross_entropy(model(x, activations), y)
         model.zero_grad(set_to_none=True)
         loss.backward()
-        stats = monitor.before_step(activations)
+        stats = monitor.current_statistics(activations)
         model.zero_grad(set_to_none=True)
     with torch.no_grad():
         for name, b in model.named_buffers():
