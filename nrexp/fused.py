@@ -49,6 +49,7 @@ import json
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -63,6 +64,7 @@ from nrexp.config import FUSED_FREE_KEYS, validate
 from nrexp.console import TrainProgress
 from nrexp.data import TrainBatches, load_dataset
 from nrexp.optim import make_optimizer, param_groups
+from nrexp.monitor import spare_core
 from nrexp.signals import GracefulStop
 from nrexp.train import (build, checks_every_step, evaluate, final_evaluation, finish_run, resolve_device,
                          write_log)
@@ -206,6 +208,11 @@ class StackedMLP:
         self.dropout = {kind: ([(j, m.rng, getattr(m, kind)) for j, m in enumerate(self.members) if getattr(m, kind) < 1.0],
                                torch.tensor([getattr(m, kind) for m in self.members], device=device).view(-1, 1, 1))
                         for kind in ("input_keep", "keep")}
+        # where forward applies dropout, in order: (kind, features): the input, then each block's output
+        self.dropout_sites = [("input_keep", self.blocks[0][1].linear.in_features)] + \
+                             [("keep", block.linear.out_features) for _, block in self.blocks]
+        self.mask_layouts: Dict[int, tuple] = {}  # site -> (stride, dtype) of its activation, seen by forward
+        self.mask_generators = list({id(m.rng): m.rng for m in self.members if min(m.keep, m.input_keep) < 1.0}.values())
         # the members' own tensors, in stack order, for write_back
         self.member_params = {name: [m.model.get_parameter(name) for m in self.members] for name in self.names}
         self.member_buffers = {name: [dict(m.model.named_buffers())[name] for m in self.members] for name in self.buffers}
@@ -234,10 +241,12 @@ class StackedMLP:
         return out_t.transpose(1, 2)
 
     # -- the forward pass: models.MLP.forward and MLPBlock.forward, for every member at once
-    def forward(self, x: torch.Tensor, activations: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
-        """x (M, B, ...) -> logits (M, B, classes); `activations` gets each block's output, as MLP records."""
-        h = self._dropout(x.flatten(2), "input_keep")
-        for name, block in self.blocks:
+    def forward(self, x: torch.Tensor, masks: Sequence[Optional[torch.Tensor]],
+                activations: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """x (M, B, ...) -> logits (M, B, classes), with `draw_masks`' masks; `activations` gets each
+        block's output, as MLP records."""
+        h = self._dropout(x.flatten(2), masks, 0)
+        for site, (name, block) in enumerate(self.blocks, start=1):
             prefix = f"blocks.{name}."
             h = self._linear(h, prefix + "linear.")
             if block.norm_before_act:
@@ -245,7 +254,7 @@ class StackedMLP:
             h = block.act(h)  # elementwise: member 0's module serves all
             if not block.norm_before_act:
                 h = self._norm(h, block.norm, prefix + "norm.")
-            h = self._dropout(h, "keep")
+            h = self._dropout(h, masks, site)
             if activations is not None:
                 activations.append(h)
         logits = self._linear(h, "head.")
@@ -285,20 +294,41 @@ class StackedMLP:
         self.buffers[prefix + "running_var"].mul_(1.0 - momentum).add_(var * (n / (n - 1)), alpha=momentum)
         self.buffers[prefix + "num_batches_tracked"].add_(1)
 
-    def _dropout(self, h: torch.Tensor, kind: str) -> torch.Tensor:
-        """Each member's dropout (`kind`: its keep or input_keep) on its slice of h, with masks from its
-        own stream (see the module doc)."""
-        draws, keeps = self.dropout[kind]
-        if not draws:
+    def draw_masks(self, batch_size: int) -> List[Optional[torch.Tensor]]:
+        """Every member's dropout masks for one forward pass, one per dropout site (None: nobody drops there).
+
+        A site's masks are (M, B, features), 0 or 1/keep (F.dropout's `bernoulli_(keep)` then `div_(keep)`),
+        each member's (B, features) drawn from its own generator in memory order, as alone; rows of
+        members without dropout are 1. They are laid out as forward's activation there (`mask_layouts`,
+        once forward has seen it), so that the product and its backward run in one layout. Drawn in
+        float32 and then copied to that dtype (bf16 under trainer.precision=bf16): the draws and the
+        values 0 and 1/keep are those of a mask drawn in bf16 (torch.equal, tested on CPU)."""
+        masks: List[Optional[torch.Tensor]] = []
+        for site, (kind, features) in enumerate(self.dropout_sites):
+            draws, keeps = self.dropout[kind]
+            if not draws:
+                masks.append(None)
+                continue
+            mask = torch.ones(len(self.members), batch_size, features, device=keeps.device)
+            rows = mask.unbind()
+            for j, rng, keep in draws:
+                rows[j].bernoulli_(keep, generator=rng)
+            mask.div_(keeps)
+            layout = self.mask_layouts.get(site)
+            if layout is not None and (mask.stride(), mask.dtype) != layout:
+                mask = torch.empty_strided(mask.shape, layout[0], dtype=layout[1], device=mask.device).copy_(mask)
+            masks.append(mask)
+        return masks
+
+    def _dropout(self, h: torch.Tensor, masks: Sequence[Optional[torch.Tensor]], site: int) -> torch.Tensor:
+        """h times the site's masks (see draw_masks); remembers h's layout for the next draws."""
+        mask = masks[site]
+        if mask is None:
             return h
-        masks = torch.ones(h.shape, dtype=h.dtype, device=h.device)  # each member's (B, D) row-major, as alone:
-        rows = masks.unbind()                                         # bernoulli_ fills in memory order
-        for j, rng, keep in draws:
-            rows[j].bernoulli_(keep, generator=rng)
-        masks.div_(keeps)  # 0 or 1 / keep, as F.dropout's div_(keep); rows without dropout stay 1
-        if masks.stride() != h.stride():  # h feature-major (see _linear): the product (and its backward) in one layout
-            masks = torch.empty_like(h).copy_(masks)
-        return h * masks
+        if (mask.stride(), mask.dtype) != (h.stride(), h.dtype):  # h feature-major (see _linear), or bf16
+            self.mask_layouts[site] = (h.stride(), h.dtype)
+            mask = torch.empty_like(h).copy_(mask)
+        return h * mask
 
     # -- the members' own modules, brought up to date when something reads them
     @torch.no_grad()
@@ -343,6 +373,77 @@ class StackedMLP:
             for part, rows in zip(self.parts[name], self.rows):
                 part.grad = grad[rows]
         self.optimizer.step()
+
+
+class StepInputs:
+    """What each step of the group takes besides the weights: every member's minibatch (from its own
+    data order) and its dropout masks (from its own stream), made one step ahead on a spare core.
+
+    Why ahead: on CPU, gathering the members' minibatches and drawing their masks (a `bernoulli_` per
+    member and layer, then each mask's layout) is about a quarter of a group's step. Measured: 16
+    members of a 3 x 100 MLP, half with dropout, one intra-op thread, this project's 2-core CPU:
+    21 -> 15 ms per step at batch 128, 8.6 -> 6.5 ms at batch 32 with that work on the other core.
+    So with fewer intra-op threads than cores (as the monitor's statistics thread), a worker thread
+    makes step s + 1's inputs while step s computes (torch ops release the GIL); otherwise (CUDA,
+    where the kernels run asynchronously anyway, or no spare core) `take` makes them there and then.
+
+    Made ahead, a member's generator has drawn step s + 1's masks while step s is trained. Whatever
+    reads a generator (checkpoints, the final probe, a member that stops) calls `rewind` first: it
+    waits for the step made ahead, puts each generator back to its state before that step's draws and
+    drops it; `take` makes it again, with the same draws.
+    """
+
+    def __init__(self, net: StackedMLP, data, batch_size: int, steps_per_epoch: int, total_steps: int, ahead: bool):
+        self.net, self.data, self.batch_size = net, data, batch_size
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        members = len(net.members)
+        # the group's batch is gathered into reused buffers (a fresh (M, B, 784) tensor per step, 6.4 MB
+        # at 16 x 128, cost the kernel's page faults, ~4x the copy itself); two when one is made ahead
+        self.buffers = [torch.empty(members * batch_size, *data.train_x.shape[1:], dtype=data.train_x.dtype,
+                                    device=data.train_x.device) for _ in range(2 if ahead else 1)]
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="nrexp-inputs", initializer=torch.set_num_threads,
+                                       initargs=(torch.get_num_threads(),)) if ahead else None
+        self.pending: Optional[tuple] = None  # (step, Future of _make(step))
+        self._epoch_orders: tuple = (None, None)  # (epoch, (M, N) example indices: each member's order)
+
+    def take(self, step: int):
+        """(x (M, B, ...), y (M, B), masks) of training step `step`; then starts on the next one."""
+        if self.pending is not None and self.pending[0] == step:
+            inputs = self.pending[1].result()
+            self.pending = None
+        else:
+            self.rewind()
+            inputs = self._make(step)
+        if self.pool is not None and step + 1 < self.total_steps:
+            self.pending = (step + 1, self.pool.submit(self._make, step + 1))
+        return inputs[:3]
+
+    def rewind(self) -> None:
+        """Drop the step made ahead, if any, with its draws (see the class doc)."""
+        if self.pending is None:
+            return
+        _, future = self.pending
+        self.pending = None
+        for rng, state in future.result()[3]:
+            rng.set_state(state)
+
+    def close(self) -> None:
+        self.rewind()
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    @torch.no_grad()
+    def _make(self, step: int):
+        states = [(rng, rng.get_state()) for rng in self.net.mask_generators] if self.pool is not None else []
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if self._epoch_orders[0] != epoch:
+            self._epoch_orders = (epoch, torch.stack([m.batches.permutation(epoch) for m in self.net.members]))
+        idx = self._epoch_orders[1][:, i * self.batch_size:(i + 1) * self.batch_size].reshape(-1)  # member by member
+        members = len(self.net.members)
+        x = torch.index_select(self.data.train_x, 0, idx, out=self.buffers[step % len(self.buffers)])
+        x = x.view(members, self.batch_size, *self.data.train_x.shape[1:])
+        y = self.data.train_y[idx].view(members, self.batch_size)
+        return x, y, self.net.draw_masks(self.batch_size), states
 
 
 class StackedMonitor:
@@ -438,7 +539,7 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
     each_step = checks_every_step(device)  # else at logging steps and at the end, as train.py
 
     alive = list(order)
-    batch_x = torch.empty(len(order) * batch_size, *data.train_x.shape[1:], dtype=data.train_x.dtype, device=device)
+    inputs = StepInputs(net, data, batch_size, steps_per_epoch, total_steps, ahead=spare_core(device))
     loss_sum = torch.zeros(len(order), device=device)  # per member (stack order), since the last log
     correct_sum = torch.zeros(len(order), device=device)
     steps_since_log, step = 0, 0
@@ -447,6 +548,7 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
     eval_seconds = 0.0
 
     def checkpoint(m: Member) -> None:
+        inputs.rewind()  # the member's generator as after `step` steps
         net.write_back_optimizer_state(m)
         j = order.index(m)
         save_checkpoint(m.run_dir / CHECKPOINT, m.model, m.optimizer, m.monitor, m.cfg, {
@@ -491,6 +593,7 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
         finite = torch.isfinite(losses).tolist()
         failed = [m for j, m in enumerate(order) if not finite[j] and m in alive]
         if failed:
+            inputs.rewind()  # their final probe draws from their generators
             net.write_back()
             for m in failed:
                 log.warning("%s: non-finite training loss at step %d: stopping this member (status diverged); "
@@ -500,9 +603,7 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
 
     with TrainProgress(total_steps, steps_per_epoch, enabled=t.progress) as progress:
         while step < total_steps and alive and not stop.requested:
-            epoch = step // steps_per_epoch
-            orders = torch.stack([m.batches.permutation(epoch) for m in order])  # (M, N): each its own order
-            for i in range(step % steps_per_epoch, steps_per_epoch):
+            for _ in range(step % steps_per_epoch, steps_per_epoch):
                 if stop.requested:
                     break
                 # -- work due at this boundary, on the weights after `step` updates (as train.py)
@@ -525,16 +626,12 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
                     clock += time.perf_counter() - paused
 
                 # -- one training step of every member
-                idx = orders[:, i * batch_size:(i + 1) * batch_size].reshape(-1)  # (M * B,): member by member
-                # the group's batch, gathered into the same buffer every step: a fresh (M, B, 784) tensor
-                # per step (6.4 MB at 16 x 128) cost the kernel's page faults, ~4x the copy itself
-                x = torch.index_select(data.train_x, 0, idx, out=batch_x).view(len(order), batch_size, *data.train_x.shape[1:])
-                y = data.train_y[idx].view(len(order), batch_size)
+                x, y, masks = inputs.take(step)
                 logging_step = step % t.log_every == 0
                 with_stats = logging_step and t.layer_stats
                 activations = [] if with_stats else None
                 with autocast:
-                    logits = net.forward(x, activations)
+                    logits = net.forward(x, masks, activations)
                     losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
                 net.zero_grad()
                 losses.sum().backward()  # member j's parameters get d loss_j: no other loss involves them
@@ -576,6 +673,7 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
         if not each_step and steps_since_log and alive and not stop.requested:
             stop_diverged(loss_sum)  # the steps after the last logging step, which no log has checked
 
+        inputs.close()  # the generators as after the last step trained
         net.write_back()
         loop_end = time.perf_counter()
         signum = stop.signum if stop.requested else None

@@ -182,11 +182,16 @@ class Capture:
 _worker: Optional[ThreadPoolExecutor] = None
 
 
-def _worker_thread(device: torch.device) -> Optional[ThreadPoolExecutor]:
-    """The process's statistics thread, when it can use a core the training leaves idle: on CPU, with
+def spare_core(device: torch.device) -> bool:
+    """Whether work on a second Python thread can use a core the training leaves idle: on CPU, with
     fewer intra-op threads than CPUs. (On CUDA the kernels run asynchronously already.)"""
+    return device.type == "cpu" and torch.get_num_threads() < (os.cpu_count() or 1)
+
+
+def _worker_thread(device: torch.device) -> Optional[ThreadPoolExecutor]:
+    """The process's statistics thread, when there is a spare core for it."""
     global _worker
-    if device.type != "cpu" or torch.get_num_threads() >= (os.cpu_count() or 1):
+    if not spare_core(device):
         return None
     if _worker is None:
         threads = torch.get_num_threads()
