@@ -45,6 +45,7 @@ every member (status interrupted); each resumes alone with `nrexp train resume=<
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
@@ -512,6 +513,7 @@ class StackedMonitor:
 
 def train_group(cfgs: Sequence, run_dirs: Sequence[Path]) -> List[Dict]:
     """Train the members `cfgs` (one fusable group) together; return their summaries, in order."""
+    keep_freed_memory()
     with GracefulStop() as stop:
         return _train_group(list(cfgs), [Path(d) for d in run_dirs], stop)
 
@@ -689,6 +691,28 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
         log.warning("stopped by signal %d at step %d; every member wrote a checkpoint. Continue one with: "
                     "nrexp train resume=<its dir>", stop.signum, step)
     return [m.summary for m in members]
+
+
+def keep_freed_memory() -> None:
+    """Have glibc's malloc keep freed memory for the next allocations instead of handing it back to the
+    kernel: heap trimming only beyond 1 GiB free (M_TRIM_THRESHOLD), and blocks up to 32 MiB (the most
+    M_MMAP_THRESHOLD takes) from the heap rather than each mapped anew.
+
+    Why: each step of a group frees and allocates tensors of megabytes (the first layer's weight gradient
+    of 16 members of a 3 x 100 MLP is 5 MB). With glibc's defaults that memory went back to the kernel,
+    and the next step faulted it in again, page by page, zeroed. Measured on `nrexp bench --fused`'s
+    16-job sweep (3 x 100 MLP), one thread, this project's 2-core CPU, without and with this call
+    alternating: at batch 32 the whole fused sweep 8.9 -> 8.6 s (median of 3; each of 6 pairs faster),
+    at batch 128 no measurable change; the same settings through the environment left the basic
+    launcher's loops (tensors 16 times smaller) unchanged. The cost: the process keeps its peak memory
+    until it ends. Not glibc (macOS, musl): nothing happens."""
+    try:
+        libc = ctypes.CDLL(None)
+        if libc.gnu_get_libc_version:  # glibc only: musl has a mallopt that ignores these
+            libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+            libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _mean_of(values: List[Dict[str, float]]) -> Dict[str, float]:
