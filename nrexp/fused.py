@@ -28,7 +28,10 @@ How.
   (`StackedMonitor`, LayerMonitor's definitions). Whenever a member's state is read otherwise
   (evaluation, checkpoints, the end), the stacks are copied back into the members' own modules
   (`StackedMLP.write_back`) and the solo run's own functions do the work: evaluate, probe,
-  save_checkpoint, finish_run.
+  save_checkpoint, finish_run. (A stacked evaluation was tried: 16 members of a 3 x 100 MLP on 1,000
+  test digits took 36-40 ms stacked and 35-37 ms member by member, one thread: already arithmetic.)
+- The minibatches and dropout masks of step s + 1 are made while step s computes, on a core the
+  training leaves idle (`StepInputs`).
 What differs from a solo run is the float rounding of batched matmuls, nothing else: every member's
 run dir is a solo run's dir (its checkpoint resumes as a solo run), and `nrexp report` cannot tell the
 difference; summary.json adds `fused_group_size`.
