@@ -304,22 +304,24 @@ class StackedMLP:
         A site's masks are (M, B, features), 0 or 1/keep (F.dropout's `bernoulli_(keep)` then `div_(keep)`),
         each member's (B, features) drawn from its own generator in memory order, as alone; rows of
         members without dropout are 1. They are laid out as forward's activation there (`mask_layouts`,
-        once forward has seen it), so that the product and its backward run in one layout. Drawn in
-        float32 and then copied to that dtype (bf16 under trainer.precision=bf16): the draws and the
-        values 0 and 1/keep are those of a mask drawn in bf16 (torch.equal, tested on CPU)."""
+        once forward has seen it), so that the product and its backward run in one layout, and drawn in
+        its dtype as the solo run's Dropout draws (bf16 under trainer.precision=bf16). Before forward
+        has seen a site (the first step or two), drawn in float32 and copied: the draws and the values
+        0 and 1/keep are those of a mask drawn in bf16 (torch.equal, tested on CPU)."""
         masks: List[Optional[torch.Tensor]] = []
         for site, (kind, features) in enumerate(self.dropout_sites):
             draws, keeps = self.dropout[kind]
             if not draws:
                 masks.append(None)
                 continue
-            mask = torch.ones(len(self.members), batch_size, features, device=keeps.device)
+            layout = self.mask_layouts.get(site)
+            mask = torch.ones(len(self.members), batch_size, features, device=keeps.device,
+                              dtype=layout[1] if layout else torch.float32)
             rows = mask.unbind()
             for j, rng, keep in draws:
                 rows[j].bernoulli_(keep, generator=rng)
             mask.div_(keeps)
-            layout = self.mask_layouts.get(site)
-            if layout is not None and (mask.stride(), mask.dtype) != layout:
+            if layout is not None and mask.stride() != layout[0]:
                 mask = torch.empty_strided(mask.shape, layout[0], dtype=layout[1], device=mask.device).copy_(mask)
             masks.append(mask)
         return masks

@@ -90,24 +90,29 @@ def test_inputs_made_ahead_are_the_inputs_made_when_taken(tmp_path):
     assert all(torch.equal(a.get_state(), b.get_state()) for a, b in generators)
 
 
-def test_masks_drawn_in_float32_are_those_a_bf16_solo_run_draws(tmp_path):
-    """draw_masks draws in float32 and copies to the activation's dtype; under trainer.precision=bf16 the
-    solo run's Dropout draws into a bf16 tensor. Same generator state, same masks, same state after."""
+def test_masks_are_those_a_bf16_solo_run_draws(tmp_path):
+    """Under trainer.precision=bf16 the solo run's Dropout draws into bf16 tensors. draw_masks draws in the
+    dtype forward saw at each site, and before forward has seen it (the first step) in float32, copied:
+    either way the masks and the generator's state after them are the solo run's."""
     import torch
 
     from nrexp.models import Dropout
 
     cfgs = [compose(BASE + ["dropout.p=0.3", "dropout.input_p=0.1"]), compose(BASE + ["seed=1"])]
-    net, _ = _group(tmp_path, cfgs)
-    rng = net.members[0].rng
-    start = rng.get_state()
-    masks = net.draw_masks(64)
-    ours = [m[0].to(torch.bfloat16) for m in masks]  # member 0, the one with dropout
-    torch.set_rng_state(start)  # the solo run: its dropout modules draw from the global stream, in bf16
-    solo = [Dropout(p).train()(torch.ones(64, features, dtype=torch.bfloat16))
-            for p, features in [(0.1, 784), (0.3, 32), (0.3, 32)]]
-    assert all(torch.equal(a, b) for a, b in zip(ours, solo))
-    assert torch.equal(rng.get_state(), torch.get_rng_state())
+    net, data = _group(tmp_path, cfgs)
+    rng = net.members[0].rng  # member 0 has dropout; its row is drawn first at every site
+    sites = [(0.1, 784), (0.3, 32), (0.3, 32)]  # the input, then the two blocks' outputs
+    for first_step in (True, False):
+        start = rng.get_state()
+        masks = net.draw_masks(64)
+        assert [m.dtype for m in masks] == ([torch.float32] * 3 if first_step else [torch.float32] + [torch.bfloat16] * 2)
+        torch.set_rng_state(start)  # the solo run: its dropout modules draw from the global stream
+        solo = [Dropout(p).train()(torch.ones(64, features, dtype=torch.bfloat16)) for p, features in sites]
+        assert all(torch.equal(m[0].to(torch.bfloat16), s) for m, s in zip(masks, solo))
+        assert torch.equal(rng.get_state(), torch.get_rng_state())
+        if first_step:  # forward records each site's activation: bf16 after the blocks under autocast
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                net.forward(data.train_x[:128].view(2, 64, -1), masks)
 
 
 @pytest.mark.parametrize("norm,ahead", [("none", True), ("layer", True), ("batch", True), ("none", False)],
