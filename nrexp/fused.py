@@ -387,9 +387,11 @@ class StepInputs:
 
     Why ahead: on CPU, gathering the members' minibatches and drawing their masks (a `bernoulli_` per
     member and layer, then each mask's layout) is about a quarter of a group's step. Measured: 16
-    members of a 3 x 100 MLP, half with dropout, one intra-op thread, this project's 2-core CPU:
-    21 -> 15 ms per step at batch 128, 8.6 -> 6.5 ms at batch 32 with that work on the other core.
-    So with fewer intra-op threads than cores (as the monitor's statistics thread), a worker thread
+    members of a 3 x 100 MLP, half with dropout, one intra-op thread, this project's 2-core CPU, a
+    bare step loop: 21 -> 15 ms per step at batch 128, 8.6 -> 6.5 ms at batch 32 with that work on the
+    other core. In `nrexp bench --fused`'s sweep the group's loop went 3.4 -> 2.9 s at batch 128 and
+    changed little at batch 32, where the worker's Python competes with the step's for the GIL and
+    the depth figures' helper process for the core. So with fewer intra-op threads than cores (as the monitor's statistics thread), a worker thread
     makes step s + 1's inputs while step s computes (torch ops release the GIL); otherwise (CUDA,
     where the kernels run asynchronously anyway, or no spare core) `take` makes them there and then.
 
