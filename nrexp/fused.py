@@ -67,8 +67,8 @@ from nrexp.checkpoint import CHECKPOINT, save_checkpoint
 from nrexp.config import FUSED_FREE_KEYS, validate
 from nrexp.console import TrainProgress
 from nrexp.data import TrainBatches, load_dataset
-from nrexp.optim import make_optimizer, param_groups
 from nrexp.monitor import spare_core
+from nrexp.optim import make_optimizer, param_groups
 from nrexp.signals import GracefulStop
 from nrexp.train import (build, checks_every_step, evaluate, final_evaluation, finish_run, resolve_device,
                          write_log)
@@ -391,7 +391,8 @@ class StepInputs:
     bare step loop: 21 -> 15 ms per step at batch 128, 8.6 -> 6.5 ms at batch 32 with that work on the
     other core. In `nrexp bench --fused`'s sweep the group's loop went 3.4 -> 2.9 s at batch 128 and
     changed little at batch 32, where the worker's Python competes with the step's for the GIL and
-    the depth figures' helper process for the core. So with fewer intra-op threads than cores (as the monitor's statistics thread), a worker thread
+    the depth figures' helper process for the core.
+    So with fewer intra-op threads than cores (as the monitor's statistics thread), a worker thread
     makes step s + 1's inputs while step s computes (torch ops release the GIL); otherwise (CUDA,
     where the kernels run asynchronously anyway, or no spare core) `take` makes them there and then.
 
@@ -702,8 +703,8 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
 
 def keep_freed_memory() -> None:
     """Have glibc's malloc keep freed memory for the next allocations instead of handing it back to the
-    kernel: heap trimming only beyond 1 GiB free (M_TRIM_THRESHOLD), and blocks up to 32 MiB (the most
-    M_MMAP_THRESHOLD takes) from the heap rather than each mapped anew.
+    kernel: heap trimming only beyond 1 GiB free (M_TRIM_THRESHOLD), and blocks up to 32 MiB (glibc's
+    documented maximum for M_MMAP_THRESHOLD on 64-bit) from the heap rather than each mapped anew.
 
     Why: each step of a group frees and allocates tensors of megabytes (the first layer's weight gradient
     of 16 members of a 3 x 100 MLP is 5 MB). With glibc's defaults that memory went back to the kernel,
