@@ -317,9 +317,8 @@ class StackedMLP:
             layout = self.mask_layouts.get(site)
             mask = torch.ones(len(self.members), batch_size, features, device=keeps.device,
                               dtype=layout[1] if layout else torch.float32)
-            rows = mask.unbind()
             for j, rng, keep in draws:
-                rows[j].bernoulli_(keep, generator=rng)
+                mask[j].bernoulli_(keep, generator=rng)
             mask.div_(keeps)
             if layout is not None and mask.stride() != layout[0]:
                 mask = torch.empty_strided(mask.shape, layout[0], dtype=layout[1], device=mask.device).copy_(mask)
