@@ -122,6 +122,7 @@ class TensorBoardWriter:
         use_fast_event_checksums()
         self.layer_names = layer_names
         self.pending_figures: List[tuple] = []  # (step, when, stats, title, Future), written by flush()/close()
+        self._layer_summaries: Dict[tuple, object] = {}  # metrics -> the Summary layer_stats fills (see there)
         self.tb = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
         if purge_step is None:  # a resumed run already has its layout
             self.tb.add_custom_scalars({
@@ -140,8 +141,26 @@ class TensorBoardWriter:
         self.tb._get_file_writer().add_summary(summary, step)
 
     def layer_stats(self, step: int, stats: Mapping[str, Mapping[str, float]]) -> None:
-        self._add_scalars(step, {f"{metric}/{layer}": value
-                                 for metric, per_layer in stats.items() for layer, value in per_layer.items()})
+        """`stats[metric][layer]` as `metric/layer`, all in one event. With every layer of the run in
+        order (as the monitor gives them), the event's Summary is built once per set of metrics and
+        only its values are set: building 255 tagged values anew (the 51-layer net, every step with
+        trainer.log_every=1) cost ~0.2 ms a step, as much as a tenth of the statistics."""
+        if not stats:
+            return
+        metrics = tuple(stats)
+        if any(list(per_layer) != self.layer_names for per_layer in stats.values()):  # a subset: the general way
+            self._add_scalars(step, {f"{metric}/{layer}": value
+                                     for metric, per_layer in stats.items() for layer, value in per_layer.items()})
+            return
+        summary = self._layer_summaries.get(metrics)
+        if summary is None:
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            summary = Summary(value=[Summary.Value(tag=f"{metric}/{layer}") for metric in metrics for layer in self.layer_names])
+            self._layer_summaries[metrics] = summary
+        for slot, value in zip(summary.value, (v for per_layer in stats.values() for v in per_layer.values())):
+            slot.simple_value = float(value)
+        self.tb._get_file_writer().add_summary(summary, step)  # serialized here, so the Summary can be reused
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         self._add_scalars(step, values)

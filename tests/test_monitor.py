@@ -63,7 +63,8 @@ def pytest_approx(value):
 
 def test_capture_gives_the_numbers_of_before_and_after_step_on_the_worker_thread():
     """The trainer's path (capture, optimizer step, statistics computed on the monitor's worker thread
-    while the caller goes on) gives exactly before_step's and after_step's numbers."""
+    while the caller goes on) gives exactly before_step's and after_step's numbers, at each of three
+    logging steps in a row (from the second on, capture copies W into the buffers of the one before)."""
     import copy
     import os
 
@@ -81,24 +82,29 @@ def test_capture_gives_the_numbers_of_before_and_after_step_on_the_worker_thread
         for net, use_capture in ((model, False), (twin, True)):
             opt = build_optimizer(net, cfg.optim)
             monitor = LayerMonitor(net.monitored_layers())
-            activations = steps_then_backward(net, opt, x, y, steps=2)  # momentum and a moved W: no trivial statistic
-            if use_capture:
-                captured = monitor.capture(activations)
-                opt.step()
-                future = captured.statistics()
-                F.cross_entropy(net(x), y).backward()  # the next step's forward and backward meanwhile
-                stats = future.result()
-            else:
-                stats = monitor.before_step(activations)
-                opt.step()
-                stats = monitor.after_step(stats)
-            results.append(stats)
+            results.append([])
+            for _ in range(3):
+                activations = steps_then_backward(net, opt, x, y, steps=2)  # momentum and a moved W: no trivial statistic
+                if use_capture:
+                    captured = monitor.capture(activations)
+                    opt.step()
+                    future = captured.statistics()
+                    opt.zero_grad(set_to_none=True)  # the next step's forward and backward meanwhile, as the trainer
+                    F.cross_entropy(net(x), y).backward()  # runs them (new gradient tensors, W not yet changed)
+                    stats = future.result()
+                else:
+                    stats = monitor.before_step(activations)
+                    opt.step()
+                    stats = monitor.after_step(stats)
+                results[-1].append(stats)
         if (os.cpu_count() or 1) > 1:
             assert monitor_module._worker is not None, "the statistics were not computed on the worker thread"
-        assert results[0].keys() == results[1].keys() == {"act_norm", "grad_norm", "weight_norm", "weight_change",
-                                                           "update_ratio"}
-        for key in results[0]:
-            assert torch.equal(results[0][key], results[1][key]), key
-            assert (results[0][key] > 0).all(), key
+        for plain, captured in zip(*results):
+            assert plain.keys() == captured.keys() == {"act_norm", "grad_norm", "weight_norm", "weight_change",
+                                                       "update_ratio"}
+            for key in plain:
+                assert torch.equal(plain[key], captured[key]), key
+                assert (plain[key] > 0).all(), key
+        assert not torch.equal(results[0][0]["weight_norm"], results[0][2]["weight_norm"])  # the steps moved W
     finally:
         torch.set_num_threads(threads)
