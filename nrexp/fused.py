@@ -48,6 +48,7 @@ every member (status interrupted); each resumes alone with `nrexp train resume=<
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -610,7 +611,8 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
                 finish(m, "diverged", nonfinite_step=step - 1)
                 alive.remove(m)
 
-    with TrainProgress(total_steps, steps_per_epoch, enabled=t.progress) as progress:
+    # closing: a group that raises still stops the worker thread that makes its inputs (close() is idempotent)
+    with contextlib.closing(inputs), TrainProgress(total_steps, steps_per_epoch, enabled=t.progress) as progress:
         while step < total_steps and alive and not stop.requested:
             for _ in range(step % steps_per_epoch, steps_per_epoch):
                 if stop.requested:

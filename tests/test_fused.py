@@ -149,6 +149,28 @@ def test_members_equal_solo_runs(tmp_path, monkeypatch, norm, ahead):
     assert len({round(s["metrics"]["train/loss"], 6) for s in fused}) == 3
 
 
+def test_a_group_that_raises_stops_its_inputs_thread(tmp_path, monkeypatch, inputs_ahead):
+    """An error in the step loop propagates (the launcher records it as each member's failure) and leaves
+    no thread behind making inputs for steps that will never run."""
+    import threading
+
+    import nrexp.fused
+    from nrexp.fused import StackedMLP, train_group
+
+    forward = StackedMLP.forward
+
+    def fail_at_step_5(self, *args, **kwargs):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 5:
+            raise RuntimeError("boom")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(nrexp.fused.StackedMLP, "forward", fail_at_step_5)
+    with pytest.raises(RuntimeError, match="boom"):
+        train_group([compose(BASE + m) for m in MEMBERS[:2]], [tmp_path / "f0", tmp_path / "f1"])
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("nrexp-inputs")]
+
+
 @pytest.mark.parametrize("each_step", [True, False], ids=["checked-each-step", "checked-at-logs-as-on-cuda"])
 def test_a_diverging_member_stops_alone(tmp_path, monkeypatch, inputs_ahead, each_step):
     import nrexp.fused
