@@ -643,7 +643,9 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
                 activations = [] if with_stats else None
                 with autocast:
                     logits = net.forward(x, masks, activations)
-                    losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+                    # classes on dim 1 ((M, classes, B): the head's own layout, see _linear): CPU's log_softmax
+                    # over a last dim of 10 classes took ~0.3 ms for 2,048 rows, this ~0.03 ms
+                    losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
                 net.zero_grad()
                 losses.sum().backward()  # member j's parameters get d loss_j: no other loss involves them
                 stats = {}
