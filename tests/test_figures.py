@@ -51,6 +51,14 @@ def test_the_helper_draws_in_another_process_the_png_this_process_draws(fresh_he
     assert Image.open(io.BytesIO(png)).size == (width, height) == (800, 320)
 
 
+def test_the_helper_draws_at_the_lowest_priority(fresh_helper):
+    """Figures wait for the threads that feed the training, not the other way round (figures._helper_init)."""
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    figures.submit(LAYERS, stats(1.0), "a").result()
+    assert os.getpriority(os.PRIO_PROCESS, helper_pid()) == 19
+    assert os.getpriority(os.PRIO_PROCESS, 0) == ours  # this process is left as it was
+
+
 def test_ctrl_c_to_the_process_group_leaves_the_helper_drawing(fresh_helper):
     figures.submit(LAYERS, stats(1.0), "a").result()
     pid = helper_pid()
