@@ -9,9 +9,10 @@ For each monitored layer (a block's weights and its output activation):
 
 W is the weight the layer computes with. A residual block holds two Linear layers; its W is both
 taken together (the Frobenius norm of all its weight entries), so every model reports one number per
-block. The monitor keeps the layer modules, not their weight tensors, and reads `.weight` on every
+block. When any weight is parametrized, the monitor reads `.weight` through the layer modules on every
 call: under weight normalization `.weight` is recomputed from g and v on each access, and a tensor
-stored once would go stale.
+stored once would go stale. Plain weights are Parameters that the optimizer updates in place (as do
+resuming and the fused launcher's write-back), so those are kept.
 
 Weight normalization (w = g v/||v|| per output unit) leaves no gradient on W itself: autograd fills
 dL/dg and dL/dv. The chain rule gives them back exactly, per output unit, with u = v/||v||:
