@@ -148,7 +148,7 @@ class LayerMonitor:
         optimizer step changes the weights it reads, and before the next capture, which copies W
         into the same buffers (allocating them anew each logging step cost more than the copy)."""
         weights = self.weights()
-        if self._copies is None or [c.shape for c in self._copies] != [w.shape for w in weights]:
+        if self._copies is None:
             self._copies = torch._foreach_mul(weights, 1.0)
         else:
             torch._foreach_copy_(self._copies, weights)
