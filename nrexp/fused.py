@@ -268,9 +268,17 @@ class StackedMLP:
         return logits
 
     def _norm(self, h: torch.Tensor, norm: nn.Module, prefix: str) -> torch.Tensor:
-        """Member 0's norm layer `norm` tells the kind; each member's slice of h (M, B, D) is its own."""
+        """Member 0's norm layer `norm` tells the kind; each member's slice of h (M, B, D) is its own.
+
+        In float32 whatever h's dtype, rounded back to it once at the end: what the solo run's norm layer
+        does with a bf16 input under CPU autocast (PyTorch's CPU norm kernels compute in float32 and return
+        the input's dtype). Computed in bf16 (batch statistics, running statistics, affine), one step's
+        weight gradients were 2-13% off the solo run's (tests/test_fused.py). CUDA autocast runs LayerNorm
+        and GroupNorm in float32 and keeps their float32 output; here that output is rounded to bf16,
+        which the next Linear does anyway (not measured on a GPU)."""
         if isinstance(norm, nn.Identity):
             return h
+        dtype, h = h.dtype, h.float()  # no-ops in float32
         features = h.shape[-1]
         if isinstance(norm, nn.BatchNorm1d):
             var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)  # per member and feature, over B
@@ -290,7 +298,7 @@ class StackedMLP:
             h = h * self.params[prefix + "weight"].unsqueeze(1)
         if prefix + "bias" in self.params:
             h = h + self.params[prefix + "bias"].unsqueeze(1)
-        return h
+        return h.to(dtype)
 
     @torch.no_grad()
     def _update_running_stats(self, prefix: str, mean: torch.Tensor, var: torch.Tensor, n: int, momentum: float) -> None:

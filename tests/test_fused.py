@@ -115,6 +115,42 @@ def test_masks_are_those_a_bf16_solo_run_draws(tmp_path):
                 net.forward(data.train_x[:128].view(2, 64, -1), masks)
 
 
+@pytest.mark.parametrize("norm", ["layer", "batch", "rms", "group"])
+def test_under_bf16_members_normalize_in_float32_as_their_solo_modules(tmp_path, norm):
+    """Under trainer.precision=bf16 a solo run's norm layer gets bf16 activations, computes in float32 and
+    rounds its output once (PyTorch's kernels). The stacked forward must too: one step's logits, weight
+    gradients and BatchNorm running statistics are the solo modules' (gains and shifts moved off 1 and 0,
+    so that the affine part counts). Computed in bf16, the norm moved weight gradients by 2-13%."""
+    import torch
+    import torch.nn.functional as F
+
+    cfgs = [compose(TINY + [f"norm={norm}", f"seed={s}", "trainer.precision=bf16"]) for s in range(2)]
+    net, data = _group(tmp_path, cfgs)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in net.params.items():
+            if ".norm." in name:
+                p.add_(0.3 * torch.randn_like(p))
+        net.write_back()
+    x, y = data.train_x[:128].view(2, 64, -1), data.train_y[:128].view(2, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = net.forward(x, [None] * 3)
+        losses = F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").mean(1)
+    net.zero_grad()
+    losses.sum().backward()
+    for j, m in enumerate(net.members):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            solo = m.model(x[j])
+            F.cross_entropy(solo, y[j]).backward()
+        assert torch.allclose(logits[j].float(), solo.float(), rtol=1e-3, atol=1e-3), (norm, j)
+        for name, p in m.model.named_parameters():
+            if p.ndim >= 2:  # the Linear weights (a bias before BatchNorm has a gradient of 0 plus rounding)
+                assert (net.params[name].grad[j] - p.grad).norm() <= 1e-3 * p.grad.norm(), (norm, j, name)
+        for name, buffer in m.model.named_buffers():
+            if buffer.is_floating_point():
+                assert torch.allclose(net.buffers[name][j], buffer, rtol=1e-5, atol=1e-6), (norm, j, name)
+
+
 @pytest.mark.parametrize("norm,ahead", [("none", True), ("layer", True), ("batch", True), ("none", False)],
                          ids=["none", "layer", "batch", "none-inputs-made-when-taken"])
 def test_members_equal_solo_runs(tmp_path, monkeypatch, norm, ahead):
