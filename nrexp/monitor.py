@@ -94,9 +94,12 @@ class LayerMonitor:
         self._before_step: Optional[List[torch.Tensor]] = None
 
     def weights(self) -> List[torch.Tensor]:
-        """The current effective weights, read afresh (see the module docstring)."""
+        """The current effective weights, read afresh (see the module docstring). Plain weights come as
+        their Parameters, not detached: every caller reads them under torch.no_grad(), and 51 `.detach()`
+        calls are 51 releases of the GIL, each a chance for the statistics thread to take it (see
+        activation_norms)."""
         if self._params is not None:
-            return [p.detach() for p in self._params]
+            return list(self._params)
         return [m.weight.detach() for m in self.modules]
 
     def grads(self) -> List[torch.Tensor]:
@@ -154,14 +157,25 @@ class LayerMonitor:
             torch._foreach_copy_(self._copies, weights)
         return Capture(self, self._copies, self.grads(), activations)
 
-    def _statistics(self, weights: List[torch.Tensor], grads: List[torch.Tensor], activations: List[torch.Tensor]):
-        weight_norm, grad_norm, change_norm = self._norms(weights, grads, torch._foreach_sub(weights, self.init_weights))
-        return {
+    def _statistics(self, weights: List[torch.Tensor], grads: List[torch.Tensor], activations: List[torch.Tensor],
+                    after: Optional[List[torch.Tensor]] = None):
+        """The statistics of `weights` (W before the step), their gradients and the activations; with `after`
+        (W after the step) also the update ratio, in the same calls: W - W_init and W_after - W in one
+        `_foreach_sub`, all four norms in one `_foreach_norm` (each call is a GIL release that the
+        statistics thread makes the main thread pay for, see activation_norms). The same numbers as
+        _with_update_ratio's (tests/test_monitor.py compares them bit for bit)."""
+        n = len(weights)
+        differences = torch._foreach_sub([*weights, *(after or [])], [*self.init_weights, *(weights if after else [])])
+        norms = self._norms(weights, grads, differences[:n], *([differences[n:]] if after else []))
+        stats = {
             "act_norm": activation_norms(activations),
-            "grad_norm": grad_norm,
-            "weight_norm": weight_norm,
-            "weight_change": change_norm / self.init_norms,
+            "grad_norm": norms[1],
+            "weight_norm": norms[0],
+            "weight_change": norms[2] / self.init_norms,
         }
+        if after:
+            stats["update_ratio"] = norms[3] / norms[0]
+        return stats
 
     def _with_update_ratio(self, stats: Dict[str, torch.Tensor], before: List[torch.Tensor], after: List[torch.Tensor]):
         (delta,) = self._norms(torch._foreach_sub(after, before))
@@ -202,7 +216,7 @@ class Capture:
     @torch.no_grad()
     def _compute(self, after: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
         m = self.monitor
-        stats = m._with_update_ratio(m._statistics(self.weights, self.grads, self.activations), self.weights, after)
+        stats = m._statistics(self.weights, self.grads, self.activations, after)
         # Let go of this step's gradients and activations now, not when the trainer drops this object at
         # its next logging step: held through the steps between, they kept a few MB more in use, which
         # slowed every step in between (~0.1 ms a step for the 51-layer net at batch 128).
@@ -232,19 +246,34 @@ def _worker_thread(device: torch.device) -> Optional[ThreadPoolExecutor]:
     return _worker
 
 
+@torch.no_grad()
 def activation_norms(activations: List[torch.Tensor]) -> torch.Tensor:
     """Mean over the batch of each example's L2 norm, for each activation, in order.
 
     Activations of the same shape (all hidden blocks of an MLP) are stacked and reduced together: a
     handful of kernels for a 50-layer net instead of four per layer, which matters on small nets
     where each kernel launch costs more than its arithmetic.
+
+    Few calls matter on the statistics thread too: each torch call releases the GIL and takes it back,
+    and each time the main thread, running the next step's small ops, may have to wait for it. A
+    thread making tiny torch calls nonstop slowed a main loop of small ops 3x; one copying 32 MB per
+    call, 3% (this project's 2-core CPU). So no per-layer calls here (no `.detach()`: no_grad instead,
+    no split into per-layer tensors and restack), and the groups joined with one cat.
     """
     groups: Dict[tuple, List[int]] = {}
     for i, a in enumerate(activations):
         groups.setdefault((tuple(a.shape), a.dtype), []).append(i)
-    norms: List[Optional[torch.Tensor]] = [None] * len(activations)
+    parts, order = [], []
     for indices in groups.values():
-        stacked = torch.stack([activations[i].detach() for i in indices]).flatten(2).float()  # (L, B, features)
-        for i, value in zip(indices, torch.linalg.vector_norm(stacked, dim=2).mean(dim=1).unbind()):
-            norms[i] = value
-    return torch.stack(norms)
+        stacked = torch.stack([activations[i] for i in indices])  # (L, B, ...)
+        if stacked.dim() > 3:  # conv feature maps: each example's values as one vector
+            stacked = stacked.flatten(2)
+        if stacked.dtype != torch.float32:  # bf16 activations: the norm in float32
+            stacked = stacked.float()
+        parts.append(torch.linalg.vector_norm(stacked, dim=2).mean(dim=1))
+        order += indices
+    norms = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if order != sorted(order):  # groups interleave (e.g. a CNN's pooled maps between conv blocks): put back
+        position = {layer: k for k, layer in enumerate(order)}
+        norms = norms[torch.tensor([position[i] for i in range(len(order))], device=norms.device)]
+    return norms

@@ -43,6 +43,21 @@ def test_monitor_matches_plain_forward_and_grad():
         assert host["update_ratio"][name] == pytest_approx(((w - weights_before[i]).norm() / weights_before[i].norm()).item())
 
 
+def test_activation_norms_keep_layer_order_across_interleaved_shapes_and_dtypes():
+    """activation_norms reduces same-shaped activations together; the result is still one value per
+    activation in the order given: each example's L2 norm over all its values, averaged over the batch,
+    in float32 (conv maps flattened, bf16 upcast), as computed one activation at a time."""
+    from nrexp.monitor import activation_norms
+
+    torch.manual_seed(0)
+    activations = [torch.randn(8, 5), torch.randn(8, 3, 2, 2), torch.randn(8, 5) * 3, torch.randn(8, 7),
+                   torch.randn(8, 3, 2, 2).bfloat16(), torch.randn(8, 3, 2, 2) * 0.1]
+    expected = torch.stack([a.flatten(1).float().norm(dim=1).mean() for a in activations])
+    got = activation_norms(activations)
+    assert got.dtype == torch.float32 and got.shape == (6,)
+    assert torch.allclose(got, expected, rtol=1e-6), (got, expected)
+
+
 def steps_then_backward(model, opt, x, y, steps: int):
     """`steps` optimizer steps on (x, y), then one more forward (recording activations) and backward."""
     for _ in range(steps):
