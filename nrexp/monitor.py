@@ -166,15 +166,16 @@ class LayerMonitor:
         _with_update_ratio's (tests/test_monitor.py compares them bit for bit)."""
         n = len(weights)
         differences = torch._foreach_sub([*weights, *(after or [])], [*self.init_weights, *(weights if after else [])])
-        norms = self._norms(weights, grads, differences[:n], *([differences[n:]] if after else []))
+        weight_norm, grad_norm, change_norm, *delta = self._norms(weights, grads, differences[:n],
+                                                                   *([differences[n:]] if after else [])).unbind()
         stats = {
             "act_norm": activation_norms(activations),
-            "grad_norm": norms[1],
-            "weight_norm": norms[0],
-            "weight_change": norms[2] / self.init_norms,
+            "grad_norm": grad_norm,
+            "weight_norm": weight_norm,
+            "weight_change": change_norm / self.init_norms,
         }
         if after:
-            stats["update_ratio"] = norms[3] / norms[0]
+            stats["update_ratio"] = delta[0] / weight_norm
         return stats
 
     def _with_update_ratio(self, stats: Dict[str, torch.Tensor], before: List[torch.Tensor], after: List[torch.Tensor]):
