@@ -164,18 +164,20 @@ class LayerMonitor:
         `_foreach_sub`, all four norms in one `_foreach_norm` (each call is a GIL release that the
         statistics thread makes the main thread pay for, see activation_norms). The same numbers as
         _with_update_ratio's (tests/test_monitor.py compares them bit for bit)."""
+        minuends, subtrahends = [*weights], [*self.init_weights]  # W - W_init
+        if after:
+            minuends, subtrahends = minuends + [*after], subtrahends + [*weights]  # and W_after - W
+        differences = torch._foreach_sub(minuends, subtrahends)
         n = len(weights)
-        differences = torch._foreach_sub([*weights, *(after or [])], [*self.init_weights, *(weights if after else [])])
-        weight_norm, grad_norm, change_norm, *delta = self._norms(weights, grads, differences[:n],
-                                                                   *([differences[n:]] if after else [])).unbind()
+        norms = self._norms(weights, grads, *(differences[i:i + n] for i in range(0, len(differences), n))).unbind()
         stats = {
             "act_norm": activation_norms(activations),
-            "grad_norm": grad_norm,
-            "weight_norm": weight_norm,
-            "weight_change": change_norm / self.init_norms,
+            "grad_norm": norms[1],
+            "weight_norm": norms[0],
+            "weight_change": norms[2] / self.init_norms,
         }
         if after:
-            stats["update_ratio"] = delta[0] / weight_norm
+            stats["update_ratio"] = norms[3] / norms[0]
         return stats
 
     def _with_update_ratio(self, stats: Dict[str, torch.Tensor], before: List[torch.Tensor], after: List[torch.Tensor]):
