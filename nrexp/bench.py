@@ -525,7 +525,7 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer samples, a 12k-image dataset, 5 repeats (a few minutes)")
     p.add_argument("--tiny", action="store_true", help="smoke test: tiny data, 1 repeat (seconds; numbers meaningless)")
-    p.add_argument("--samples", type=int, default=None, help="samples per timed measurement (default 8192; quick 4096)")
+    p.add_argument("--samples", type=int, default=None, help="samples per timed measurement (default 32768; quick 4096)")
     p.add_argument("--min-steps", type=int, default=None, help="at least this many steps per measurement (default 16; quick 8)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats per arm (default 5)")
     p.add_argument("--train-size", type=int, default=None,
@@ -559,7 +559,11 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     elif args.quick:
         defaults = dict(samples=4096, repeats=5, train_size=12000, min_steps=8)
     else:
-        defaults = dict(samples=8192, repeats=5, train_size=60000, min_steps=16)
+        # 32,768 samples: 256 steps at batch 128, a dozen periods of the default trainer.log_every=20. At
+        # 8,192 (64 steps, 0.2 s of the 3 x 256 MLP) arm e's time was dominated by its start (the step-0
+        # statistics; 4 logging steps in 64): e/c 0.92 there against 0.97 at 256 steps (11 paired rounds
+        # each, one process, this project's 2-core CPU).
+        defaults = dict(samples=32768, repeats=5, train_size=60000, min_steps=16)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
