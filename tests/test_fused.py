@@ -397,11 +397,14 @@ def test_keep_freed_memory_keeps_what_a_step_frees_for_the_next_step(tmp_path):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}  # glibc's tunables stay default
+    from conftest import cli_env
+
+    # glibc's malloc tunables stay at their defaults, whatever this shell set
+    env = {k: v for k, v in cli_env(tmp_path).items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
     returned = {}
     for setting in ("off", "on"):
         proc = subprocess.run([sys.executable, "-c", KEEPS, setting], env={**env, "OMP_NUM_THREADS": "1"},
-                              capture_output=True, text=True, timeout=120)
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         returned[setting] = [float(mb) for mb in proc.stdout.split()]
     # The premise: with glibc's defaults the first step's 20 MB are mapped blocks, unmapped when freed.
