@@ -373,6 +373,7 @@ def cli_checks(work: Path, sweep_jobs: int, rss: bool, threads: int) -> Dict:
 
 FUSED_SWEEP = ["seed=0,1,2,3", "optim.weight_decay=0,1e-4", "dropout.p=0,0.2", "model.depth=3", "model.width=100",
                "data.source=bundled", "trainer.progress=false"]  # 16 members of a 3 x 100 MLP, 5 epochs of 4,000 digits
+BUNDLED_TRAIN = 4000  # training digits of the bundled sample (nrexp/assets/mnist_sample.npz), which FUSED_SWEEP trains on
 FUSED_TARGETS = {128: 1.3, 32: 2.0}  # whole-sweep speed-up over the basic launcher (issue 8, 2-core CPU)
 
 
@@ -520,34 +521,45 @@ def markdown(result: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _int_at_least(minimum: int):
+    """An argparse type: an int >= minimum, else argparse's one-line error naming the flag."""
+    def parse_int(text: str) -> int:
+        value = int(text)  # not a number: argparse says "invalid int value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse_int.__name__ = "int"
+    return parse_int
+
+
 def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nrexp bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer samples, a 12k-image dataset, 5 repeats (a few minutes)")
     p.add_argument("--tiny", action="store_true", help="smoke test: tiny data, 1 repeat (seconds; numbers meaningless)")
-    p.add_argument("--samples", type=int, default=None, help="samples per timed measurement (default 32768; quick 4096)")
-    p.add_argument("--min-steps", type=int, default=None, help="at least this many steps per measurement (default 16; quick 8)")
-    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats per arm (default 5)")
-    p.add_argument("--train-size", type=int, default=None,
+    p.add_argument("--samples", type=_int_at_least(1), default=None, help="samples per timed measurement (default 32768; quick 4096)")
+    p.add_argument("--min-steps", type=_int_at_least(1), default=None, help="at least this many steps per measurement (default 16; quick 8)")
+    p.add_argument("--repeats", type=_int_at_least(1), default=None, help="interleaved repeats per arm (default 5)")
+    p.add_argument("--train-size", type=_int_at_least(1), default=None,
                    help="training images of the MNIST-like data (default 60000; quick 12000)")
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    p.add_argument("--batches", nargs="+", type=int, default=[128, 1024])
+    p.add_argument("--batches", nargs="+", type=_int_at_least(1), default=[128, 1024])
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(DEFAULT_ARMS),
                    help="which arms to time (default: all but f, the torch.compile arm)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=_int_at_least(0), default=1,
                    help="torch intra-op threads for every arm (default 1: on a small shared machine two "
                         "spinning OpenMP threads make timings swing 5-20x; 0 = torch's default)")
     p.add_argument("--loss-rtol", type=float, default=1e-3, help="largest relative loss difference that counts as agreeing")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up round")
     p.add_argument("--cli", action="store_true",
                    help="also time `nrexp --help`, `nrexp train --cfg job`, a sweep's per-job overhead, peak RSS of `nrexp train`")
-    p.add_argument("--sweep-jobs", type=int, default=32, help="jobs in the --cli sweep (trainer.max_steps=1 each)")
+    p.add_argument("--sweep-jobs", type=_int_at_least(1), default=32, help="jobs in the --cli sweep (trainer.max_steps=1 each)")
     p.add_argument("--fused", action="store_true",
                    help="also time a 16-job sweep of a 3 x 100 MLP under the basic launcher vs hydra/launcher=fused "
                         "(whole sweep, start-up included; ~10 min at the defaults)")
-    p.add_argument("--fused-batches", nargs="+", type=int, default=[128, 32], help="batch sizes of the --fused sweeps")
-    p.add_argument("--fused-repeats", type=int, default=3, help="interleaved repeats of each --fused sweep")
+    p.add_argument("--fused-batches", nargs="+", type=_int_at_least(1), default=[128, 32], help="batch sizes of the --fused sweeps")
+    p.add_argument("--fused-repeats", type=_int_at_least(1), default=3, help="interleaved repeats of each --fused sweep")
     p.add_argument("--no-arms", action="store_true", help="skip the per-step arms (e.g. with --cli or --fused alone)")
     p.add_argument("--json", default="bench.json", help="where to write the results (default ./bench.json)")
     p.add_argument("--markdown", default=None, help="also write the table as markdown here")
@@ -567,6 +579,23 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    # what would otherwise fail minutes in, after other measurements, with a traceback
+    if not args.no_arms and max(args.batches) > args.train_size:
+        p.error(f"--batches {max(args.batches)} is larger than --train-size {args.train_size}: "
+                f"use --train-size {max(args.batches)} or more")
+    if args.fused and max(args.fused_batches) > BUNDLED_TRAIN:
+        p.error(f"--fused-batches {max(args.fused_batches)} is larger than the bundled sample's "
+                f"{BUNDLED_TRAIN} training digits that the fused sweep trains on: use {BUNDLED_TRAIN} or less")
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
+        if path:
+            folder = Path(path).parent
+            try:  # made now, where the results would go anyway
+                folder.mkdir(parents=True, exist_ok=True)
+                writable = os.access(folder, os.W_OK | os.X_OK)
+            except OSError:
+                writable = False
+            if not writable:
+                p.error(f"{flag} {path}: cannot write in {folder}: choose a path in a folder you can write")
     return args
 
 

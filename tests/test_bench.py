@@ -29,6 +29,28 @@ def test_bench_tiny_writes_json_with_all_arms(tmp_path):
     assert "nrexp bench" in proc.stdout
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+    (["--batches", "128", "0"], "argument --batches: must be >= 1, got 0"),
+    (["--threads", "-1"], "argument --threads: must be >= 0, got -1"),
+    (["--train-size", "50", "--batches", "128"], "--batches 128 is larger than --train-size 50: use --train-size 128 or more"),
+    (["--no-arms", "--fused", "--fused-batches", "5000"], "--fused-batches 5000 is larger than the bundled sample's 4000"),
+    (["--json", "{file}/bench.json"], "cannot write in {file}: choose a path in a folder you can write"),
+])
+def test_bad_bench_arguments_get_one_line_before_anything_runs(tmp_path, args, says):
+    """Each of these used to fail with a traceback, some only after minutes of other measurements."""
+    from conftest import run_cli
+
+    (tmp_path / "file").write_text("a file, not a folder")
+    args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
+    proc = run_cli(["bench", *args], cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("nrexp bench: error: ") and says.replace("{file}", str(tmp_path / "file")) in last, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written, no bench.json
+
+
 def test_dataset_is_cached_per_process_by_its_key():
     from nrexp.data import load_dataset
 
