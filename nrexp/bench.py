@@ -535,9 +535,11 @@ def _int_at_least(minimum: int):
 def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nrexp bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer samples, a 12k-image dataset, 5 repeats (a few minutes)")
+    p.add_argument("--quick", action="store_true", help="fewer samples, a 12k-image dataset, 5 repeats (a few minutes; e/c reads low there: 32 steps "
+                        "at batch 128 are mostly a run's start, see the default of --samples)")
     p.add_argument("--tiny", action="store_true", help="smoke test: tiny data, 1 repeat (seconds; numbers meaningless)")
-    p.add_argument("--samples", type=_int_at_least(1), default=None, help="samples per timed measurement (default 32768; quick 4096)")
+    p.add_argument("--samples", type=_int_at_least(1), default=None, help="samples per timed measurement (default 32768: 256 steps at batch 128, a dozen periods of "
+                        "the default trainer.log_every; quick 4096)")
     p.add_argument("--min-steps", type=_int_at_least(1), default=None, help="at least this many steps per measurement (default 16; quick 8)")
     p.add_argument("--repeats", type=_int_at_least(1), default=None, help="interleaved repeats per arm (default 5)")
     p.add_argument("--train-size", type=_int_at_least(1), default=None,
