@@ -535,12 +535,15 @@ def _int_at_least(minimum: int):
 def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nrexp bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer samples, a 12k-image dataset, 5 repeats (a few minutes; e/c reads low there: 32 steps "
-                        "at batch 128 are mostly a run's start, see the default of --samples)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer samples, a 12k-image dataset, 5 repeats (a few minutes; e/c reads low there: 32 "
+                        "steps at batch 128 are mostly a run's start, see the default of --samples)")
     p.add_argument("--tiny", action="store_true", help="smoke test: tiny data, 1 repeat (seconds; numbers meaningless)")
-    p.add_argument("--samples", type=_int_at_least(1), default=None, help="samples per timed measurement (default 32768: 256 steps at batch 128, a dozen periods of "
+    p.add_argument("--samples", type=_int_at_least(1), default=None,
+                   help="samples per timed measurement (default 32768: 256 steps at batch 128, a dozen periods of "
                         "the default trainer.log_every; quick 4096)")
-    p.add_argument("--min-steps", type=_int_at_least(1), default=None, help="at least this many steps per measurement (default 16; quick 8)")
+    p.add_argument("--min-steps", type=_int_at_least(1), default=None,
+                   help="at least this many steps per measurement (default 16; quick 8)")
     p.add_argument("--repeats", type=_int_at_least(1), default=None, help="interleaved repeats per arm (default 5)")
     p.add_argument("--train-size", type=_int_at_least(1), default=None,
                    help="training images of the MNIST-like data (default 60000; quick 12000)")
@@ -556,11 +559,13 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up round")
     p.add_argument("--cli", action="store_true",
                    help="also time `nrexp --help`, `nrexp train --cfg job`, a sweep's per-job overhead, peak RSS of `nrexp train`")
-    p.add_argument("--sweep-jobs", type=_int_at_least(1), default=32, help="jobs in the --cli sweep (trainer.max_steps=1 each)")
+    p.add_argument("--sweep-jobs", type=_int_at_least(1), default=32,
+                   help="jobs in the --cli sweep (trainer.max_steps=1 each)")
     p.add_argument("--fused", action="store_true",
                    help="also time a 16-job sweep of a 3 x 100 MLP under the basic launcher vs hydra/launcher=fused "
                         "(whole sweep, start-up included; ~10 min at the defaults)")
-    p.add_argument("--fused-batches", nargs="+", type=_int_at_least(1), default=[128, 32], help="batch sizes of the --fused sweeps")
+    p.add_argument("--fused-batches", nargs="+", type=_int_at_least(1), default=[128, 32],
+                   help="batch sizes of the --fused sweeps")
     p.add_argument("--fused-repeats", type=_int_at_least(1), default=3, help="interleaved repeats of each --fused sweep")
     p.add_argument("--no-arms", action="store_true", help="skip the per-step arms (e.g. with --cli or --fused alone)")
     p.add_argument("--json", default="bench.json", help="where to write the results (default ./bench.json)")
@@ -582,9 +587,11 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     # what would otherwise fail minutes in, after other measurements, with a traceback
-    if not args.no_arms and max(args.batches) > args.train_size:
-        p.error(f"--batches {max(args.batches)} is larger than --train-size {args.train_size}: "
-                f"use --train-size {max(args.batches)} or more")
+    for batch in [] if args.no_arms else args.batches:
+        needed = max(args.samples // batch, args.min_steps) * batch  # run() takes this many steps
+        if needed > args.train_size:  # the arms time steps within one epoch (arm a's DataLoader ends there)
+            p.error(f"a measurement at batch {batch} takes {needed} samples, more than --train-size "
+                    f"{args.train_size}: use --train-size {needed} or more, or fewer --samples/--min-steps")
     if args.fused and max(args.fused_batches) > BUNDLED_TRAIN:
         p.error(f"--fused-batches {max(args.fused_batches)} is larger than the bundled sample's "
                 f"{BUNDLED_TRAIN} training digits that the fused sweep trains on: use {BUNDLED_TRAIN} or less")
@@ -596,7 +603,7 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
                 writable = os.access(folder, os.W_OK | os.X_OK)
             except OSError:
                 writable = False
-            if not writable:
+            if not writable or Path(path).is_dir():
                 p.error(f"{flag} {path}: cannot write in {folder}: choose a path in a folder you can write")
     return args
 

@@ -33,9 +33,11 @@ def test_bench_tiny_writes_json_with_all_arms(tmp_path):
     (["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
     (["--batches", "128", "0"], "argument --batches: must be >= 1, got 0"),
     (["--threads", "-1"], "argument --threads: must be >= 0, got -1"),
-    (["--train-size", "50", "--batches", "128"], "--batches 128 is larger than --train-size 50: use --train-size 128 or more"),
+    (["--train-size", "50", "--batches", "128"], "a measurement at batch 128 takes 32768 samples, more than --train-size 50"),
+    (["--samples", "100000"], "a measurement at batch 128 takes 99968 samples, more than --train-size 60000"),
     (["--no-arms", "--fused", "--fused-batches", "5000"], "--fused-batches 5000 is larger than the bundled sample's 4000"),
     (["--json", "{file}/bench.json"], "cannot write in {file}: choose a path in a folder you can write"),
+    (["--markdown", "."], "--markdown .: cannot write in"),
 ])
 def test_bad_bench_arguments_get_one_line_before_anything_runs(tmp_path, args, says):
     """Each of these used to fail with a traceback, some only after minutes of other measurements."""
