@@ -35,9 +35,17 @@ All of them except `batch` normalize each example on its own: train and eval mod
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
+
+# Under trainer.precision=bf16, autocast hands nn.RMSNorm bf16 activations while its gain stays float32.
+# torch then takes its unfused kernel (which computes in float32 and rounds the output, as precise as the
+# fused one) and says so once per process, in a UserWarning that points into its own C++ source. It is
+# about torch's choice of kernel, not about the user's run, so a `norm=rms` bf16 run does not print it.
+warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight", category=UserWarning)
 
 
 def make_norm(cfg, num_features: int, conv: bool = False) -> nn.Module:
