@@ -60,9 +60,10 @@ def train_app(args: List[str]) -> int:
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
     flags_only_print = any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "-sc",
                                  "--shell-completion") for a in args)
+    existing = Path.cwd()  # replaced by preflight's answer when a run starts
     if not flags_only_print:
         try:
-            preflight(overrides, multirun=any(a in ("-m", "--multirun") for a in args))
+            existing = preflight(overrides, multirun=any(a in ("-m", "--multirun") for a in args))
         except config.ConfigError as err:
             return error(str(err))
         if any(a in ("-m", "--multirun") for a in args):
@@ -101,7 +102,7 @@ def train_app(args: List[str]) -> int:
                     summary = train(cfg, run_dir)
             except config.ConfigError as err:
                 if not cfg.resume:
-                    remove_if_empty_run_dir(run_dir)
+                    remove_if_empty_run_dir(run_dir, existing)
                 sys.exit(error(str(err)))
             except Diverged as err:  # trainer.on_nonfinite=raise: the summary is written; fail the command
                 sys.exit(error(str(err), code=1))
@@ -138,8 +139,9 @@ def _unquote(value: str) -> str:
     return str(OverridesParser.create().parse_override(f"x={value}").value())
 
 
-def preflight(overrides: List[str], multirun: bool = False) -> None:
+def preflight(overrides: List[str], multirun: bool = False) -> Path:
     """Compose and validate the config of every job the command line asks for; raise ConfigError.
+    Returns the nearest folder at or above the output directory that exists before anything runs.
 
     Swept overrides (`norm=none,batch`) are checked value by value, each on top of the fixed overrides,
     so a typo in a sweep stops it before the first job rather than in the middle. Cross-field rules
@@ -163,7 +165,7 @@ def preflight(overrides: List[str], multirun: bool = False) -> None:
     if sweeps and not multirun:
         raise ConfigError(f"'{sweeps[0].input_line}' is a sweep. Fix: add -m (nrexp train -m ...) to run "
                           "one job per value")
-    check_output_writable(parsed)
+    existing = check_output_writable(parsed)
     for o in parsed:  # the fused launcher's knob (a hydra key, so not in nrexp's schema)
         if o.key_or_group == "hydra.launcher.max_members" and not o.is_sweep_override():
             value = o.value()
@@ -212,6 +214,7 @@ def preflight(overrides: List[str], multirun: bool = False) -> None:
             if resume is None:
                 validate(cfg)
     GlobalHydra.instance().clear()
+    return existing
 
 
 def skip_second_validation_of_basic_sweeps() -> None:
@@ -309,8 +312,9 @@ def explain_compose_error(err: Exception) -> str:
     return f"{text.splitlines()[0]}. Fix: `nrexp train --help` lists every key and group"
 
 
-def check_output_writable(parsed) -> None:
-    """Fail before anything runs if the run (or sweep) directory could not be created."""
+def check_output_writable(parsed) -> Path:
+    """Fail before anything runs if the run (or sweep) directory could not be created; else return the
+    nearest folder at or above it that exists now (what a rejected run must not remove)."""
     from nrexp.config import ConfigError
 
     target = "outputs"
@@ -323,6 +327,7 @@ def check_output_writable(parsed) -> None:
     if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"the output directory {target!r} cannot be created: {path} is not a writable "
                           "directory. Fix: run from a writable directory or set hydra.run.dir=<writable dir>")
+    return path
 
 
 def check_resumable(run_dir: Path) -> None:
@@ -352,14 +357,19 @@ def resume_config(cfg, task_overrides: List[str]):
     return resumed
 
 
-def remove_if_empty_run_dir(run_dir: Path) -> None:
-    """Remove a run dir that holds only what Hydra wrote before the run was rejected."""
+def remove_if_empty_run_dir(run_dir: Path, existing: Path) -> None:
+    """Remove a run dir that holds only what Hydra wrote before the run was rejected, and the folders
+    above it that this run created (the day's, `outputs/` on a first run), up to `existing` (see
+    check_output_writable): those that are empty now."""
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
         shutil.rmtree(run_dir, ignore_errors=True)
-        try:
-            run_dir.parent.rmdir()  # the day's directory, if this was its only run
-        except OSError:
-            pass
+        for folder in run_dir.parents:
+            if folder == existing or existing not in folder.parents:
+                break
+            try:
+                folder.rmdir()  # only if empty: another run's dir keeps it
+            except OSError:
+                break
 
 
 def strip_subcommand_from_completion_line() -> None:

@@ -58,8 +58,23 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, monkeypatch, c
     for word in words:
         assert word in lines[0], (word, lines[0])
     assert "Traceback" not in out + err
-    outputs = tmp_path / "outputs"
-    assert not outputs.exists() or not any(p.is_file() for p in outputs.rglob("*"))  # nothing half-written
+    assert not (tmp_path / "outputs").exists()  # nothing half-written, not even an empty folder
+
+
+def test_a_run_rejected_after_hydra_made_its_dir_removes_only_what_it_created(tmp_path, monkeypatch, capsys):
+    """data.train_size=4001 is found out by the run itself, after Hydra made its run dir: the run removes
+    that dir and the empty folders above it that it created, and no folder that was there before, even
+    an empty one (test_bad_input_is_one_clear_line_and_writes_nothing: a first run leaves no outputs/)."""
+    users_own = tmp_path / "outputs" / "2026-01-01"
+    users_own.mkdir(parents=True)
+    code = run_main(tmp_path, monkeypatch, ["train", "data.source=bundled", "data.train_size=4001",
+                                            "hydra.run.dir=outputs/2026-01-01/10-00-01"])
+    assert code == 2, capsys.readouterr()
+    listing = lambda: sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "outputs").rglob("*"))  # noqa: E731
+    assert listing() == ["outputs/2026-01-01"]
+    code = run_main(tmp_path, monkeypatch, ["train", "data.source=bundled", "data.train_size=4001"])  # outputs/<day>/<time>
+    assert code == 2, capsys.readouterr()
+    assert listing() == ["outputs/2026-01-01"]
 
 
 def test_compile_without_a_compiler_is_one_clear_line(tmp_path, monkeypatch, capsys):
@@ -67,14 +82,18 @@ def test_compile_without_a_compiler_is_one_clear_line(tmp_path, monkeypatch, cap
     naming the knob and the fix, exit 2, before anything is written."""
     if _cuda_available():
         pytest.skip("this machine has a GPU: trainer.device=auto would compile for CUDA")
+    # torch._inductor.config reads $CXX once, when first imported (the run imports it with torch._dynamo):
+    # imported under the patched CXX, every later torch.compile in this process would fail (seen when
+    # this test ran before test_cli.py's compile test)
+    import torch._inductor.config  # noqa: F401
+
     monkeypatch.setenv("CXX", "no-such-c++-compiler")
     code = run_main(tmp_path, monkeypatch, ["train", "data.source=bundled", "trainer.max_steps=2", "trainer.compile=true"])
     out, err = capsys.readouterr()
     assert code == 2, out + err
     (line,) = err.strip().splitlines()
     assert line.startswith("nrexp: error: trainer.compile=true") and "no-such-c++-compiler" in line and "Fix" in line
-    outputs = tmp_path / "outputs"
-    assert not outputs.exists() or not any(p.is_file() for p in outputs.rglob("*"))
+    assert not (tmp_path / "outputs").exists()
 
 
 def run_main(cwd, monkeypatch, argv):
