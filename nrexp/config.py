@@ -175,6 +175,10 @@ class TrainerConfig:
     compile: bool = knob(False, "torch.compile the training forward of steps without per-layer statistics (those "
                                 "run the same weights eagerly); needs a C++ compiler on CPU, triton on CUDA; the first "
                                 "steps pay the compilation (tens of seconds)")
+    flush_denormal: bool = knob(
+        True, "CPU: treat denormal floats (nonzero, |x| < 1.2e-38) as zero (torch.set_flush_denormal), as CPUs "
+        "compute with them 10-100x slower; a run that fits its data fills momentum buffers with them. No "
+        "effect on CUDA; false: IEEE arithmetic, bit for bit a plain PyTorch loop's")
     eval_every: int = knob(0, "steps between test-set evaluations; 0 = at the end of every epoch")
     checkpoint_every: int = knob(500, "steps between checkpoints (atomic; one file, overwritten); 0 = only at the end")
     on_nonfinite: str = knob(

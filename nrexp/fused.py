@@ -68,7 +68,7 @@ from nrexp.checkpoint import CHECKPOINT, save_checkpoint
 from nrexp.config import FUSED_FREE_KEYS, validate
 from nrexp.console import TrainProgress
 from nrexp.data import TrainBatches, load_dataset
-from nrexp.monitor import spare_core
+from nrexp.monitor import keeping_denormal_mode, set_flush_denormal, spare_core
 from nrexp.optim import make_optimizer, param_groups
 from nrexp.signals import GracefulStop
 from nrexp.train import (build, checks_every_step, evaluate, final_evaluation, finish_run, resolve_device,
@@ -530,7 +530,7 @@ class StackedMonitor:
 def train_group(cfgs: Sequence, run_dirs: Sequence[Path]) -> List[Dict]:
     """Train the members `cfgs` (one fusable group) together; return their summaries, in order."""
     keep_freed_memory()
-    with GracefulStop() as stop:
+    with GracefulStop() as stop, keeping_denormal_mode():
         return _train_group(list(cfgs), [Path(d) for d in run_dirs], stop)
 
 
@@ -540,6 +540,7 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
     set_up = time.perf_counter()
     first, t = cfgs[0], OmegaConf.to_object(cfgs[0].trainer)  # a plain TrainerConfig, read every step (as train.py)
     device = resolve_device(str(getattr(t.device, "value", t.device)))
+    set_flush_denormal(t.flush_denormal, device)  # shared by the group: trainer.* is part of shape_key
     data = load_dataset(first.data, device)
     log.info("fused group of %d members | device %s | data %s (%s): %d train / %d test examples",
              len(cfgs), device, data.name, data.source, len(data.train_x), len(data.test_x))

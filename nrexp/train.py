@@ -37,7 +37,7 @@ from nrexp.console import TrainProgress, print_summary
 from nrexp.data import Dataset, TrainBatches, eval_batches, load_dataset
 from nrexp.init import init_weights
 from nrexp.models import build_model
-from nrexp.monitor import LayerMonitor
+from nrexp.monitor import LayerMonitor, keeping_denormal_mode, set_flush_denormal
 from nrexp.optim import build_optimizer
 from nrexp.signals import GracefulStop
 from nrexp.writers import TensorBoardWriter, finite_or_none, write_summary
@@ -66,7 +66,7 @@ def train(cfg, run_dir: Path, resume: bool = False) -> Dict:
     With `resume=True`, continue from `run_dir`/checkpoint.pt (same config, same run dir).
     SIGINT/SIGTERM from here on stop the run cleanly at the next step boundary.
     """
-    with GracefulStop() as stop:
+    with GracefulStop() as stop, keeping_denormal_mode():
         return _train(cfg, Path(run_dir), resume, stop)
 
 
@@ -74,6 +74,7 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
     validate(cfg)
     t = OmegaConf.to_object(cfg.trainer)  # a plain TrainerConfig: the loop reads it every step (~8 us per DictConfig read)
     device = resolve_device(str(getattr(t.device, "value", t.device)))
+    set_flush_denormal(t.flush_denormal, device)  # before any thread starts: they inherit it
     torch.manual_seed(cfg.seed)
 
     # ---- build: data on the device, model, optimizer, monitor

@@ -49,7 +49,7 @@ timeout $(( $(left) > 400 ? 180 : $(left) / 3 )) "$PY" -m nrexp bench --device c
     --markdown "$OUT/bench_arms.md" 2>&1 | tail -12
 
 step "fused sweeps on the GPU"
-timeout $(( $(left) > 250 ? 140 : $(left) / 2 )) "$PY" -m nrexp bench --device cuda --no-arms --fused --fused-repeats 2 \
+timeout $(( $(left) > 250 ? 140 : $(left) / 2 )) "$PY" -m nrexp bench --device cuda --no-arms --fused --fused-data bundled --fused-repeats 2 \
     --json "$OUT/bench_fused.json" 2>&1 | tail -6
 
 step "the whole suite on the GPU"

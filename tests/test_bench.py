@@ -36,6 +36,8 @@ def test_bench_tiny_writes_json_with_all_arms(tmp_path):
     (["--train-size", "50", "--batches", "128"], "a measurement at batch 128 takes 32768 samples, more than --train-size 50"),
     (["--samples", "100000"], "a measurement at batch 128 takes 99968 samples, more than --train-size 60000"),
     (["--no-arms", "--fused", "--fused-batches", "5000"], "--fused-batches 5000 is larger than the bundled sample's 4000"),
+    (["--no-arms", "--fused", "--fused-data", "mnist", "--train-size", "1000", "--fused-batches", "2000"],
+     "--fused-batches 2000 is larger than --train-size 1000, the digits of the --fused-data mnist sweep"),
     (["--json", "{file}/bench.json"], "cannot write in {file}: choose a path in a folder you can write"),
     (["--markdown", "."], "--markdown .: cannot write in"),
 ])
@@ -154,6 +156,28 @@ def test_nrexp_reads_nothing_back_in_the_step_loop_without_a_per_step_check(tmp_
     assert not calls, calls
 
 
+def test_fused_sweeps_run_on_both_workloads_and_report_each(tmp_path):
+    """`--fused` end to end, tiny: each workload's 16-job sweep under both launchers, read back from the JSON.
+    The MNIST-like one trains on the bench's own data (data.source=local), one epoch."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "nrexp", "bench", "--tiny", "--no-arms", "--fused", "--fused-batches",
+                           "1000", "--fused-repeats", "1", "--json", str(out), "--markdown", str(tmp_path / "bench.md")],
+                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    fused = json.loads(out.read_text())["fused"]
+    assert list(fused) == ["bundled", "mnist"]
+    assert "data.source=bundled" in fused["bundled"]["command"]
+    assert "data.source=local data.root=<data> trainer.epochs=1" in fused["mnist"]["command"]
+    for workload in fused.values():
+        b = workload["batches"]["1000"]
+        assert b["jobs"] == 16 and len(b["wall_s"]["basic"]) == len(b["wall_s"]["fused"]) == 1
+        assert b["speedup"] == pytest.approx(b["median_wall_s"]["basic"] / b["median_wall_s"]["fused"])
+        assert all(t > 0 for t in b["step_loops_s"]["basic"] + b["step_loops_s"]["fused"])
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "fused sweep on 5 epochs of the bundled 4,000 digits" in markdown
+    assert "fused sweep on 1 epoch of the bench's MNIST-like data" in markdown
+
+
 def test_gpu_check_script_says_in_one_line_that_it_needs_a_gpu(tmp_path):
     """scripts/gpu_check.sh (the checks for a lent GPU) on a machine without one: one line, exit 2, no output dir."""
     if torch.cuda.is_available():
@@ -188,11 +212,12 @@ def test_fused_sweep_lines_report_ratio_target_and_gaps():
     """The --fused section's wording from a result of fused_checks' shape (the sweeps themselves take minutes)."""
     from nrexp.bench import fused_lines
 
-    result = {"fused": {"command": "nrexp train -m ...", "batches": {32: {
+    result = {"fused": {"bundled": {"data": "5 epochs of the bundled 4,000 digits", "command": "nrexp train -m ...", "batches": {32: {
         "wall_s": {"basic": [40.0, 38.0, 39.0], "fused": [25.0, 26.0, 24.0]}, "median_wall_s": {"basic": 39.0, "fused": 25.0},
         "step_loops_s": {"basic": [22.0, 23.0, 21.0], "fused": [10.0, 11.0, 12.0]}, "speedup": 39.0 / 25.0, "target": 2.0,
-        "ok": False, "jobs": 16, "test_acc_abs_diff": [0.0] * 14 + [0.004, 0.012], "pairs_equal_1e-4": 14}}}}
+        "ok": False, "jobs": 16, "test_acc_abs_diff": [0.0] * 14 + [0.004, 0.012], "pairs_equal_1e-4": 14}}}}}
     lines = fused_lines(result)
+    assert lines[0].startswith("fused sweep on 5 epochs of the bundled 4,000 digits, `nrexp train -m ...`")
     assert "median of 3 interleaved runs" in lines[0]
     assert "basic launcher 39.0 s, fused 25.0 s -> **1.56x** (target >= 2x ✗)" in lines[1]
     assert "16 basic jobs 22.0 s, fused group 11.0 s" in lines[1] and "14 of 16 pairs, largest gap 0.012" in lines[1]

@@ -208,6 +208,36 @@ def test_a_group_that_raises_stops_its_inputs_thread(tmp_path, monkeypatch, inpu
     assert not [t.name for t in threading.enumerate() if t.name.startswith("nrexp-inputs")]
 
 
+@pytest.mark.parametrize("flush", [True, False])
+def test_a_group_computes_in_its_flush_denormal_mode_on_its_threads(tmp_path, monkeypatch, inputs_ahead, flush):
+    """trainer.flush_denormal holds on the group's thread and on the thread making its inputs ahead, whatever
+    the mode before (a new thread inherits its creator's), and the group's thread gets its mode back."""
+    import threading
+
+    import torch
+
+    import nrexp.fused
+    from nrexp.fused import StepInputs, train_group
+
+    from nrexp.monitor import denormals_flushed as flushed
+
+    make, seen = StepInputs._make, set()
+
+    def recording_make(self, step):
+        seen.add((threading.current_thread().name.startswith("nrexp-inputs"), flushed()))
+        return make(self, step)
+
+    monkeypatch.setattr(nrexp.fused.StepInputs, "_make", recording_make)
+    torch.set_flush_denormal(not flush)
+    try:
+        train_group([compose(BASE + m + [f"trainer.flush_denormal={str(flush).lower()}"]) for m in MEMBERS[:2]],
+                    [tmp_path / "f0", tmp_path / "f1"])
+        assert seen == {(False, flush), (True, flush)}  # step 0 made on the group's thread, the others ahead
+        assert flushed() is not flush  # the group's thread as it was before
+    finally:
+        torch.set_flush_denormal(False)
+
+
 @pytest.mark.parametrize("each_step", [True, False], ids=["checked-each-step", "checked-at-logs-as-on-cuda"])
 def test_a_diverging_member_stops_alone(tmp_path, monkeypatch, inputs_ahead, each_step):
     import nrexp.fused

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from conftest import compose
+from conftest import TINY, compose
 from nrexp.models import build_model
 from nrexp.monitor import LayerMonitor
 from nrexp.optim import build_optimizer
@@ -123,3 +123,31 @@ def test_capture_gives_the_numbers_of_before_and_after_step_on_the_worker_thread
         assert not torch.equal(results[0][0]["weight_norm"], results[0][2]["weight_norm"])  # the steps moved W
     finally:
         torch.set_num_threads(threads)
+
+
+def test_flush_denormal_holds_for_the_run_on_its_thread_and_the_statistics_thread(tmp_path, monkeypatch):
+    """A run computes in trainer.flush_denormal's mode on its own thread and on the statistics thread,
+    which outlives the run that started it (a thread's mode is its own; a new thread inherits its
+    creator's), and leaves its thread's mode as it found it."""
+    import os
+
+    from nrexp import monitor as monitor_module
+    from nrexp import train as train_module
+    from nrexp.monitor import denormals_flushed
+
+    during, build = [], train_module.build
+    monkeypatch.setattr(train_module, "build", lambda *args: (during.append(denormals_flushed()), build(*args))[1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # leaves a core idle on a multi-core machine: the statistics thread is used
+    try:
+        for i, flush in enumerate((True, False, True)):
+            torch.set_flush_denormal(not flush)  # what an earlier run or the process set
+            train_module.train(compose(TINY + [f"trainer.flush_denormal={str(flush).lower()}"]), tmp_path / f"run{i}")
+            assert during[-1] is flush
+            assert denormals_flushed() is not flush
+            if (os.cpu_count() or 1) > 1:
+                assert monitor_module._worker is not None, "the statistics were not computed on the worker thread"
+                assert monitor_module._worker.submit(denormals_flushed).result() is flush  # its last task's mode
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)  # torch's default, as a process starts
