@@ -244,12 +244,12 @@ def set_flush_denormal(on: bool, device: torch.device) -> None:
     read and written as zero (x86 DAZ/FTZ, ARM FZ) or, with `on=False`, computed as IEEE says.
 
     Why: CPUs compute with denormals 10-100x slower than with other floats, and a run that fits its
-    data makes many. Measured on this project's 2-core CPU, one thread, 16 runs of a 3 x 100 MLP
-    without weight decay for one epoch of a 60,000-digit MNIST at batch 32: 5-30% of each run's
-    momentum buffer entries ended denormal (gradients of examples already fitted, decaying); flushing
-    them took the 16 runs' step loops from 33.7 to 31.2 s one by one and the fused group's loop from
-    14.8 to 11.1 s. Values that small weigh nothing next to the others: the default `nrexp train` on
-    that data ends with the same loss and accuracy to the last bit either way.
+    data makes many. Measured on this project's 2-core CPU, one thread, one epoch of a 60,000-digit
+    MNIST at batch 32, 16 runs of a 3 x 100 MLP (`nrexp bench --fused`'s sweep): 5-30% of the momentum
+    buffer entries of each run without weight decay ended denormal; flushing took the 16 step loops,
+    one by one, from 34.0 and 33.3 s to 30.9 and 31.1 s, and the fused group's loop from 13.3 and 13.2 s
+    to 10.4 and 10.7 s (off and on alternating). Values that small weigh nothing next to the others:
+    the default `nrexp train` on that data ends with the same loss and accuracy to the last bit either way.
 
     The mode is a per-thread CPU setting. This sets it for the calling thread, for the run
     (`keeping_denormal_mode` puts it back after); threads started later (torch's intra-op threads, the
