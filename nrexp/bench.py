@@ -387,7 +387,7 @@ FUSED_DATA = {
     "bundled": ("5 epochs of the bundled 4,000 digits", ["data.source=bundled"]),
     "mnist": ("1 epoch of the bench's MNIST-like data", ["data.source=local", "data.root={data}", "trainer.epochs=1"]),
 }
-BUNDLED_TRAIN = 4000  # training digits of the bundled sample (nrexp/assets/mnist_sample.npz), which FUSED_SWEEP trains on
+BUNDLED_TRAIN = 4000  # training digits of the bundled sample (nrexp/assets/mnist_sample.npz): FUSED_DATA["bundled"]
 FUSED_TARGETS = {128: 1.3, 32: 2.0}  # whole-sweep speed-up over the basic launcher (issue 8, 2-core CPU)
 
 
