@@ -566,14 +566,16 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
     started = clock = time.perf_counter()
     eval_seconds = 0.0
 
-    def checkpoint(m: Member) -> None:
+    def checkpoint(m: Member, now: float) -> None:
+        """Member m's checkpoint at this step boundary; `now`: when training paused for it (throughput)."""
         inputs.rewind()  # the member's generator as after `step` steps
         net.write_back_optimizer_state(m)
         j = order.index(m)
         save_checkpoint(m.run_dir / CHECKPOINT, m.model, m.optimizer, m.monitor, m.cfg, {
             "step": step, "loss_sum": loss_sum[j], "correct_sum": correct_sum[j],
-            "steps_since_log": steps_since_log, "init_stats": m.init_stats, "metrics": m.metrics,
-            "elapsed_s": time.perf_counter() - started}, rng=m.rng_state())
+            "steps_since_log": steps_since_log, "seconds_since_log": now - clock,
+            "init_stats": m.init_stats, "metrics": m.metrics, "elapsed_s": time.perf_counter() - started},
+            rng=m.rng_state())
 
     def evaluate_member(m: Member) -> Dict:
         """train.py's final probe and evaluation, for one member (its module is up to date). The probe's
@@ -589,15 +591,16 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
                signal: Optional[int] = None) -> None:
         """As the end of train.py's loop, for one member (the members' modules are up to date);
         `final_stats` are evaluate_member's, when it already ran."""
-        loop_seconds = (loop_end or time.perf_counter()) - started - eval_seconds  # the step loop alone
+        ended = loop_end or time.perf_counter()  # when the step loop ended (for this member)
+        loop_seconds = ended - started - eval_seconds  # the step loop alone
         if status == "interrupted":
             final_stats = {}
-            checkpoint(m)
+            checkpoint(m, ended)
         else:
             if final_stats is None:
                 final_stats = evaluate_member(m)
             if status == "completed":
-                checkpoint(m)
+                checkpoint(m, ended)
         m.summary = finish_run(
             m.cfg, m.run_dir, m.writer, status=status, step=step, start_step=0, metrics=m.metrics,
             init_stats=m.init_stats, final_stats=final_stats, steps_per_epoch=steps_per_epoch,
@@ -634,7 +637,7 @@ def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[D
                     net.write_back()
                     for m in alive:
                         if checkpoint_due:
-                            checkpoint(m)
+                            checkpoint(m, paused)
                         if eval_due:
                             m.metrics.update(evaluate(m.model, data.test_x, data.test_y, first.data.eval_batch_size, "test"))
                             m.writer.scalars(step, {k: m.metrics[k] for k in ("test/loss", "test/acc")})

@@ -88,8 +88,8 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
     forward = CompiledForward(model, device) if t.compile else model  # trainer.compile: see CompiledForward
 
     # Everything a resumed run needs to continue exactly where it stopped (see checkpoint.py).
-    state = {"step": 0, "loss_sum": 0.0, "correct_sum": 0.0, "steps_since_log": 0, "init_stats": {},
-             "metrics": {}, "elapsed_s": 0.0}
+    state = {"step": 0, "loss_sum": 0.0, "correct_sum": 0.0, "steps_since_log": 0, "seconds_since_log": 0.0,
+             "init_stats": {}, "metrics": {}, "elapsed_s": 0.0}
     if resume:
         state = load_for_resume(run_dir / CHECKPOINT, model, optimizer, monitor, device)
         log.info("resuming %s at step %d of %d", run_dir, state["step"], total_steps)
@@ -102,14 +102,19 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
     def checkpoint() -> None:
         save_checkpoint(run_dir / CHECKPOINT, model, optimizer, monitor, cfg, {
             **state, "step": step, "loss_sum": loss_sum, "correct_sum": correct_sum,  # to floats in there
-            "steps_since_log": steps_since_log, "elapsed_s": state["elapsed_s"] + time.perf_counter() - started})
+            "steps_since_log": steps_since_log, "seconds_since_log": (loop_end or time.perf_counter()) - clock,
+            "elapsed_s": state["elapsed_s"] + time.perf_counter() - started})
 
     # ---- the loop
-    started = time.perf_counter()
+    started, loop_end = time.perf_counter(), None  # loop_end: set when the step loop is over
     status, stop_signal, nonfinite_step = "completed", None, None
     loss_sum = torch.tensor(state["loss_sum"], device=device)  # summed on the device between logs: no sync
     correct_sum = torch.tensor(state["correct_sum"], device=device)
-    steps_since_log, clock, eval_seconds = state["steps_since_log"], time.perf_counter(), 0.0
+    # The throughput logged next covers the steps since the last log, some of them maybe taken before the
+    # checkpoint this run resumes from: its clock starts as far back as those steps took. (Checkpoints
+    # written before 2026-12-01 hold no seconds_since_log: that one window's figure is then too high.)
+    steps_since_log, eval_seconds = state["steps_since_log"], 0.0
+    clock = time.perf_counter() - state.get("seconds_since_log", 0.0)
     metrics, last_stats = state["metrics"], {}
     pending_log: Optional[PendingLog] = None
     each_step = checks_every_step(device)  # else the logging steps' host copies check the loss
@@ -204,6 +209,7 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
             if not math.isfinite(tail["loss_sum"]):
                 nonfinite_step = step - 1
         stop_signal = stop.signum
+        loop_end = time.perf_counter()
 
         if nonfinite_step is not None:
             status = "diverged"
@@ -215,7 +221,7 @@ def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
                         stop_signal, step, run_dir)
 
         # ---- the end: statistics of the trained net, final evaluation, summary
-        loop_seconds = time.perf_counter() - started - eval_seconds
+        loop_seconds = loop_end - started - eval_seconds
         final_stats = {}
         if status != "interrupted":
             final_stats = final_evaluation(model, monitor, writer, data, cfg, step, metrics)

@@ -91,3 +91,39 @@ def tiny_sweep(tmp_path_factory):
     proc = run_cli(["train", *SWEEP_ARGS, "hydra.sweep.dir=sweep"], cwd=cwd)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc, cwd / "sweep"
+
+
+@pytest.fixture
+def step_clock(monkeypatch):
+    """The trainers' clock (nrexp.train's and nrexp.fused's) replaced by one that reads how many optimizer
+    steps have been taken, a fused group's step counting one: in seconds of it every logged throughput is
+    exactly batch_size samples per second, whatever the machine. Returns the count, in a list."""
+    import types
+
+    import nrexp.fused
+    import nrexp.train
+
+    steps = [0]
+    build, stacked_step = nrexp.train.build, nrexp.fused.StackedMLP.step
+
+    def counting_build(*args, **kwargs):
+        model, optimizer, monitor = build(*args, **kwargs)
+        step = optimizer.step
+
+        def counted(*a, **k):
+            steps[0] += 1
+            return step(*a, **k)
+
+        optimizer.step = counted
+        return model, optimizer, monitor
+
+    def counted_stacked_step(self):
+        steps[0] += 1
+        return stacked_step(self)
+
+    clock = types.SimpleNamespace(perf_counter=lambda: float(steps[0]))
+    monkeypatch.setattr(nrexp.train, "build", counting_build)  # not nrexp.fused's: a member's own optimizer never steps
+    monkeypatch.setattr(nrexp.fused.StackedMLP, "step", counted_stacked_step)
+    monkeypatch.setattr(nrexp.train, "time", clock)
+    monkeypatch.setattr(nrexp.fused, "time", clock)
+    return steps

@@ -314,3 +314,17 @@ def _cuda_available():
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_throughput_of_a_log_whose_steps_straddle_a_resume_counts_the_time_before_it(tmp_path, step_clock):
+    """The log at step 40 covers steps 21-40: 9 of them taken before the checkpoint at step 30, in the
+    first process. Its samples per second count their time too (it once counted only the resumed
+    process's 11 steps: 20 * 16 samples / 11 s)."""
+    from nrexp.train import train
+
+    common = ["data.source=bundled", "data.train_size=512", "data.batch_size=16", "model.width=16",
+              "model.depth=2", "trainer.log_every=20", "trainer.progress=false", "trainer.eval_every=8"]
+    train(compose(common + ["trainer.max_steps=30"]), tmp_path)  # completed: its checkpoint is at step 30
+    train(compose(common + ["trainer.max_steps=41"]), tmp_path, resume=True)
+    assert step_clock[0] == 41
+    assert _scalars(tmp_path, "throughput/samples_per_s") == [(0, 16.0), (20, 16.0), (40, 16.0)]
