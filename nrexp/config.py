@@ -299,12 +299,17 @@ def _validate_models_and_norms(cfg: Any) -> None:
     _check(n.groups >= 1, "norm.groups", n.groups, "must be >= 1", "e.g. norm.groups=8")
     if n.name == "group":
         widths = normalized_widths(m)
+        # the example offered: a common divisor that the next check accepts too, at most 32 (the
+        # GroupNorm paper's default), the largest such
+        fits = [d for d in range(1, min(math.gcd(*widths), 32) + 1)
+                if math.gcd(*widths) % d == 0 and (m.name == "cnn" or min(widths) // d >= 2)]
+        example = f"e.g. norm.groups={fits[-1]}" if fits else "widen the layers (model.width) or use another norm"
         _check(all(w % n.groups == 0 for w in widths), "norm.groups", n.groups,
                f"must divide the channels/width of every normalized layer ({', '.join(map(str, widths))})",
-               f"choose a common divisor, e.g. norm.groups={math.gcd(*widths)}")
+               f"choose a common divisor, {example}")
         _check(m.name == "cnn" or min(widths) // n.groups >= 2, "norm.groups", n.groups,
                f"leaves groups of one feature in a {min(widths)}-unit layer, which normalize to 0",
-               "use fewer groups than units")
+               f"use fewer groups than units, {example}")
     # InstanceNorm normalizes each channel of each example over its spatial positions. An MLP's
     # activation (N, D) has none: the mean of one number is itself, so every output would be 0.
     # Treating the D features as one channel would just be LayerNorm again under another name.

@@ -190,6 +190,18 @@ def test_config_errors_are_one_line(overrides, message):
     assert message in str(err.value) and "Fix:" in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("overrides,suggested", [
+    (["norm.groups=7"], 32), (["norm.groups=256"], 32),  # 256 units: 32 groups of 8
+    (["model.width=6", "norm.groups=4"], 3), (["model.width=6", "norm.groups=6"], 3),
+    (CNN + ["norm.groups=3"], 4),  # channels 4, 8, 16: a conv group of one channel is fine (spatial positions)
+])
+def test_the_groups_a_norm_groups_error_suggests_are_accepted(overrides, suggested):
+    with pytest.raises(ConfigError, match=rf"e\.g\. norm\.groups={suggested}$"):
+        validate(compose(["norm=group", *overrides]))
+    validate(compose(["norm=group", *overrides, f"norm.groups={suggested}"]))
+    with pytest.raises(ConfigError, match=r"widen the layers \(model\.width\) or use another norm$"):
+        validate(compose(["norm=group", "model.width=1", "norm.groups=1"]))
+
 def test_cnn_input_shape_errors_are_one_line():
     cfg = compose(["model=cnn", "model.channels=[2,2,2,2,2,2]"])
     validate(cfg)  # the shape rule needs the data: checked when the model is built
