@@ -54,19 +54,32 @@ def train_app(args: List[str]) -> int:
     from nrexp import config
 
     config.register()
-    import nrexp.sweep  # noqa: F401 - registers the resolver that names sweep job dirs (configs/train.yaml)
+    import nrexp.sweep  # registers the resolver that names sweep job dirs (configs/train.yaml)
+
+    sweep_jobs = nrexp.sweep.finished_jobs  # filled by the sweep's status table when it ends
 
     args = [quote_path_override(a) for a in args]
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
-    flags_only_print = any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "-sc",
-                                 "--shell-completion") for a in args)
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    # Hydra's modes, of which it takes one (else a traceback): run (default), -m, --cfg, --info, -sc
+    modes = list(dict.fromkeys(a for a in args if a in MODE_FLAGS))
+    if len({MODE_FLAGS[a] for a in modes}) > 1:
+        return error(f"{modes[0]} and {modes[1]} cannot be combined. Fix: use one of them; to see a sweep job's "
+                     "config, give each key one value: nrexp train --cfg job <overrides>")
+    printing = any(a in ("--cfg", "-c") for a in args)  # prints the composed config: validated, nothing runs
+    flags_only_print = any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "-sc", "--shell-completion") for a in args)
     existing = Path.cwd()  # replaced by preflight's answer when a run starts
-    if not flags_only_print:
+    if printing and not flags_only_print:
         try:
-            existing = preflight(overrides, multirun=any(a in ("-m", "--multirun") for a in args))
+            preflight(overrides, printing=True)
         except config.ConfigError as err:
             return error(str(err))
-        if any(a in ("-m", "--multirun") for a in args):
+    elif not flags_only_print:
+        try:
+            existing = preflight(overrides, multirun=multirun)
+        except config.ConfigError as err:
+            return error(str(err))
+        if multirun:
             skip_second_validation_of_basic_sweeps()
             derive_job_configs_that_differ_in_plain_values()
         resume = next((_unquote(a.split("=", 1)[1]) for a in overrides if a.startswith("resume=")), None)
@@ -112,8 +125,20 @@ def train_app(args: List[str]) -> int:
         return float("nan") if test_acc is None else test_acc  # what a Hydra sweeper (e.g. optuna) optimizes
 
     sys.argv = [sys.argv[0], *args]
+    sweep_jobs.clear()
     _train()
+    failed = [job for job in sweep_jobs if job["status"] == "failed"]
+    if multirun and failed:  # the table above names them; a script or CI step must see it too
+        return error(f"{len(failed)} of {len(sweep_jobs)} jobs of the sweep failed (status failed in the table above; "
+                     "each one's error is in its summary.json and train.log). Fix: correct what the error says "
+                     "and rerun those jobs", code=1)
     return 0
+
+
+# Hydra's command-line modes: the flags of each (Hydra rejects two modes with a traceback)
+MODE_FLAGS = {"-m": "multirun", "--multirun": "multirun", "-c": "cfg", "--cfg": "cfg", "-i": "info",
+              "--info": "info", "-sc": "shell_completion", "--shell-completion": "shell_completion",
+              "-r": "run", "--run": "run"}
 
 
 PATH_KEYS = ("resume", "hydra.run.dir", "hydra.sweep.dir", "data.root")
@@ -139,9 +164,10 @@ def _unquote(value: str) -> str:
     return str(OverridesParser.create().parse_override(f"x={value}").value())
 
 
-def preflight(overrides: List[str], multirun: bool = False) -> Path:
+def preflight(overrides: List[str], multirun: bool = False, printing: bool = False) -> Path:
     """Compose and validate the config of every job the command line asks for; raise ConfigError.
     Returns the nearest folder at or above the output directory that exists before anything runs.
+    `printing` (--cfg): the config is only shown, so its output directory and devices are not checked.
 
     Swept overrides (`norm=none,batch`) are checked value by value, each on top of the fixed overrides,
     so a typo in a sweep stops it before the first job rather than in the middle. Cross-field rules
@@ -165,7 +191,7 @@ def preflight(overrides: List[str], multirun: bool = False) -> Path:
     if sweeps and not multirun:
         raise ConfigError(f"'{sweeps[0].input_line}' is a sweep. Fix: add -m (nrexp train -m ...) to run "
                           "one job per value")
-    existing = check_output_writable(parsed)
+    existing = Path.cwd() if printing else check_output_writable(parsed, multirun)
     for o in parsed:  # the fused launcher's knob (a hydra key, so not in nrexp's schema)
         if o.key_or_group == "hydra.launcher.max_members" and not o.is_sweep_override():
             value = o.value()
@@ -182,7 +208,9 @@ def preflight(overrides: List[str], multirun: bool = False) -> Path:
             raise ConfigError(f"{changed[0]!r} cannot change when resuming: the run's model, data and optimizer "
                               "are fixed. Fix: only trainer.* (e.g. trainer.max_steps=2000) may change; start a "
                               "new run for anything else")
-    fixed = [o.input_line for o in ours if not o.is_sweep_override()]
+    # hydra/launcher=..., hydra/sweeper=...: composed too, so that a misspelt option is one line here
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override() and (o in ours or o.key_or_group.startswith("hydra/"))]
+    launcher = next((str(o.value()) for o in parsed if o.key_or_group == "hydra/launcher"), "basic")
     variants: List[List[str]] = []
     for o in sweeps:
         try:
@@ -197,10 +225,12 @@ def preflight(overrides: List[str], multirun: bool = False) -> Path:
             raise ConfigError(explain_compose_error(err)) from None
 
     GlobalHydra.instance().clear()
+    devices = set()  # of every job
     with initialize_config_dir(config_dir=nrexp.config_dir(), version_base="1.3"):
         base = composed([])
         if resume is None:
             validate(base)
+        devices.add(str(getattr(base.trainer.device, "value", base.trainer.device)))
         for extra in variants:
             # A Hydra compose costs ~0.2 s (it re-reads and merges every config file), which made
             # preflight a third of the per-job cost of a `seed=range(32)` sweep. A swept plain value
@@ -213,8 +243,17 @@ def preflight(overrides: List[str], multirun: bool = False) -> Path:
                 cfg = composed(extra)
             if resume is None:
                 validate(cfg)
+            devices.add(str(getattr(cfg.trainer.device, "value", cfg.trainer.device)))
     GlobalHydra.instance().clear()
+    if multirun and "cuda" in devices and launcher not in REMOTE_LAUNCHERS:
+        from nrexp.train import resolve_device  # imports torch: only when a sweep asks for CUDA here
+
+        resolve_device("cuda")  # no GPU here: the single run's one line, before the sweep's first job
     return existing
+
+
+# launchers whose jobs run on other machines (SLURM nodes): their GPUs are not this machine's to check
+REMOTE_LAUNCHERS = ("submitit_slurm", "slurm_gpu")
 
 
 def skip_second_validation_of_basic_sweeps() -> None:
@@ -312,21 +351,22 @@ def explain_compose_error(err: Exception) -> str:
     return f"{text.splitlines()[0]}. Fix: `nrexp train --help` lists every key and group"
 
 
-def check_output_writable(parsed) -> Path:
+def check_output_writable(parsed, multirun: bool = False) -> Path:
     """Fail before anything runs if the run (or sweep) directory could not be created; else return the
     nearest folder at or above it that exists now (what a rejected run must not remove)."""
     from nrexp.config import ConfigError
 
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"  # the one this command uses
     target = "outputs"
     for o in parsed:
-        if o.key_or_group in ("hydra.run.dir", "hydra.sweep.dir") and not o.is_sweep_override():
+        if o.key_or_group == key and not o.is_sweep_override():
             target = str(o.value())
     path = Path(target.split("${", 1)[0] or ".").absolute()  # the literal part of the pattern
     while not path.exists():
         path = path.parent
     if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"the output directory {target!r} cannot be created: {path} is not a writable "
-                          "directory. Fix: run from a writable directory or set hydra.run.dir=<writable dir>")
+                          f"directory. Fix: run from a writable directory or set {key}=<writable dir>")
     return path
 
 

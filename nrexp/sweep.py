@@ -106,6 +106,11 @@ def claim_gpu(requested_device: str, job_num: int) -> Optional[int]:
     return index
 
 
+# The jobs of the sweep that ended last in this process, as its table lists them: `nrexp train -m`
+# exits with 1 when one of them failed (nrexp/cli.py).
+finished_jobs: List[Dict] = []
+
+
 class SweepStatusTable(Callback):
     """At the end of a sweep, one row per job: its dir, status, test accuracy, steps, time, error."""
 
@@ -116,6 +121,7 @@ class SweepStatusTable(Callback):
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         jobs = [read_job(d, sweep_dir) for d in find_job_dirs(sweep_dir)]
+        finished_jobs[:] = jobs
         # name jobs by what differs between them: overrides shared by every job only add width
         shared = set.intersection(*(set(job["name"].split(",")) for job in jobs)) if len(jobs) > 1 else set()
         counts: Dict[str, int] = {}

@@ -41,13 +41,20 @@ BAD_INPUTS = [  # (overrides, words the one-line error must contain)
     (["-m", "seed=0,1", "norm=none,bogus"], ["norm", "choose one of"]),
     (["trainer.on_nonfinite=ignore"], ["trainer.on_nonfinite"]),
     (["resume=nowhere"], ["resume", "no checkpoint"]),
-    (["hydra.run.dir=/etc/hostname/run"], ["output directory", "not a writable directory"]),
+    (["hydra.run.dir=/etc/hostname/run"], ["output directory", "not a writable directory", "hydra.run.dir="]),
+    (["-m", "seed=0,1", "hydra.sweep.dir=/etc/hostname/sweep"], ["output directory", "hydra.sweep.dir="]),
+    (["-m", "seed=0,1", "--cfg", "job"], ["-m and --cfg cannot be combined", "--cfg job"]),  # Hydra: a traceback
+    (["--info", "--cfg", "job"], ["--info and --cfg cannot be combined"]),
+    (["--cfg", "job", "dropout.p=1.5"], ["dropout.p=1.5", "[0, 1)"]),  # what --cfg prints is validated
+    (["-m", "seed=0,1", "hydra/launcher=joblibb"], ["hydra/launcher='joblibb'", "choose one of", "fused", "joblib"]),
+    (["-m", "seed=0,1", "hydra/sweeper=optunaa"], ["hydra/sweeper='optunaa'", "choose one of", "optuna"]),
+    (["-m", "trainer.device=cpu,cuda"], ["trainer.device='cuda'", "no CUDA GPU"]),  # before the cpu job runs
 ]
 
 
 @pytest.mark.parametrize("overrides,words", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
 def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, monkeypatch, capsys, overrides, words):
-    if "trainer.device=cuda" in overrides and _cuda_available():
+    if any("cuda" in o for o in overrides) and _cuda_available():
         pytest.skip("this machine has a GPU")
     code = run_main(tmp_path, monkeypatch, ["train", "data.source=bundled", "trainer.max_steps=2", *overrides])
     out, err = capsys.readouterr()

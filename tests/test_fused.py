@@ -411,10 +411,11 @@ def test_ctrl_c_checkpoints_every_member_and_each_resumes_alone(tmp_path, monkey
 
 
 def test_a_group_that_fails_is_recorded_and_the_sweep_goes_on(tmp_path):
-    """data.train_size beyond the data fails when the group loads it: every member says so, exit 0."""
+    """data.train_size beyond the data fails when the group loads it: every member says so, exit 1."""
     proc = run_cli(["train", "-m", *BASE, "seed=0,1", "data.train_size=5000", "hydra/launcher=fused",
                     "hydra.sweep.dir=sweep"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "2 of 2 jobs of the sweep failed" in proc.stderr
     summaries = [read_summary(d) for d in run_dirs(tmp_path / "sweep")]
     assert len(summaries) == 2 and all(s["status"] == "failed" and "data.train_size=5000" in s["error"] for s in summaries)
     assert "2 failed" in proc.stdout + proc.stderr
