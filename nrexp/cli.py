@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 USAGE = """\
 usage: nrexp <command> [args]
@@ -222,7 +222,7 @@ def preflight(overrides: List[str], multirun: bool = False, printing: bool = Fal
         try:
             return compose(config_name="train", overrides=fixed + extra)
         except HydraException as err:
-            raise ConfigError(explain_compose_error(err)) from None
+            raise ConfigError(explain_compose_error(err, fixed + extra)) from None
 
     GlobalHydra.instance().clear()
     devices = set()  # of every job
@@ -331,11 +331,24 @@ def _with_plain_override(base, override: str):
         return None
 
 
-def explain_compose_error(err: Exception) -> str:
-    """Hydra/OmegaConf's multi-line composition errors, as one line with the fix."""
+def explain_compose_error(err: Exception, overrides: Sequence[str] = ()) -> str:
+    """Hydra/OmegaConf's multi-line composition errors, as one line with the fix (`overrides`: the
+    command line's, to quote the one at fault)."""
+    import re
+
     from hydra.errors import MissingConfigException
 
     text, cause = str(err), str(err.__cause__ or "")
+    # a group outside the defaults list (the experiment presets) is added with +, one in it is not
+    group = re.match(r"Could not override '([^']+)'\. No match in the defaults list", text)
+    if group:
+        line = next((o for o in overrides if o.startswith(group[1] + "=")), group[1] + "=<option>")
+        return (f"{line.split(',')[0]!r}: group '{group[1]}' is not in the default config, so it is added, not "
+                f"overridden. Fix: write it with a leading +, e.g. nrexp train +{line.split(',')[0]}")
+    group = re.match(r"Multiple values for ([\w/.]+)\. To override a value use", text)
+    if group:
+        return (f"+{group[1]}=... adds group '{group[1]}' a second time: the default config has it already. "
+                f"Fix: drop the +, e.g. nrexp train {group[1]}=<option>")
     full_key = next((line.split(":", 1)[1].strip() for line in cause.splitlines() if "full_key:" in line), None)
     if isinstance(err, MissingConfigException) and "Could not find '" in text:
         missing = text.split("Could not find '", 1)[1].split("'", 1)[0]

@@ -201,9 +201,14 @@ def derive_config(reference, overrides: List[str]):
 
 def is_plain_value(cfg, key: str) -> bool:
     """Whether `key` names an existing plain value of `cfg`: not a new key, not a config group
-    (norm=batch selects a node), not a list (Hydra merges lists by its own rules)."""
+    (norm=batch selects a node), not a list (Hydra merges lists by its own rules). `experiment` is
+    both: a string in the config (the preset's name) and a group of configs/ (the presets), which
+    `experiment=x` would select if it were in the defaults list, and Hydra rejects without a +."""
+    import nrexp
+
     node = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False)
-    return node is not _MISSING and not OmegaConf.is_config(node)
+    return (node is not _MISSING and not OmegaConf.is_config(node)
+            and not (Path(nrexp.config_dir()) / key.replace(".", "/")).is_dir())
 
 
 _MISSING = object()

@@ -49,6 +49,9 @@ BAD_INPUTS = [  # (overrides, words the one-line error must contain)
     (["-m", "seed=0,1", "hydra/launcher=joblibb"], ["hydra/launcher='joblibb'", "choose one of", "fused", "joblib"]),
     (["-m", "seed=0,1", "hydra/sweeper=optunaa"], ["hydra/sweeper='optunaa'", "choose one of", "optuna"]),
     (["-m", "trainer.device=cpu,cuda"], ["trainer.device='cuda'", "no CUDA GPU"]),  # before the cpu job runs
+    (["experiment=init_depth"], ["group 'experiment'", "leading +", "nrexp train +experiment=init_depth"]),
+    (["-m", "experiment=init_depth,cnn_norms"], ["leading +", "+experiment=init_depth"]),  # each value checked
+    (["+norm=batch"], ["+norm=... adds group 'norm' a second time", "drop the +"]),
 ]
 
 
