@@ -190,7 +190,7 @@ def _locate(name: str, source: str, root: Path) -> Tuple[str, Raw]:
             ) from None
         log.warning("MNIST is not under %s and could not be downloaded (%s); using the bundled sample of "
                     "5,000 real digits (4,000 train / 1,000 test) instead. Numbers will differ from full "
-                    "MNIST. Set data.source=bundled to silence this.", root, str(err).split(" (")[0])
+                    "MNIST. Set data.source=bundled to silence this.", root, err.reason)
         return "bundled", _read_bundled_mnist()
 
 

@@ -157,3 +157,21 @@ def test_training_batches_are_augmented_reproducibly_and_eval_batches_never():
     assert int(dy0.min()) >= 0 and int(dy0.max()) <= 8
     # evaluation batches are the stored tensors, untouched
     assert all(torch.equal(xb, x[i * 10:(i + 1) * 10]) for i, (xb, _) in enumerate(eval_batches(x, y, 10)))
+
+
+def test_auto_falls_back_to_the_bundled_mnist_sample_saying_why_in_one_warning(tmp_path, monkeypatch, caplog):
+    def offline(name, root, download=False):
+        if download:
+            raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+        return read_idx(name, root, download)
+
+    read_idx = data_mod._read_idx
+    monkeypatch.setattr(data_mod, "_read_idx", offline)
+    data_mod._CACHE.clear()
+    with caplog.at_level("WARNING", logger="nrexp"):
+        ds = load_dataset(data_cfg(tmp_path, "data=mnist", "data.source=auto"), CPU)
+    assert ds.source == "bundled" and len(ds.train_x) == 4000
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"MNIST is not under {tmp_path} and could not be downloaded (OSError: <urlopen error")
+    assert "data.source=download" not in warning  # the user asked for auto (it once named the download's own error)
+    assert "Set data.source=bundled to silence this" in warning
