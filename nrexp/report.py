@@ -318,10 +318,11 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 def write_markdown(path: Path, root: Path, settings: Sequence[Setting], keys: Sequence[str],
-                   n_runs: int, figures: Sequence[Path]) -> None:
+                   n_runs: int, figures: Sequence[Path], filters: Sequence[str] = ()) -> None:
     header, body = table_cells(settings, keys)
+    kept = f" (the runs with {', '.join(filters)})" if filters else ""
     lines = [f"# nrexp report: {root}", "",
-             f"{n_runs} runs, {len(settings)} settings; numbers are mean ± sample std over the completed runs "
+             f"{n_runs} runs{kept}, {len(settings)} settings; numbers are mean ± sample std over the completed runs "
              "(seeds) of a setting.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
@@ -480,7 +481,7 @@ def write_figures(settings: Sequence[Setting], keys: Sequence[str], out: Path) -
 def report(root: Path, sort: Optional[str] = None, filters: Sequence[str] = (), as_json: bool = False,
            out: Optional[Path] = None) -> int:
     """`nrexp report`: print the table (or JSON), write report.csv, report.md and figures/ into `out`."""
-    root = Path(root)
+    root, out_given = Path(root), out is not None
     runs = load_runs(root)
     runs = apply_filters(runs, filters)
     if not runs:
@@ -489,9 +490,12 @@ def report(root: Path, sort: Optional[str] = None, filters: Sequence[str] = (), 
     settings = sort_settings(group_settings(runs, keys), keys, sort)
 
     out = Path(out) if out else (root if root.is_dir() else root.parent)
+    if filters and not out_given:  # the sweep's own full report stays; this one goes beside it, named
+        out = out / ("report-" + ",".join(filters).replace("/", "-"))
+    out.mkdir(parents=True, exist_ok=True)
     figures = write_figures(settings, keys, out / "figures")
     write_csv(out / "report.csv", rows_of(settings))
-    write_markdown(out / "report.md", root, settings, keys, len(runs), figures)
+    write_markdown(out / "report.md", root, settings, keys, len(runs), figures, filters)
     if as_json:
         print(json_report(root, keys, settings))
     else:

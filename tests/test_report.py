@@ -118,6 +118,21 @@ def test_json_filter_and_sort(tiny_sweep, capsys, tmp_path):
     assert code == 0 and len(json.loads(out)["runs"]) == 2
 
 
+def test_a_filtered_report_goes_beside_the_sweeps_full_one(tiny_sweep, capsys, tmp_path):
+    _, sweep = tiny_sweep
+    sweep = shutil.copytree(sweep, tmp_path / "sweep")  # the shared sweep stays as the other tests expect it
+    assert report(capsys, sweep)[0] == 0
+    full = (sweep / "report.csv").read_text()
+    code, out, _ = report(capsys, sweep, "--filter", "norm=batch")
+    assert code == 0 and (sweep / "report.csv").read_text() == full  # not overwritten by the 3 settings kept
+    kept = sweep / "report-norm=batch"
+    assert str(kept / "report.csv") in out.replace("\n", "")
+    with open(kept / "report.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    assert len(full.strip().splitlines()) == 1 + 6
+    assert "12 runs" not in (kept / "report.md").read_text() and "6 runs (the runs with norm=batch)" in (kept / "report.md").read_text()
+    assert sorted(p.name for p in (kept / "figures").iterdir())[0] == "act_norm_vs_depth.png"
+
 def test_one_run_dir(tiny_sweep, capsys, tmp_path):
     _, sweep = tiny_sweep
     run = next(d for d in run_dirs(sweep) if read_summary(d)["status"] == "completed")
