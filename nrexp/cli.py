@@ -444,7 +444,7 @@ def report_command(args: List[str]) -> int:
         description="Compare the runs under DIR (a sweep dir or one run dir): one row per setting, the seeds "
                     "of a setting aggregated as mean ± std. Writes report.csv, report.md and figures/*.png.")
     parser.add_argument("dir", help="a sweep dir (outputs/multirun/<date>/<time>) or a run dir")
-    parser.add_argument("--sort", metavar="KEY", help="sort by a column: a swept key, n, status, train_loss, "
+    parser.add_argument("--sort", metavar="KEY", help="sort by a column: a swept key, runs, status, train_loss, "
                         "train_acc, test_acc, gen_gap, act_ratio_init, act_ratio_final; -KEY for descending")
     parser.add_argument("--filter", metavar="KEY=VALUE", action="append", default=[],
                         help="keep runs whose config has KEY=VALUE (e.g. norm=batch, dropout.p=0.2); repeatable")

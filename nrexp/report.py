@@ -238,11 +238,12 @@ def rows_of(settings: Sequence[Setting]) -> List[Dict[str, Any]]:
 
 
 def sort_settings(settings: List[Setting], keys: Sequence[str], spec: Optional[str]) -> List[Setting]:
-    """--sort KEY (ascending) or -KEY (descending); KEY is a swept key, n, status or a metric."""
+    """--sort KEY (ascending) or -KEY (descending); KEY is a swept key, runs (n), status or a metric."""
     if not spec:
         return settings
     descending, key = spec.startswith("-"), spec.lstrip("-")
-    choices = [*keys, "n", "status", *METRICS]
+    key = "n" if key == "runs" else key  # the table's "runs" is the CSV's "n"
+    choices = [*keys, "runs", "n", "status", *METRICS]
     if key not in choices:
         raise ReportError(f"--sort {spec!r} is invalid: not a column. Fix: use one of {', '.join(choices)} "
                           "(prefix - for descending, e.g. --sort=-test_acc)")

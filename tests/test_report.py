@@ -116,6 +116,9 @@ def test_json_filter_and_sort(tiny_sweep, capsys, tmp_path):
                for r in data["runs"] if r["setting"]["data.train_size"] == 5000)
     code, out, _ = report(capsys, sweep, "--json", "--filter", "data.train_size=512", "--filter", "seed=1", "--out", tmp_path)
     assert code == 0 and len(json.loads(out)["runs"]) == 2
+    # the table's column "runs" sorts as the CSV's "n" does (with a filter, settings of 1 and 2 runs)
+    by = {key: report(capsys, sweep, "--json", "--filter", "seed=1", f"--sort=-{key}", "--out", tmp_path) for key in ("runs", "n")}
+    assert by["runs"][0] == 0 and by["runs"][1] == by["n"][1]
 
 
 def test_a_filtered_report_goes_beside_the_sweeps_full_one(tiny_sweep, capsys, tmp_path):
