@@ -27,6 +27,9 @@ def test_bench_tiny_writes_json_with_all_arms(tmp_path):
     assert entry["losses_agree"], entry["loss_after_steps"]  # same init, data order and optimizer in every arm
     assert "c/b" in (tmp_path / "bench.md").read_text()
     assert "nrexp bench" in proc.stdout
+    # a smoke test judges no target: its figures say nothing of them
+    assert result["settings"]["tiny"] and all(r["ok"] is None for r in entry["ratios"].values())
+    assert "✗" not in proc.stdout + (tmp_path / "bench.md").read_text() and "no target judged" in proc.stdout
 
 
 @pytest.mark.parametrize("args, says", [
@@ -174,6 +177,7 @@ def test_fused_sweeps_run_on_both_workloads_and_report_each(tmp_path):
         assert b["speedup"] == pytest.approx(b["median_wall_s"]["basic"] / b["median_wall_s"]["fused"])
         assert all(t > 0 for t in b["step_loops_s"]["basic"] + b["step_loops_s"]["fused"])
     markdown = (tmp_path / "bench.md").read_text()
+    assert all(b["ok"] is None for w in fused.values() for b in w["batches"].values()) and "target >=" not in markdown
     assert "fused sweep on 5 epochs of the bundled 4,000 digits" in markdown
     assert "fused sweep on 1 epoch of the bench's MNIST-like data" in markdown
 
