@@ -179,7 +179,7 @@ def preflight(overrides: List[str], multirun: bool = False, printing: bool = Fal
     from hydra.errors import HydraException
 
     import nrexp
-    from nrexp.config import ConfigError, validate
+    from nrexp.config import ConfigError, unused_knobs, validate
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -226,6 +226,7 @@ def preflight(overrides: List[str], multirun: bool = False, printing: bool = Fal
 
     GlobalHydra.instance().clear()
     devices = set()  # of every job
+    swept_configs = []  # (key, config) of each swept value, on top of the fixed overrides
     with initialize_config_dir(config_dir=nrexp.config_dir(), version_base="1.3"):
         base = composed([])
         if resume is None:
@@ -243,8 +244,11 @@ def preflight(overrides: List[str], multirun: bool = False, printing: bool = Fal
                 cfg = composed(extra)
             if resume is None:
                 validate(cfg)
+            swept_configs.append((extra[0].split("=", 1)[0], cfg))
             devices.add(str(getattr(cfg.trainer.device, "value", cfg.trainer.device)))
     GlobalHydra.instance().clear()
+    for line in unused_knobs([o.key_or_group for o in ours], base, swept_configs):
+        print(f"nrexp: warning: {line}", file=sys.stderr)
     if multirun and "cuda" in devices and launcher not in REMOTE_LAUNCHERS:
         from nrexp.train import resolve_device  # imports torch: only when a sweep asks for CUDA here
 

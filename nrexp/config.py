@@ -327,6 +327,49 @@ def normalized_widths(model: Any) -> List[int]:
     return [model.width]
 
 
+# Knobs that only some settings use: (the key that decides, its values where the knob has an effect).
+# Set on the command line where no job uses it, a knob gets a warning (nrexp/cli.py: preflight):
+# `optim=adam optim.momentum=0.5` runs, but the momentum does nothing, which the user should know.
+APPLIES_WITH = {
+    "norm.momentum": ("norm.name", ("batch",)),
+    "norm.groups": ("norm.name", ("group",)),
+    "optim.momentum": ("optim.name", ("sgd",)),
+    "optim.betas": ("optim.name", ("adam", "adamw")),
+    "dropout.spatial": ("model.name", ("cnn",)),
+    "model.channels": ("model.name", ("cnn",)),
+    "model.blocks_per_stage": ("model.name", ("cnn",)),
+    "model.pool": ("model.name", ("cnn",)),
+    "model.depth": ("model.name", ("mlp", "resmlp")),
+    "model.width": ("model.name", ("mlp", "resmlp")),
+    "norm.position": ("model.name", ("mlp", "cnn")),
+}
+
+
+def unused_knobs(keys: Any, base: Any, variants: List[Any]) -> List[str]:
+    """One warning line for each of `keys` (set on the command line) that has no effect in any job: a knob
+    of another optimizer, norm or model (APPLIES_WITH), or trainer.epochs beside trainer.max_steps.
+    `base` is the config of the fixed overrides; `variants` are (swept key, config with one of its values)
+    of a sweep: where the deciding key is swept, its values decide, else base's."""
+    from omegaconf import OmegaConf
+
+    def values(decider: str) -> List[str]:
+        swept = [cfg for key, cfg in variants if key in (decider, decider.split(".")[0])]
+        return sorted({str(getattr(v, "value", v)) for v in (OmegaConf.select(c, decider) for c in swept or [base])})
+
+    lines = []
+    for key in dict.fromkeys(keys):
+        if key == "trainer.epochs" and "None" not in values("trainer.max_steps"):
+            lines.append("trainer.epochs has no effect: trainer.max_steps is set, and it decides how long the run "
+                         "trains. Fix: drop one of them")
+        if key in APPLIES_WITH:
+            decider, used_with = APPLIES_WITH[key]
+            found, group = values(decider), decider.split(".")[0]
+            if not set(found) & set(used_with):
+                lines.append(f"{key} has no effect with {group}={','.join(found)}: it is used by "
+                             f"{group}={'|'.join(used_with)} only. Fix: drop it, or pick one of those")
+    return lines
+
+
 def validate_input_shape(cfg: Any, input_shape: Any) -> None:
     """Checks that need the data's shape (C, H, W), known once the dataset is loaded."""
     m = cfg.model

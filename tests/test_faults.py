@@ -71,6 +71,35 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, monkeypatch, c
     assert not (tmp_path / "outputs").exists()  # nothing half-written, not even an empty folder
 
 
+UNUSED = [  # (overrides, the warning; None: the knob is used by some job, no warning)
+    (["optim=adam", "optim.momentum=0.5"], "optim.momentum has no effect with optim=adam: it is used by optim=sgd only"),
+    (["norm=layer", "norm.momentum=0.5"], "norm.momentum has no effect with norm=layer: it is used by norm=batch only"),
+    (["norm.groups=4"], "norm.groups has no effect with norm=none: it is used by norm=group only"),
+    (["model=cnn", "model.width=64"], "model.width has no effect with model=cnn: it is used by model=mlp|resmlp only"),
+    (["trainer.epochs=3", "trainer.max_steps=2"], "trainer.epochs has no effect: trainer.max_steps is set"),
+    (["-m", "optim.momentum=0.5,0.8", "optim=adamw"], "optim.momentum has no effect with optim=adamw"),
+    (["-m", "optim=sgd,adam", "optim.momentum=0.5"], None),  # the sgd jobs use it
+    (["-m", "optim=adam,adamw", "optim.momentum=0.5"], "optim.momentum has no effect with optim=adam,adamw"),
+    (["optim=adam", "optim.betas=[0.8,0.99]", "norm=batch", "norm.momentum=0.2"], None),
+]
+
+
+@pytest.mark.parametrize("overrides,warning", UNUSED, ids=[" ".join(o) for o, _ in UNUSED])
+def test_a_knob_that_no_job_uses_gets_one_warning_line_and_the_run_goes_on(tmp_path, monkeypatch, capsys, overrides, warning):
+    """`optim=adam optim.momentum=0.5` is valid (a sweep may set momentum for its sgd jobs) but does nothing:
+    one warning line on stderr, the command goes on (here --cfg job, or preflight's checks of a sweep)."""
+    import nrexp.cli
+
+    if "-m" in overrides:  # the sweep's checks only: preflight, as `nrexp train -m` runs it first
+        nrexp.cli.preflight([o for o in overrides if o != "-m"], multirun=True)
+    else:
+        assert run_main(tmp_path, monkeypatch, ["train", "--cfg", "job", *overrides]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("nrexp: warning: ")]
+    if warning is None:
+        assert lines == []
+    else:
+        assert len(lines) == 1 and lines[0].startswith("nrexp: warning: " + warning) and "Fix:" in lines[0], lines
+
 def test_a_run_rejected_after_hydra_made_its_dir_removes_only_what_it_created(tmp_path, monkeypatch, capsys):
     """data.train_size=4001 is found out by the run itself, after Hydra made its run dir: the run removes
     that dir and the empty folders above it that it created, and no folder that was there before, even
