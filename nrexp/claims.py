@@ -303,6 +303,22 @@ def check_ln_vs_bn_mlp(runs: Sequence[Run]) -> List[ClaimResult]:
                         expected, loss["layer"] > loss["batch"] and loss["layer"] > loss["none"])]
 
 
+def check_cnn_norms(runs: Sequence[Run]) -> List[ClaimResult]:
+    """The convnet preset's expectation (configs/experiment/cnn_norms.yaml, from the literature): BatchNorm
+    trains fastest of the four, and every norm trains faster than none (same budget)."""
+    exp = "cnn_norms"
+    loss = {r.get("norm.name"): _num(r.metrics.get("train/loss")) for r in runs}
+    norms = ("none", "batch", "layer", "group")
+    measured = "train loss: " + ", ".join(f"{n} {_fmt(loss.get(n))}" for n in norms)
+    claims = [("BatchNorm reaches the lowest training loss of the four norms (same budget)",
+               "loss(batch) < loss(layer), loss(group), loss(none)",
+               lambda: all(loss["batch"] < loss[n] for n in norms if n != "batch")),
+              ("every norm trains faster than none", "loss(batch), loss(layer), loss(group) < loss(none)",
+               lambda: all(loss[n] < loss["none"] for n in norms if n != "none"))]
+    if not all(n in loss for n in norms):
+        return [_missing(exp, claim, expected, "norm=none,batch,layer,group runs") for claim, expected, _ in claims]
+    return [ClaimResult(exp, claim, measured, expected, holds()) for claim, expected, holds in claims]
+
 def weight_norm_total(run: Run) -> float:
     return math.sqrt(sum(_num(v) ** 2 for v in run.layers("final", "weight_norm").values()))
 
@@ -433,6 +449,7 @@ CHECKS: Dict[str, Callable[[Sequence[Run]], List[ClaimResult]]] = {
     "regularization": check_regularization,
     "bn_batch_size": check_bn_batch_size,
     "bn_shift": check_bn_shift,
+    "cnn_norms": check_cnn_norms,
 }
 
 

@@ -10,7 +10,8 @@ import yaml
 
 from conftest import REPO, TINY, compose, read_summary, run_cli, run_dirs
 
-PRESETS = ["init_depth", "norm_fixes_init", "bn_paper_mnist", "ln_vs_bn_mlp", "regularization", "bn_batch_size", "bn_shift"]
+PRESETS = ["init_depth", "norm_fixes_init", "bn_paper_mnist", "ln_vs_bn_mlp", "regularization", "bn_batch_size", "bn_shift",
+           "cnn_norms"]
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -266,6 +267,21 @@ def test_claims_of_missing_runs_say_so():
         results = fn([])
         assert results and all(not r.reproduced for r in results), name
 
+
+@pytest.mark.parametrize("losses,reproduced", [({"none": 2.0, "batch": 0.5, "layer": 1.0, "group": 0.9}, [True, True]),
+                                               ({"none": 2.0, "batch": 1.2, "layer": 1.0, "group": 0.9}, [False, True]),
+                                               ({"none": 0.8, "batch": 0.5, "layer": 1.0, "group": 0.9}, [True, False])])
+def test_cnn_norms_claims_compare_the_training_losses(tmp_path, losses, reproduced):
+    """The convnet preset's runs, as summary.json files of a sweep (training them takes hours on this CPU)."""
+    from nrexp.claims import check
+
+    for norm, loss in losses.items():
+        (tmp_path / norm).mkdir()
+        (tmp_path / norm / "summary.json").write_text(json.dumps({
+            "config": {"experiment": "cnn_norms", "norm": {"name": norm}}, "metrics": {"train/loss": loss}}))
+    results = check(tmp_path)
+    assert [r.experiment for r in results] == ["cnn_norms"] * 2 and [r.reproduced for r in results] == reproduced
+    assert results[0].measured == "train loss: " + ", ".join(f"{n} {losses[n]:g}" for n in ("none", "batch", "layer", "group"))
 
 @pytest.mark.reproduce  # ~5-8 min on 2 CPU cores: trains every preset at quick-mode budgets; the training claims need them
 def test_reproduce_quick_runs_and_writes_results(tmp_path):
