@@ -364,6 +364,8 @@ def check_regularization(runs: Sequence[Run]) -> List[ClaimResult]:
 def bn_eval(run: Run, shifts: Sequence[str], bn_stats: str, batch_size: Optional[int], cache: Dict) -> float:
     from nrexp.evaluate import evaluate_run, load_run
 
+    if run.summary.get("status") == "diverged":  # no trained net to evaluate: n/a, as its test accuracy
+        return float("nan")
     if run.dir not in cache:
         cache[run.dir] = load_run(run.dir)
     return evaluate_run(run.dir, shifts, bn_stats, batch_size, loaded=cache[run.dir]).acc

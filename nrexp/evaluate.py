@@ -115,6 +115,11 @@ def load_run(run_dir: Path, device: str = "cpu"):
         raise EvaluateError(f"{str(run_dir)!r} has no {CHECKPOINT}. Fix: pass the directory of a finished run "
                             "(runs write a checkpoint at the end)")
     payload = read_checkpoint(run_dir / CHECKPOINT)  # CheckpointError (one line) if corrupt
+    status = _status(run_dir)
+    if status.get("status") == "diverged":  # its checkpoint is the last periodic one, before the loss blew up
+        raise EvaluateError(f"{str(run_dir)!r} diverged at step {status.get('diverged_at_step')}: its {CHECKPOINT} holds "
+                            f"the weights of step {payload['state'].get('step')}, before that, not the run's result. "
+                            "Fix: evaluate a run that completed (a diverged setting's accuracy is in its summary.json)")
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), payload["config"])
     dev = torch.device(device)
     data = load_dataset(cfg.data, dev)
@@ -122,6 +127,16 @@ def load_run(run_dir: Path, device: str = "cpu"):
     model.load_state_dict(payload["model"])
     model.eval()
     return cfg, model, data
+
+
+def _status(run_dir: Path) -> dict:
+    """The run's summary.json ({} if it has none yet or it cannot be read: a run still going, or killed)."""
+    import json
+
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def has_batchnorm(model) -> bool:

@@ -196,6 +196,12 @@ def test_evaluate_bad_run_dirs_are_one_line(tmp_path, tiny_run):
     _, plain = tiny_run()
     proc = run_cli(["evaluate", str(plain), "--bn-stats", "test"], cwd=tmp_path)
     assert proc.returncode == 2 and "needs a run with BatchNorm" in proc.stderr
+    # a diverged run keeps its last periodic checkpoint, from before the blow-up: not its result
+    _, diverged = tiny_run("optim.lr=20", "trainer.checkpoint_every=2")
+    assert read_summary(diverged)["status"] == "diverged" and (diverged / "checkpoint.pt").is_file()
+    proc = run_cli(["evaluate", str(diverged)], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "diverged at step 5" in proc.stderr
+    assert "holds the weights of step 4" in proc.stderr
 
 
 # ---- claims
@@ -297,3 +303,13 @@ def test_reproduce_quick_runs_and_writes_results(tmp_path):
     text = (tmp_path / "docs" / "results.md").read_text()
     assert "Quick mode" in text and "| experiment | claim |" in text
     assert len(list((tmp_path / "docs" / "figures").glob("*.png"))) >= 7
+
+
+def test_claims_leave_a_diverged_runs_checkpoint_unevaluated(tmp_path):
+    """bn_batch_size's and bn_shift's tables evaluate each run's checkpoint; a diverged run's is from before
+    the blow-up, so its entries are n/a (NaN), as its test accuracy is, and nothing is loaded."""
+    import math
+
+    from nrexp.claims import Run, bn_eval
+
+    assert math.isnan(bn_eval(Run(tmp_path, {"status": "diverged"}), [], "running", None, cache={}))
