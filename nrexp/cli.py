@@ -381,10 +381,22 @@ def check_output_writable(parsed, multirun: bool = False) -> Path:
     path = Path(target.split("${", 1)[0] or ".").absolute()  # the literal part of the pattern
     while not path.exists():
         path = path.parent
-    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+    if not path.is_dir() or not _can_create_in(path):
         raise ConfigError(f"the output directory {target!r} cannot be created: {path} is not a writable "
                           f"directory. Fix: run from a writable directory or set {key}=<writable dir>")
     return path
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a folder can be made in `folder`, found by making (and removing) one: os.access says
+    yes where mkdir then fails (root on /proc or a read-only mount), and Hydra would fail with a traceback."""
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".nrexp-probe-", dir=folder))
+    except OSError:
+        return False
+    return True
 
 
 def check_resumable(run_dir: Path) -> None:

@@ -43,6 +43,8 @@ BAD_INPUTS = [  # (overrides, words the one-line error must contain)
     (["resume=nowhere"], ["resume", "no checkpoint"]),
     (["hydra.run.dir=/etc/hostname/run"], ["output directory", "not a writable directory", "hydra.run.dir="]),
     (["-m", "seed=0,1", "hydra.sweep.dir=/etc/hostname/sweep"], ["output directory", "hydra.sweep.dir="]),
+    # /proc takes no new folders, though os.access tells root it does
+    (["hydra.run.dir=/proc/nrexp-run"], ["output directory", "not a writable directory", "hydra.run.dir="]),
     (["-m", "seed=0,1", "--cfg", "job"], ["-m and --cfg cannot be combined", "--cfg job"]),  # Hydra: a traceback
     (["--info", "--cfg", "job"], ["--info and --cfg cannot be combined"]),
     (["--cfg", "job", "dropout.p=1.5"], ["dropout.p=1.5", "[0, 1)"]),  # what --cfg prints is validated
