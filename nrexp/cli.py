@@ -60,21 +60,31 @@ def train_app(args: List[str]) -> int:
 
     args = [quote_path_override(a) for a in args]
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
-    multirun = any(a in ("-m", "--multirun") for a in args)
+    flags = [hydra_flag(a) for a in args if a.startswith("-")]
+    multirun = any(a in ("-m", "--multirun") for a in flags)
     # Hydra's modes, of which it takes one (else a traceback): run (default), -m, --cfg, --info, -sc
-    modes = list(dict.fromkeys(a for a in args if a in MODE_FLAGS))
-    if len({MODE_FLAGS[a] for a in modes}) > 1:
-        return error(f"{modes[0]} and {modes[1]} cannot be combined. Fix: use one of them; to see a sweep job's "
+    modes: dict = {}  # mode -> the first flag that asked for it
+    for flag in flags:
+        if flag in MODE_FLAGS:
+            modes.setdefault(MODE_FLAGS[flag], flag)
+    if len(modes) > 1:
+        first, second = list(modes.values())[:2]
+        return error(f"{first} and {second} cannot be combined. Fix: use one of them; to see a sweep job's "
                      "config, give each key one value: nrexp train --cfg job <overrides>")
-    printing = any(a in ("--cfg", "-c") for a in args)  # prints the composed config: validated, nothing runs
-    flags_only_print = any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "-sc", "--shell-completion") for a in args)
+    printing = any(a in ("--cfg", "-c") for a in flags)  # prints the composed config: validated, nothing runs
+    # --help and --info show the config composed with the overrides too: validated like --cfg's.
+    # Shell completion is not: it is handed half-typed words.
+    showing = any(a in ("--help", "-h", "--hydra-help", "--info", "-i") for a in flags)
+    completing = any(a in ("-sc", "--shell-completion") for a in flags)
     existing = Path.cwd()  # replaced by preflight's answer when a run starts
-    if printing and not flags_only_print:
+    if completing or (showing and not overrides):
+        pass
+    elif printing or showing:
         try:
             preflight(overrides, printing=True)
         except config.ConfigError as err:
             return error(str(err))
-    elif not flags_only_print:
+    else:
         try:
             existing = preflight(overrides, multirun=multirun)
         except config.ConfigError as err:
@@ -141,6 +151,16 @@ MODE_FLAGS = {"-m": "multirun", "--multirun": "multirun", "-c": "cfg", "--cfg": 
               "-r": "run", "--run": "run"}
 
 
+def hydra_flag(arg: str) -> str:
+    """A flag of Hydra's command line as MODE_FLAGS names it, whichever way argparse accepts it:
+    --cfg=job and -cjob are --cfg and -c (but -cn, -cp, -cd are flags of their own)."""
+    if arg.startswith("--"):
+        return arg.split("=", 1)[0]
+    if arg[:2] in ("-c", "-i") and len(arg) > 2 and arg[:3] not in ("-cn", "-cp", "-cd"):
+        return arg[:2]
+    return arg
+
+
 PATH_KEYS = ("resume", "hydra.run.dir", "hydra.sweep.dir", "data.root")
 _GRAMMAR = set("=,()[]{}:'\" \t$")
 
@@ -178,6 +198,8 @@ def preflight(overrides: List[str], multirun: bool = False, printing: bool = Fal
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    from omegaconf import open_dict
+
     import nrexp
     from nrexp.config import ConfigError, unused_knobs, validate
 
@@ -188,10 +210,17 @@ def preflight(overrides: List[str], multirun: bool = False, printing: bool = Fal
                           "key=value (quote values with spaces); sweeps as key=a,b,c with -m") from None
     ours = [o for o in parsed if not o.key_or_group.startswith("hydra")]
     sweeps = [o for o in ours if o.is_sweep_override()]
+    hydra_sweeps = [o.input_line for o in parsed if o not in ours and o.is_sweep_override()]
+    if hydra_sweeps:  # Hydra: "Sweeping over Hydra's configuration is not supported", three lines
+        raise ConfigError(f"'{hydra_sweeps[0]}' sweeps Hydra's own config, which Hydra cannot do. Fix: run one "
+                          "command per value")
+    if sweeps and printing:
+        first = f"{sweeps[0].get_key_element()}={next(iter(sweeps[0].sweep_string_iterator()), '<value>')}"
+        raise ConfigError(f"'{sweeps[0].input_line}' is a sweep, and --cfg, --help and --info show one job's config. "
+                          f"Fix: give each key one value, e.g. {first}")
     if sweeps and not multirun:
         raise ConfigError(f"'{sweeps[0].input_line}' is a sweep. Fix: add -m (nrexp train -m ...) to run "
                           "one job per value")
-    existing = Path.cwd() if printing else check_output_writable(parsed, multirun)
     for o in parsed:  # the fused launcher's knob (a hydra key, so not in nrexp's schema)
         if o.key_or_group == "hydra.launcher.max_members" and not o.is_sweep_override():
             value = o.value()
@@ -208,6 +237,8 @@ def preflight(overrides: List[str], multirun: bool = False, printing: bool = Fal
             raise ConfigError(f"{changed[0]!r} cannot change when resuming: the run's model, data and optimizer "
                               "are fixed. Fix: only trainer.* (e.g. trainer.max_steps=2000) may change; start a "
                               "new run for anything else")
+    # a resumed run writes into its own dir (checked above), not into a new one
+    existing = Path.cwd() if printing or resume is not None else check_output_writable(parsed, multirun)
     # hydra/launcher=..., hydra/sweeper=...: composed too, so that a misspelt option is one line here
     fixed = [o.input_line for o in parsed if not o.is_sweep_override() and (o in ours or o.key_or_group.startswith("hydra/"))]
     launcher = next((str(o.value()) for o in parsed if o.key_or_group == "hydra/launcher"), "basic")
@@ -218,9 +249,9 @@ def preflight(overrides: List[str], multirun: bool = False, printing: bool = Fal
         except HydraException:
             pass  # interval sweeps (optuna) have no values to enumerate: the sweeper samples them
 
-    def composed(extra: List[str]):
+    def composed(extra: List[str], with_hydra: bool = False):
         try:
-            return compose(config_name="train", overrides=fixed + extra)
+            return compose(config_name="train", overrides=fixed + extra, return_hydra_config=with_hydra)
         except HydraException as err:
             raise ConfigError(explain_compose_error(err, fixed + extra)) from None
 
@@ -228,7 +259,11 @@ def preflight(overrides: List[str], multirun: bool = False, printing: bool = Fal
     devices = set()  # of every job
     swept_configs = []  # (key, config) of each swept value, on top of the fixed overrides
     with initialize_config_dir(config_dir=nrexp.config_dir(), version_base="1.3"):
-        base = composed([])
+        base = composed([], with_hydra=multirun)
+        if multirun:  # a preset's own sweep (hydra.sweeper.params) is checked value by value too
+            variants += sweeper_param_variants(base, {o.key_or_group for o in sweeps})
+            with open_dict(base):
+                del base["hydra"]
         if resume is None:
             validate(base)
         devices.add(str(getattr(base.trainer.device, "value", base.trainer.device)))
@@ -247,7 +282,9 @@ def preflight(overrides: List[str], multirun: bool = False, printing: bool = Fal
             swept_configs.append((extra[0].split("=", 1)[0], cfg))
             devices.add(str(getattr(cfg.trainer.device, "value", cfg.trainer.device)))
     GlobalHydra.instance().clear()
-    for line in unused_knobs([o.key_or_group for o in ours], base, swept_configs):
+    if resume is not None:  # the knobs given act on the run's own config, not on the defaults
+        base = resumed_config_for_warnings(Path(str(resume)), ours)
+    for line in unused_knobs([o.key_or_group for o in ours], base, swept_configs) if base is not None else []:
         print(f"nrexp: warning: {line}", file=sys.stderr)
     if multirun and "cuda" in devices and launcher not in REMOTE_LAUNCHERS:
         from nrexp.train import resolve_device  # imports torch: only when a sweep asks for CUDA here
@@ -349,8 +386,15 @@ def explain_compose_error(err: Exception, overrides: Sequence[str] = ()) -> str:
         line = next((o for o in overrides if o.startswith(group[1] + "=")), group[1] + "=<option>")
         return (f"{line.split(',')[0]!r}: group '{group[1]}' is not in the default config, so it is added, not "
                 f"overridden. Fix: write it with a leading +, e.g. nrexp train +{line.split(',')[0]}")
-    group = re.match(r"Multiple values for ([\w/.]+)\. To override a value use", text)
+    group = (re.match(r"Multiple values for ([\w/.]+)\. To override a value use", text)
+             or re.match(r"([\w/.]+) appears more than once in the final defaults list", text))
     if group:
+        given = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split("@", 1)[0] == group[1]]
+        if len(given) > 1:  # +experiment=a +experiment=b, +norm=batch norm=layer
+            return (f"group '{group[1]}' is given {len(given)} times ({' '.join(given)}). Fix: give it once"
+                    + ("" if any(not o.startswith("+") for o in given) else f", e.g. {given[-1]}")
+                    + (f", without the + (it is in the default config): {group[1]}=<option>"
+                       if any(not o.startswith("+") for o in given) else ""))
         return (f"+{group[1]}=... adds group '{group[1]}' a second time: the default config has it already. "
                 f"Fix: drop the +, e.g. nrexp train {group[1]}=<option>")
     full_key = next((line.split(":", 1)[1].strip() for line in cause.splitlines() if "full_key:" in line), None)
@@ -397,6 +441,43 @@ def _can_create_in(folder: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+def sweeper_param_variants(cfg, swept_here) -> List[List[str]]:
+    """One [key=value] per value of each sweep in the config's hydra.sweeper.params (an experiment
+    preset's `norm: none,batch,layer`), but for keys this command line sweeps itself: Hydra's basic
+    sweeper lets the command line win. Values a sweeper samples (optuna's interval) can't be listed."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    variants: List[List[str]] = []
+    for key, value in params.items():
+        if key in swept_here:
+            continue
+        try:
+            (o,) = OverridesParser.create().parse_overrides([f"{key}={value}"])
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [str(value)]
+        except HydraException:
+            continue
+        variants += [[f"{o.get_key_element()}={v}"] for v in values]
+    return variants
+
+
+def resumed_config_for_warnings(run_dir: Path, parsed):
+    """The run's recorded config (.hydra/config.yaml, what Hydra saved when it started) with this
+    command's trainer.* overrides: what unused_knobs judges a resume by. None when it was not saved."""
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+        for o in parsed:
+            if o.key_or_group.startswith("trainer."):
+                OmegaConf.update(cfg, o.key_or_group, o.value(), merge=False)
+    except Exception:  # noqa: BLE001 - warnings only: the run itself reads its checkpoint's config
+        return None
+    return cfg
 
 
 def check_resumable(run_dir: Path) -> None:

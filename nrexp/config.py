@@ -296,14 +296,16 @@ def _validate_models_and_norms(cfg: Any) -> None:
     if m.name == "resmlp":  # the course's MLPResNet: each block's inner layer has width // 2 units
         _check(m.width >= 2, "model.width", m.width, "resmlp needs >= 2 (its blocks use width/2 inside)",
                "e.g. model.width=256")
-    _check(n.groups >= 1, "norm.groups", n.groups, "must be >= 1", "e.g. norm.groups=8")
+    example = "e.g. norm.groups=8"  # offered by every norm.groups error: a value the checks below accept
     if n.name == "group":
         widths = normalized_widths(m)
-        # the example offered: a common divisor that the next check accepts too, at most 32 (the
-        # GroupNorm paper's default), the largest such
+        # a common divisor that the width checks accept too, at most 32 (the GroupNorm paper's
+        # default), the largest such
         fits = [d for d in range(1, min(math.gcd(*widths), 32) + 1)
                 if math.gcd(*widths) % d == 0 and (m.name == "cnn" or min(widths) // d >= 2)]
         example = f"e.g. norm.groups={fits[-1]}" if fits else "widen the layers (model.width) or use another norm"
+    _check(n.groups >= 1, "norm.groups", n.groups, "must be >= 1", example)
+    if n.name == "group":
         _check(all(w % n.groups == 0 for w in widths), "norm.groups", n.groups,
                f"must divide the channels/width of every normalized layer ({', '.join(map(str, widths))})",
                f"choose a common divisor, {example}")

@@ -111,8 +111,26 @@ def claim_gpu(requested_device: str, job_num: int) -> Optional[int]:
 finished_jobs: List[Dict] = []
 
 
+def _job_stamps(sweep_dir: Path) -> Dict[str, int]:
+    """Each job dir of a sweep dir with the time its summary (or, before one, its config) was written."""
+    from nrexp.report import find_job_dirs
+
+    stamps = {}
+    for d in find_job_dirs(sweep_dir) if sweep_dir.is_dir() else []:
+        for f in (d / "summary.json", d / ".hydra" / "config.yaml"):
+            if f.is_file():
+                stamps[str(d)] = f.stat().st_mtime_ns
+                break
+    return stamps
+
+
 class SweepStatusTable(Callback):
     """At the end of a sweep, one row per job: its dir, status, test accuracy, steps, time, error."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        # a sweep dir given again (hydra.sweep.dir=...) holds the jobs of earlier commands: the table
+        # lists them all, but the exit code is this command's (finished_jobs)
+        self.before = _job_stamps(Path(str(config.hydra.sweep.dir)))
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         from rich.table import Table
@@ -121,7 +139,8 @@ class SweepStatusTable(Callback):
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         jobs = [read_job(d, sweep_dir) for d in find_job_dirs(sweep_dir)]
-        finished_jobs[:] = jobs
+        before, now = getattr(self, "before", {}), _job_stamps(sweep_dir)
+        finished_jobs[:] = [job for job in jobs if job["dir"] not in before or before[job["dir"]] != now.get(job["dir"])]
         # name jobs by what differs between them: overrides shared by every job only add width
         shared = set.intersection(*(set(job["name"].split(",")) for job in jobs)) if len(jobs) > 1 else set()
         counts: Dict[str, int] = {}

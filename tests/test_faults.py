@@ -54,6 +54,16 @@ BAD_INPUTS = [  # (overrides, words the one-line error must contain)
     (["experiment=init_depth"], ["group 'experiment'", "leading +", "nrexp train +experiment=init_depth"]),
     (["-m", "experiment=init_depth,cnn_norms"], ["leading +", "+experiment=init_depth"]),  # each value checked
     (["+norm=batch"], ["+norm=... adds group 'norm' a second time", "drop the +"]),
+    (["+norm=batch", "norm=layer"], ["group 'norm' is given 2 times", "without the +"]),
+    (["+experiment=init_depth", "+experiment=cnn_norms"], ["group 'experiment' is given 2 times", "give it once"]),
+    (["-m", "seed=0,1", "--cfg=job"], ["-m and --cfg cannot be combined"]),  # argparse's other spellings
+    (["-m", "seed=0,1", "-cjob"], ["-m and -c cannot be combined"]),
+    (["--multirun", "-m", "--info=config", "seed=0,1"], ["--multirun and --info cannot be combined"]),
+    (["--cfg", "job", "norm=batch,layer"], ["'norm=batch,layer' is a sweep", "one job's config", "e.g. norm=batch"]),
+    (["--help", "norm=bogus"], ["norm", "choose one of"]),  # --help shows the config composed with them
+    (["-m", "hydra/launcher=fused,basic", "seed=0,1"], ["sweeps Hydra's own config", "one command per value"]),
+    # a preset's own sweep (hydra.sweeper.params: norm none,batch,layer,group) is checked before any job
+    (["-m", "+experiment=cnn_norms", "data=mnist", "norm.groups=7"], ["norm.groups=7", "e.g. norm.groups=32"]),
 ]
 
 
@@ -83,6 +93,9 @@ UNUSED = [  # (overrides, the warning; None: the knob is used by some job, no wa
     (["-m", "optim=sgd,adam", "optim.momentum=0.5"], None),  # the sgd jobs use it
     (["-m", "optim=adam,adamw", "optim.momentum=0.5"], "optim.momentum has no effect with optim=adam,adamw"),
     (["optim=adam", "optim.betas=[0.8,0.99]", "norm=batch", "norm.momentum=0.2"], None),
+    (["-m", "+experiment=ln_vs_bn_mlp", "norm.momentum=0.2"], None),  # the preset sweeps norm=none,batch,layer
+    (["-m", "+experiment=ln_vs_bn_mlp", "norm=none,layer", "norm.momentum=0.2"],  # the command line's sweep wins
+     "norm.momentum has no effect with norm=layer,none"),
 ]
 
 
@@ -287,6 +300,13 @@ def test_resume_can_extend_training_but_not_change_the_model(tmp_path):
     more = run_cli(["train", f"resume={run_dir}", "trainer.max_steps=12"], cwd=tmp_path)
     assert more.returncode == 0, more.stdout + more.stderr
     assert read_summary(run_dir)["steps"] == 12
+    # the run's own config decides which knobs act: it trains to max_steps, so epochs does nothing
+    epochs = run_cli(["train", "--cfg", "job", f"resume={run_dir}", "trainer.epochs=3"], cwd=tmp_path)
+    assert epochs.returncode == 0 and "nrexp: warning: trainer.epochs has no effect" in epochs.stderr, epochs.stderr
+    if Path("/proc/self").is_dir():  # a resumed run writes into its own dir: a cwd that takes no new folders is fine
+        further = run_cli(["train", f"resume={run_dir}", "trainer.max_steps=14"], cwd=Path("/proc"))
+        assert further.returncode == 0, further.stdout + further.stderr
+        assert read_summary(run_dir)["steps"] == 14
 
 
 def _digest(run_dir):

@@ -194,6 +194,7 @@ def test_config_errors_are_one_line(overrides, message):
     (["norm.groups=7"], 32), (["norm.groups=256"], 32),  # 256 units: 32 groups of 8
     (["model.width=6", "norm.groups=4"], 3), (["model.width=6", "norm.groups=6"], 3),
     (CNN + ["norm.groups=3"], 4),  # channels 4, 8, 16: a conv group of one channel is fine (spatial positions)
+    (["model.width=6", "norm.groups=0"], 3),  # not the generic 8, which 6 units reject
 ])
 def test_the_groups_a_norm_groups_error_suggests_are_accepted(overrides, suggested):
     with pytest.raises(ConfigError, match=rf"e\.g\. norm\.groups={suggested}$"):

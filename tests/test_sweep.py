@@ -109,6 +109,19 @@ def test_single_run_config_error_still_exits_2(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("nrexp: error: dropout.p=1.5 is invalid")
 
 
+def test_the_exit_code_of_a_sweep_into_a_used_dir_is_that_of_its_own_jobs(tmp_path):
+    """hydra.sweep.dir given again: the table lists every job there, but an earlier command's failed job
+    (here fixed by a rerun with another data.train_size) does not fail this command; a new failure does."""
+    sweep = ["train", "-m", *TINY, "trainer.progress=false", "hydra.sweep.dir=sweep"]
+    failing = run_cli([*sweep, "data.train_size=5000"], cwd=tmp_path)  # fails in the job, after preflight
+    assert failing.returncode == 1 and "1 of 1 jobs of the sweep failed" in failing.stderr, failing.stderr
+    fixed = run_cli([*sweep, "data.train_size=256,512"], cwd=tmp_path)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert "1 failed" in fixed.stdout and "2 completed" in fixed.stdout  # the table: the whole dir
+    again = run_cli([*sweep, "data.train_size=5000,256"], cwd=tmp_path)  # both rerun: one fails anew
+    assert again.returncode == 1 and "1 of 2 jobs of the sweep failed" in again.stderr, again.stderr
+
+
 @pytest.mark.slow  # reason: starts 2 loky worker processes that each import torch (~20 s on 2 cores)
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     proc = run_cli(["train", "-m", *LAUNCHER_TINY, "norm=none,batch", "hydra/launcher=joblib",
