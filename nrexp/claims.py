@@ -293,13 +293,29 @@ def check_bn_paper_mnist(runs: Sequence[Run]) -> List[ClaimResult]:
     return out
 
 
+def train_loss_by_norm(runs: Sequence[Run]) -> Tuple[Dict[str, float], Dict[str, int]]:
+    """({norm: mean final train/loss over its runs (seeds)}, {norm: how many runs}). A diverged run counts
+    as an infinite loss: it trained worse than any run that stayed finite."""
+    losses: Dict[str, List[float]] = defaultdict(list)
+    for r in runs:
+        diverged = r.summary.get("status") == "diverged"
+        losses[r.get("norm.name")].append(math.inf if diverged else _num(r.metrics.get("train/loss")))
+    return {n: statistics.mean(v) for n, v in losses.items()}, {n: len(v) for n, v in losses.items()}
+
+
+def _losses_text(norms: Sequence[str], loss: Dict[str, float], count: Dict[str, int]) -> str:
+    text = "train loss: " + ", ".join(f"{n} {'diverged' if loss.get(n) == math.inf else _fmt(loss.get(n))}" for n in norms)
+    seeds = max(count.values(), default=1)
+    return text + (f" (means of up to {seeds} runs)" if seeds > 1 else "")
+
+
 def check_ln_vs_bn_mlp(runs: Sequence[Run]) -> List[ClaimResult]:
     exp = "ln_vs_bn_mlp"
-    loss = {r.get("norm.name"): _num(r.metrics.get("train/loss")) for r in runs}
+    loss, count = train_loss_by_norm(runs)
     claim, expected = "LayerNorm reaches a higher training loss than BN and no norm (same budget)", "loss(layer) > loss(batch) and > loss(none)"
     if not all(n in loss for n in ("none", "batch", "layer")):
         return [_missing(exp, claim, expected, "norm=none,batch,layer runs")]
-    return [ClaimResult(exp, claim, f"train loss: layer {_fmt(loss['layer'])}, batch {_fmt(loss['batch'])}, none {_fmt(loss['none'])}",
+    return [ClaimResult(exp, claim, _losses_text(("layer", "batch", "none"), loss, count),
                         expected, loss["layer"] > loss["batch"] and loss["layer"] > loss["none"])]
 
 
@@ -307,9 +323,9 @@ def check_cnn_norms(runs: Sequence[Run]) -> List[ClaimResult]:
     """The convnet preset's expectation (configs/experiment/cnn_norms.yaml, from the literature): BatchNorm
     trains fastest of the four, and every norm trains faster than none (same budget)."""
     exp = "cnn_norms"
-    loss = {r.get("norm.name"): _num(r.metrics.get("train/loss")) for r in runs}
+    loss, count = train_loss_by_norm(runs)
     norms = ("none", "batch", "layer", "group")
-    measured = "train loss: " + ", ".join(f"{n} {_fmt(loss.get(n))}" for n in norms)
+    measured = _losses_text(norms, loss, count)
     claims = [("BatchNorm reaches the lowest training loss of the four norms (same budget)",
                "loss(batch) < loss(layer), loss(group), loss(none)",
                lambda: all(loss["batch"] < loss[n] for n in norms if n != "batch")),
@@ -361,6 +377,12 @@ def check_regularization(runs: Sequence[Run]) -> List[ClaimResult]:
     return out
 
 
+def _evaluable(run: Run) -> bool:
+    """A run with a trained net to evaluate: a checkpoint, and no divergence (a diverged run's checkpoint,
+    when it wrote one, is from before the blow-up: not its result). The tables leave the others out."""
+    return (run.dir / "checkpoint.pt").is_file() and run.summary.get("status") != "diverged"
+
+
 def bn_eval(run: Run, shifts: Sequence[str], bn_stats: str, batch_size: Optional[int], cache: Dict) -> float:
     from nrexp.evaluate import evaluate_run, load_run
 
@@ -378,7 +400,7 @@ def batch_size_table(runs: Sequence[Run]) -> Dict[str, Dict[int, Dict[str, float
     for r in runs:
         b, norm = int(r.get("data.batch_size")), r.get("norm.name")
         row = {"running": test_acc(r)}
-        if norm == "batch" and (r.dir / "checkpoint.pt").is_file():
+        if norm == "batch" and _evaluable(r):
             row["test"] = bn_eval(r, [], "test", max(b, 2), cache)
         table[norm][b] = row
     return table
@@ -417,7 +439,7 @@ def shift_table(runs: Sequence[Run]) -> Dict[str, Dict[str, float]]:
     cache: Dict = {}
     table: Dict[str, Dict[str, List[float]]] = {s: {"running": [], "test": []} for s in SHIFT_SET}
     for r in runs:
-        if r.get("norm.name") != "batch" or not (r.dir / "checkpoint.pt").is_file():
+        if r.get("norm.name") != "batch" or not _evaluable(r):
             continue
         for name, shifts in SHIFT_SET.items():
             for stats in ("running", "test"):

@@ -289,6 +289,43 @@ def test_cnn_norms_claims_compare_the_training_losses(tmp_path, losses, reproduc
     assert [r.experiment for r in results] == ["cnn_norms"] * 2 and [r.reproduced for r in results] == reproduced
     assert results[0].measured == "train loss: " + ", ".join(f"{n} {losses[n]:g}" for n in ("none", "batch", "layer", "group"))
 
+def test_cnn_norms_claims_average_seeds_and_rank_a_diverged_run_last(tmp_path):
+    """Two seeds a norm are averaged (not the last one read); a diverged no-norm run trained worse than any."""
+    from nrexp.claims import check
+
+    runs = {"none": [None], "batch": [0.1, 0.9], "layer": [0.6, 0.8], "group": [0.7]}  # None: diverged
+    for norm, losses in runs.items():
+        for seed, loss in enumerate(losses):
+            (tmp_path / f"{norm}{seed}").mkdir()
+            (tmp_path / f"{norm}{seed}" / "summary.json").write_text(json.dumps({
+                "status": "diverged" if loss is None else "completed",
+                "config": {"experiment": "cnn_norms", "norm": {"name": norm}, "seed": seed}, "metrics": {"train/loss": loss}}))
+    results = check(tmp_path)
+    assert results[0].measured == "train loss: none diverged, batch 0.5, layer 0.7, group 0.7 (means of up to 2 runs)"
+    assert [r.reproduced for r in results] == [True, True]
+
+
+def test_bn_tables_leave_a_diverged_run_out(tmp_path, tiny_run):
+    """A diverged BatchNorm run that wrote a checkpoint is left out of bn_shift's and bn_batch_size's tables, as one
+    without a checkpoint is: it is no result, and its n/a must not turn the other runs' means into n/a."""
+    import math
+    import shutil
+
+    from nrexp.claims import Run, batch_size_table, shift_table
+
+    _, good = tiny_run("norm=batch")
+    diverged = tmp_path / "diverged"
+    shutil.copytree(good, diverged)  # a checkpoint that loads: only its status says it is no result
+    summary = {**read_summary(good), "status": "diverged"}
+    (diverged / "summary.json").write_text(json.dumps(summary))
+    runs = [Run(good, read_summary(good)), Run(diverged, summary)]
+    alone = shift_table(runs[:1])
+    assert all(math.isfinite(v) for row in alone.values() for v in row.values())
+    assert shift_table(runs) == alone
+    b = read_summary(good)["config"]["data"]["batch_size"]
+    assert "test" in batch_size_table(runs[:1])["batch"][b] and "test" not in batch_size_table(runs[1:])["batch"][b]
+
+
 @pytest.mark.reproduce  # ~5-8 min on 2 CPU cores: trains every preset at quick-mode budgets; the training claims need them
 def test_reproduce_quick_runs_and_writes_results(tmp_path):
     import subprocess
