@@ -111,15 +111,19 @@ def load_run(run_dir: Path, device: str = "cpu"):
     if not run_dir.is_dir():
         raise EvaluateError(f"run directory {str(run_dir)!r} does not exist. Fix: pass the directory of a run "
                             "(it holds summary.json and checkpoint.pt)")
+    status = _status(run_dir)
+    if status.get("status") == "diverged":  # no checkpoint at its end; any it has is a periodic one, no result
+        saved = ""
+        if (run_dir / CHECKPOINT).is_file():
+            step = read_checkpoint(run_dir / CHECKPOINT)["state"].get("step")
+            saved = f"; its {CHECKPOINT} is a periodic one, saved after {step} steps, not the run's result"
+        raise EvaluateError(f"{str(run_dir)!r} diverged (its loss was non-finite at step "
+                            f"{status.get('diverged_at_step')}){saved}. Fix: evaluate a run that completed "
+                            "(a diverged setting's accuracy is in its summary.json)")
     if not (run_dir / CHECKPOINT).is_file():
         raise EvaluateError(f"{str(run_dir)!r} has no {CHECKPOINT}. Fix: pass the directory of a finished run "
                             "(runs write a checkpoint at the end)")
     payload = read_checkpoint(run_dir / CHECKPOINT)  # CheckpointError (one line) if corrupt
-    status = _status(run_dir)
-    if status.get("status") == "diverged":  # its checkpoint is the last periodic one, before the loss blew up
-        raise EvaluateError(f"{str(run_dir)!r} diverged at step {status.get('diverged_at_step')}: its {CHECKPOINT} holds "
-                            f"the weights of step {payload['state'].get('step')}, before that, not the run's result. "
-                            "Fix: evaluate a run that completed (a diverged setting's accuracy is in its summary.json)")
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), payload["config"])
     dev = torch.device(device)
     data = load_dataset(cfg.data, dev)

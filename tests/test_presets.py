@@ -200,8 +200,12 @@ def test_evaluate_bad_run_dirs_are_one_line(tmp_path, tiny_run):
     _, diverged = tiny_run("optim.lr=20", "trainer.checkpoint_every=2")
     assert read_summary(diverged)["status"] == "diverged" and (diverged / "checkpoint.pt").is_file()
     proc = run_cli(["evaluate", str(diverged)], cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "diverged at step 5" in proc.stderr
-    assert "holds the weights of step 4" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "diverged (its loss was non-finite at step 5); its checkpoint.pt is a periodic one, saved after 4 steps" in proc.stderr
+    (diverged / "checkpoint.pt").unlink()  # the usual case: no periodic checkpoint before the blow-up
+    proc = run_cli(["evaluate", str(diverged)], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "diverged (its loss was non-finite at step 5). Fix: evaluate a run that completed" in proc.stderr
 
 
 # ---- claims
