@@ -542,7 +542,9 @@ def print_table(result: Dict) -> None:
 
 def markdown(result: Dict) -> str:
     m, s = result["machine"], result["settings"]
-    lines = ["| " + " | ".join(headers(result)) + " |", "|" + "---|" * len(headers(result))]
+    lines = ["**--tiny, a smoke test: numbers meaningless, no target judged (the targets quoted are not met or "
+             "missed by it).**", ""] if s.get("tiny") else []
+    lines += ["| " + " | ".join(headers(result)) + " |", "|" + "---|" * len(headers(result))]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
     lines += ["", f"Machine: {m['nproc']} CPUs ({m['cpu']}), torch {m['torch']} with {m['torch_threads']} threads, "
               f"Python {m['python']}, device {result['device']}, load average at start {m.get('loadavg_at_start', '?')}. "

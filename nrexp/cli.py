@@ -564,6 +564,8 @@ def report_command(args: List[str]) -> int:
         return code
     except (ReportError, ConfigError, EvaluateError) as err:
         return error(str(err))
+    except BrokenPipeError:  # `nrexp report DIR --json | head`: main() stops quietly
+        raise
     except OSError as err:  # e.g. a sweep dir one may read but not write: say where to write instead
         return error(f"cannot write the report: {err}. Fix: pass --out DIR, a directory you can write to")
 

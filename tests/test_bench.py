@@ -30,6 +30,7 @@ def test_bench_tiny_writes_json_with_all_arms(tmp_path):
     # a smoke test judges no target: its figures say nothing of them
     assert result["settings"]["tiny"] and all(r["ok"] is None for r in entry["ratios"].values())
     assert "✗" not in proc.stdout + (tmp_path / "bench.md").read_text() and "no target judged" in proc.stdout
+    assert (tmp_path / "bench.md").read_text().startswith("**--tiny, a smoke test: numbers meaningless, no target judged")
 
 
 @pytest.mark.parametrize("args, says", [
