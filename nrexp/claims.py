@@ -120,8 +120,23 @@ def check(sweep_dir) -> List[ClaimResult]:
             results.append(ClaimResult(name, "known preset", f"{len(group)} runs with experiment={name}",
                                        "one of " + ", ".join(CHECKS), False))
             continue
-        results += fn(group)
+        results += fn(group) if name in AVERAGES_SEEDS else per_seed(fn, group)
     return results
+
+
+def per_seed(fn: Callable[[Sequence[Run]], List[ClaimResult]], runs: Sequence[Run]) -> List[ClaimResult]:
+    """fn's claims checked in each seed's runs on their own, when the sweep has several seeds (`-m
+    +experiment=init_depth seed=0,1,2`): the checks index the runs by setting, where a second seed's run
+    would silently replace the first. Each claim is then reported once per seed, "seed N: ..."."""
+    seeds: Dict = defaultdict(list)
+    for run in runs:
+        seeds[run.get("seed")].append(run)
+    if len(seeds) < 2:
+        return fn(runs)
+    out = []
+    for seed, group in sorted(seeds.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+        out += [ClaimResult(r.experiment, f"seed {seed}: {r.claim}", r.measured, r.expected, r.reproduced) for r in fn(group)]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -464,6 +479,10 @@ def check_bn_shift(runs: Sequence[Run], table=None) -> List[ClaimResult]:
                                expected, bool(math.isfinite(d) and ok(d))))
     return out
 
+
+# Presets whose checks average their runs over seeds (bn_shift sweeps seeds itself); the others' checks
+# compare settings run by run and are checked seed by seed (per_seed).
+AVERAGES_SEEDS = {"ln_vs_bn_mlp", "cnn_norms", "bn_shift"}
 
 CHECKS: Dict[str, Callable[[Sequence[Run]], List[ClaimResult]]] = {
     "init_depth": check_init_depth,

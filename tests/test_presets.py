@@ -309,6 +309,24 @@ def test_cnn_norms_claims_average_seeds_and_rank_a_diverged_run_last(tmp_path):
     assert [r.reproduced for r in results] == [True, True]
 
 
+def test_claims_compared_run_by_run_are_checked_seed_by_seed(tmp_path):
+    """bn_batch_size's check indexes its runs by (norm, batch size): with two seeds a setting, the second seed's
+    run replaced the first. Each seed is now checked on its own, and its claims say which seed they are of."""
+    from nrexp.claims import check
+
+    accs = {0: {("batch", 4): 0.6, ("batch", 64): 0.9, ("layer", 4): 0.88, ("layer", 64): 0.9},  # BN degrades
+            1: {("batch", 4): 0.9, ("batch", 64): 0.9, ("layer", 4): 0.9, ("layer", 64): 0.9}}  # it does not
+    for seed, runs in accs.items():
+        for (norm, batch), acc in runs.items():
+            run = tmp_path / f"{norm}{batch}s{seed}"
+            run.mkdir()
+            (run / "summary.json").write_text(json.dumps({"status": "completed", "metrics": {"test/acc": acc}, "config": {
+                "experiment": "bn_batch_size", "norm": {"name": norm}, "data": {"batch_size": batch}, "seed": seed}}))
+    degrades = [r for r in check(tmp_path) if "degrades" in r.claim]
+    assert [(r.claim.split(":")[0], r.reproduced) for r in degrades] == [("seed 0", True), ("seed 1", False)]
+    assert "BN error +0.3, LN error +0.02" in degrades[0].measured and "BN error +0, LN error +0" in degrades[1].measured
+
+
 def test_bn_tables_leave_a_diverged_run_out(tmp_path, tiny_run):
     """A diverged BatchNorm run that wrote a checkpoint is left out of bn_shift's and bn_batch_size's tables, as one
     without a checkpoint is: it is no result, and its n/a must not turn the other runs' means into n/a."""
