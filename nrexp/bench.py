@@ -207,7 +207,10 @@ def machine() -> Dict[str, str]:
         cpu = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), cpu)
     except (OSError, subprocess.SubprocessError):
         pass
-    info = {"nproc": str(os.cpu_count()), "cpu": cpu, "torch": torch.__version__,
+    # the vector units torch's CPU kernels dispatch on (AVX2, AVX512...): with the CPU's name, what tells
+    # two machines' figures apart (the model name alone can be as vague as "AMD EPYC")
+    info = {"nproc": str(os.cpu_count()), "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch": torch.__version__,
             "torch_threads": str(torch.get_num_threads()), "python": platform.python_version(),
             "platform": platform.platform()}
     if torch.cuda.is_available():
@@ -534,7 +537,7 @@ def print_table(result: Dict) -> None:
         for arm, doc in result["arms"].items():
             console.print(f"  {arm}: {doc}")
     m = result["machine"]
-    console.print(f"  machine: {m['nproc']} CPUs, {m['cpu']}, torch {m['torch']} ({m['torch_threads']} threads), "
+    console.print(f"  machine: {m['nproc']} CPUs, {m['cpu']} ({m.get('cpu_capability', '?')}), torch {m['torch']} ({m['torch_threads']} threads), "
                   f"device {result['device']}; data: {result['data']['kind']} to {result['data']['train']} train")
     for line in cli_lines(result) + fused_lines(result):
         console.print("  " + line, markup=False)
@@ -546,7 +549,7 @@ def markdown(result: Dict) -> str:
              "missed by it).**", ""] if s.get("tiny") else []
     lines += ["| " + " | ".join(headers(result)) + " |", "|" + "---|" * len(headers(result))]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
-    lines += ["", f"Machine: {m['nproc']} CPUs ({m['cpu']}), torch {m['torch']} with {m['torch_threads']} threads, "
+    lines += ["", f"Machine: {m['nproc']} CPUs ({m['cpu']}, {m.get('cpu_capability', '?')}), torch {m['torch']} with {m['torch_threads']} threads, "
               f"Python {m['python']}, device {result['device']}, load average at start {m.get('loadavg_at_start', '?')}. "
               f"Data: {result['data']['kind']} to {result['data']['train']} x 28 x 28 uint8. "
               f"Median of {s['repeats']} interleaved repeats of ~{s['samples_per_measure']:,} samples per arm."]

@@ -20,6 +20,10 @@ def test_bench_tiny_writes_json_with_all_arms(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
     assert {"machine", "device", "data", "settings", "configs"} <= set(result)
+    # the machine's vector units, as torch's CPU kernels dispatch on them, recorded and shown
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert result["machine"]["cpu_capability"] == capability
+    assert f", {capability}), torch" in (tmp_path / "bench.md").read_text()
     (entry,) = result["configs"]
     assert set(entry["median"]) == {"a0", "a2", "b", "c", "d", "e"}
     assert all(v > 0 for v in entry["median"].values())
