@@ -537,7 +537,7 @@ def print_table(result: Dict) -> None:
         for arm, doc in result["arms"].items():
             console.print(f"  {arm}: {doc}")
     m = result["machine"]
-    console.print(f"  machine: {m['nproc']} CPUs, {m['cpu']} ({m.get('cpu_capability', '?')}), torch {m['torch']} "
+    console.print(f"  machine: {m['nproc']} CPUs, {m['cpu']} ({m['cpu_capability']}), torch {m['torch']} "
                   f"({m['torch_threads']} threads), "
                   f"device {result['device']}; data: {result['data']['kind']} to {result['data']['train']} train")
     for line in cli_lines(result) + fused_lines(result):
@@ -550,7 +550,7 @@ def markdown(result: Dict) -> str:
              "missed by it).**", ""] if s.get("tiny") else []
     lines += ["| " + " | ".join(headers(result)) + " |", "|" + "---|" * len(headers(result))]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
-    lines += ["", f"Machine: {m['nproc']} CPUs ({m['cpu']}, {m.get('cpu_capability', '?')}), torch {m['torch']} "
+    lines += ["", f"Machine: {m['nproc']} CPUs ({m['cpu']}, {m['cpu_capability']}), torch {m['torch']} "
               f"with {m['torch_threads']} threads, "
               f"Python {m['python']}, device {result['device']}, load average at start {m.get('loadavg_at_start', '?')}. "
               f"Data: {result['data']['kind']} to {result['data']['train']} x 28 x 28 uint8. "
