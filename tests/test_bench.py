@@ -28,6 +28,12 @@ def test_bench_tiny_writes_json_with_all_arms(tmp_path):
     assert set(entry["median"]) == {"a0", "a2", "b", "c", "d", "e"}
     assert all(v > 0 for v in entry["median"].values())
     assert set(entry["ratios"]) == {"c/a", "c/b", "d/c", "e/c"}
+    # b/a, the ceiling of c/a, from the same medians (a: the faster of a0 and a2), in the JSON and the table
+    best_a = max(entry["median"]["a0"], entry["median"]["a2"])
+    assert entry["ceilings"] == {"b/a": {"value": pytest.approx(entry["median"]["b"] / best_a), "bounds": "c/a"}}
+    assert entry["ratios"]["c/a"]["value"] == pytest.approx(entry["median"]["c"] / best_a)
+    assert "| b/a (ceiling of c/a) | losses agree |" in (tmp_path / "bench.md").read_text()
+    assert f"| {entry['ceilings']['b/a']['value']:.2f} | yes |" in (tmp_path / "bench.md").read_text()
     assert entry["losses_agree"], entry["loss_after_steps"]  # same init, data order and optimizer in every arm
     assert "c/b" in (tmp_path / "bench.md").read_text()
     assert "nrexp bench" in proc.stdout
@@ -180,6 +186,7 @@ def test_fused_sweeps_run_on_both_workloads_and_report_each(tmp_path):
         b = workload["batches"]["1000"]
         assert b["jobs"] == 16 and len(b["wall_s"]["basic"]) == len(b["wall_s"]["fused"]) == 1
         assert b["speedup"] == pytest.approx(b["median_wall_s"]["basic"] / b["median_wall_s"]["fused"])
+        assert b["loop_speedup"] == pytest.approx(b["step_loops_s"]["basic"][0] / b["step_loops_s"]["fused"][0])
         assert all(t > 0 for t in b["step_loops_s"]["basic"] + b["step_loops_s"]["fused"])
     markdown = (tmp_path / "bench.md").read_text()
     assert all(b["ok"] is None for w in fused.values() for b in w["batches"].values()) and "target >=" not in markdown
@@ -223,10 +230,11 @@ def test_fused_sweep_lines_report_ratio_target_and_gaps():
 
     result = {"fused": {"bundled": {"data": "5 epochs of the bundled 4,000 digits", "command": "nrexp train -m ...", "batches": {32: {
         "wall_s": {"basic": [40.0, 38.0, 39.0], "fused": [25.0, 26.0, 24.0]}, "median_wall_s": {"basic": 39.0, "fused": 25.0},
-        "step_loops_s": {"basic": [22.0, 23.0, 21.0], "fused": [10.0, 11.0, 12.0]}, "speedup": 39.0 / 25.0, "target": 2.0,
-        "ok": False, "jobs": 16, "test_acc_abs_diff": [0.0] * 14 + [0.004, 0.012], "pairs_equal_1e-4": 14}}}}}
+        "step_loops_s": {"basic": [22.0, 23.0, 21.0], "fused": [10.0, 11.0, 12.0]}, "speedup": 39.0 / 25.0, "loop_speedup": 22.0 / 11.0,
+        "target": 2.0, "ok": False, "jobs": 16, "test_acc_abs_diff": [0.0] * 14 + [0.004, 0.012], "pairs_equal_1e-4": 14}}}}}
     lines = fused_lines(result)
     assert lines[0].startswith("fused sweep on 5 epochs of the bundled 4,000 digits, `nrexp train -m ...`")
     assert "median of 3 interleaved runs" in lines[0]
     assert "basic launcher 39.0 s, fused 25.0 s -> **1.56x** (target >= 2x ✗)" in lines[1]
-    assert "16 basic jobs 22.0 s, fused group 11.0 s" in lines[1] and "14 of 16 pairs, largest gap 0.012" in lines[1]
+    assert "16 basic jobs 22.0 s, fused group 11.0 s (2.00x, the sweep's ratio as training gets longer)" in lines[1]
+    assert "14 of 16 pairs, largest gap 0.012" in lines[1]
