@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from nrexp.errors import error
+
 USAGE = """\
 usage: nrexp <command> [args]
 
@@ -34,12 +36,6 @@ examples:
   nrexp report outputs/multirun/<date>/<time> --sort=-test_acc
   tensorboard --logdir outputs
 """
-
-
-def error(message: str, code: int = 2) -> int:
-    """One line on stderr, no traceback: how every user mistake is reported."""
-    print(f"nrexp: error: {message}", file=sys.stderr)
-    return code
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from nrexp.errors import ConfigError  # noqa: F401 - re-exported: config.ConfigError is used widely
+
 # Names selected by config groups (configs/<group>/<name>.yaml). Kept here so that validation,
 # the model factory and the help text agree on one list.
 NORMS = ("none", "layer", "batch", "group", "instance", "rms", "weight")
@@ -27,10 +29,6 @@ DATASETS = ("mnist", "fashion_mnist", "cifar10")
 # What members of one fused group (hydra/launcher=fused, nrexp/fused.py) may differ in: no tensor shape depends on them.
 FUSED_FREE_KEYS = ("seed", "optim.lr", "optim.weight_decay", "dropout.p", "dropout.input_p", "init.scale")
 BUNDLED_DATASETS = ("mnist",)  # the only dataset with a sample shipped inside the package
-
-
-class ConfigError(ValueError):
-    """A user mistake in the config: reported as one line, exit code 2, no traceback."""
 
 
 class Activation(str, Enum):

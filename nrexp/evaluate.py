@@ -211,7 +211,7 @@ def evaluate_run(run_dir, shifts: Sequence[str] = (), bn_stats: str = "running",
 
 def main(argv: List[str]) -> int:
     """Entry of `nrexp evaluate`; returns the exit code."""
-    from nrexp.cli import error
+    from nrexp.errors import error
     from nrexp.config import ConfigError
 
     parser = argparse.ArgumentParser(prog="nrexp evaluate", description=__doc__.split("\n\n")[0],
