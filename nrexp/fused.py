@@ -1,60 +1,27 @@
 """Train several sweep members at once, as one vectorized model (`hydra/launcher=fused`).
 
-The members of a group share everything that decides the shapes of the computation (model, depth,
-width, norm, batch size, data, trainer settings) and may differ in what can vary per member:
-`FREE_KEYS` (seed: init, dropout masks and data order; optim.lr; optim.weight_decay; dropout.p and
-dropout.input_p; init.scale). The launcher (hydra_plugins/nrexp_fused_launcher) forms the groups with
-`plan`; `train_group` trains one.
-
-How.
-- Each member is first built exactly as a solo run builds it (`train.build` right after
-  `torch.manual_seed(seed)`): same initial weights, same random stream afterwards, and a model,
-  optimizer and monitor of the solo kind, which keep the member's state in the solo format.
-- `StackedMLP` then holds every parameter of all members as one leaf tensor with a leading member
-  axis, each member's slice in its own module's layout (a Linear weight (M, out, in)), so that one
-  `torch.baddbmm` computes a layer of every member. Members with the same `optim` settings
-  form one stack: its rows of each leaf are one param of one torch.optim optimizer, in param groups
-  carrying the stack's lr and weight decay (one fused kernel over a few big tensors per group, not one
-  optimizer call per member); torch.optim's updates are elementwise, so each member's update is its
-  solo run's.
-- Data order: each member's minibatch indices come from its own `TrainBatches` permutation, so a
-  step's batch is one gather `x[idx]` with idx of shape (M, B).
-- Dropout: each member draws its masks from its own generator, which continues the random stream its
-  solo run would have after initialization, with the very call F.dropout makes on CPU
-  (`bernoulli_(1 - p)`, then `/(1 - p)`): on CPU the masks are the solo run's masks, bit for bit.
-- BatchNorm: statistics over each member's own batch; running statistics per member, updated with
-  the formula nn.BatchNorm1d uses.
-- Per-layer statistics on logging steps are computed on the stacks for all members at once
-  (`StackedMonitor`, LayerMonitor's definitions). Whenever a member's state is read otherwise
-  (evaluation, checkpoints, the end), the stacks are copied back into the members' own modules
-  (`StackedMLP.write_back`) and the solo run's own functions do the work: evaluate, probe,
-  save_checkpoint, finish_run. (A stacked evaluation was tried: 16 members of a 3 x 100 MLP on 1,000
-  test digits took 36-40 ms stacked and 35-37 ms member by member, one thread: already arithmetic.)
-- The minibatches and dropout masks of step s + 1 are made while step s computes, on a core the
-  training leaves idle (`StepInputs`).
-What differs from a solo run is the float rounding of batched matmuls, nothing else: every member's
-run dir is a solo run's dir (its checkpoint resumes as a solo run), and `nrexp report` cannot tell the
-difference; summary.json adds `fused_group_size`.
-
-Why not torch.func (stack_module_state + functional_call + vmap): under vmap a module's dropout p is
-one Python float for all members, its masks cannot continue each member's own random stream, and
-BatchNorm's in-place running-statistics update needs workarounds. Stacking explicitly costs a small
-MLP forward written for stacked weights (`StackedMLP.forward`); it is why only `model=mlp` (with
-every norm but weight norm) is fused: see `unfusable_reason`.
-
-A member whose loss turns non-finite is finished right there (status diverged, as its solo run would
-be); the others go on (its slice of the stacks is independent of theirs). Ctrl-C / SIGTERM checkpoint
-every member (status interrupted); each resumes alone with `nrexp train resume=<its dir>`.
+Members of a group share everything that decides the shapes of the computation and may differ in
+`FREE_KEYS` (seed, optim.lr, optim.weight_decay, dropout.p, dropout.input_p, init.scale). The launcher
+(hydra_plugins/nrexp_fused_launcher) forms groups with `plan`; `train_group` trains one through
+train.py's loop (`run_loop`), as a `FusedGroup` trainee. Only what is truly fused lives here:
+- `StackedMLP`: every member's parameters as one leaf per parameter with a leading member axis, so one
+  `torch.baddbmm` computes a layer of every member; members built exactly as their solo runs (same
+  init, same random stream); dropout masks drawn from each member's own generator, as its solo run
+  draws them on CPU; BatchNorm statistics per member.
+- `StepInputs`: each member's minibatch (its own data order) and masks, made a step ahead on a spare core.
+- `StackedMonitor`: monitor.py's per-layer statistics computed on the stacks for all members at once.
+Whenever a member's state is read (evaluation, checkpoints, the end), the stacks are copied back into
+its own modules and the solo run's functions do the work, so a member's run dir is a solo run's dir
+(its checkpoint resumes as a solo run). What differs from a solo run is only the float rounding of
+batched matmuls. Why not torch.func's vmap: per-member dropout p and random streams, and BatchNorm's
+in-place running statistics, do not fit it.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import logging
-import math
-import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -64,16 +31,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from nrexp.checkpoint import CHECKPOINT, save_checkpoint
 from nrexp.config import FUSED_FREE_KEYS, validate
-from nrexp.console import TrainProgress
-from nrexp.data import TrainBatches, load_dataset
+from nrexp.data import load_dataset
 from nrexp.monitor import keeping_denormal_mode, set_flush_denormal, spare_core
 from nrexp.optim import make_optimizer, param_groups
 from nrexp.signals import GracefulStop
-from nrexp.train import (build, checks_every_step, evaluate, final_evaluation, finish_run, resolve_device,
-                         write_log)
-from nrexp.writers import TensorBoardWriter
+from nrexp.train import LoopState, Member, StepOutput, Trainee, make_schedule, resolve_device, run_loop
 
 log = logging.getLogger("nrexp")
 
@@ -150,30 +113,16 @@ def shape_key(cfg) -> str:
 # the members and their stacked model
 
 
-class Member:
-    """One member: what a solo run holds (model, optimizer, monitor, writer, bookkeeping)."""
+class FusedMember(Member):
+    """A member of a fused group: a solo run's objects, plus its own dropout stream."""
 
-    def __init__(self, index: int, cfg, run_dir: Path, data, device: torch.device):
-        self.index, self.cfg, self.run_dir = index, cfg, Path(run_dir)
-        torch.manual_seed(cfg.seed)  # as a solo run does, so that init and the random stream match it
-        self.model, self.optimizer, self.monitor = build(cfg, data, device)
+    def __init__(self, cfg, run_dir: Path, data, device: torch.device):
+        super().__init__(cfg, run_dir, data, device)
         # the member's own random stream for dropout, continuing where its solo run's would be now
         self.rng = torch.Generator(device=device)
         self.rng.set_state(torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device))
-        self.batches = TrainBatches(data.train_x, data.train_y, cfg.data.batch_size, cfg.seed)
         self.keep = 1.0 - cfg.dropout.p  # keep probabilities (1 = no dropout module, no random draws)
         self.input_keep = 1.0 - cfg.dropout.input_p
-        self.writer = TensorBoardWriter(self.run_dir, self.monitor.names)
-        self.metrics: Dict[str, float] = {}
-        self.init_stats: Dict = {}
-        self.last_stats: Dict = {}
-        self.summary: Optional[Dict] = None
-
-    def rng_state(self) -> Dict:
-        """The random state a checkpoint stores: this member's stream in the slot its solo run uses."""
-        if self.rng.device.type == "cpu":
-            return {"torch": self.rng.get_state()}
-        return {"cuda": [self.rng.get_state()]}
 
 
 class StackedMLP:
@@ -189,7 +138,7 @@ class StackedMLP:
     in every layer: at batch 32 that join and the second optimizer call were ~8% of the group's time.)
     """
 
-    def __init__(self, members: Sequence[Member]):
+    def __init__(self, members: Sequence[FusedMember]):
         by_setting: Dict[str, List[Member]] = {}
         for m in members:
             by_setting.setdefault(json.dumps(OmegaConf.to_container(m.cfg.optim, resolve=True), sort_keys=True), []).append(m)
@@ -524,196 +473,81 @@ class StackedMonitor:
 
 
 # ------------------------------------------------------------------------------------------------
-# the loop: train.py's, step for step, for all members at once
+# the group as train.py's loop sees it
 
 
 def train_group(cfgs: Sequence, run_dirs: Sequence[Path]) -> List[Dict]:
     """Train the members `cfgs` (one fusable group) together; return their summaries, in order."""
     keep_freed_memory()
     with GracefulStop() as stop, keeping_denormal_mode():
-        return _train_group(list(cfgs), [Path(d) for d in run_dirs], stop)
+        for cfg in cfgs:
+            validate(cfg)
+        group = FusedGroup(list(cfgs), [Path(d) for d in run_dirs])
+        run_loop(group, stop)
+    return [m.summary for m in group.given]
 
 
-def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[Dict]:
-    for cfg in cfgs:
-        validate(cfg)
-    set_up = time.perf_counter()
-    first, t = cfgs[0], OmegaConf.to_object(cfgs[0].trainer)  # a plain TrainerConfig, read every step (as train.py)
-    device = resolve_device(str(getattr(t.device, "value", t.device)))
-    set_flush_denormal(t.flush_denormal, device)  # shared by the group: trainer.* is part of shape_key
-    data = load_dataset(first.data, device)
-    log.info("fused group of %d members | device %s | data %s (%s): %d train / %d test examples",
-             len(cfgs), device, data.name, data.source, len(data.train_x), len(data.test_x))
-    members = [Member(i, cfg, d, data, device) for i, (cfg, d) in enumerate(zip(cfgs, run_dirs))]
-    for m in members:
-        m.writer.text("run/config", "```\n" + OmegaConf.to_yaml(m.cfg, resolve=True) + "```")
-        m.writer.text("run/data_source", f"{data.name} from {data.source} on {device} (fused group of {len(members)})")
-    net = StackedMLP(members)
-    monitor = StackedMonitor(net, members[0])
-    order = net.members  # stack order: row j of every stacked tensor is order[j]
-    steps_per_epoch, batch_size = members[0].batches.steps_per_epoch, first.data.batch_size
-    total_steps = t.max_steps or t.epochs * steps_per_epoch
-    eval_every = t.eval_every or steps_per_epoch
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
-    each_step = checks_every_step(device)  # else at logging steps and at the end, as train.py
+class FusedGroup(Trainee):
+    """A Trainee of M members computed as one StackedMLP (members in stack order: row j is members[j])."""
 
-    alive = list(order)
-    inputs = StepInputs(net, data, batch_size, steps_per_epoch, total_steps, ahead=spare_core(device))
-    loss_sum = torch.zeros(len(order), device=device)  # per member (stack order), since the last log
-    correct_sum = torch.zeros(len(order), device=device)
-    steps_since_log, step = 0, 0
-    loop_end: Optional[float] = None  # set when the loop is over (a member that diverges ends earlier)
-    started = clock = time.perf_counter()
-    eval_seconds = 0.0
+    def __init__(self, cfgs: List, run_dirs: List[Path]):
+        t = OmegaConf.to_object(cfgs[0].trainer)  # trainer.* is part of shape_key: shared by the group
+        self.device = resolve_device(str(getattr(t.device, "value", t.device)))
+        set_flush_denormal(t.flush_denormal, self.device)
+        self.data = load_dataset(cfgs[0].data, self.device)
+        log.info("fused group of %d members | device %s | data %s (%s): %d train / %d test examples", len(cfgs),
+                 self.device, self.data.name, self.data.source, len(self.data.train_x), len(self.data.test_x))
+        self.given = [FusedMember(cfg, d, self.data, self.device) for cfg, d in zip(cfgs, run_dirs)]
+        self.net = StackedMLP(self.given)
+        self.members = self.net.members
+        self.monitor = StackedMonitor(self.net, self.given[0])
+        self.batch_size = cfgs[0].data.batch_size
+        self.schedule = make_schedule(t, self.given[0].batches.steps_per_epoch)
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+        self.inputs = StepInputs(self.net, self.data, self.batch_size, self.schedule.steps_per_epoch,
+                                 self.schedule.total_steps, ahead=spare_core(self.device))
+        self.activations: Optional[List[torch.Tensor]] = None
 
-    def checkpoint(m: Member, now: float) -> None:
-        """Member m's checkpoint at this step boundary; `now`: when training paused for it (throughput)."""
-        inputs.rewind()  # the member's generator as after `step` steps
-        net.write_back_optimizer_state(m)
-        j = order.index(m)
-        save_checkpoint(m.run_dir / CHECKPOINT, m.model, m.optimizer, m.monitor, m.cfg, {
-            "step": step, "loss_sum": loss_sum[j], "correct_sum": correct_sum[j],
-            "steps_since_log": steps_since_log, "seconds_since_log": now - clock,
-            "init_stats": m.init_stats, "metrics": m.metrics, "elapsed_s": time.perf_counter() - started},
-            rng=m.rng_state())
+    def start(self) -> LoopState:
+        for m in self.members:
+            m.open_writer(self.data, self.device, note=f" (fused group of {len(self.members)})")
+        return LoopState.fresh(len(self.members), self.device)
 
-    def evaluate_member(m: Member) -> Dict:
-        """train.py's final probe and evaluation, for one member (its module is up to date). The probe's
-        dropout draws from the member's stream, as its solo run's would, on the CPU or the GPU."""
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if device.type == "cuda":
-                torch.cuda.set_rng_state(m.rng.get_state(), device)
-            else:
-                torch.set_rng_state(m.rng.get_state())
-            return final_evaluation(m.model, m.monitor, m.writer, data, m.cfg, step, m.metrics)
+    def forward_backward(self, step: int, with_stats: bool, logging: bool) -> StepOutput:
+        x, y, masks = self.inputs.take(step)
+        self.activations = [] if with_stats else None
+        with self.autocast:
+            logits = self.net.forward(x, masks, self.activations)
+            # classes on dim 1: the head's own (feature-major) layout, see StackedMLP._linear
+            losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
+        self.net.zero_grad()
+        losses.sum().backward()  # member j's parameters get d loss_j: no other loss involves them
+        return StepOutput(losses.detach(), (logits.detach().argmax(-1) == y).sum(1))
 
-    def finish(m: Member, status: str, final_stats: Optional[Dict] = None, nonfinite_step: Optional[int] = None,
-               signal: Optional[int] = None) -> None:
-        """As the end of train.py's loop, for one member (the members' modules are up to date);
-        `final_stats` are evaluate_member's, when it already ran."""
-        ended = loop_end or time.perf_counter()  # when the step loop ended (for this member)
-        loop_seconds = ended - started - eval_seconds  # the step loop alone
-        if status == "interrupted":
-            final_stats = {}
-            checkpoint(m, ended)
-        else:
-            if final_stats is None:
-                final_stats = evaluate_member(m)
-            if status == "completed":
-                checkpoint(m, ended)
-        m.summary = finish_run(
-            m.cfg, m.run_dir, m.writer, status=status, step=step, start_step=0, metrics=m.metrics,
-            init_stats=m.init_stats, final_stats=final_stats, steps_per_epoch=steps_per_epoch,
-            wall_time_s=time.perf_counter() - started, loop_seconds=loop_seconds,
-            device=device, data_source=data.source, nonfinite_step=nonfinite_step, signal=signal,
-            extra={"fused_group_size": len(members)}, print_table=False)
-        acc = m.summary["metrics"]["test/acc"]
-        log.info("%s: %s after %d steps, test acc %s", m.run_dir.name, status, step, "n/a" if acc is None else f"{acc:.4f}")
+    def update(self, out: StepOutput, step: int, logging: bool) -> None:
+        stats = self.monitor.before_step(self.activations) if self.activations is not None else None
+        self.net.step()
+        if stats is not None:
+            out.stats = Future()
+            out.stats.set_result(self.monitor.after_step(stats))
+        self.activations = None
 
-    def stop_diverged(losses: torch.Tensor) -> None:
-        """Finish each member still training whose entry of `losses` (stack order) is not finite."""
-        finite = torch.isfinite(losses).tolist()
-        failed = [m for j, m in enumerate(order) if not finite[j] and m in alive]
-        if failed:
-            inputs.rewind()  # their final probe draws from their generators
-            net.write_back()
-            for m in failed:
-                log.warning("%s: non-finite training loss at step %d: stopping this member (status diverged); "
-                            "the others go on", m.run_dir.name, step - 1)
-                finish(m, "diverged", nonfinite_step=step - 1)
-                alive.remove(m)
+    def stats_to_host(self, stats: Dict, scalars: Dict) -> List[tuple]:
+        return self.monitor.to_host(stats, scalars)
 
-    # closing: a group that raises still stops the worker thread that makes its inputs (close() is idempotent)
-    with contextlib.closing(inputs), TrainProgress(total_steps, steps_per_epoch, enabled=t.progress) as progress:
-        while step < total_steps and alive and not stop.requested:
-            for _ in range(step % steps_per_epoch, steps_per_epoch):
-                if stop.requested:
-                    break
-                # -- work due at this boundary, on the weights after `step` updates (as train.py)
-                checkpoint_due = step > 0 and t.checkpoint_every and step % t.checkpoint_every == 0
-                eval_due = step > 0 and step % eval_every == 0
-                if checkpoint_due or eval_due:
-                    paused = time.perf_counter()
-                    net.write_back()
-                    for m in alive:
-                        if checkpoint_due:
-                            checkpoint(m, paused)
-                        if eval_due:
-                            m.metrics.update(evaluate(m.model, data.test_x, data.test_y, first.data.eval_batch_size, "test"))
-                            m.writer.scalars(step, {k: m.metrics[k] for k in ("test/loss", "test/acc")})
-                            if m.last_stats:
-                                m.writer.depth_plot(step, m.last_stats, "latest")
-                    if eval_due:
-                        progress.update(step, _mean_of([m.metrics for m in alive]))
-                        eval_seconds += time.perf_counter() - paused
-                    clock += time.perf_counter() - paused
+    def sync(self) -> None:
+        self.inputs.rewind()  # each member's generator as after the steps trained
+        self.net.write_back()
 
-                # -- one training step of every member
-                x, y, masks = inputs.take(step)
-                logging_step = step % t.log_every == 0
-                with_stats = logging_step and t.layer_stats
-                activations = [] if with_stats else None
-                with autocast:
-                    logits = net.forward(x, masks, activations)
-                    # classes on dim 1 ((M, classes, B): the head's own layout, see _linear): CPU's log_softmax
-                    # over a last dim of 10 classes took ~0.3 ms for 2,048 rows, this ~0.03 ms
-                    losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
-                net.zero_grad()
-                losses.sum().backward()  # member j's parameters get d loss_j: no other loss involves them
-                stats = {}
-                if with_stats:  # every member's per-layer statistics at once, as its solo monitor computes them
-                    stats = monitor.before_step(activations)
-                net.step()
-                loss_sum += losses.detach().float()
-                correct_sum += (logits.detach().argmax(-1) == y).sum(1).float()
-                steps_since_log += 1
+    def save(self, member: Member, state: Dict) -> None:
+        self.net.write_back_optimizer_state(member)
+        super().save(member, state)
 
-                if logging_step:  # train.write_log for every member, from one transfer
-                    seconds = time.perf_counter() - clock
-                    rows = monitor.to_host(monitor.after_step(stats) if with_stats else {}, {
-                        "train/loss": loss_sum / steps_since_log, "train/acc": correct_sum / (steps_since_log * batch_size)})
-                    shown = []
-                    for m, (layer_stats, values) in zip(order, rows):
-                        if m in alive:
-                            m.last_stats, values = write_log(m.writer, step, layer_stats, values, seconds=seconds,
-                                                             samples=steps_since_log * batch_size,
-                                                             lr=m.optimizer.param_groups[0]["lr"])
-                            if step == 0 and with_stats:
-                                m.init_stats = m.last_stats
-                            shown.append(values)
-                    progress.update(step, _mean_of(shown))
-                    loss_sum.zero_(), correct_sum.zero_()
-                    steps_since_log, clock = 0, time.perf_counter()
-                step += 1
-                progress.advance_to(step)
+    def summary_extra(self) -> Dict:
+        return {"fused_group_size": len(self.members)}
 
-                # -- a member whose loss is non-finite is finished now; the others go on. Without a
-                # check every step (CUDA), at logging steps, whose host copy has synchronized already
-                if each_step or logging_step:
-                    stop_diverged(losses.detach())
-                    if not alive:
-                        break
-                if step >= total_steps:
-                    break
-        if not each_step and steps_since_log and alive and not stop.requested:
-            stop_diverged(loss_sum)  # the steps after the last logging step, which no log has checked
-
-        inputs.close()  # the generators as after the last step trained
-        net.write_back()
-        loop_end = time.perf_counter()
-        signum = stop.signum if stop.requested else None
-        # Every member's probe and evaluation first, then the writing: the helper process draws each
-        # member's final depth figure (nrexp/figures.py) while the next members are evaluated.
-        final = {m: evaluate_member(m) if signum is None else {} for m in alive}
-        for m in list(alive):
-            finish(m, "completed" if signum is None else "interrupted", final[m], signal=signum)
-    log.info("fused group of %d: set up in %.1f s, %d steps in %.1f s (%.1f s of them evaluating), results "
-             "written in %.1f s", len(members), started - set_up, step, loop_end - started, eval_seconds,
-             time.perf_counter() - loop_end)
-    if stop.requested:
-        log.warning("stopped by signal %d at step %d; every member wrote a checkpoint. Continue one with: "
-                    "nrexp train resume=<its dir>", stop.signum, step)
-    return [m.summary for m in members]
+    def close(self) -> None:
+        self.inputs.close()
 
 
 def keep_freed_memory() -> None:
@@ -736,9 +570,3 @@ def keep_freed_memory() -> None:
             libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
-
-
-def _mean_of(values: List[Dict[str, float]]) -> Dict[str, float]:
-    """The group's mean of each shown value, for the one progress line of the group."""
-    keys = {k for v in values for k in v if isinstance(v.get(k), (int, float)) and math.isfinite(v[k])}
-    return {k: sum(v[k] for v in values if k in v) / sum(1 for v in values if k in v) for k in keys}
