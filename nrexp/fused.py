@@ -2,14 +2,13 @@
 
 Members of a group share everything that decides the shapes of the computation and may differ in
 `FREE_KEYS` (seed, optim.lr, optim.weight_decay, dropout.p, dropout.input_p, init.scale). The launcher
-(hydra_plugins/nrexp_fused_launcher) forms groups with `plan`; `train_group` trains one through
+(hydra_plugins/nrexp_fused_launcher) forms groups with `nrexp.grouping.plan`; `train_group` trains one through
 train.py's loop (`run_loop`), as a `FusedGroup` trainee. Only what is truly fused lives here:
 - `StackedMLP`: every member's parameters as one leaf per parameter with a leading member axis, so one
   `torch.baddbmm` computes a layer of every member; members built exactly as their solo runs (same
   init, same random stream); dropout masks drawn from each member's own generator, as its solo run
   draws them on CPU; BatchNorm statistics per member.
 - `StepInputs`: each member's minibatch (its own data order) and masks, made a step ahead on a spare core.
-- `StackedMonitor`: monitor.py's per-layer statistics computed on the stacks for all members at once.
 Whenever a member's state is read (evaluation, checkpoints, the end), the stacks are copied back into
 its own modules and the solo run's functions do the work, so a member's run dir is a solo run's dir
 (its checkpoint resumes as a solo run). What differs from a solo run is only the float rounding of
@@ -22,7 +21,6 @@ import ctypes
 import json
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -31,83 +29,13 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from nrexp.config import FUSED_FREE_KEYS, validate
-from nrexp.data import load_dataset
-from nrexp.monitor import keeping_denormal_mode, set_flush_denormal, spare_core
+from nrexp.config import validate
+from nrexp.monitor import StackedMonitor, keeping_denormal_mode, spare_core
 from nrexp.optim import make_optimizer, param_groups
 from nrexp.signals import GracefulStop
-from nrexp.train import LoopState, Member, StepOutput, Trainee, make_schedule, resolve_device, run_loop
+from nrexp.train import LoopState, Member, StepOutput, Trainee, make_schedule, run_loop
 
 log = logging.getLogger("nrexp")
-
-FREE_KEYS = FUSED_FREE_KEYS  # what members of one group may differ in: no tensor shape depends on them
-
-
-def unfusable_reason(cfg) -> Optional[str]:
-    """Why this job must run alone (None: it can join a fused group)."""
-    if cfg.model.name != "mlp":
-        return f"model={cfg.model.name}: only mlp is fused"
-    if cfg.norm.name == "weight":
-        return "norm=weight: its weights are reparametrized per unit, which is not fused"
-    if cfg.resume:
-        return "resume= continues one run"
-    if cfg.trainer.preact_percentiles:
-        return "trainer.preact_percentiles=true is not fused"
-    if cfg.data.augment:
-        return "data.augment=true is not fused"
-    if cfg.trainer.get("compile", False):
-        return "trainer.compile=true: the stacked forward is not compiled"
-    return None
-
-
-# ------------------------------------------------------------------------------------------------
-# grouping the sweep's jobs
-
-
-@dataclass
-class Group:
-    """Jobs (indices into the sweep's job list) trained together, or one job that runs alone, and why."""
-    jobs: List[int]
-    fused: bool
-    label: str
-
-
-def plan(cfgs: Sequence, max_members: int) -> List[Group]:
-    """Group the sweep's job configs: equal but for FREE_KEYS -> one fused group (split into chunks of
-    at most `max_members`); unfusable or single jobs -> alone. In the order of each group's first job."""
-    keyed: Dict[str, List[int]] = {}
-    order: List[object] = []  # a shape key (a fused group) or a Group (one job alone)
-    for i, cfg in enumerate(cfgs):
-        reason = unfusable_reason(cfg)
-        if reason:
-            order.append(Group([i], False, reason))
-            continue
-        key = shape_key(cfg)
-        if key not in keyed:
-            keyed[key] = []
-            order.append(key)
-        keyed[key].append(i)
-    groups = []
-    for entry in order:
-        if isinstance(entry, Group):
-            groups.append(entry)
-        elif len(keyed[entry]) == 1:
-            groups.append(Group(keyed[entry], False, "no other job shares its shapes"))
-        else:
-            jobs, m = keyed[entry], cfgs[keyed[entry][0]]
-            label = f"mlp {m.model.depth}x{m.model.width} norm={m.norm.name} batch {m.data.batch_size}"
-            groups += [Group(jobs[i:i + max_members], True, label) for i in range(0, len(jobs), max_members)]
-    return groups
-
-
-def shape_key(cfg) -> str:
-    """The job's whole config but FREE_KEYS, as text: jobs with the same key can be fused."""
-    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    for key in FREE_KEYS:
-        parent, _, leaf = key.rpartition(".")
-        (plain[parent] if parent else plain).pop(leaf, None)
-    return json.dumps(plain, sort_keys=True)
-
 
 # ------------------------------------------------------------------------------------------------
 # the members and their stacked model
@@ -128,15 +56,11 @@ class FusedMember(Member):
 class StackedMLP:
     """All members' MLPs (models.MLP) as stacked leaf tensors; members in `stacks` of equal optim settings.
 
-    `self.params[name]` is one leaf for the whole group, shaped (M, ...), members in stack order (stack
-    by stack); each member's slice has the layout of its own parameter (a Linear weight (out, in)). The
-    forward pass and autograd see only these. The optimizer steps `self.parts[name]`: one leaf per
-    stack that is a view of that stack's rows of the group's leaf (same memory), whose gradient is set
-    to the same rows of the group's gradient before each step. So a layer is one batched matmul for
-    every member whatever their optim settings, and each stack's param groups carry its own lr and
-    weight decay in one optimizer. (Stacks used to be separate leaves whose outputs were concatenated
-    in every layer: at batch 32 that join and the second optimizer call were ~8% of the group's time.)
-    """
+    `params[name]` is one leaf for the whole group, shaped (M, ...), members in stack order; each
+    member's slice has the layout of its own parameter. Forward and autograd see only these. The
+    optimizer steps `parts[name]`: per stack, a view of its rows of the leaf, whose gradient is set to
+    the same rows of the leaf's gradient before each step. So a layer is one batched matmul for every
+    member, and each stack's param groups carry its own lr and weight decay in one optimizer."""
 
     def __init__(self, members: Sequence[FusedMember]):
         by_setting: Dict[str, List[Member]] = {}
@@ -184,13 +108,9 @@ class StackedMLP:
                 for g in param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)]
 
     def _linear(self, h: torch.Tensor, prefix: str) -> torch.Tensor:
-        """h (M, B, in) -> (M, B, out): every member's layer in one batched matmul, computed feature-major.
-
-        As W h^T (M, out, B), returned as its transposed view, so that the weight's gradient is one bmm
-        dY^T h straight into W's (M, out, in) layout. The other order, h W with W stored (M, in, out),
-        makes it h^T dY, which MKL's batched gemm runs slower on CPU: the whole step loop of 16 members
-        of a 3 x 100 MLP took 5% longer at batch 128 and at batch 32 (this project's 2-core CPU, one
-        thread, interleaved runs). The activations stay feature-major views; every later op takes them."""
+        """h (M, B, in) -> (M, B, out): every member's layer in one batched matmul, computed feature-major
+        (W h^T, returned as its transposed view), so that the weight's gradient is one bmm straight
+        into W's (M, out, in) layout, the faster order for CPU's batched gemm."""
         out_t = torch.baddbmm(self.params[prefix + "bias"].unsqueeze(2), self.params[prefix + "weight"], h.transpose(1, 2))
         return out_t.transpose(1, 2)
 
@@ -218,13 +138,8 @@ class StackedMLP:
 
     def _norm(self, h: torch.Tensor, norm: nn.Module, prefix: str) -> torch.Tensor:
         """Member 0's norm layer `norm` tells the kind; each member's slice of h (M, B, D) is its own.
-
-        In float32 whatever h's dtype, rounded back to it once at the end: what the solo run's norm layer
-        does with a bf16 input under CPU autocast (PyTorch's CPU norm kernels compute in float32 and return
-        the input's dtype). Computed in bf16 (batch statistics, running statistics, affine), one step's
-        weight gradients were 2-13% off the solo run's (tests/test_fused.py). CUDA autocast runs LayerNorm
-        and GroupNorm in float32 and keeps their float32 output; here that output is rounded to bf16,
-        which the next Linear does anyway (not measured on a GPU)."""
+        Computed in float32 whatever h's dtype and rounded back once, as PyTorch's CPU norm kernels do
+        under bf16 autocast (in bf16 the gradients drifted from the solo run's by a few percent)."""
         if isinstance(norm, nn.Identity):
             return h
         dtype, h = h.dtype, h.float()  # no-ops in float32
@@ -260,12 +175,9 @@ class StackedMLP:
         """Every member's dropout masks for one forward pass, one per dropout site (None: nobody drops there).
 
         A site's masks are (M, B, features), 0 or 1/keep (F.dropout's `bernoulli_(keep)` then `div_(keep)`),
-        each member's (B, features) drawn from its own generator in memory order, as alone; rows of
-        members without dropout are 1. They are laid out as forward's activation there (`mask_layouts`,
-        once forward has seen it), so that the product and its backward run in one layout, and drawn in
-        its dtype as the solo run's Dropout draws (bf16 under trainer.precision=bf16). Before forward
-        has seen a site (the first step or two), drawn in float32 and copied: the draws and the values
-        0 and 1/keep are those of a mask drawn in bf16 (torch.equal, tested on CPU)."""
+        each member's drawn from its own generator, as alone; rows of members without dropout are 1.
+        They are laid out (and typed) as forward's activation at that site once forward has seen it,
+        so the product and its backward run in one layout; the draws are the same either way."""
         masks: List[Optional[torch.Tensor]] = []
         for site, (kind, features) in enumerate(self.dropout_sites):
             draws, keeps = self.dropout[kind]
@@ -339,32 +251,19 @@ class StackedMLP:
 
 
 class StepInputs:
-    """What each step of the group takes besides the weights: every member's minibatch (from its own
-    data order) and its dropout masks (from its own stream), made one step ahead on a spare core.
+    """Each step's inputs besides the weights: every member's minibatch (its own data order) and
+    its dropout masks (its own stream), made one step ahead on a spare core when there is one (CPU
+    with fewer intra-op threads than cores), else when taken.
 
-    Why ahead: on CPU, gathering the members' minibatches and drawing their masks (a `bernoulli_` per
-    member and layer, then each mask's layout) is about a quarter of a group's step. Measured: 16
-    members of a 3 x 100 MLP, half with dropout, one intra-op thread, this project's 2-core CPU, a
-    bare step loop: 21 -> 15 ms per step at batch 128, 8.6 -> 6.5 ms at batch 32 with that work on the
-    other core. In `nrexp bench --fused`'s sweep the group's loop went 3.4 -> 2.9 s at batch 128 and
-    changed little at batch 32, where the worker's Python competes with the step's for the GIL and
-    the depth figures' helper process for the core.
-    So with fewer intra-op threads than cores (as the monitor's statistics thread), a worker thread
-    makes step s + 1's inputs while step s computes (torch ops release the GIL); otherwise (CUDA,
-    where the kernels run asynchronously anyway, or no spare core) `take` makes them there and then.
-
-    Made ahead, a member's generator has drawn step s + 1's masks while step s is trained. Whatever
-    reads a generator (checkpoints, the final probe, a member that stops) calls `rewind` first: it
-    waits for the step made ahead, puts each generator back to its state before that step's draws and
-    drops it; `take` makes it again, with the same draws.
-    """
+    Made ahead, a member's generator has drawn step s + 1's masks while step s trains. Whatever reads
+    a generator (checkpoints, the final probe) calls `rewind` first: it puts each generator back to
+    its state before the step made ahead and drops it; `take` makes it again, with the same draws."""
 
     def __init__(self, net: StackedMLP, data, batch_size: int, steps_per_epoch: int, total_steps: int, ahead: bool):
         self.net, self.data, self.batch_size = net, data, batch_size
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         members = len(net.members)
-        # the group's batch is gathered into reused buffers (a fresh (M, B, 784) tensor per step, 6.4 MB
-        # at 16 x 128, cost the kernel's page faults, ~4x the copy itself); two when one is made ahead
+        # the group's batch is gathered into reused buffers (fresh ones cost page faults); two when made ahead
         self.buffers = [torch.empty(members * batch_size, *data.train_x.shape[1:], dtype=data.train_x.dtype,
                                     device=data.train_x.device) for _ in range(2 if ahead else 1)]
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="nrexp-inputs", initializer=torch.set_num_threads,
@@ -412,66 +311,6 @@ class StepInputs:
         return x, y, self.net.draw_masks(self.batch_size), states
 
 
-class StackedMonitor:
-    """monitor.LayerMonitor's per-layer statistics, for every member at once, computed on the stacks.
-
-    Each member's own monitor reads the member's own modules: on a logging step that meant copying the
-    stacks and their gradients back into M modules and running M monitors of a few dozen small ops
-    each, which on CPU cost as much as ten training steps of the group. Here each statistic of a layer
-    is one reduction over the member axis of a stacked tensor, and every member's numbers reach the
-    host in one transfer. The definitions are monitor.py's; only the order in which the floats of a
-    norm are summed differs.
-    """
-
-    def __init__(self, net: StackedMLP, member: Member):
-        module_name = {module: name for name, module in member.model.named_modules()}
-        self.net = net
-        self.layer_names = member.monitor.names
-        self.weight_names = [f"{module_name[module]}.weight" for module in member.monitor.modules]
-        assert len(self.weight_names) == len(self.layer_names)  # one Linear per named layer: the MLP's blocks
-        with torch.no_grad():
-            self.init = [net.params[name].clone() for name in self.weight_names]
-        self.init_norms = self._norms(self.init)
-        self._before_step: Optional[List[torch.Tensor]] = None
-
-    @staticmethod
-    def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(layers, M): the Frobenius norm of each member's slice of each stacked tensor."""
-        return torch.stack([torch.linalg.vector_norm(t.flatten(1), dim=1) for t in tensors])
-
-    @torch.no_grad()
-    def before_step(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """LayerMonitor.before_step for all members: each statistic (layers, M). Call after backward."""
-        weights = [self.net.params[name] for name in self.weight_names]
-        weight_norm = self._norms(weights)
-        stats = {
-            "act_norm": torch.stack([torch.linalg.vector_norm(a.detach().flatten(2).float(), dim=2).mean(1)
-                                     for a in activations]),
-            "grad_norm": self._norms([self.net.params[name].grad for name in self.weight_names]),
-            "weight_norm": weight_norm,
-            "weight_change": self._norms(torch._foreach_sub(weights, self.init)) / self.init_norms,
-        }
-        self._before_step = [w.clone() for w in weights]
-        return stats
-
-    @torch.no_grad()
-    def after_step(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Add each member's update ratio ||W_after - W_before|| / ||W_before|| of the step just taken."""
-        after = [self.net.params[name] for name in self.weight_names]
-        stats["update_ratio"] = self._norms(torch._foreach_sub(after, self._before_step)) / stats["weight_norm"]
-        self._before_step = None
-        return stats
-
-    def to_host(self, stats: Dict[str, torch.Tensor], scalars: Dict[str, torch.Tensor]) -> List[tuple]:
-        """For each member in stack order, LayerMonitor.to_host's ({metric: {layer: value}}, {tag: value});
-        `scalars` hold one value per member. One device->host copy for the whole group."""
-        n = len(self.layer_names)
-        rows = [stats[k].float() for k in stats] + [v.detach().float().reshape(1, -1) for v in scalars.values()]
-        per_member = torch.cat(rows).T.tolist()
-        return [({k: dict(zip(self.layer_names, flat[i * n:(i + 1) * n])) for i, k in enumerate(stats)},
-                 dict(zip(scalars, flat[len(stats) * n:]))) for flat in per_member]
-
-
 # ------------------------------------------------------------------------------------------------
 # the group as train.py's loop sees it
 
@@ -491,19 +330,12 @@ class FusedGroup(Trainee):
     """A Trainee of M members computed as one StackedMLP (members in stack order: row j is members[j])."""
 
     def __init__(self, cfgs: List, run_dirs: List[Path]):
-        t = OmegaConf.to_object(cfgs[0].trainer)  # trainer.* is part of shape_key: shared by the group
-        self.device = resolve_device(str(getattr(t.device, "value", t.device)))
-        set_flush_denormal(t.flush_denormal, self.device)
-        self.data = load_dataset(cfgs[0].data, self.device)
-        log.info("fused group of %d members | device %s | data %s (%s): %d train / %d test examples", len(cfgs),
-                 self.device, self.data.name, self.data.source, len(self.data.train_x), len(self.data.test_x))
+        super().__init__(cfgs[0], f"fused group of {len(cfgs)} members")  # trainer.* is in shape_key: shared
         self.given = [FusedMember(cfg, d, self.data, self.device) for cfg, d in zip(cfgs, run_dirs)]
         self.net = StackedMLP(self.given)
         self.members = self.net.members
         self.monitor = StackedMonitor(self.net, self.given[0])
-        self.batch_size = cfgs[0].data.batch_size
-        self.schedule = make_schedule(t, self.given[0].batches.steps_per_epoch)
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
+        self.schedule = make_schedule(self.trainer, self.given[0].batches.steps_per_epoch)
         self.inputs = StepInputs(self.net, self.data, self.batch_size, self.schedule.steps_per_epoch,
                                  self.schedule.total_steps, ahead=spare_core(self.device))
         self.activations: Optional[List[torch.Tensor]] = None
@@ -551,18 +383,10 @@ class FusedGroup(Trainee):
 
 
 def keep_freed_memory() -> None:
-    """Have glibc's malloc keep freed memory for the next allocations instead of handing it back to the
-    kernel: heap trimming only beyond 1 GiB free (M_TRIM_THRESHOLD), and blocks up to 32 MiB (glibc's
-    documented maximum for M_MMAP_THRESHOLD on 64-bit) from the heap rather than each mapped anew.
-
-    Why: each step of a group frees and allocates tensors of megabytes (the first layer's weight gradient
-    of 16 members of a 3 x 100 MLP is 5 MB). With glibc's defaults that memory went back to the kernel,
-    and the next step faulted it in again, page by page, zeroed. Measured on `nrexp bench --fused`'s
-    16-job sweep (3 x 100 MLP), one thread, this project's 2-core CPU, without and with this call
-    alternating: at batch 32 the whole fused sweep 8.9 -> 8.6 s (median of 3; each of 6 pairs faster),
-    at batch 128 no measurable change; the same settings through the environment left the basic
-    launcher's loops (tensors 16 times smaller) unchanged. The cost: the process keeps its peak memory
-    until it ends. Not glibc (macOS, musl): nothing happens."""
+    """Have glibc's malloc keep freed memory for the next allocations (heap trimming only beyond 1 GiB;
+    blocks up to 32 MiB from the heap rather than mapped anew): a group's steps free and allocate
+    megabytes each, which glibc's defaults otherwise hand back to the kernel and fault in again, zeroed.
+    The cost: the process keeps its peak memory. Not glibc: nothing happens (docs/speed.md)."""
     try:
         libc = ctypes.CDLL(None)
         if libc.gnu_get_libc_version:  # glibc only: musl has a mallopt that ignores these

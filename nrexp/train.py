@@ -201,10 +201,19 @@ class Trainee:
     goes through `sync` first, which brings each member's own modules up to date."""
 
     members: List[Member]
-    data: Dataset
-    device: torch.device
     schedule: Schedule
-    batch_size: int
+
+    def __init__(self, cfg, what: str):
+        """The device, the data on it and the step's precision, as `cfg` (shared by the members) says."""
+        self.trainer = OmegaConf.to_object(cfg.trainer)  # plain TrainerConfig: DictConfig reads are slow
+        self.device = resolve_device(str(getattr(self.trainer.device, "value", self.trainer.device)))
+        set_flush_denormal(self.trainer.flush_denormal, self.device)  # before any thread starts: inherited
+        self.data = load_dataset(cfg.data, self.device)
+        log.info("%s | device %s | data %s (%s): %d train / %d test examples", what, self.device, self.data.name,
+                 self.data.source, len(self.data.train_x), len(self.data.test_x))
+        self.batch_size = cfg.data.batch_size
+        bf16 = self.trainer.precision == "bf16"  # autocast of the training forward; weights stay float32
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def start(self) -> LoopState:
         return LoopState.fresh(len(self.members), self.device)
@@ -238,18 +247,12 @@ class SoloRun(Trainee):
     """One run: a single member, trained through its own modules (what `nrexp train` does)."""
 
     def __init__(self, cfg, run_dir: Path, resume: bool = False):
-        t = OmegaConf.to_object(cfg.trainer)  # plain TrainerConfig: DictConfig reads are slow in a loop
-        self.device = resolve_device(str(getattr(t.device, "value", t.device)))
-        set_flush_denormal(t.flush_denormal, self.device)  # before any thread starts: they inherit it
-        self.data = load_dataset(cfg.data, self.device)
-        log.info("device %s | data %s (%s): %d train / %d test examples", self.device, self.data.name,
-                 self.data.source, len(self.data.train_x), len(self.data.test_x))
+        super().__init__(cfg, "one run")
         self.member = Member(cfg, run_dir, self.data, self.device)
-        self.members, self.resume, self.batch_size = [self.member], resume, cfg.data.batch_size
-        self.schedule = make_schedule(t, self.member.batches.steps_per_epoch)
-        self.forward = CompiledForward(self.member.model, self.device) if t.compile else self.member.model
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
-        self.preact_percentiles = t.preact_percentiles
+        self.members, self.resume = [self.member], resume
+        self.schedule = make_schedule(self.trainer, self.member.batches.steps_per_epoch)
+        compiled = self.trainer.compile  # trainer.compile: see CompiledForward
+        self.forward = CompiledForward(self.member.model, self.device) if compiled else self.member.model
         self.inflight: Optional[Future] = None  # the last logging step's statistics, maybe still computing
         self.batches = None  # the stream of minibatches, from the step the run starts at
 
@@ -269,7 +272,7 @@ class SoloRun(Trainee):
         model = self.member.model
         x, y = next(self.batches)
         self.activations = [] if with_stats else None
-        self.armed = preact.arm(model, logging and self.preact_percentiles)  # preact/ percentiles
+        self.armed = preact.arm(model, logging and self.trainer.preact_percentiles)  # preact/ percentiles
         with self.autocast:  # steps that record activations or pre-activations run eagerly (same weights)
             logits = model(x, self.activations) if with_stats or self.armed else self.forward(x)
             loss = F.cross_entropy(logits, y)
@@ -324,8 +327,8 @@ def member_rng_state(member: Member) -> Optional[Dict]:
 def run_loop(trainee: Trainee, stop: GracefulStop) -> List[Dict]:
     """Train every member of `trainee` until the schedule ends, it diverges or a signal stops the run;
     write each member's summary. Returns the summaries, in member order."""
-    sched, t = trainee.schedule, trainee.members[0].cfg.trainer
-    with_layer_stats, each_step = bool(t.layer_stats), checks_every_step(trainee.device)
+    sched, t = trainee.schedule, trainee.trainer
+    with_layer_stats, each_step = t.layer_stats, checks_every_step(trainee.device)
     try:
         s = trainee.start()
         alive = list(trainee.members)

@@ -2,7 +2,6 @@
 divergence, solo-resumable checkpoints, and the launcher end to end through the real CLI."""
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ def _close(a, b, rel=2e-4, abs_=2e-5):
 
 
 def test_plan_groups_by_shape_and_keeps_unfusable_jobs_alone():
-    from nrexp.fused import plan
+    from nrexp.grouping import plan
 
     cfgs = [compose(["seed=0"]), compose(["seed=1", "optim.lr=0.1", "dropout.p=0.5"]), compose(["norm=batch"]),
             compose(["model=resmlp"]), compose(["seed=2", "init.scale=3", "optim.weight_decay=1e-4"]),
