@@ -127,6 +127,7 @@ class LoopState:
     eval_seconds: float = 0.0
     loop_end: Optional[float] = None
     pending: Optional[PendingLog] = None
+    stop: Optional[GracefulStop] = None  # the signals that end the run (a signal during the end too)
 
     @classmethod
     def fresh(cls, members: int, device: torch.device, saved: Optional[Dict] = None) -> "LoopState":
@@ -331,7 +332,7 @@ def run_loop(trainee: Trainee, stop: GracefulStop) -> List[Dict]:
     with_layer_stats, each_step = t.layer_stats, checks_every_step(trainee.device)
     try:
         s = trainee.start()
-        alive = list(trainee.members)
+        s.stop, alive = stop, list(trainee.members)
         with TrainProgress(sched.total_steps, sched.steps_per_epoch, enabled=t.progress) as progress:
             progress.advance_to(s.step)
             while alive and sched.until(s.step) and not stop.requested:
@@ -442,31 +443,39 @@ def stop_diverged(trainee: Trainee, s: LoopState, alive: List[Member], diverged:
 
 def finish(trainee: Trainee, s: LoopState, m: Member, status: str, nonfinite_step: Optional[int] = None,
            signal: Optional[int] = None) -> None:
-    """End member m's run (its modules up to date): an interrupted run writes a checkpoint to resume
-    from; the others are evaluated (test and training sets, final per-layer statistics), and a
-    completed run writes its checkpoint. Then summary.json."""
+    """End member m's run (its modules up to date) and write its summary.json. A run that did not
+    diverge first writes the checkpoint to resume from, at this step boundary; a run not interrupted is
+    then evaluated (test and training sets, final per-layer statistics). Every status is true: a
+    non-finite final evaluation is `diverged`, a signal during it `interrupted` (the checkpoint stands)."""
     ended = s.loop_end or time.perf_counter()
-    final_stats: Dict = {}
-    if status == "interrupted":
+    if status != "diverged":
         trainee.save(m, s.checkpoint_state(trainee.members.index(m), m, ended))
-    else:
-        with torch.random.fork_rng(devices=[trainee.device] if trainee.device.type == "cuda" else []):
-            if m.rng is not None:  # the final probe's dropout draws from the member's stream, as alone
-                set_global_rng_state(m.rng.get_state(), trainee.device)
-            final_stats = final_evaluation(m.model, m.monitor, m.writer, trainee.data, m.cfg, s.step, m.metrics)
-        if status == "completed":
-            trainee.save(m, s.checkpoint_state(trainee.members.index(m), m, ended))
-    loop_seconds = ended - s.started - s.eval_seconds
+    final_stats: Dict = {}
+    if status != "interrupted":
+        final_stats = final_evaluation_of(trainee, m, s.step)
+        if s.stop is not None and s.stop.requested and status == "completed":
+            status, signal = "interrupted", s.stop.signum
+        elif status == "completed" and not all(math.isfinite(v) for v in m.metrics.values()):
+            status, nonfinite_step = "diverged", s.step - 1
+            log.warning("%s: non-finite loss in the final evaluation: status diverged", m.run_dir.name)
     m.summary = finish_run(
         m.cfg, m.run_dir, m.writer, status=status, step=s.step, start_step=s.start_step, metrics=m.metrics,
         init_stats=m.init_stats, final_stats=final_stats, steps_per_epoch=trainee.schedule.steps_per_epoch,
-        wall_time_s=s.elapsed_before + time.perf_counter() - s.started, loop_seconds=loop_seconds,
+        wall_time_s=s.elapsed_before + time.perf_counter() - s.started, loop_seconds=ended - s.started - s.eval_seconds,
         device=trainee.device, data_source=trainee.data.source, nonfinite_step=nonfinite_step, signal=signal,
         extra=trainee.summary_extra(), print_table=len(trainee.members) == 1)
     if len(trainee.members) > 1:
         acc = m.summary["metrics"]["test/acc"]
         log.info("%s: %s after %d steps, test acc %s", m.run_dir.name, status, s.step,
                  "n/a" if acc is None else f"{acc:.4f}")
+
+
+def final_evaluation_of(trainee: Trainee, m: Member, step: int) -> Dict:
+    """final_evaluation for member m; the probe's dropout draws from the member's own stream, as alone."""
+    with torch.random.fork_rng(devices=[trainee.device] if trainee.device.type == "cuda" else []):
+        if m.rng is not None:
+            set_global_rng_state(m.rng.get_state(), trainee.device)
+        return final_evaluation(m.model, m.monitor, m.writer, trainee.data, m.cfg, step, m.metrics)
 
 
 def set_global_rng_state(state: torch.Tensor, device: torch.device) -> None:
