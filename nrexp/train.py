@@ -33,8 +33,9 @@ from nrexp import preact
 from nrexp.checkpoint import CHECKPOINT, load_for_resume, save_checkpoint
 from nrexp.config import validate
 from nrexp.console import TrainProgress, print_summary
-from nrexp.data import Dataset, TrainBatches, eval_batches, load_dataset
+from nrexp.data import Dataset, TrainBatches, load_dataset
 from nrexp.errors import ConfigError
+from nrexp.evaluate import evaluate
 from nrexp.init import init_weights
 from nrexp.models import build_model
 from nrexp.monitor import LayerMonitor, keeping_denormal_mode, set_flush_denormal
@@ -628,22 +629,6 @@ def check_compile_available(device: torch.device) -> None:
             raise ConfigError(f"trainer.compile=true is invalid here: torch.compile on CPU builds C++ kernels with "
                               f"{cxx!r} ($CXX, default g++), which is not on PATH. Fix: install g++ (apt-get install "
                               "g++) or set CXX, or use trainer.compile=false")
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, prefix: str) -> Dict[str, float]:
-    """Loss and accuracy over a whole split in eval mode (BatchNorm uses its running statistics)."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device)
-    for xb, yb in eval_batches(x, y, batch_size):
-        logits = model(xb)
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
-        correct += (logits.argmax(1) == yb).sum()
-    model.train(was_training)
-    loss, acc = (torch.stack([loss_sum, correct.float()]) / len(x)).tolist()
-    return {f"{prefix}/loss": loss, f"{prefix}/acc": acc}
 
 
 def probe(model, monitor: LayerMonitor, data: Dataset, batch_size: int) -> Dict[str, Dict[str, float]]:
