@@ -3,12 +3,18 @@
 The one reader of what a run writes (nrexp/writers.py), used by `nrexp report`, the claim checks and
 `nrexp evaluate`. The summary is read when a run is; the scalars only when asked for. Reads files only:
 no torch (events through TensorBoard's own reader).
+
+The Python API (docs/tensorboard.md):
+    runs.load(path)               -> pandas DataFrame, one row per run: swept keys, seed, status, final metrics
+    runs.curves(path, tags=...)   -> long pandas DataFrame (run, step, tag, layer, value) from the events
+`swept_overrides(run_dir)` says which keys a run's sweep varies (the writer's HParams take it from here).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -17,6 +23,11 @@ from nrexp.errors import ConfigError
 
 SUMMARY = "summary.json"
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
+HYDRA_RECORD = Path(".hydra") / "hydra.yaml"  # the job's Hydra config: its mode, its overrides, the sweeper's
+HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"  # the job's own overrides (one value per key)
+MULTIRUN = "multirun.yaml"  # written by Hydra's basic sweeper in the sweep dir: the command line's overrides
+# Keys that never say what a run computes: where it reads and writes, how it shows progress, how it is resumed.
+BOOKKEEPING_KEYS = {"seed", "trainer.progress", "data.root", "data.eval_batch_size", "resume"}
 
 Points = list[tuple[int, float]]  # (step, value) in step order
 
@@ -157,3 +168,204 @@ def read_runs(root: Path) -> list[Run]:
         raise ConfigError(f"no such directory: {root}. Fix: pass a run dir or a sweep dir, "
                           "e.g. outputs/multirun/<date>/<time>")
     return [read_run(d, root) for d in run_dirs(root)]
+
+
+# ------------------------------------------------------------------------------------------------
+# What a run's sweep varies (from Hydra's own record of the command line)
+
+
+def _yaml(path: Path) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _select(node: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
+
+
+def _parsed_overrides(overrides: Sequence[str]) -> list[tuple[str, bool]]:
+    """(key, is a sweep) of each override as typed: `norm=none,batch` -> ("norm", True), `+experiment=x` ->
+    ("experiment", False); hydra.* keys left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = []
+    for text in overrides:
+        try:
+            (override,) = OverridesParser.create().parse_overrides([str(text)])
+            key, sweep = override.key_or_group, override.is_sweep_override()
+        except Exception:  # noqa: BLE001 - an override Hydra can no longer parse: judge it by its text
+            key, _, value = str(text).lstrip("+~").partition("=")
+            sweep = "," in value or value.startswith(("choice(", "range(", "glob(", "interval("))
+        key = key.split("@")[0]
+        if not key.startswith("hydra."):
+            parsed.append((key, sweep))
+    return parsed
+
+
+def swept_overrides(run_dir: Path) -> list[str] | None:
+    """The config keys a run's sweep varies, in the order given on the command line, as typed (`norm`,
+    `init.scale`); read from what Hydra recorded, so every job of a sweep gets the same list:
+    - a sweep job of Hydra's basic sweeper: the keys given several values (`norm=none,batch`, `range(..)`)
+      in the sweep dir's multirun.yaml, then those of `hydra.sweeper.params`;
+    - a job of another sweeper (Optuna: no multirun.yaml): `hydra.sweeper.params` of its .hydra/hydra.yaml;
+    - a single run: the keys set on its command line (.hydra/overrides.yaml);
+    - None where there is no Hydra record (a run started from Python): callers use a default set.
+    Bookkeeping keys (BOOKKEEPING_KEYS: seed, trainer.progress, data.root, ...) are left out."""
+    run_dir = Path(run_dir)
+    record = _yaml(run_dir / HYDRA_RECORD).get("hydra") or {}
+    multirun = next((d / MULTIRUN for d in (run_dir.parent, run_dir.parent.parent) if (d / MULTIRUN).is_file()), None)
+    keys: list[str] | None = None
+    if record.get("mode") == "RUN" or (not record and multirun is None):
+        overrides = _yaml(run_dir / HYDRA_OVERRIDES) if (run_dir / HYDRA_OVERRIDES).is_file() else None
+        if overrides is None:
+            overrides = (record.get("overrides") or {}).get("task") if record else None
+        if overrides is None:
+            return None
+        keys = [key for key, _ in _parsed_overrides(overrides)]
+    else:
+        sweep = (_yaml(multirun).get("hydra") or {}) if multirun else record
+        task = (sweep.get("overrides") or {}).get("task") or [] if multirun else []
+        params = _select(sweep, "sweeper.params") or {}
+        keys = [key for key, swept in _parsed_overrides(task) if swept]
+        keys += [str(k) for k in (params if isinstance(params, Mapping) else {})]
+    return [k for k in dict.fromkeys(keys) if k not in BOOKKEEPING_KEYS]
+
+
+def job_override_values(run_dir: Path) -> dict[str, str]:
+    """{key: value as typed} of a job's own overrides (.hydra/overrides.yaml), e.g. `experiment` of
+    `+experiment=x`, a key the resolved config does not hold."""
+    values = {}
+    for text in _yaml_list(Path(run_dir) / HYDRA_OVERRIDES):
+        key, sep, value = str(text).partition("=")
+        if sep:
+            values[key.lstrip("+~").split("@")[0]] = value
+    return values
+
+
+def _yaml_list(path: Path) -> list:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return []
+    return data if isinstance(data, list) else []
+
+
+def config_value(config: Mapping, key: str) -> Any:
+    """A config value by the key as typed on the command line: `norm` is the norm group's name (norm.name),
+    `init.scale` a plain value; None if absent."""
+    value = _select(config, key)
+    if isinstance(value, Mapping):
+        value = value.get("name")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# Numbers of a run and the Python API (pandas)
+
+
+def activation_ratio(act: Mapping[str, float]) -> float:
+    """act_norm of the last hidden block / the first: the head is left out, its norm is that of the logits,
+    which grows as the net gets confident, not with depth. NaN where unknown."""
+    hidden = [layer for layer in act if layer != "head"]
+    if not hidden or not act[hidden[0]] or not math.isfinite(act[hidden[0]]):
+        return math.nan
+    return act[hidden[-1]] / act[hidden[0]]
+
+
+def log10_or_nan(value: float) -> float:
+    return math.log10(value) if math.isfinite(value) and value > 0 else math.nan
+
+
+def layer_names(run: Run) -> list[str]:
+    """The run's monitored layers in depth order (block00 ... head), from its summary or else its tags."""
+    for when in ("init", "final"):
+        names = list(run.layers(when, "act_norm"))
+        if names:
+            return names
+    return [tag.split("/", 1)[1] for tag in run.tags() if tag.startswith("act_norm/")]
+
+
+def varying_keys(runs: Sequence[Run]) -> list[str]:
+    """Config keys (flattened, as typed on the command line) whose values differ across the runs, seed and
+    bookkeeping keys left out; in the command line's order where the sweep recorded it, then by name."""
+    flat = [r.flat_config for r in runs]
+    keys = set().union(*flat) - BOOKKEEPING_KEYS
+    varying = {k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1}
+    order = next((o for o in (swept_overrides(r.dir) for r in runs[:1]) if o), [])
+    return [k for k in order if k in varying] + sorted(varying - set(order))
+
+
+RUN_COLUMNS = ("status", "steps", "test_acc", "train_acc", "gen_gap", "test_loss", "train_loss",
+               "act_ratio_init", "act_ratio_final", "wall_time_s")
+
+
+def run_row(run: Run, keys: Sequence[str]) -> dict[str, Any]:
+    """One run as a flat dict: its name, the given config keys, seed, then RUN_COLUMNS and its dir."""
+    steps = run.summary.get("steps")
+    return {
+        "run": run.name, **{k: run.flat_config.get(k) for k in keys}, "seed": run.flat_config.get("seed"),
+        "status": run.status, "steps": math.nan if steps is None else int(steps),
+        "test_acc": run.metric("test/acc"), "train_acc": run.metric("train/acc"),
+        "gen_gap": run.metric("train/acc") - run.metric("test/acc"),
+        "test_loss": run.metric("test/loss"), "train_loss": run.metric("train/loss"),
+        "act_ratio_init": activation_ratio(run.layers("init", "act_norm")),
+        "act_ratio_final": activation_ratio(run.layers("final", "act_norm")),
+        "wall_time_s": _number(run.summary.get("wall_time_s")), "dir": str(run.dir),
+    }
+
+
+def load(path: Path | str, keys: Sequence[str] | None = None):
+    """The runs under `path` (a sweep dir or one run dir) as a pandas DataFrame, one row per run:
+    `run` (its TensorBoard name), the swept keys (those whose values differ across the runs; or `keys`),
+    `seed`, then RUN_COLUMNS (status, steps, final test/train accuracy and loss, gen_gap = train acc - test
+    acc, act_ratio_init/final = activation norm of the last hidden block over the first) and `dir`.
+    Unknown numbers (a failed or diverged run) are NaN."""
+    import pandas as pd
+
+    runs = read_runs(Path(path))
+    keys = varying_keys(runs) if keys is None else list(keys)
+    columns = ["run", *keys, "seed", *RUN_COLUMNS, "dir"]
+    return pd.DataFrame([run_row(r, keys) for r in runs], columns=list(dict.fromkeys(columns)))
+
+
+def _wanted(tag: str, patterns: Sequence[str] | None) -> bool:
+    """Whether a tag is asked for: every tag without patterns; else one matching a pattern exactly, as a
+    shell-style glob (`act_norm/*`, `*/head`), or by its first part (`act_norm` for act_norm/<layer>)."""
+    if patterns is None:
+        return True
+    return any(fnmatch.fnmatchcase(tag, p) or fnmatch.fnmatchcase(tag, p + "/*") for p in patterns)
+
+
+def curves(path: Path | str, tags: str | Sequence[str] | None = None):
+    """The TensorBoard scalars of the runs under `path` as a long pandas DataFrame with columns
+    run, step, tag, layer, value: one row per logged point. `tags`: a pattern or a list of them (see
+    _wanted); None for every tag. `layer` is the layer of a per-layer tag (`act_norm/block03` -> block03),
+    for a depth tag (`depth_init/act_norm`, whose step is the layer index) the layer at that index, and
+    empty for the others (train/loss). A step logged twice (the last logging step and the final probe)
+    keeps its last value, as TensorBoard's own reader does."""
+    import pandas as pd
+
+    patterns = [tags] if isinstance(tags, str) else (None if tags is None else list(tags))
+    rows = []
+    for run in read_runs(Path(path)):
+        names = layer_names(run)
+        for tag in run.tags():
+            if not _wanted(tag, patterns):
+                continue
+            first, _, rest = tag.partition("/")
+            for step, value in run.scalars(tag):
+                if first.startswith("depth_"):
+                    layer = names[step] if 0 <= step < len(names) else str(step)
+                else:
+                    layer = rest if rest in names else ""
+                rows.append((run.name, step, tag, layer, value))
+    return pd.DataFrame(rows, columns=["run", "step", "tag", "layer", "value"])
