@@ -12,6 +12,7 @@ when a figure is drawn, and never pyplot (no display, no global state).
 from __future__ import annotations
 
 import io
+import math
 import os
 import signal
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 Stats = Mapping[str, Mapping[str, float]]  # metric -> layer name -> value
 Points = Sequence[tuple[float, float]]  # (x, y), e.g. (step, value)
 
-DEPTH_XLABEL = "layer depth (0 = first hidden block, last = head)"
+DEPTH_XLABEL = "layer (first hidden block ... head)"
 DEPTH_METRICS = {"act_norm": "activation norm", "grad_norm": "gradient norm ||dL/dW||"}
 
 
@@ -40,45 +41,118 @@ def new_figure(ncols: int = 1, title: str = "", width: float = 5.5, height: floa
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width * ncols, height), dpi=dpi)
+    fig = Figure(figsize=(width * ncols, height), dpi=dpi, layout="constrained")
     axes = list(fig.subplots(1, ncols, squeeze=False)[0])
     if title:
         fig.suptitle(title)
     return fig, axes
 
 
-def save(fig, path: Path) -> Path:
-    """Give every panel the same look (grid, legend, plain numbers on log axes) and write the figure."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+def log_ticks(ax, axis: str = "y", minor: bool = True) -> None:
+    """Labelled ticks on a log axis, in plain numbers (0.3, 6, 1e+04): a few evenly spaced values when the axis
+    spans less than a decade (it may hold no decade to label at all), 1-2-5 steps up to three decades, and
+    decades beyond."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter, NullLocator
 
+    scaled = ax.yaxis if axis == "y" else ax.xaxis
+    low, high = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    decades = math.log10(high / low) if 0 < low < high else math.inf
+    if decades < 0.9:
+        scaled.set_major_locator(MaxNLocator(nbins=4))
+        scaled.set_minor_locator(NullLocator())
+    else:
+        scaled.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 3 else (1.0,), numticks=8))
+        scaled.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0), numticks=8) if minor and decades > 3
+                                 else NullLocator())
+    scaled.set_major_formatter(plain)
+    scaled.set_minor_formatter(NullFormatter())
+
+
+LEGEND_ROWS = 22  # entries per legend column: beyond, another column
+
+
+def save(fig, path: Path) -> Path:
+    """Give every panel the same look (grid, labelled log ticks) and write the figure. Panels that show the
+    same lines share one legend, outside the panels on the right (so 20 runs never cover the data); panels
+    with lines of their own keep their own legend."""
     for ax in fig.axes:
-        if ax.get_yscale() == "log":  # plain numbers (0.3, 6) rather than 3x10^-1
-            low, high = ax.get_ylim()
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            # within one decade there may be no major tick at all: label the minor ones then
-            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if high / low < 10 else NullFormatter())
+        for axis in ("x", "y"):
+            if (ax.get_yscale() if axis == "y" else ax.get_xscale()) == "log":
+                log_ticks(ax, axis)
         ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
+    labelled = [ax for ax in fig.axes if ax.get_legend_handles_labels()[0]]
+    label_sets = {tuple(ax.get_legend_handles_labels()[1]) for ax in labelled}
+    if len(label_sets) == 1:
+        handles, labels = labelled[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right upper", fontsize="small",
+                   ncols=-(-len(labels) // LEGEND_ROWS), title=getattr(fig, "legend_title", None))
+    else:
+        for ax in labelled:
             ax.legend(fontsize="small")
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
 
 
+def depth_positions(layer_lists: Sequence[Sequence[str]]) -> dict[str, int]:
+    """x of each layer over runs of different depths: a block by its place among the blocks, the head one
+    past the deepest block (its own x: never a block's, whatever the depth)."""
+    blocks: list[str] = []
+    for names in layer_lists:
+        for name in names:
+            if name != "head" and name not in blocks:
+                blocks.append(name)
+    positions = {name: i for i, name in enumerate(blocks)}
+    if any("head" in names for names in layer_lists):
+        positions["head"] = len(blocks)
+    return positions
+
+
+def thinned(names: Sequence[str], most: int = 12) -> list[int]:
+    """Indices of the tick labels to show among `names`: every k-th, the last always (not so close to
+    the one before as to overprint it)."""
+    n = len(names)
+    if n <= most:
+        return list(range(n))
+    step = -(-n // most)
+    keep = list(range(0, n, step))
+    if n - 1 - keep[-1] < step / 2:
+        keep[-1] = n - 1
+    else:
+        keep.append(n - 1)
+    return keep
+
+
+def depth_axis(ax, positions: Mapping[str, int]) -> None:
+    """The x axis of a depth plot: layer names as ticks (thinned), a dotted line between the blocks and the head."""
+    names = list(positions)
+    shown = thinned(names)
+    ax.set_xticks([positions[names[i]] for i in shown], [names[i] for i in shown], rotation=45, ha="right",
+                  fontsize="small")
+    if "head" in positions and len(positions) > 1:
+        ax.axvline(positions["head"] - 0.5, color="0.6", linestyle=":", linewidth=1)
+    ax.set_xlabel(DEPTH_XLABEL)
+
+
 def depth_lines(ax, series: Mapping[str, Mapping[str, float]], ylabel: str) -> bool:
-    """One line per label of {label: {layer: value}} against layer depth, on a log y axis; layers are named
-    on the x axis when few enough to read. Returns whether anything was drawn."""
+    """One line per label of {label: {layer: value}} against layer depth, on a log y axis; runs of different
+    depths line up block by block, the head at its own x (depth_positions). Returns whether anything was drawn."""
+    positions = depth_positions([list(per_layer) for per_layer in series.values()])
     drawn = False
     for label, per_layer in series.items():
         if per_layer:
-            ax.plot(range(len(per_layer)), list(per_layer.values()), marker="o", markersize=4, label=label)
-            if len(per_layer) <= 16:
-                ax.set_xticks(range(len(per_layer)), list(per_layer), rotation=45, fontsize="small")
+            blocks = [(positions[k], v) for k, v in per_layer.items() if k != "head"]
+            (line,) = ax.plot(*zip(*blocks), marker="o", markersize=4, label=label) if blocks else (None,)
+            if "head" in per_layer:  # the head: same colour, its own marker, not joined to the blocks
+                color = line.get_color() if line is not None else None
+                ax.plot([positions["head"]], [per_layer["head"]], marker="s", markersize=5, linestyle="none",
+                        color=color, label=None if line is not None else label)
             drawn = True
+    if positions:
+        depth_axis(ax, positions)
     ax.set_yscale("log")
-    ax.set_xlabel(DEPTH_XLABEL)
     ax.set_ylabel(ylabel + " (log scale)")
     return drawn
 
@@ -115,31 +189,26 @@ class DepthFigure:
         matplotlib.use("Agg")
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-
         self.layer_names = list(layer_names)
-        self.fig = Figure(figsize=(8, 3.2), dpi=100)
+        self.fig = Figure(figsize=(8, 3.6), dpi=100)
         self.canvas = FigureCanvasAgg(self.fig)
         self.axes = list(self.fig.subplots(1, 2))
         self.lines = []
         for ax, (_, label) in zip(self.axes, self.METRICS):
             (line,) = ax.plot(range(len(self.layer_names)), [1.0] * len(self.layer_names), marker="o", markersize=3)
             self.lines.append(line)
-            ax.set_xlabel(DEPTH_XLABEL)
+            depth_axis(ax, {name: i for i, name in enumerate(self.layer_names)})  # the head at its own x
             ax.set_ylabel(label)
-            ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
-            ax.minorticks_off()  # each tick is a few artists to draw
             ax.grid(True, which="major", alpha=0.3)
-        self.title = self.fig.suptitle("")
-        # fixed margins: tight_layout would measure every text again on each draw
-        self.fig.subplots_adjust(left=0.09, right=0.98, bottom=0.16, top=0.86, wspace=0.3)
+        self.title = self.fig.suptitle("", fontsize="medium")
+        # fixed margins: tight_layout would measure every text again on each draw; the top leaves room
+        # for a title of three lines (the run's name, wrapped, and what the figure shows)
+        self.fig.subplots_adjust(left=0.09, right=0.98, bottom=0.25, top=0.8, wspace=0.3)
         self._scales: list[str] = ["linear"] * len(self.axes)
         self._background = None  # the static parts, drawn once by render()
 
     def draw(self, stats: Mapping[str, Mapping[str, float]], title: str):
         """Set the figure to these values (log y scale unless a value is <= 0) and return it."""
-        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
         for i, (ax, line, (metric, _)) in enumerate(zip(self.axes, self.lines, self.METRICS)):
             values = [stats[metric][name] for name in self.layer_names]
             scale = "log" if all(v > 0 for v in values) else "linear"  # never log-scale a zero
@@ -147,16 +216,12 @@ class DepthFigure:
             ax.relim()  # before a change of scale: the data limits of a previous draw may hold a zero
             if scale != self._scales[i]:  # a new scale makes new ticks: only when it changes
                 ax.set_yscale(scale)
-                if scale == "log":
-                    # plain-text labels on decades only: matplotlib's default log labels go through
-                    # mathtext, which was most of the figure's cost
-                    ax.yaxis.set_major_locator(LogLocator(base=10, numticks=6))
-                    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-                    ax.yaxis.set_minor_formatter(NullFormatter())
-                ax.minorticks_off()
+                ax.minorticks_off()  # each tick is a few artists to draw
                 ax.grid(True, which="major", alpha=0.3)
                 self._scales[i] = scale
             ax.autoscale_view()
+            if scale == "log":  # labelled ticks for this range, in plain text: matplotlib's default log
+                log_ticks(ax, "y", minor=False)  # labels go through mathtext, which was most of the cost
         self.title.set_text(title)
         return self.fig
 

@@ -48,7 +48,7 @@ def test_the_helper_draws_in_another_process_the_png_this_process_draws(fresh_he
     assert drawn_there == drawn_here  # byte for byte
     assert len({png for _, _, png in drawn_here}) == len(scales)  # and each figure shows its own values
     height, width, png = drawn_there[0]
-    assert Image.open(io.BytesIO(png)).size == (width, height) == (800, 320)
+    assert Image.open(io.BytesIO(png)).size == (width, height) == (800, 360)
 
 
 def test_the_helper_draws_at_the_lowest_priority(fresh_helper):
