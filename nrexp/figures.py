@@ -39,10 +39,14 @@ def new_figure(ncols: int = 1, title: str = "", width: float = 5.5, height: floa
     import matplotlib
 
     matplotlib.use("Agg")
+    from cycler import cycler
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width * ncols, height), dpi=dpi, layout="constrained")
     axes = list(fig.subplots(1, ncols, squeeze=False)[0])
+    for ax in axes:  # 40 lines that look different: 10 colours solid, then dashed, dotted, dash-dotted
+        ax.set_prop_cycle(cycler(linestyle=["-", "--", ":", "-."]) * cycler(color=colormaps["tab10"].colors))
     if title:
         fig.suptitle(title)
     return fig, axes
@@ -69,13 +73,15 @@ def log_ticks(ax, axis: str = "y", minor: bool = True) -> None:
     scaled.set_minor_formatter(NullFormatter())
 
 
-LEGEND_ROWS = 22  # entries per legend column: beyond, another column
+LEGEND_ROWS = 30  # entries per legend column: beyond, a second column
+LEGEND_ROW_INCHES = 0.2  # one entry at fontsize "small"
 
 
 def save(fig, path: Path) -> Path:
     """Give every panel the same look (grid, labelled log ticks) and write the figure. Panels that show the
-    same lines share one legend, outside the panels on the right (so 20 runs never cover the data); panels
-    with lines of their own keep their own legend."""
+    same lines share one legend, outside the panels on the right: the figure grows to hold it (wider, and
+    taller for many entries), so 20 or more runs never cover the data or squeeze the panels. Panels with
+    lines of their own keep their own legend."""
     for ax in fig.axes:
         for axis in ("x", "y"):
             if (ax.get_yscale() if axis == "y" else ax.get_xscale()) == "log":
@@ -85,8 +91,14 @@ def save(fig, path: Path) -> Path:
     label_sets = {tuple(ax.get_legend_handles_labels()[1]) for ax in labelled}
     if len(label_sets) == 1:
         handles, labels = labelled[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="outside right upper", fontsize="small",
-                   ncols=-(-len(labels) // LEGEND_ROWS), title=getattr(fig, "legend_title", None))
+        ncols = -(-len(labels) // LEGEND_ROWS)
+        width, height = fig.get_size_inches()
+        height = max(height, -(-len(labels) // ncols) * LEGEND_ROW_INCHES + 0.8)
+        legend = fig.legend(handles, labels, loc="outside right upper", fontsize="small", ncols=ncols)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        extra = legend.get_window_extent(FigureCanvasAgg(fig).get_renderer()).width / fig.dpi
+        fig.set_size_inches(width + extra + 0.2, height)
     else:
         for ax in labelled:
             ax.legend(fontsize="small")

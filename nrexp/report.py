@@ -340,7 +340,8 @@ def metric_vs_key_figure(settings: Sequence[Setting], keys: Sequence[str], key: 
                             if isinstance(s.values[key], (int, float)) and math.isfinite(s.stat(metric)[0]))
             if points:
                 x, y, err = zip(*points)
-                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label, linestyle="none" if scatter else "-")
+                style = {"linestyle": "none"} if scatter else {}  # else the axes' cycle: 40 lines look different
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label, **style)
                 plotted = True
         values = [s.values[key] for s in settings]
         if min(values) > 0 and max(values) / min(values) > 100:  # e.g. weight decay 1e-6 .. 1e-2
@@ -350,9 +351,20 @@ def metric_vs_key_figure(settings: Sequence[Setting], keys: Sequence[str], key: 
     return figures.save(fig, path) if plotted else None
 
 
+# Keys a final_vs_<key> figure is drawn for (themselves or their group): what a run computes, not how it is
+# logged, checkpointed or where its data comes from (trainer.log_every, data.source, seed, ...).
+SCIENCE_KEYS = ("norm", "dropout", "optim", "init", "model", "data.batch_size", "data.train_size", "data.augment",
+                "trainer.epochs", "trainer.max_steps", "trainer.precision")
+
+
+def is_science_key(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in SCIENCE_KEYS)
+
+
 def numeric_keys(settings: Sequence[Setting], keys: Sequence[str]) -> list[str]:
-    return [k for k in keys if all(isinstance(s.values[k], (int, float)) and not isinstance(s.values[k], bool)
-                                   for s in settings)]
+    """The swept science keys with numeric values, taking two values or more: those worth a final_vs_<key> figure."""
+    return [k for k in keys if is_science_key(k) and len({s.values[k] for s in settings}) > 1
+            and all(isinstance(s.values[k], (int, float)) and not isinstance(s.values[k], bool) for s in settings)]
 
 
 def write_figures(settings: Sequence[Setting], keys: Sequence[str], out: Path) -> list[Path]:

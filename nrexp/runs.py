@@ -149,6 +149,8 @@ class Run:
 def _read_scalars(run_dir: Path) -> dict[str, Points]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    if not Path(run_dir).is_dir():  # a run given by its summary alone (or a dir since removed): no events
+        return {}
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 1, "tensors": 1}).Reload()
     return {tag: sorted({e.step: e.value for e in events.Scalars(tag)}.items())  # a repeated step: its last value
             for tag in events.Tags().get("scalars", [])}
