@@ -543,6 +543,8 @@ def report_command(args: List[str]) -> int:
                         help="keep runs whose config has KEY=VALUE (e.g. norm=batch, dropout.p=0.2); repeatable")
     parser.add_argument("--json", action="store_true", help="print the report as JSON (for scripts) instead of a table")
     parser.add_argument("--out", metavar="DIR", help="where to write report.csv, report.md, figures/ (default: DIR)")
+    parser.add_argument("--curves", action="store_true", help="also write curves.csv: every logged scalar of every "
+                        "run, one row per point (run, step, tag, layer, value), as nrexp.runs.curves returns them")
     parser.add_argument("--check", action="store_true", help="then check the claims of the experiment preset the "
                         "sweep ran (+experiment=<name>): measured value, expected, reproduced yes/no")
     options = parser.parse_args(args)
@@ -552,7 +554,8 @@ def report_command(args: List[str]) -> int:
     from nrexp.report import ReportError, report
 
     try:
-        code = report(options.dir, sort=options.sort, filters=options.filter, as_json=options.json, out=options.out)
+        code = report(options.dir, sort=options.sort, filters=options.filter, as_json=options.json, out=options.out,
+                      curves=options.curves)
         if options.check and code == 0:
             from nrexp.claims import check, print_checks
 

@@ -381,9 +381,26 @@ def write_figures(settings: Sequence[Setting], keys: Sequence[str], out: Path) -
 # ------------------------------------------------------------------------------------------------
 
 
+def write_curves(runs: Sequence[Run], path: Path, tags: Sequence[str] | None = None) -> int:
+    """curves.csv: every logged scalar of these runs, one row per point (run, step, tag, layer, value), as
+    nrexp.runs.curves returns them. Returns the number of rows."""
+    from nrexp.runs import curve_rows
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "step", "tag", "layer", "value"])
+        count = 0
+        for run in runs:
+            rows = curve_rows(run, tags)
+            writer.writerows(rows)
+            count += len(rows)
+    return count
+
+
 def report(root: Path, sort: str | None = None, filters: Sequence[str] = (), as_json: bool = False,
-           out: Path | None = None) -> int:
-    """`nrexp report`: print the table (or JSON), write report.csv, report.md and figures/ into `out`."""
+           out: Path | None = None, curves: bool = False) -> int:
+    """`nrexp report`: print the table (or JSON), write report.csv, report.md and figures/ into `out`, and with
+    `curves` also curves.csv (write_curves)."""
     root, out_given = Path(root), out is not None
     runs = load_runs(root)
     runs = apply_filters(runs, filters)
@@ -399,10 +416,13 @@ def report(root: Path, sort: str | None = None, filters: Sequence[str] = (), as_
     made = write_figures(settings, keys, out / "figures")
     write_csv(out / "report.csv", rows_of(settings))
     write_markdown(out / "report.md", root, settings, keys, len(runs), made, filters)
+    if curves:
+        write_curves(runs, out / "curves.csv")
     if as_json:
         print(json_report(root, keys, settings))
     else:
         console = wide_console()
         console.print(rich_table(root, settings, keys, len(runs)))
-        console.print(f"wrote {out / 'report.csv'}, {out / 'report.md'} and {len(made)} figures in {out / 'figures'}")
+        also = f", {out / 'curves.csv'}" if curves else ""
+        console.print(f"wrote {out / 'report.csv'}, {out / 'report.md'}{also} and {len(made)} figures in {out / 'figures'}")
     return 0

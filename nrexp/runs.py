@@ -347,6 +347,24 @@ def _wanted(tag: str, patterns: Sequence[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(tag, p) or fnmatch.fnmatchcase(tag, p + "/*") for p in patterns)
 
 
+def curve_rows(run: Run, tags: str | Sequence[str] | None = None) -> list[tuple[str, int, str, str, float]]:
+    """(run, step, tag, layer, value) of every point of one run's scalars that `tags` asks for (see curves)."""
+    patterns = [tags] if isinstance(tags, str) else (None if tags is None else list(tags))
+    names = layer_names(run)
+    rows = []
+    for tag in run.tags():
+        if not _wanted(tag, patterns):
+            continue
+        first, _, rest = tag.partition("/")
+        for step, value in run.scalars(tag):
+            if first.startswith("depth_"):
+                layer = names[step] if 0 <= step < len(names) else str(step)
+            else:
+                layer = rest if rest in names else ""
+            rows.append((run.name, step, tag, layer, value))
+    return rows
+
+
 def curves(path: Path | str, tags: str | Sequence[str] | None = None):
     """The TensorBoard scalars of the runs under `path` as a long pandas DataFrame with columns
     run, step, tag, layer, value: one row per logged point. `tags`: a pattern or a list of them (see
@@ -356,18 +374,5 @@ def curves(path: Path | str, tags: str | Sequence[str] | None = None):
     keeps its last value, as TensorBoard's own reader does."""
     import pandas as pd
 
-    patterns = [tags] if isinstance(tags, str) else (None if tags is None else list(tags))
-    rows = []
-    for run in read_runs(Path(path)):
-        names = layer_names(run)
-        for tag in run.tags():
-            if not _wanted(tag, patterns):
-                continue
-            first, _, rest = tag.partition("/")
-            for step, value in run.scalars(tag):
-                if first.startswith("depth_"):
-                    layer = names[step] if 0 <= step < len(names) else str(step)
-                else:
-                    layer = rest if rest in names else ""
-                rows.append((run.name, step, tag, layer, value))
+    rows = [row for run in read_runs(Path(path)) for row in curve_rows(run, tags)]
     return pd.DataFrame(rows, columns=["run", "step", "tag", "layer", "value"])
