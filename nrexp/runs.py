@@ -225,7 +225,7 @@ def swept_overrides(run_dir: Path) -> list[str] | None:
     multirun = next((d / MULTIRUN for d in (run_dir.parent, run_dir.parent.parent) if (d / MULTIRUN).is_file()), None)
     keys: list[str] | None = None
     if record.get("mode") == "RUN" or (not record and multirun is None):
-        overrides = _yaml(run_dir / HYDRA_OVERRIDES) if (run_dir / HYDRA_OVERRIDES).is_file() else None
+        overrides = _yaml_list(run_dir / HYDRA_OVERRIDES) if (run_dir / HYDRA_OVERRIDES).is_file() else None
         if overrides is None:
             overrides = (record.get("overrides") or {}).get("task") if record else None
         if overrides is None:
