@@ -102,9 +102,10 @@ HPARAM_METRICS = {
     "final/diverged": "1 if the run diverged (non-finite loss), else 0",
     "final/steps": "optimizer steps taken",
 }
-# The statistics written as depth profiles (depth_<when>/<metric>); weight_change is 0 everywhere at init.
+# The statistics written as depth profiles (depth_<when>/<metric>): weight_change is 0 everywhere at init, and
+# the final probe takes no optimizer step (no update_ratio).
 DEPTH_SCALARS = {"init": ("act_norm", "grad_norm", "weight_norm", "update_ratio"),
-                 "final": ("act_norm", "grad_norm", "weight_norm", "weight_change", "update_ratio")}
+                 "final": ("act_norm", "grad_norm", "weight_norm", "weight_change")}
 
 
 def hparam_keys(run_dir: Path | None) -> tuple[list[str], list[str]]:

@@ -55,7 +55,7 @@ def test_depth_profiles_are_scalars_whose_step_is_the_layer_index(tmp_path):
     assert {t for t in tags if t.startswith("depth_")} == {
         "depth_init/act_norm", "depth_init/grad_norm", "depth_init/weight_norm", "depth_init/update_ratio",
         "depth_final/act_norm", "depth_final/grad_norm", "depth_final/weight_norm", "depth_final/weight_change",
-        "depth_final/update_ratio"}  # no weight_change at init: nothing has changed yet; nothing of "latest"
+    }  # no weight_change at init (nothing has changed yet), no update_ratio at the end (the probe takes no step)
     for when, stats in (("init", depth_stats(layers)), ("final", final)):
         got = [(e.step, e.value) for e in events.Scalars(f"depth_{when}/grad_norm")]
         assert got == [(i, pytest.approx(stats["grad_norm"][layer])) for i, layer in enumerate(layers)]
