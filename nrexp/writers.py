@@ -93,13 +93,13 @@ DEFAULT_SWEPT = ("norm", "init", "init.scale", "optim.lr", "optim.weight_decay",
 # minibatch accuracy, while these are the full-split evaluations of summary.json. The activation ratio is the
 # last hidden block's act_norm over the first's (runs.activation_ratio: the head left out), as log10 so that
 # 0 is "preserved with depth", +1 "grew tenfold", -1 "shrank tenfold".
-HPARAM_METRICS = {
+HPARAM_METRICS = {  # in the order of the tab's columns; it shows the first five at first (the others: a click)
     "final/test_acc": "final test accuracy (full test set)",
-    "final/train_acc": "final train accuracy (full training set)",
     "final/gen_gap": "generalization gap: train acc - test acc",
     "final/log10_act_ratio_init": "log10 activation norm, last hidden block / first, at init",
     "final/log10_act_ratio_final": "log10 activation norm, last hidden block / first, at the end",
     "final/diverged": "1 if the run diverged (non-finite loss), else 0",
+    "final/train_acc": "final train accuracy (full training set)",
     "final/steps": "optimizer steps taken",
 }
 # The statistics written as depth profiles (depth_<when>/<metric>): weight_change is 0 everywhere at init, and
