@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Dict, Mapping
+from collections.abc import Mapping
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -39,7 +39,7 @@ class TrainProgress:
                                 console=console, transient=False)
             self.task = self.bar.add_task("train", total=total_steps, info="")
 
-    def __enter__(self) -> "TrainProgress":
+    def __enter__(self) -> TrainProgress:  # noqa: PYI034 - typing.Self needs Python 3.11
         if self.bar is not None:
             self.bar.start()
         return self
@@ -67,7 +67,7 @@ class TrainProgress:
             self.bar.update(self.task, completed=step)
 
 
-def summary_table(summary: Dict) -> Table:
+def summary_table(summary: dict) -> Table:
     table = Table(title=f"nrexp run: {summary['status']}", show_header=True, header_style="bold")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -79,5 +79,5 @@ def summary_table(summary: Dict) -> Table:
     return table
 
 
-def print_summary(summary: Dict) -> None:
+def print_summary(summary: dict) -> None:
     console.print(summary_table(summary))

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import cli_env
 from PIL import Image
 
-from conftest import cli_env
 from nrexp import figures
 
 LAYERS = ["block00", "block01", "block02", "head"]
@@ -91,7 +91,7 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path):
         "assert drawn == figures.render_png(['a', 'b'], stats, 't')\n"
         "print('helper ok' if figures._helper is not None and not figures._helper_failed else 'helper failed')\n")
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "helper ok", proc.stdout + proc.stderr
     assert (tmp_path / "runs.txt").read_text() == "run "
 
@@ -113,7 +113,8 @@ def test_the_helper_leaves_when_nrexp_is_killed(tmp_path):
             "os._exit(0)\n")  # gone without a word, as after kill -9
     out = tmp_path / "out.txt"  # a file, not a pipe: the helper holds the parent's stdout open while it lives
     with out.open("w") as stdout:
-        subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), stdout=stdout, timeout=120)
+        subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), stdout=stdout, timeout=120,
+                       check=False)
     helper = int(out.read_text())
     # it looks every 0.5 s, but at nice 19: give a loaded machine's scheduler ample time to run it
     deadline = time.monotonic() + 30

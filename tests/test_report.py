@@ -12,8 +12,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import cli_env, read_summary, run_cli, run_dirs
+
 from nrexp.cli import main
 
 
@@ -66,7 +66,7 @@ def test_table_has_one_row_per_setting_with_seeds_aggregated(reported):
 def test_csv_numbers_match_the_summaries(tiny_sweep, reported):
     _, sweep = tiny_sweep
     assert reported[0] == 0
-    rows = list(csv.DictReader(open(sweep / "report.csv")))
+    rows = list(csv.DictReader((sweep / "report.csv").read_text().splitlines()))
     assert [(r["norm"], int(r["data.train_size"])) for r in rows] == [
         ("batch", 256), ("none", 256), ("batch", 512), ("none", 512), ("batch", 5000), ("none", 5000)]
     groups = settings_of(sweep)
@@ -139,7 +139,7 @@ def test_a_filtered_report_goes_beside_the_sweeps_full_one(tiny_sweep, capsys, t
     assert len(full.strip().splitlines()) == 1 + 6
     md = (kept / "report.md").read_text()
     assert "12 runs" not in md and "6 runs (the runs with norm=batch)" in md
-    assert sorted(p.name for p in (kept / "figures").iterdir())[0] == "act_norm_vs_depth.png"
+    assert min(p.name for p in (kept / "figures").iterdir()) == "act_norm_vs_depth.png"
 
 def test_one_run_dir(tiny_sweep, capsys, tmp_path):
     _, sweep = tiny_sweep
@@ -161,7 +161,7 @@ def test_one_run_dir(tiny_sweep, capsys, tmp_path):
 ])
 def test_bad_input_is_one_line_exit_2(tiny_sweep, capsys, tmp_path, args, message):
     _, sweep = tiny_sweep
-    fill = lambda s: s.format(tmp=tmp_path, sweep=sweep)  # noqa: E731
+    fill = lambda s: s.format(tmp=tmp_path, sweep=sweep)
     code, out, err = report(capsys, *map(fill, args))
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith(fill(message)), err
@@ -173,12 +173,12 @@ def test_report_cli_runs_without_torch(tiny_sweep, tmp_path):
             f"rc = main(['report', {str(sweep)!r}, '--out', {str(tmp_path)!r}]);"
             "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "nrexp report:" in proc.stdout
     proc = run_cli(["report", str(tmp_path / "missing")], cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("nrexp: error: no such directory")
-    assert math.isfinite(float(next(csv.DictReader(open(tmp_path / "report.csv")))["test_acc_mean"]))
+    assert math.isfinite(float(next(csv.DictReader((tmp_path / "report.csv").read_text().splitlines()))["test_acc_mean"]))
 
 
 def test_a_job_without_summary_counts_in_its_setting(tiny_sweep, capsys, tmp_path):
@@ -188,7 +188,7 @@ def test_a_job_without_summary_counts_in_its_setting(tiny_sweep, capsys, tmp_pat
         config = read_summary(run)["config"]
         if config["data"]["train_size"] == 512:
             shutil.copytree(run, tmp_path / "sweep" / run.name)
-    killed = sorted((tmp_path / "sweep").iterdir())[0]
+    killed = min((tmp_path / "sweep").iterdir())
     (killed / "summary.json").unlink()
     code, out, _ = report(capsys, tmp_path / "sweep", "--json", "--out", tmp_path)
     data = json.loads(out)
