@@ -121,3 +121,33 @@ def test_the_helper_leaves_when_nrexp_is_killed(tmp_path):
     while _running(helper) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _running(helper)
+
+
+def test_depth_lines_put_the_head_at_its_own_x_across_depths():
+    """Runs of depth 2 and 5 on one plot: block01 is at x 1 for both, the head after the deepest block (never at a
+    block's x); tick labels are layer names, thinned when there are many."""
+    _, (ax,) = figures.new_figure(1)
+    shallow = {"block00": 1.0, "block01": 2.0, "head": 3.0}
+    deep = {f"block{i:02d}": 1.0 + i for i in range(5)} | {"head": 9.0}
+    assert figures.depth_lines(ax, {"depth 2": shallow, "depth 5": deep}, "activation norm")
+    assert figures.depth_positions([list(shallow), list(deep)]) == {**{f"block{i:02d}": i for i in range(5)}, "head": 5}
+    heads = [line.get_xdata()[0] for line in ax.get_lines() if line.get_marker() == "s"]
+    assert heads == [5, 5]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [*deep]
+    assert figures.thinned([f"block{i:02d}" for i in range(40)] + ["head"]) == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40]
+
+
+def test_a_figure_of_many_runs_keeps_its_legend_outside_the_panels(tmp_path):
+    fig, axes = figures.new_figure(2, "many runs")
+    for ax in axes:
+        figures.curve_lines(ax, {f"norm=batch, model.depth={d}, seed={s}": [(0, d + s), (1, d)]
+                                 for d in range(12) for s in range(2)}, "step", "loss", logy=True)
+    path = figures.save(fig, tmp_path / "many.png")
+    (legend,) = fig.legends  # one legend for the two panels, not one per panel
+    assert len(legend.get_texts()) == 24
+    renderer = fig.canvas.get_renderer()
+    right_of_panels = max(ax.get_window_extent(renderer).x1 for ax in fig.axes)
+    assert legend.get_window_extent(renderer).x0 >= right_of_panels  # it covers no data
+    assert fig.get_size_inches()[0] > 2 * 5.5  # the figure grew to hold it
+    assert Image.open(path).size[0] == round(fig.get_size_inches()[0] * fig.dpi)
+    assert all(t.get_text() for ax in axes for t in ax.get_yticklabels() if t.get_position()[1] > 0)

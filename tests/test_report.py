@@ -194,3 +194,12 @@ def test_a_job_without_summary_counts_in_its_setting(tiny_sweep, capsys, tmp_pat
     data = json.loads(out)
     assert code == 0 and data["swept_keys"] == ["norm"]
     assert sorted(s["status"] for s in data["settings"]) == ["1 completed, 1 no summary", "2 completed"]
+
+
+def test_final_vs_key_figures_only_for_swept_science_keys():
+    from nrexp.report import Setting, numeric_keys
+
+    settings = [Setting({"optim.lr": lr, "trainer.log_every": log, "norm": "batch", "model.depth": 4})
+                for lr, log in ((0.1, 5), (0.01, 10))]
+    # log_every is not science, norm is not numeric, model.depth takes one value here
+    assert numeric_keys(settings, ["optim.lr", "trainer.log_every", "norm", "model.depth"]) == ["optim.lr"]
