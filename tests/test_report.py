@@ -203,3 +203,17 @@ def test_final_vs_key_figures_only_for_swept_science_keys():
                 for lr, log in ((0.1, 5), (0.01, 10))]
     # log_every is not science, norm is not numeric, model.depth takes one value here
     assert numeric_keys(settings, ["optim.lr", "trainer.log_every", "norm", "model.depth"]) == ["optim.lr"]
+
+
+def test_curves_csv_is_what_runs_curves_returns(tiny_sweep, capsys, tmp_path):
+    from nrexp import runs
+
+    _, sweep = tiny_sweep
+    code, out, _ = report(capsys, sweep, "--curves", "--out", tmp_path)
+    assert code == 0 and "curves.csv" in out
+    rows = list(csv.DictReader((tmp_path / "curves.csv").read_text().splitlines()))
+    frame = runs.curves(sweep)
+    assert len(rows) == len(frame) > 0 and list(rows[0]) == ["run", "step", "tag", "layer", "value"]
+    assert [(r["run"], int(r["step"]), r["tag"], r["layer"]) for r in rows] == list(
+        frame[["run", "step", "tag", "layer"]].itertuples(index=False, name=None))
+    assert [float(r["value"]) for r in rows] == pytest.approx(list(frame["value"]))
