@@ -176,13 +176,19 @@ def read_runs(root: Path) -> list[Run]:
 # What a run's sweep varies (from Hydra's own record of the command line)
 
 
-def _yaml(path: Path) -> dict:
+def _load_yaml(path: Path) -> Any:
+    """A YAML file's data (None if it cannot be read), parsed in C where PyYAML has it (a job's hydra.yaml is
+    a few hundred lines, read once per run)."""
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except (OSError, ValueError, yaml.YAMLError):
-        return {}
+        return None
+
+
+def _yaml(path: Path) -> dict:
+    data = _load_yaml(path)
     return data if isinstance(data, dict) else {}
 
 
@@ -252,12 +258,7 @@ def job_override_values(run_dir: Path) -> dict[str, str]:
 
 
 def _yaml_list(path: Path) -> list:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, ValueError, yaml.YAMLError):
-        return []
+    data = _load_yaml(path)
     return data if isinstance(data, list) else []
 
 
