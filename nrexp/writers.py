@@ -200,6 +200,15 @@ class TensorBoardWriter:
         self.tb = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
         if purge_step is None:  # a resumed run already has its layout
             self.tb.add_custom_scalars(custom_layout(layer_names))
+        elif purge_step < len(layer_names):
+            # TensorBoard drops every step >= purge_step of the earlier attempt, the depth profile's steps too:
+            # those layers of the profile at init are written again from the run's summary.json (the
+            # interrupted attempt's)
+            from nrexp.runs import read_summary
+
+            init = (read_summary(self.run_dir).get("layers") or {}).get("init")
+            if init:
+                self.depth_scalars(init, "init", first=purge_step)
 
     def _add_scalars(self, step: int, values: Mapping[str, float]) -> None:
         """All of one step's scalars as one event: what add_scalar writes per tag, batched."""
@@ -243,11 +252,12 @@ class TensorBoardWriter:
         title = figure_title(self.run_dir.name, when, step)
         self.pending_figures.append((step, when, stats, title, figures.submit(self.layer_names, stats, title)))
 
-    def depth_scalars(self, stats: Mapping[str, Mapping[str, float]], when: str) -> None:
+    def depth_scalars(self, stats: Mapping[str, Mapping[str, float]], when: str, first: int = 0) -> None:
         """`depth_<when>/<metric>` at step i = the metric of the run's i-th layer (block00 ... head), one event per
-        layer: TensorBoard's scalar chart then draws the metric against depth, one line per run."""
+        layer (from layer `first` on): TensorBoard's scalar chart then draws the metric against depth, one line
+        per run."""
         metrics = [m for m in DEPTH_SCALARS[when] if m in stats]
-        for index, layer in enumerate(self.layer_names):
+        for index, layer in enumerate(self.layer_names[first:], start=first):
             self._add_scalars(index, {f"depth_{when}/{m}": stats[m][layer] for m in metrics if layer in stats[m]})
 
     def _write_pending(self) -> None:

@@ -164,3 +164,20 @@ def test_a_diverged_run_and_a_run_without_hydra(tmp_path):
     assert end.status == api_pb2.STATUS_FAILURE
     # unknown numbers are left out (an empty cell), diverged and steps are always there
     assert final == pytest.approx({"final/diverged": 1.0, "final/steps": 5.0, "final/log10_act_ratio_init": 1.0})
+
+
+def test_a_run_resumed_before_step_L_keeps_its_depth_profile_at_init(tmp_path):
+    """TensorBoard purges the steps >= the resumed step of every tag: the depth profile (steps 0..L) too. The
+    resumed writer writes it again from the summary the interrupted attempt left."""
+    from nrexp.writers import write_summary
+
+    layers = [f"block{i:02d}" for i in range(4)] + ["head"]
+    writer = TensorBoardWriter(tmp_path, layers)
+    writer.depth_plot(0, depth_stats(layers), "init")
+    writer.layer_stats(0, depth_stats(layers))
+    writer.close()
+    write_summary(tmp_path, {"status": "interrupted", "layers": {"init": depth_stats(layers)}})
+    TensorBoardWriter(tmp_path, layers, purge_step=2).close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0}).Reload()
+    got = [(e.step, e.value) for e in events.Scalars("depth_init/act_norm")]
+    assert got == [(i, pytest.approx(depth_stats(layers)["act_norm"][layer])) for i, layer in enumerate(layers)]
