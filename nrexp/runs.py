@@ -27,7 +27,7 @@ HYDRA_RECORD = Path(".hydra") / "hydra.yaml"  # the job's Hydra config: its mode
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"  # the job's own overrides (one value per key)
 MULTIRUN = "multirun.yaml"  # written by Hydra's basic sweeper in the sweep dir: the command line's overrides
 # Keys that never say what a run computes: where it reads and writes, how it shows progress, how it is resumed.
-BOOKKEEPING_KEYS = {"seed", "trainer.progress", "data.root", "data.eval_batch_size", "resume"}
+BOOKKEEPING_KEYS = {"trainer.progress", "data.root", "data.eval_batch_size", "resume"}
 
 Points = list[tuple[int, float]]  # (step, value) in step order
 
@@ -225,7 +225,8 @@ def swept_overrides(run_dir: Path) -> list[str] | None:
     - a job of another sweeper (Optuna: no multirun.yaml): `hydra.sweeper.params` of its .hydra/hydra.yaml;
     - a single run: the keys set on its command line (.hydra/overrides.yaml);
     - None where there is no Hydra record (a run started from Python): callers use a default set.
-    Bookkeeping keys (BOOKKEEPING_KEYS: seed, trainer.progress, data.root, ...) are left out."""
+    Bookkeeping keys (BOOKKEEPING_KEYS: trainer.progress, data.root, ...) are left out; `seed` is kept (callers
+    that group seeds drop it)."""
     run_dir = Path(run_dir)
     record = _yaml(run_dir / HYDRA_RECORD).get("hydra") or {}
     multirun = next((d / MULTIRUN for d in (run_dir.parent, run_dir.parent.parent) if (d / MULTIRUN).is_file()), None)
@@ -301,7 +302,7 @@ def varying_keys(runs: Sequence[Run]) -> list[str]:
     """Config keys (flattened, as typed on the command line) whose values differ across the runs, seed and
     bookkeeping keys left out; in the command line's order where the sweep recorded it, then by name."""
     flat = [r.flat_config for r in runs]
-    keys = set().union(*flat) - BOOKKEEPING_KEYS
+    keys = set().union(*flat) - BOOKKEEPING_KEYS - {"seed"}
     varying = {k for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str) for f in flat}) > 1}
     order = next((o for o in (swept_overrides(r.dir) for r in runs[:1]) if o), [])
     return [k for k in order if k in varying] + sorted(varying - set(order))

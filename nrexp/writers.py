@@ -109,12 +109,13 @@ DEPTH_SCALARS = {"init": ("act_norm", "grad_norm", "weight_norm", "update_ratio"
 
 
 def hparam_keys(run_dir: Path | None) -> tuple[list[str], list[str]]:
-    """(keys the HParams tab shows, in order; those of them the sweep varies): the swept keys, then ALWAYS_HPARAMS."""
+    """(keys the HParams tab shows, in order; those of them the sweep varies): the swept keys but seed, then
+    ALWAYS_HPARAMS (seed last)."""
     from nrexp.runs import swept_overrides
 
     swept = swept_overrides(run_dir) if run_dir is not None else None
     swept = list(DEFAULT_SWEPT) if swept is None else swept
-    return list(dict.fromkeys([*swept, *ALWAYS_HPARAMS])), swept
+    return list(dict.fromkeys([*(k for k in swept if k != "seed"), *ALWAYS_HPARAMS])), swept
 
 
 def hparams_of(config: Mapping, keys: Sequence[str], fallback: Mapping[str, str] | None = None) -> dict[str, object]:

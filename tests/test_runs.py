@@ -74,7 +74,7 @@ def write_yaml(path, data):
 
 def test_swept_overrides_from_hydras_record(tmp_path):
     # a job of Hydra's basic sweeper: the keys with several values in multirun.yaml, in the command line's order,
-    # then the sweeper's params; constants, hydra.* and bookkeeping keys (seed, trainer.progress) left out
+    # then the sweeper's params; constants, hydra.* and bookkeeping keys (trainer.progress) left out
     sweep = tmp_path / "sweep"
     write_yaml(sweep / "multirun.yaml", {"hydra": {
         "overrides": {"hydra": ["hydra.mode=MULTIRUN"],
@@ -83,7 +83,7 @@ def test_swept_overrides_from_hydras_record(tmp_path):
         "sweeper": {"params": {"optim.lr": "0.1,0.01"}}}})
     job = sweep / "norm=none"
     write_yaml(job / ".hydra" / "hydra.yaml", {"hydra": {"mode": "MULTIRUN", "overrides": {"task": ["norm=none"]}}})
-    assert runs.swept_overrides(job) == ["norm", "init.scale", "dropout.p", "optim.lr"]
+    assert runs.swept_overrides(job) == ["norm", "init.scale", "seed", "dropout.p", "optim.lr"]
 
     # another sweeper (Optuna) writes no multirun.yaml: its search space, from the job's own record
     optuna = tmp_path / "optuna" / "0"

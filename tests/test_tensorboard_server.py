@@ -90,7 +90,7 @@ def test_tensorboard_serves_every_run_tag_and_hparams(tiny_sweep, tensorboard):
     # the sweep's swept keys (norm=none,batch data.train_size=256,512,5000; seed is one of the few) and no others
     hparams = {h["name"]: h for h in experiment["hparamInfos"]}
     assert set(hparams) == {"norm", "data.train_size", *ALWAYS_HPARAMS}
-    assert {name for name, h in hparams.items() if h.get("differs")} == {"norm", "data.train_size"}
+    assert {name for name, h in hparams.items() if h.get("differs")} == {"norm", "data.train_size", "seed"}
     assert sorted(hparams["norm"]["domainDiscrete"]) == sorted(NORMS)  # every option, not only the swept ones
     assert {m["name"]["tag"] for m in experiment["metricInfos"]} == set(HPARAM_METRICS)
 
