@@ -177,6 +177,12 @@ def test_readme_starts_with_the_two_setup_commands_and_ci_runs_the_same_tests():
     test_command = commands[1]
     ci = (REPO / ".ci" / "run").read_text()
     assert test_command in ci.splitlines(), f"{test_command!r} is not a line of .ci/run"
+    # two tiers: bare `python -m pytest -q` deselects the slow tests (pyproject's addopts); the README's command
+    # gives its own -m, which replaces that one, so that it and CI run the slow tier too
+    addopts = next(line for line in (REPO / "pyproject.toml").read_text().splitlines() if line.startswith("addopts"))
+    assert "not slow" in addopts and "not reproduce" in addopts, addopts
+    assert test_command == 'python -m pytest -q -m "not reproduce"', test_command
+    assert ci.index("ruff check .") < ci.index("ruff format --check .") < ci.index(test_command)
 
 
 def test_tab_completion_through_the_train_subcommand(tmp_path):
