@@ -15,7 +15,7 @@ from conftest import REPO, cli_env, compose
 @pytest.mark.slow
 def test_bench_tiny_writes_json_with_all_arms(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--tiny", "--models", "mlp-3x256",
+    proc = subprocess.run([sys.executable, "-m", "nrexp", "bench", "--tiny", "--models", "mlp-3x256",
                            "--batches", "128", "--json", str(out), "--markdown", str(tmp_path / "bench.md")],
                           cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
