@@ -92,8 +92,9 @@ def test_cached_dataset_still_checks_the_batch_size():
 
 def _strict_step_loop(monkeypatch, strict_on, strict_off):
     """Make train.py's progress context (the step loop, and the end of the run inside it) strict, save in
-    what may read from the device: the logging step's one host copy (LayerMonitor.to_host), evaluation,
-    the final probe and checkpoints (which copy the weights)."""
+    what may read from the device: the logging step's one host copy (LayerMonitor.to_host), the loss
+    check (stop_nonfinite: every step on CPU, else once after the last log), evaluation, the final probe
+    and checkpoints (which copy the weights)."""
     import nrexp.train as train_mod
     from nrexp.monitor import LayerMonitor
 
@@ -117,7 +118,7 @@ def _strict_step_loop(monkeypatch, strict_on, strict_off):
 
     monkeypatch.setattr(train_mod, "TrainProgress", StrictProgress)
     monkeypatch.setattr(LayerMonitor, "to_host", allowed(LayerMonitor.to_host))
-    for name in ("evaluate", "probe", "save_checkpoint"):
+    for name in ("evaluate", "probe", "save_checkpoint", "stop_nonfinite"):
         monkeypatch.setattr(train_mod, name, allowed(getattr(train_mod, name)))
     return train_mod
 
