@@ -30,6 +30,7 @@ def test_cfg_job_composes_without_importing_torch(tmp_path):
     assert not (tmp_path / "outputs").exists()  # printing the config runs nothing
 
 
+@pytest.mark.slow
 def test_fast_exit_keeps_exit_code_output_threads_and_atexit(tmp_path):
     # entry() leaves with os._exit once torch is imported: everything Python's own exit does that
     # matters must still happen: a worker thread finishes its file, atexit handlers run, unflushed
@@ -47,6 +48,7 @@ def test_fast_exit_keeps_exit_code_output_threads_and_atexit(tmp_path):
     assert (tmp_path / "thread.txt").read_text() == "done"
 
 
+@pytest.mark.slow
 def test_fast_exit_into_a_closed_pipe_is_quiet(tmp_path):
     # output still buffered when main() returns meets a pipe whose reader left: exit 141, no traceback
     code = "import torch, nrexp.cli as cli; cli.main = lambda: (print('x' * 10, end=''), 0)[1]; cli.entry()"
@@ -78,6 +80,7 @@ def test_unknown_command_is_one_clear_line(tmp_path):
     assert proc.stderr.strip().splitlines() == ["nrexp: error: unknown command 'trian'. Fix: run `nrexp --help` for the list of commands"]
 
 
+@pytest.mark.slow
 def test_train_end_to_end_writes_events_summary_checkpoint(tiny_run):
     proc, run_dir = tiny_run("norm=batch", "dropout.p=0.2")
     assert "completed" in proc.stdout
@@ -131,6 +134,7 @@ def test_train_end_to_end_writes_events_summary_checkpoint(tiny_run):
     assert charts["act_norm"] == ["^act_norm/"] and charts["grad_norm"] == ["^grad_norm/"]
 
 
+@pytest.mark.slow
 def test_weight_change_is_zero_at_init_and_grows(tiny_run):
     _, run_dir = tiny_run()
     events = EventAccumulator(str(run_dir)).Reload()
@@ -138,6 +142,7 @@ def test_weight_change_is_zero_at_init_and_grows(tiny_run):
     assert change[0].value == 0.0 and change[-1].value > 0
 
 
+@pytest.mark.slow
 def test_installed_wheel_finds_its_configs(tmp_path):
     """Build the wheel, install it into a bare target dir, run from elsewhere: configs ship inside."""
     wheel_dir, target, elsewhere = tmp_path / "dist", tmp_path / "site", tmp_path / "elsewhere"
@@ -177,6 +182,12 @@ def test_readme_starts_with_the_two_setup_commands_and_ci_runs_the_same_tests():
     test_command = commands[1]
     ci = (REPO / ".ci" / "run").read_text()
     assert test_command in ci.splitlines(), f"{test_command!r} is not a line of .ci/run"
+    # two tiers: bare `python -m pytest -q` deselects the slow tests (pyproject's addopts); the README's command
+    # gives its own -m, which replaces that one, so that it and CI run the slow tier too
+    addopts = next(line for line in (REPO / "pyproject.toml").read_text().splitlines() if line.startswith("addopts"))
+    assert "not slow" in addopts and "not reproduce" in addopts, addopts
+    assert test_command == 'python -m pytest -q -m "not reproduce"', test_command
+    assert ci.index("ruff check .") < ci.index("ruff format --check .") < ci.index(test_command)
 
 
 def test_tab_completion_through_the_train_subcommand(tmp_path):
@@ -207,6 +218,7 @@ def test_bf16_autocast_changes_the_arithmetic_not_the_bookkeeping(tmp_path):
     assert bf16["layers"]["init"]["act_norm"].keys() == fp32["layers"]["init"]["act_norm"].keys()
 
 
+@pytest.mark.slow
 def test_bf16_rms_norm_run_prints_no_torch_kernel_warning(tmp_path):
     """Under bf16, torch's RMSNorm warns once per process that it cannot use its fused kernel (bf16 input,
     float32 gain): torch's business, not the user's (nrexp/norms.py filters it). A fresh process, since
@@ -249,6 +261,7 @@ def test_compile_computes_what_eager_does_and_keeps_every_statistic(tmp_path):
     assert set(curves["true"].Tags()["scalars"]) == set(curves["false"].Tags()["scalars"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["train", "--help"], ["report", "sweep", "--json"]])
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path, command):
     """`nrexp train --help | head -1`, `nrexp report DIR --json | head`: the reader is gone before nrexp writes;

@@ -79,6 +79,7 @@ def test_a_helper_that_dies_loses_no_figure(fresh_helper):
     assert later.done() and later.result() == figures.render_png(LAYERS, stats(7.0), "c")
 
 
+@pytest.mark.slow
 def test_a_script_without_a_main_guard_runs_once(tmp_path):
     # multiprocessing's spawn re-runs the parent's main script in the child unless the script guards
     # itself; a user's script that trains in-process must not run twice because a figure was drawn
@@ -104,6 +105,7 @@ def _running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
 def test_the_helper_leaves_when_nrexp_is_killed(tmp_path):
     # nrexp killed outright (kill -9, the OOM killer) cannot stop its helper: the helper must notice

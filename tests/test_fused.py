@@ -312,6 +312,7 @@ def test_a_member_resumed_alone_logs_the_throughput_of_the_steps_before_its_chec
     assert _scalars(tmp_path / "f1", "throughput/samples_per_s") == [(0, 16.0), (20, 16.0), (40, 16.0)]
     assert _scalars(tmp_path / "f0", "throughput/samples_per_s") == [(0, 16.0), (20, 16.0)]
 
+@pytest.mark.slow
 def test_fused_launcher_end_to_end(tmp_path):
     """The same sweep under the basic and the fused launcher: same job dirs, same files, same .hydra
     configs, same metrics; an unfusable job runs alone and the output says why; nrexp report reads both."""
@@ -352,6 +353,7 @@ def test_fused_launcher_end_to_end(tmp_path):
     assert len(run_dirs(tmp_path / "fused")) == 8
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_every_member_and_each_resumes_alone(tmp_path, monkeypatch):
     """SIGINT in a fused group: every member checkpointed with status interrupted, exit 130; resumed alone,
     a member ends with the metrics of its uninterrupted solo run (to float rounding); a member with dropout
@@ -409,6 +411,7 @@ def test_ctrl_c_checkpoints_every_member_and_each_resumes_alone(tmp_path, monkey
         assert _close(final["metrics"][key], value, **tolerance), (key, final["metrics"][key], value)
 
 
+@pytest.mark.slow
 def test_a_group_that_fails_is_recorded_and_the_sweep_goes_on(tmp_path):
     """data.train_size beyond the data fails when the group loads it: every member says so, exit 1."""
     proc = run_cli(["train", "-m", *BASE, "seed=0,1", "data.train_size=5000", "hydra/launcher=fused",
@@ -436,6 +439,7 @@ for step in range(4):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="keep_freed_memory tunes glibc's malloc")
 def test_keep_freed_memory_keeps_what_a_step_frees_for_the_next_step(tmp_path):
     """A group frees and allocates megabytes every step; glibc's defaults hand freed blocks of that size

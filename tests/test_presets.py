@@ -78,6 +78,7 @@ def test_preact_collect_matches_the_input_to_the_last_activation_by_number():
     assert last.preact is None
 
 
+@pytest.mark.slow
 def test_preact_percentiles_logged_only_on_logging_steps(tiny_run):
     from nrexp.runs import Run
 
@@ -107,6 +108,7 @@ def _evaluate(run_dir, *args):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_evaluate_running_stats_equals_the_trainers_test_accuracy(bn_run):
     result = _evaluate(bn_run)
     assert result["bn_stats"] == "running" and result["shift"] == "none" and result["n"] == 1000
@@ -114,6 +116,7 @@ def test_evaluate_running_stats_equals_the_trainers_test_accuracy(bn_run):
     assert result["data_source"] == "bundled"
 
 
+@pytest.mark.slow
 def test_evaluate_test_batch_stats_equals_a_hand_computation(bn_run):
     """--bn-stats test on unshifted data, one batch of all 1,000 test digits: each BatchNorm normalizes with
     that batch's mean and biased variance. Recomputed here from the raw weights, without nn modules."""
@@ -140,6 +143,7 @@ def test_evaluate_test_batch_stats_equals_a_hand_computation(bn_run):
     assert torch.equal(after["blocks.block00.norm.running_mean"], sd["blocks.block00.norm.running_mean"])
 
 
+@pytest.mark.slow
 def test_evaluate_identity_shifts_change_nothing_and_real_ones_do(bn_run):
     from nrexp.evaluate import evaluate_run, load_run
 
@@ -169,6 +173,7 @@ def test_apply_shifts_by_number():
     assert torch.equal(noisy, apply_shifts(x, [("noise", 0.1)], mean, std, seed=1) * 0.25 + 0.5)  # seeded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, words", [
     (["--shift", "blur=1"], "--shift 'blur=1' is invalid"),
     (["--shift", "noise=abc"], "is not a number"),
@@ -186,6 +191,7 @@ def test_evaluate_bad_input_is_one_line(bn_run, args, words):
     assert "Fix:" in proc.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_bad_run_dirs_are_one_line(tmp_path, tiny_run):
     for target, words in ((tmp_path / "nope", "does not exist"), (tmp_path, "has no checkpoint.pt")):
         proc = run_cli(["evaluate", str(target)], cwd=tmp_path)
@@ -232,6 +238,7 @@ def _sweeps(tmp_path, *names):
         assert proc.returncode == 0, err[-2000:]
 
 
+@pytest.mark.slow
 def test_init_depth_and_norm_claims_at_init_reproduce(tmp_path):
     """Deterministic physics at step 0 (one step of training is enough to record it): without a norm, act norms
     over 50 layers shrink (s=1), stay flat (s=2) or grow (s=3) by orders of magnitude, and the gradient levels
@@ -333,6 +340,7 @@ def test_claims_compared_run_by_run_are_checked_seed_by_seed(tmp_path):
     assert "BN error +0, LN error +0" in degrades[1].measured
 
 
+@pytest.mark.slow
 def test_bn_tables_leave_a_diverged_run_out(tmp_path, tiny_run):
     """A diverged BatchNorm run that wrote a checkpoint is left out of bn_shift's and bn_batch_size's tables, as one
     without a checkpoint is: it is no result, and its n/a must not turn the other runs' means into n/a."""

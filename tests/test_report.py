@@ -16,6 +16,8 @@ from conftest import cli_env, read_summary, run_cli, run_dirs
 
 from nrexp.cli import main
 
+pytestmark = pytest.mark.slow  # every test here reads the session's tiny_sweep, a real sweep run in a subprocess
+
 
 def report(capsys, *args):
     """`nrexp report <args>` in this process (report.py imports no torch: fast); (exit code, out, err)."""

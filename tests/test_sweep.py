@@ -55,6 +55,7 @@ def test_launcher_and_sweeper_presets_compose():
     assert [c._target_ for c in hydra.callbacks.values()] == ["nrexp.sweep.SweepStatusTable"]
 
 
+@pytest.mark.slow
 def test_sweep_one_dir_per_job_failures_recorded_and_status_table(tiny_sweep):
     proc, sweep = tiny_sweep
     jobs = sorted(p.name for p in sweep.iterdir() if (p / ".hydra").is_dir())
@@ -81,6 +82,7 @@ def test_sweep_one_dir_per_job_failures_recorded_and_status_table(tiny_sweep):
     assert "data.train_size=5000,norm=none,seed=1" in proc.stdout and "4000 examples" in proc.stdout
 
 
+@pytest.mark.slow
 def test_hparams_written_to_the_run_itself_with_the_same_keys(tiny_sweep):
     _, sweep = tiny_sweep
     from tensorboard.plugins.hparams import plugin_data_pb2
@@ -110,6 +112,7 @@ def test_single_run_config_error_still_exits_2(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("nrexp: error: dropout.p=1.5 is invalid")
 
 
+@pytest.mark.slow
 def test_the_exit_code_of_a_sweep_into_a_used_dir_is_that_of_its_own_jobs(tmp_path):
     """hydra.sweep.dir given again: the table lists every job there, but an earlier command's failed job
     (here fixed by a rerun with another data.train_size) does not fail this command; a new failure does."""

@@ -13,6 +13,8 @@ import urllib.request
 import pytest
 from conftest import read_summary, run_dirs
 
+pytestmark = pytest.mark.slow  # every test here reads the session's tiny_sweep, a real sweep run in a subprocess
+
 LAYER_METRICS = ("act_norm", "grad_norm", "weight_norm", "weight_change", "update_ratio")
 LAYERS = ("block00", "block01", "head")  # TINY: model.depth=2
 
