@@ -9,6 +9,7 @@
 Imports neither torch nor anything of nrexp: it is what the helper process imports. matplotlib is imported
 when a figure is drawn, and never pyplot (no display, no global state).
 """
+
 from __future__ import annotations
 
 import io
@@ -67,8 +68,9 @@ def log_ticks(ax, axis: str = "y", minor: bool = True) -> None:
         scaled.set_minor_locator(NullLocator())
     else:
         scaled.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 3 else (1.0,), numticks=8))
-        scaled.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0), numticks=8) if minor and decades > 3
-                                 else NullLocator())
+        scaled.set_minor_locator(
+            LogLocator(base=10, subs=(2.0, 5.0), numticks=8) if minor and decades > 3 else NullLocator()
+        )
     scaled.set_major_formatter(plain)
     scaled.set_minor_formatter(NullFormatter())
 
@@ -141,8 +143,9 @@ def depth_axis(ax, positions: Mapping[str, int]) -> None:
     """The x axis of a depth plot: layer names as ticks (thinned), a dotted line between the blocks and the head."""
     names = list(positions)
     shown = thinned(names)
-    ax.set_xticks([positions[names[i]] for i in shown], [names[i] for i in shown], rotation=45, ha="right",
-                  fontsize="small")
+    ax.set_xticks(
+        [positions[names[i]] for i in shown], [names[i] for i in shown], rotation=45, ha="right", fontsize="small"
+    )
     if "head" in positions and len(positions) > 1:
         ax.axvline(positions["head"] - 0.5, color="0.6", linestyle=":", linewidth=1)
     ax.set_xlabel(DEPTH_XLABEL)
@@ -159,8 +162,15 @@ def depth_lines(ax, series: Mapping[str, Mapping[str, float]], ylabel: str) -> b
             (line,) = ax.plot(*zip(*blocks), marker="o", markersize=4, label=label) if blocks else (None,)
             if "head" in per_layer:  # the head: same colour, its own marker, not joined to the blocks
                 color = line.get_color() if line is not None else None
-                ax.plot([positions["head"]], [per_layer["head"]], marker="s", markersize=5, linestyle="none",
-                        color=color, label=None if line is not None else label)
+                ax.plot(
+                    [positions["head"]],
+                    [per_layer["head"]],
+                    marker="s",
+                    markersize=5,
+                    linestyle="none",
+                    color=color,
+                    label=None if line is not None else label,
+                )
             drawn = True
     if positions:
         depth_axis(ax, positions)
@@ -201,6 +211,7 @@ class DepthFigure:
         matplotlib.use("Agg")
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+
         self.layer_names = list(layer_names)
         self.fig = Figure(figsize=(8, 3.6), dpi=100)
         self.canvas = FigureCanvasAgg(self.fig)
@@ -301,8 +312,12 @@ def _start_helper() -> ProcessPoolExecutor:
     import multiprocessing
 
     # spawn, not fork: a forked copy of a process that runs torch's thread pools can deadlock
-    helper = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_helper_init, initargs=(os.getpid(),))
+    helper = ProcessPoolExecutor(
+        max_workers=1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_helper_init,
+        initargs=(os.getpid(),),
+    )
     # A spawned process first re-runs the parent's main script, unless that script guards itself with
     # `if __name__ == "__main__":` (multiprocessing's rule). The helper needs nothing of it, and a
     # user's unguarded script that trains in-process must not run twice. With a bare __main__ in place

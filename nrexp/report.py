@@ -333,11 +333,15 @@ def metric_vs_key_figure(settings: Sequence[Setting], keys: Sequence[str], key: 
         lines = {"each point: one setting": list(settings)}
     fig, axes = figures.new_figure(2, f"final metrics vs {key} (mean ± std over seeds)")
     plotted = False
-    for ax, metric, ylabel in zip(axes, ("test_acc", "gen_gap"), ("final test accuracy",
-                                                                  "generalization gap (train acc - test acc)")):
+    for ax, metric, ylabel in zip(
+        axes, ("test_acc", "gen_gap"), ("final test accuracy", "generalization gap (train acc - test acc)")
+    ):
         for label, group in lines.items():
-            points = sorted((s.values[key], *s.stat(metric)) for s in group
-                            if isinstance(s.values[key], (int, float)) and math.isfinite(s.stat(metric)[0]))
+            points = sorted(
+                (s.values[key], *s.stat(metric))
+                for s in group
+                if isinstance(s.values[key], (int, float)) and math.isfinite(s.stat(metric)[0])
+            )
             if points:
                 x, y, err = zip(*points)
                 style = {"linestyle": "none"} if scatter else {}  # else the axes' cycle: 40 lines look different
@@ -353,8 +357,19 @@ def metric_vs_key_figure(settings: Sequence[Setting], keys: Sequence[str], key: 
 
 # Keys a final_vs_<key> figure is drawn for (themselves or their group): what a run computes, not how it is
 # logged, checkpointed or where its data comes from (trainer.log_every, data.source, seed, ...).
-SCIENCE_KEYS = ("norm", "dropout", "optim", "init", "model", "data.batch_size", "data.train_size", "data.augment",
-                "trainer.epochs", "trainer.max_steps", "trainer.precision")
+SCIENCE_KEYS = (
+    "norm",
+    "dropout",
+    "optim",
+    "init",
+    "model",
+    "data.batch_size",
+    "data.train_size",
+    "data.augment",
+    "trainer.epochs",
+    "trainer.max_steps",
+    "trainer.precision",
+)
 
 
 def is_science_key(key: str) -> bool:
@@ -363,8 +378,13 @@ def is_science_key(key: str) -> bool:
 
 def numeric_keys(settings: Sequence[Setting], keys: Sequence[str]) -> list[str]:
     """The swept science keys with numeric values, taking two values or more: those worth a final_vs_<key> figure."""
-    return [k for k in keys if is_science_key(k) and len({s.values[k] for s in settings}) > 1
-            and all(isinstance(s.values[k], (int, float)) and not isinstance(s.values[k], bool) for s in settings)]
+    return [
+        k
+        for k in keys
+        if is_science_key(k)
+        and len({s.values[k] for s in settings}) > 1
+        and all(isinstance(s.values[k], (int, float)) and not isinstance(s.values[k], bool) for s in settings)
+    ]
 
 
 def write_figures(settings: Sequence[Setting], keys: Sequence[str], out: Path) -> list[Path]:
@@ -397,8 +417,14 @@ def write_curves(runs: Sequence[Run], path: Path, tags: Sequence[str] | None = N
     return count
 
 
-def report(root: Path, sort: str | None = None, filters: Sequence[str] = (), as_json: bool = False,
-           out: Path | None = None, curves: bool = False) -> int:
+def report(
+    root: Path,
+    sort: str | None = None,
+    filters: Sequence[str] = (),
+    as_json: bool = False,
+    out: Path | None = None,
+    curves: bool = False,
+) -> int:
     """`nrexp report`: print the table (or JSON), write report.csv, report.md and figures/ into `out`, and with
     `curves` also curves.csv (write_curves)."""
     root, out_given = Path(root), out is not None
@@ -424,5 +450,7 @@ def report(root: Path, sort: str | None = None, filters: Sequence[str] = (), as_
         console = wide_console()
         console.print(rich_table(root, settings, keys, len(runs)))
         also = f", {out / 'curves.csv'}" if curves else ""
-        console.print(f"wrote {out / 'report.csv'}, {out / 'report.md'}{also} and {len(made)} figures in {out / 'figures'}")
+        console.print(
+            f"wrote {out / 'report.csv'}, {out / 'report.md'}{also} and {len(made)} figures in {out / 'figures'}"
+        )
     return 0

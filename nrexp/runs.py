@@ -9,6 +9,7 @@ The Python API (docs/tensorboard.md):
     runs.curves(path, tags=...)   -> long pandas DataFrame (run, step, tag, layer, value) from the events
 `swept_overrides(run_dir)` says which keys a run's sweep varies (the writer's HParams take it from here).
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -60,7 +61,8 @@ def flatten(config: Mapping, prefix: str = "") -> dict[str, Any]:
             flat.update(flatten(value, path + "."))
         else:
             flat[prefix[:-1] if key == "name" and prefix else path] = (
-                str(value) if isinstance(value, (list, tuple)) else value)
+                str(value) if isinstance(value, (list, tuple)) else value
+            )
     return flat
 
 
@@ -152,8 +154,10 @@ def _read_scalars(run_dir: Path) -> dict[str, Points]:
     if not Path(run_dir).is_dir():  # a run given by its summary alone (or a dir since removed): no events
         return {}
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 1, "tensors": 1}).Reload()
-    return {tag: sorted({e.step: e.value for e in events.Scalars(tag)}.items())  # a repeated step: its last value
-            for tag in events.Tags().get("scalars", [])}
+    return {
+        tag: sorted({e.step: e.value for e in events.Scalars(tag)}.items())  # a repeated step: its last value
+        for tag in events.Tags().get("scalars", [])
+    }
 
 
 def read_run(run_dir: Path, root: Path | None = None) -> Run:
@@ -167,8 +171,9 @@ def read_runs(root: Path) -> list[Run]:
     """Every run under `root` (a sweep dir, or one run's dir), in dir order; [] if there are none."""
     root = Path(root)
     if not root.is_dir():
-        raise ConfigError(f"no such directory: {root}. Fix: pass a run dir or a sweep dir, "
-                          "e.g. outputs/multirun/<date>/<time>")
+        raise ConfigError(
+            f"no such directory: {root}. Fix: pass a run dir or a sweep dir, e.g. outputs/multirun/<date>/<time>"
+        )
     return [read_run(d, root) for d in run_dirs(root)]
 
 
@@ -308,22 +313,38 @@ def varying_keys(runs: Sequence[Run]) -> list[str]:
     return [k for k in order if k in varying] + sorted(varying - set(order))
 
 
-RUN_COLUMNS = ("status", "steps", "test_acc", "train_acc", "gen_gap", "test_loss", "train_loss",
-               "act_ratio_init", "act_ratio_final", "wall_time_s")
+RUN_COLUMNS = (
+    "status",
+    "steps",
+    "test_acc",
+    "train_acc",
+    "gen_gap",
+    "test_loss",
+    "train_loss",
+    "act_ratio_init",
+    "act_ratio_final",
+    "wall_time_s",
+)
 
 
 def run_row(run: Run, keys: Sequence[str]) -> dict[str, Any]:
     """One run as a flat dict: its name, the given config keys, seed, then RUN_COLUMNS and its dir."""
     steps = run.summary.get("steps")
     return {
-        "run": run.name, **{k: run.flat_config.get(k) for k in keys}, "seed": run.flat_config.get("seed"),
-        "status": run.status, "steps": math.nan if steps is None else int(steps),
-        "test_acc": run.metric("test/acc"), "train_acc": run.metric("train/acc"),
+        "run": run.name,
+        **{k: run.flat_config.get(k) for k in keys},
+        "seed": run.flat_config.get("seed"),
+        "status": run.status,
+        "steps": math.nan if steps is None else int(steps),
+        "test_acc": run.metric("test/acc"),
+        "train_acc": run.metric("train/acc"),
         "gen_gap": run.metric("train/acc") - run.metric("test/acc"),
-        "test_loss": run.metric("test/loss"), "train_loss": run.metric("train/loss"),
+        "test_loss": run.metric("test/loss"),
+        "train_loss": run.metric("train/loss"),
         "act_ratio_init": activation_ratio(run.layers("init", "act_norm")),
         "act_ratio_final": activation_ratio(run.layers("final", "act_norm")),
-        "wall_time_s": _number(run.summary.get("wall_time_s")), "dir": str(run.dir),
+        "wall_time_s": _number(run.summary.get("wall_time_s")),
+        "dir": str(run.dir),
     }
 
 

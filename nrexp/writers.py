@@ -13,6 +13,7 @@ against depth for one run, drawn by nrexp/figures.py while the run goes on and w
 The scalars of one step go into one event. The events live directly in the run dir, so
 `tensorboard --logdir <sweep dir>` names runs by dir.
 """
+
 from __future__ import annotations
 
 import json
@@ -104,8 +105,10 @@ HPARAM_METRICS = {  # in the order of the tab's columns; it shows the first five
 }
 # The statistics written as depth profiles (depth_<when>/<metric>): weight_change is 0 everywhere at init, and
 # the final probe takes no optimizer step (no update_ratio).
-DEPTH_SCALARS = {"init": ("act_norm", "grad_norm", "weight_norm", "update_ratio"),
-                 "final": ("act_norm", "grad_norm", "weight_norm", "weight_change")}
+DEPTH_SCALARS = {
+    "init": ("act_norm", "grad_norm", "weight_norm", "update_ratio"),
+    "final": ("act_norm", "grad_norm", "weight_norm", "weight_change"),
+}
 
 
 def hparam_keys(run_dir: Path | None) -> tuple[list[str], list[str]]:
@@ -169,15 +172,24 @@ def custom_layout(layer_names: Sequence[str]) -> dict:
     hidden = [n for n in names if n != "head"] or names
     picks = {hidden[0]: "first block", hidden[len(hidden) // 2]: "middle block", hidden[-1]: "last block"}
     picks.update({n: "head" for n in names if n == "head"})
-    layout = {"depth profile (x = layer index: 0 = first block, last = head)": {
-        f"{metric} vs depth, {'at init' if when == 'init' else 'at the end'}":
-            ["Multiline", [f"^depth_{when}/{metric}$"]]
-        for metric in ("act_norm", "grad_norm") for when in ("init", "final")}}
+    layout = {
+        "depth profile (x = layer index: 0 = first block, last = head)": {
+            f"{metric} vs depth, {'at init' if when == 'init' else 'at the end'}": [
+                "Multiline",
+                [f"^depth_{when}/{metric}$"],
+            ]
+            for metric in ("act_norm", "grad_norm")
+            for when in ("init", "final")
+        }
+    }
     for metric in LAYER_METRICS:
         layout[f"{metric}: first, middle, last block and head (all runs)"] = {
-            f"{metric}/{layer} ({role})": ["Multiline", [f"^{metric}/{layer}$"]] for layer, role in picks.items()}
-    layout["training"] = {"loss": ["Multiline", ["^train/loss$", "^test/loss$"]],
-                          "accuracy": ["Multiline", ["^train/acc$", "^test/acc$"]]}
+            f"{metric}/{layer} ({role})": ["Multiline", [f"^{metric}/{layer}$"]] for layer, role in picks.items()
+        }
+    layout["training"] = {
+        "loss": ["Multiline", ["^train/loss$", "^test/loss$"]],
+        "accuracy": ["Multiline", ["^train/acc$", "^test/acc$"]],
+    }
     return layout
 
 
@@ -228,15 +240,22 @@ class TensorBoardWriter:
             return
         metrics = tuple(stats)
         if any(list(per_layer) != self.layer_names for per_layer in stats.values()):  # a subset: the general way
-            self._add_scalars(step, {f"{metric}/{layer}": value
-                                     for metric, per_layer in stats.items() for layer, value in per_layer.items()})
+            self._add_scalars(
+                step,
+                {
+                    f"{metric}/{layer}": value
+                    for metric, per_layer in stats.items()
+                    for layer, value in per_layer.items()
+                },
+            )
             return
         summary = self._layer_summaries.get(metrics)
         if summary is None:
             from tensorboard.compat.proto.summary_pb2 import Summary
 
-            summary = Summary(value=[Summary.Value(tag=f"{metric}/{layer}")
-                                     for metric in metrics for layer in self.layer_names])
+            summary = Summary(
+                value=[Summary.Value(tag=f"{metric}/{layer}") for metric in metrics for layer in self.layer_names]
+            )
             self._layer_summaries[metrics] = summary
         for slot, value in zip(summary.value, (v for per_layer in stats.values() for v in per_layer.values())):
             slot.simple_value = float(value)
@@ -292,17 +311,27 @@ class TensorBoardWriter:
         from nrexp.runs import job_override_values, read_summary
 
         if summary is None:
-            summary = read_summary(self.run_dir) or {"status": "completed", "config": config, "metrics": metrics,
-                                                     "steps": step}
+            summary = read_summary(self.run_dir) or {
+                "status": "completed",
+                "config": config,
+                "metrics": metrics,
+                "steps": step,
+            }
         keys, swept = hparam_keys(self.run_dir)
         values = hparams_of(summary.get("config") or config, keys, job_override_values(self.run_dir))
         final = hparam_metrics(summary)
         # every choice a string knob has, so the tab's filters offer them all (one run only knows its own)
-        choices = {"model": MODELS, "norm": NORMS, "optim": OPTIMIZERS, "init": INITS,
-                   "model.activation": [a.value for a in Activation]}
+        choices = {
+            "model": MODELS,
+            "norm": NORMS,
+            "optim": OPTIMIZERS,
+            "init": INITS,
+            "model.activation": [a.value for a in Activation],
+        }
         domains = {k: list(v) for k, v in choices.items() if k in values and values[k] in v}
-        experiment, start, end = hparams(values, {k: final.get(k, 0.0) for k in HPARAM_METRICS},
-                                         hparam_domain_discrete=domains)
+        experiment, start, end = hparams(
+            values, {k: final.get(k, 0.0) for k in HPARAM_METRICS}, hparam_domain_discrete=domains
+        )
         data = plugin_data_pb2.HParamsPluginData.FromString(experiment.value[0].metadata.plugin_data.content)
         for info in data.experiment.hparam_infos:
             info.differs = info.name in swept
@@ -316,7 +345,8 @@ class TensorBoardWriter:
         start.value[0].metadata.plugin_data.content = data.SerializeToString()
         data = plugin_data_pb2.HParamsPluginData.FromString(end.value[0].metadata.plugin_data.content)
         data.session_end_info.status = {"completed": api_pb2.STATUS_SUCCESS, "interrupted": api_pb2.STATUS_RUNNING}.get(
-            str(summary.get("status")), api_pb2.STATUS_FAILURE)
+            str(summary.get("status")), api_pb2.STATUS_FAILURE
+        )
         end.value[0].metadata.plugin_data.content = data.SerializeToString()
         for summary_pb in (experiment, start, end):
             self.tb._get_file_writer().add_summary(summary_pb)

@@ -10,6 +10,7 @@ Starts `tensorboard` on a free localhost port, waits until it serves the runs, l
 page (a JavaScript app: --virtual-time-budget gives it time to fetch and draw the charts), and always
 stops the server. Chromium runs with a throwaway profile and no network features besides localhost.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,11 @@ def wait_for_runs(base: str, server: subprocess.Popen, timeout: float = 60) -> l
 
 
 # view name -> the URL fragment of its dashboard; the depth chart is the scalars dashboard filtered to depth_*
-VIEWS = {"depth": "scalars&tagFilter={filter}&_smoothingWeight=0", "custom": "custom_scalars&_smoothingWeight=0",
-         "hparams": "hparams"}
+VIEWS = {
+    "depth": "scalars&tagFilter={filter}&_smoothingWeight=0",
+    "custom": "custom_scalars&_smoothingWeight=0",
+    "hparams": "hparams",
+}
 
 
 def main() -> int:
@@ -74,9 +78,21 @@ def main() -> int:
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(args.logdir),
-                               "--port", str(port), "--host", "127.0.0.1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(args.logdir),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         runs = wait_for_runs(base, server)
         print(f"tensorboard at {base}: {len(runs)} runs")
@@ -85,11 +101,28 @@ def main() -> int:
             url = f"{base}/#" + VIEWS[view].format(filter=urllib.parse.quote(args.filter))
             out = (args.out / f"{view}.png").resolve()
             with tempfile.TemporaryDirectory() as profile:
-                subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                "--disable-component-update", "--no-first-run", "--disable-sync",
-                                f"--user-data-dir={profile}", f"--window-size={args.size}", "--hide-scrollbars",
-                                f"--virtual-time-budget={args.budget_ms}", f"--screenshot={out}", url],
-                               check=True, timeout=180, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                subprocess.run(
+                    [
+                        chromium,
+                        "--headless",
+                        "--no-sandbox",
+                        "--disable-gpu",
+                        "--disable-background-networking",
+                        "--disable-component-update",
+                        "--no-first-run",
+                        "--disable-sync",
+                        f"--user-data-dir={profile}",
+                        f"--window-size={args.size}",
+                        "--hide-scrollbars",
+                        f"--virtual-time-budget={args.budget_ms}",
+                        f"--screenshot={out}",
+                        url,
+                    ],
+                    check=True,
+                    timeout=180,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             print(f"wrote {out}")
     finally:
         server.terminate()

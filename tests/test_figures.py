@@ -1,5 +1,6 @@
 """Depth figures drawn by the helper process (nrexp/figures.py): the very PNG this process would draw,
 and no figure lost when the helper gets Ctrl-C or dies."""
+
 from __future__ import annotations
 
 import io
@@ -11,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import cli_env
 from PIL import Image
 
+from conftest import cli_env
 from nrexp import figures
 
 LAYERS = ["block00", "block01", "block02", "head"]
@@ -21,8 +22,10 @@ LAYERS = ["block00", "block01", "block02", "head"]
 
 def stats(scale: float):
     """Per-layer values; scale 0 makes them all zero, which switches the figure's axes to linear."""
-    return {"act_norm": {name: scale * (i + 1) for i, name in enumerate(LAYERS)},
-            "grad_norm": {name: scale / (i + 1) for i, name in enumerate(LAYERS)}}
+    return {
+        "act_norm": {name: scale * (i + 1) for i, name in enumerate(LAYERS)},
+        "grad_norm": {name: scale / (i + 1) for i, name in enumerate(LAYERS)},
+    }
 
 
 @pytest.fixture
@@ -63,8 +66,9 @@ def test_ctrl_c_to_the_process_group_leaves_the_helper_drawing(fresh_helper):
     figures.submit(LAYERS, stats(1.0), "a").result()
     pid = helper_pid()
     os.kill(pid, signal.SIGINT)  # what a terminal's Ctrl-C sends to every process of the group
-    assert figures.result(figures.submit(LAYERS, stats(3.0), "b"), LAYERS, stats(3.0), "b") == \
-        figures.render_png(LAYERS, stats(3.0), "b")
+    assert figures.result(figures.submit(LAYERS, stats(3.0), "b"), LAYERS, stats(3.0), "b") == figures.render_png(
+        LAYERS, stats(3.0), "b"
+    )
     assert helper_pid() == pid and not figures._helper_failed
 
 
@@ -90,9 +94,17 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path):
         "stats = {'act_norm': {'a': 1.0, 'b': 2.0}, 'grad_norm': {'a': 3.0, 'b': 4.0}}\n"
         "drawn = figures.result(figures.submit(['a', 'b'], stats, 't'), ['a', 'b'], stats, 't')\n"
         "assert drawn == figures.render_png(['a', 'b'], stats, 't')\n"
-        "print('helper ok' if figures._helper is not None and not figures._helper_failed else 'helper failed')\n")
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
-                          text=True, timeout=120, check=False)
+        "print('helper ok' if figures._helper is not None and not figures._helper_failed else 'helper failed')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "helper ok", proc.stdout + proc.stderr
     assert (tmp_path / "runs.txt").read_text() == "run "
 
@@ -109,14 +121,17 @@ def _running(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
 def test_the_helper_leaves_when_nrexp_is_killed(tmp_path):
     # nrexp killed outright (kill -9, the OOM killer) cannot stop its helper: the helper must notice
-    code = ("import os\nfrom nrexp import figures\n"
-            "figures.submit(['a'], {'act_norm': {'a': 1.0}, 'grad_norm': {'a': 2.0}}, 't').result()\n"
-            "(pid,) = figures._helper._processes\nprint(pid, flush=True)\n"
-            "os._exit(0)\n")  # gone without a word, as after kill -9
+    code = (
+        "import os\nfrom nrexp import figures\n"
+        "figures.submit(['a'], {'act_norm': {'a': 1.0}, 'grad_norm': {'a': 2.0}}, 't').result()\n"
+        "(pid,) = figures._helper._processes\nprint(pid, flush=True)\n"
+        "os._exit(0)\n"
+    )  # gone without a word, as after kill -9
     out = tmp_path / "out.txt"  # a file, not a pipe: the helper holds the parent's stdout open while it lives
     with out.open("w") as stdout:
-        subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), stdout=stdout, timeout=120,
-                       check=False)
+        subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), stdout=stdout, timeout=120, check=False
+        )
     helper = int(out.read_text())
     # it looks every 0.5 s, but at nice 19: give a loaded machine's scheduler ample time to run it
     deadline = time.monotonic() + 30
@@ -142,8 +157,13 @@ def test_depth_lines_put_the_head_at_its_own_x_across_depths():
 def test_a_figure_of_many_runs_keeps_its_legend_outside_the_panels(tmp_path):
     fig, axes = figures.new_figure(2, "many runs")
     for ax in axes:
-        figures.curve_lines(ax, {f"norm=batch, model.depth={d}, seed={s}": [(0, d + s), (1, d)]
-                                 for d in range(12) for s in range(2)}, "step", "loss", logy=True)
+        figures.curve_lines(
+            ax,
+            {f"norm=batch, model.depth={d}, seed={s}": [(0, d + s), (1, d)] for d in range(12) for s in range(2)},
+            "step",
+            "loss",
+            logy=True,
+        )
     path = figures.save(fig, tmp_path / "many.png")
     (legend,) = fig.legends  # one legend for the two panels, not one per panel
     assert len(legend.get_texts()) == 24

@@ -2,6 +2,7 @@
 per-layer tag is served, each run's depth profile is a series over steps 0..L, the custom layout holds the
 depth charts and one chart per picked layer, and the HParams tab lists every completed run with exactly the
 swept keys plus the documented few (nrexp.writers.ALWAYS_HPARAMS) and the science metrics."""
+
 import json
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
+
 from conftest import read_summary, run_dirs
 
 pytestmark = pytest.mark.slow  # every test here reads the session's tiny_sweep, a real sweep run in a subprocess
@@ -33,8 +35,23 @@ def tensorboard(tiny_sweep, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("tensorboard") / "tensorboard.log"
     with open(log_path, "w") as log:
         # the module, not the console script: the same interpreter (and tensorboard) as the tests
-        proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(sweep), "--port", str(port),
-                                 "--host", "127.0.0.1", "--reload_interval", "0"], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tensorboard.main",
+                "--logdir",
+                str(sweep),
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--reload_interval",
+                "0",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 60
@@ -63,8 +80,9 @@ def get(base, path):
 
 
 def post(base, path, body):
-    request = urllib.request.Request(base + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
@@ -96,9 +114,16 @@ def test_tensorboard_serves_every_run_tag_and_hparams(tiny_sweep, tensorboard):
     assert sorted(hparams["norm"]["domainDiscrete"]) == sorted(NORMS)  # every option, not only the swept ones
     assert {m["name"]["tag"] for m in experiment["metricInfos"]} == set(HPARAM_METRICS)
 
-    groups = post(tensorboard, "/data/plugin/hparams/session_groups", {
-        "experimentName": "", "startIndex": 0, "sliceSize": 100,
-        "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]})
+    groups = post(
+        tensorboard,
+        "/data/plugin/hparams/session_groups",
+        {
+            "experimentName": "",
+            "startIndex": 0,
+            "sliceSize": 100,
+            "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+        },
+    )
     # one group (row) per setting, its seeds as the group's sessions: every run of the sweep, in one table
     assert len(groups["sessionGroups"]) == 4
     assert all(len(g["sessions"]) == 2 for g in groups["sessionGroups"])
@@ -106,8 +131,10 @@ def test_tensorboard_serves_every_run_tag_and_hparams(tiny_sweep, tensorboard):
     assert sorted(sessions) == sorted(completed)
     for g in groups["sessionGroups"]:
         seeds = {completed[s["name"]]["config"]["seed"] for s in g["sessions"]}
-        settings = {(completed[s["name"]]["config"]["norm"]["name"], completed[s["name"]]["config"]["data"]["train_size"])
-                    for s in g["sessions"]}
+        settings = {
+            (completed[s["name"]]["config"]["norm"]["name"], completed[s["name"]]["config"]["data"]["train_size"])
+            for s in g["sessions"]
+        }
         assert seeds == {0, 1} and len(settings) == 1
     for run, (hparams, metrics) in sessions.items():
         summary = completed[run]
@@ -135,15 +162,19 @@ def test_tensorboard_serves_depth_profiles_and_the_layout(tiny_sweep, tensorboar
                 expected = [summary["layers"][when][metric][layer] for layer in LAYERS]
                 assert [value for *_, value in points] == pytest.approx(expected, rel=1e-6)
         assert {f"depth_{w}/{m}" for w in ("init", "final") for m in LAYER_METRICS} - set(tags[run]) == {
-            "depth_init/weight_change", "depth_final/update_ratio"}  # 0 at init; the final probe takes no step
+            "depth_init/weight_change",
+            "depth_final/update_ratio",
+        }  # 0 at init; the final probe takes no step
 
     layout = get(tensorboard, "/data/plugin/custom_scalars/layout")
-    categories = {c["title"]: {chart["title"]: chart["multiline"]["tag"] for chart in c["chart"]}
-                  for c in layout["category"]}
+    categories = {
+        c["title"]: {chart["title"]: chart["multiline"]["tag"] for chart in c["chart"]} for c in layout["category"]
+    }
     first = layout["category"][0]["title"]
     assert first.startswith("depth profile")
     assert sorted(categories[first].values()) == sorted(
-        [f"^depth_{when}/{metric}$"] for metric in ("act_norm", "grad_norm") for when in ("init", "final"))
+        [f"^depth_{when}/{metric}$"] for metric in ("act_norm", "grad_norm") for when in ("init", "final")
+    )
     for metric in LAYER_METRICS:  # merged over the runs: one chart per picked layer, every run on it
         charts = categories[f"{metric}: first, middle, last block and head (all runs)"]
         assert sorted(charts.values()) == sorted([f"^{metric}/{layer}$"] for layer in LAYERS)
