@@ -558,7 +558,7 @@ def finish_run(cfg, run_dir: Path, writer: TensorBoardWriter, *, status: str, st
         summary["signal"] = signal
     summary = finite_or_none(summary)
     write_summary(run_dir, summary)
-    writer.hparams(step, summary["config"], summary["metrics"])  # the run's row in TensorBoard's HParams tab
+    writer.hparams(step, summary["config"], summary["metrics"], summary=summary)  # the run's row in TensorBoard's HParams tab
     writer.close()
     if print_table:
         print_summary(summary)
