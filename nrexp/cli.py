@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from nrexp.errors import error
+from nrexp.errors import ConfigError, error
 
 USAGE = """\
 usage: nrexp <command> [args]
@@ -78,16 +78,17 @@ def train_app(args: List[str]) -> int:
     elif printing or showing:
         try:
             preflight(overrides, printing=True)
-        except config.ConfigError as err:
+        except ConfigError as err:
             return error(str(err))
     else:
         try:
             existing = preflight(overrides, multirun=multirun)
-        except config.ConfigError as err:
+        except ConfigError as err:
             return error(str(err))
-        if multirun:
-            skip_second_validation_of_basic_sweeps()
-            derive_job_configs_that_differ_in_plain_values()
+        if multirun:  # preflight has checked every swept value: the basic sweeper need not compose each job first
+            from nrexp.hydra_compat import skip_basic_sweeper_validation
+
+            skip_basic_sweeper_validation()
         resume = next((_unquote(a.split("=", 1)[1]) for a in overrides if a.startswith("resume=")), None)
         if resume:  # continue in the run's own directory, leaving its recorded config untouched
             args = [*args, quote_path_override(f"hydra.run.dir={Path(resume).resolve()}"), "hydra.output_subdir=null"]
@@ -119,7 +120,7 @@ def train_app(args: List[str]) -> int:
                     summary = train(resume_config(cfg, list(hc.overrides.task)), run_dir, resume=True)
                 else:
                     summary = train(cfg, run_dir)
-            except config.ConfigError as err:
+            except ConfigError as err:
                 if not cfg.resume:
                     remove_if_empty_run_dir(run_dir, existing)
                 sys.exit(error(str(err)))
@@ -197,7 +198,7 @@ def preflight(overrides: List[str], multirun: bool = False, printing: bool = Fal
     from omegaconf import open_dict
 
     import nrexp
-    from nrexp.config import ConfigError, unused_knobs, validate
+    from nrexp.config import unused_knobs, validate
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
@@ -264,12 +265,7 @@ def preflight(overrides: List[str], multirun: bool = False, printing: bool = Fal
             validate(base)
         devices.add(str(getattr(base.trainer.device, "value", base.trainer.device)))
         for extra in variants:
-            # A Hydra compose costs ~0.2 s (it re-reads and merges every config file), which made
-            # preflight a third of the per-job cost of a `seed=range(32)` sweep. A swept plain value
-            # (seed=3, optim.lr=0.1) is what Hydra itself does after composing: OmegaConf.update on
-            # the composed config, type-checked by the schema. So try that on a copy of the base
-            # config; anything else, or anything that fails, takes Hydra's full compose, which
-            # accepts exactly what it accepted before and words every error as before.
+            # a swept plain value (seed=3) is set on the composed config; anything else is composed by Hydra
             cfg = _with_plain_override(base, extra[0]) if resume is None else None
             if cfg is None:
                 cfg = composed(extra)
@@ -293,58 +289,10 @@ def preflight(overrides: List[str], multirun: bool = False, printing: bool = Fal
 REMOTE_LAUNCHERS = ("submitit_slurm", "slurm_gpu")
 
 
-def skip_second_validation_of_basic_sweeps() -> None:
-    """Hydra's basic sweeper composes every job's config once to check it ("catches composition errors
-    early"), then its launcher composes each again to run it: two full composes per job, ~0.2 s each.
-    `preflight` has just composed (or cheaply checked) every swept value, with our validation on top,
-    before any directory exists, so the sweeper's check finds nothing new; it is skipped for the
-    basic sweeper in this process. Other sweepers (optuna samples values preflight cannot list)
-    keep it. A composition that still failed in a job would stop the sweep there with Hydra's error.
-    """
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-    BasicSweeper.validate_batch_is_legal = lambda self, batch: None  # type: ignore[method-assign]
-
-
-def derive_job_configs_that_differ_in_plain_values() -> None:
-    """Hydra's launchers compose every job's config from the files (load_sweep_config), ~0.1 s per job
-    on a 2-core CPU: half of what a job of a `seed=range(32)` sweep of tiny runs cost beyond its
-    training. In this process, a job whose overrides differ from a job composed before only in plain
-    values gets its config derived from that job's instead, as Hydra applies such overrides
-    (nrexp.sweep.derive_config, tested against Hydra's compose); any other job is composed by Hydra.
-    Launchers that run jobs in other processes (joblib, submitit) compose there, unchanged.
-    """
-    import copy
-
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from omegaconf import OmegaConf
-
-    from nrexp.sweep import derive_config
-
-    compose = ConfigLoaderImpl.load_sweep_config
-    if hasattr(compose, "hydra_compose"):  # already installed in this process (in-process callers: tests)
-        return
-    composed: List[tuple] = []  # (overrides, pristine config) of the jobs Hydra composed, newest last
-
-    def load_sweep_config(self, master_config, sweep_overrides):
-        overrides = list(sweep_overrides)
-        for reference in composed[-4:][::-1]:  # the last few: a sweep's neighbours share their groups
-            config = derive_config(reference, overrides)
-            if config is not None:
-                OmegaConf.copy_cache(from_config=master_config, to_config=config)  # as load_sweep_config does
-                return config
-        config = compose(self, master_config, overrides)
-        composed.append((overrides, copy.deepcopy(config)))  # launchers write into the one they run
-        return config
-
-    load_sweep_config.hydra_compose = compose  # type: ignore[attr-defined]
-    load_sweep_config.composed = composed  # type: ignore[attr-defined]  # the fused launcher's log counts them
-    ConfigLoaderImpl.load_sweep_config = load_sweep_config  # type: ignore[method-assign]
-
-
 def _with_plain_override(base, override: str):
-    """`base` with a `key=value` override of an existing leaf (not a config group) applied the way Hydra
-    applies it, or None when the override is not that simple or does not apply cleanly."""
+    """`base` with a `key=value` override of an existing plain value set on a copy, as Hydra sets it
+    after composing, or None when the override is anything else (a group, +key, ~key, a list, a value
+    of the wrong type). Only preflight's check uses it: a job's config is always Hydra's own compose."""
     import copy
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -352,20 +300,30 @@ def _with_plain_override(base, override: str):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from nrexp.sweep import is_plain_value
-
     try:
         (o,) = OverridesParser.create().parse_overrides([override])
-        key = o.key_or_group
         if o.package is not None or o.type != OverrideType.CHANGE or o.is_sweep_override():
-            return None  # +key, ~key, key@package: Hydra's own rules
-        if not is_plain_value(base, key):
+            return None
+        if not _is_plain_value(base, o.key_or_group):
             return None
         cfg = copy.deepcopy(base)
-        OmegaConf.update(cfg, key, o.value(), merge=True)
+        OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
         return cfg
     except (OmegaConfBaseException, ValueError, TypeError):
         return None
+
+
+def _is_plain_value(cfg, key: str) -> bool:
+    """Whether `key` names an existing plain value of `cfg`: not a new key, not a node, not a list, and
+    not a config group of configs/ (`experiment` is both a string of the config and a group)."""
+    from omegaconf import OmegaConf
+
+    import nrexp
+
+    missing = object()
+    node = OmegaConf.select(cfg, key, default=missing, throw_on_missing=False)
+    return (node is not missing and not OmegaConf.is_config(node)
+            and not (Path(nrexp.config_dir()) / key.replace(".", "/")).is_dir())
 
 
 def explain_compose_error(err: Exception, overrides: Sequence[str] = ()) -> str:
@@ -411,8 +369,6 @@ def explain_compose_error(err: Exception, overrides: Sequence[str] = ()) -> str:
 def check_output_writable(parsed, multirun: bool = False) -> Path:
     """Fail before anything runs if the run (or sweep) directory could not be created; else return the
     nearest folder at or above it that exists now (what a rejected run must not remove)."""
-    from nrexp.config import ConfigError
-
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"  # the one this command uses
     target = "outputs"
     for o in parsed:
@@ -477,8 +433,6 @@ def resumed_config_for_warnings(run_dir: Path, parsed):
 
 
 def check_resumable(run_dir: Path) -> None:
-    from nrexp.config import ConfigError
-
     if not (run_dir / "checkpoint.pt").is_file():
         raise ConfigError(f"resume={str(run_dir)!r}: no checkpoint.pt there. Fix: pass the directory of a run "
                           "that wrote a checkpoint (see `ls outputs/*/*/checkpoint.pt`)")
@@ -547,7 +501,6 @@ def report_command(args: List[str]) -> int:
                         "sweep ran (+experiment=<name>): measured value, expected, reproduced yes/no")
     options = parser.parse_args(args)
 
-    from nrexp.config import ConfigError
     from nrexp.evaluate import EvaluateError  # no torch at its top: `nrexp report` stays fast
     from nrexp.report import ReportError, report
 
@@ -571,7 +524,9 @@ def report_command(args: List[str]) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     try:
-        return _main(argv)
+        code = _main(argv)
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, not in the interpreter's exit
+        return code
     except BrokenPipeError:  # `nrexp train --help | head`: the reader left; stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141  # 128 + SIGPIPE, what a shell reports for such a pipeline member
@@ -602,31 +557,15 @@ def _main(argv: Optional[List[str]] = None) -> int:
 
 
 def entry() -> None:
-    """The `nrexp` command (and `python -m nrexp`): main(), then an exit that skips tearing modules down.
+    """The `nrexp` command (and `python -m nrexp`); in-process callers (tests) call main().
 
-    Once torch is imported, the interpreter's own shutdown (freeing torch's, torch._dynamo's and
-    matplotlib's modules one object at a time) takes ~1 s on a 2-core CPU: a sixth of a short run's
-    overhead, paid after everything is written. So, as Python's exit would, wait for the threads that
-    are still working and run the atexit handlers (logging's flush, launchers' clean-up), flush the
-    streams, and leave with os._exit. Nothing that writes results is left to garbage collection: run
-    directories are closed by then (train.finish_run). In-process callers (tests) call main() instead.
-    """
+    gc.freeze(): the interpreter's exit then does not garbage-collect what torch and a run left in memory,
+    its slowest part once torch is imported; atexit handlers, threads and stream flushes run as usual."""
+    import gc
+
     code = main()
-    if "torch" not in sys.modules or not isinstance(code, int):
-        sys.exit(code)
-    import atexit
-    import threading
-
-    # As the interpreter's exit does, in its order: threading's exit hooks (they stop executors such as
-    # the depth figures' helper process, nrexp/figures.py), join the threads still working, then atexit.
-    threading._shutdown()
-    atexit._run_exitfuncs()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BrokenPipeError:  # the reader of a pipe left before the last output: as main() does
-        code = 141
-    os._exit(code)
+    gc.freeze()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

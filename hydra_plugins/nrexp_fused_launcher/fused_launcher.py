@@ -70,24 +70,16 @@ class FusedLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
 
-        # In `nrexp train -m` Hydra's load_sweep_config derives a job's config from an already composed
-        # one when they differ only in plain values (nrexp.cli.derive_job_configs_that_differ_in_plain_values);
-        # its `composed` list counts Hydra's own composes.
-        load_sweep_config = self.hydra_context.config_loader.load_sweep_config
-        composed = getattr(load_sweep_config, "composed", None)
-        composed_before = len(composed) if composed is not None else 0
         configs = []
         for num, overrides in enumerate(job_overrides, start=initial_job_idx):
-            sweep_config = load_sweep_config(self.config, list(overrides))
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             with open_dict(sweep_config):
                 sweep_config.hydra.job.id = sweep_config.hydra.job.num = num
             configs.append(sweep_config)
-        n_composed = len(composed) - composed_before if composed is not None else len(configs)
 
         task_configs = [_task_config(c) for c in configs]
         groups = fused.plan(task_configs, self.max_members)
-        log.info("fused launcher: %d jobs (%d composed by Hydra, the others derived from them) in %d group(s): %s",
-                 len(configs), n_composed, len(groups),
+        log.info("fused launcher: %d jobs in %d group(s): %s", len(configs), len(groups),
                  "; ".join(f"{len(g.jobs)} x {g.label}" if g.fused else f"1 alone ({g.label})" for g in groups))
         returns: List[Optional[JobReturn]] = [None] * len(configs)
         for group in groups:
