@@ -1,15 +1,13 @@
-"""Depth figures (activation and gradient norm against layer depth), drawn in a helper process.
+"""Every figure helper: the depth figures a run writes to TensorBoard, and the figures of results.
 
-A run records a depth figure at init, at each evaluation and at the end; a sweep of 16 tiny runs draws
-~50 of them. matplotlib takes ~0.15 s a figure (text rendering and PNG encoding, all Python and Agg on
-one core), which on a 2-core CPU is as long as hundreds of training steps of a small net, and in a
-fused sweep it was a fifth of the whole wall time. So figures are drawn by one helper process (spawned
-once per nrexp process, reused by every run in it, matplotlib only: no torch) on the core the training
-loop does not use, while the run goes on. `TensorBoardWriter` submits a figure when it is recorded and
-collects the PNG when the run's events are flushed or closed. If the helper can't be started or dies,
-figures are drawn in this process instead, as before: slower, same bytes.
+- Depth figures of a run (nrexp/writers.py): activation and gradient norm against layer depth, drawn by one
+  helper process per nrexp process while the run goes on (matplotlib is slow next to a small net's steps),
+  or in this process if the helper cannot start or dies: same bytes either way.
+- Figures of results (nrexp/report.py, scripts/reproduce.py): a figure, depth lines, curves, and saving
+  with the same look everywhere.
 
-This module imports neither torch nor anything of nrexp that does: it is what the helper imports.
+Imports neither torch nor anything of nrexp: it is what the helper process imports. matplotlib is imported
+when a figure is drawn, and never pyplot (no display, no global state).
 """
 from __future__ import annotations
 
@@ -20,25 +18,98 @@ import sys
 import threading
 import time
 import types
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from pathlib import Path
 
 Stats = Mapping[str, Mapping[str, float]]  # metric -> layer name -> value
+Points = Sequence[tuple[float, float]]  # (x, y), e.g. (step, value)
+
+DEPTH_XLABEL = "layer depth (0 = first hidden block, last = head)"
+DEPTH_METRICS = {"act_norm": "activation norm", "grad_norm": "gradient norm ||dL/dW||"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Figures of results: report and scripts
+
+
+def new_figure(ncols: int = 1, title: str = "", width: float = 5.5, height: float = 4.2, dpi: int = 100):
+    """A figure of `ncols` panels side by side, each `width` x `height` inches: (figure, list of axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * ncols, height), dpi=dpi)
+    axes = list(fig.subplots(1, ncols, squeeze=False)[0])
+    if title:
+        fig.suptitle(title)
+    return fig, axes
+
+
+def save(fig, path: Path) -> Path:
+    """Give every panel the same look (grid, legend, plain numbers on log axes) and write the figure."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    for ax in fig.axes:
+        if ax.get_yscale() == "log":  # plain numbers (0.3, 6) rather than 3x10^-1
+            low, high = ax.get_ylim()
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            # within one decade there may be no major tick at all: label the minor ones then
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if high / low < 10 else NullFormatter())
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def depth_lines(ax, series: Mapping[str, Mapping[str, float]], ylabel: str) -> bool:
+    """One line per label of {label: {layer: value}} against layer depth, on a log y axis; layers are named
+    on the x axis when few enough to read. Returns whether anything was drawn."""
+    drawn = False
+    for label, per_layer in series.items():
+        if per_layer:
+            ax.plot(range(len(per_layer)), list(per_layer.values()), marker="o", markersize=4, label=label)
+            if len(per_layer) <= 16:
+                ax.set_xticks(range(len(per_layer)), list(per_layer), rotation=45, fontsize="small")
+            drawn = True
+    ax.set_yscale("log")
+    ax.set_xlabel(DEPTH_XLABEL)
+    ax.set_ylabel(ylabel + " (log scale)")
+    return drawn
+
+
+def curve_lines(ax, series: Mapping[str, Points], xlabel: str, ylabel: str, logy: bool = False) -> bool:
+    """One line per label of {label: [(x, y), ...]}. Returns whether anything was drawn."""
+    drawn = False
+    for label, points in series.items():
+        if points:
+            x, y = zip(*points)
+            ax.plot(x, y, marker="." if len(x) < 30 else None, label=label)
+            drawn = True
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    return drawn
+
+
+# ------------------------------------------------------------------------------------------------
+# Depth figures of a run (TensorBoard images), drawn in a helper process
 
 
 class DepthFigure:
-    """One depth figure, redrawn with new values: axes, ticks and labels are built once, which is most
-    of matplotlib's cost (a sweep of tiny runs in one process reuses it across runs).
-
-    `render()` (what runs use) also draws the parts that never change only once: the frames, the x axes
-    with their tick labels and titles. It keeps that picture and, per figure, pastes it back and draws
-    over it only what changes: the two curves, the y axes (their range and ticks follow the data) and
-    the title. Text is most of matplotlib's drawing time, and half of the figure's text is static.
-    """
+    """One depth figure, redrawn with new values: axes, ticks and labels are built once and reused
+    (across the runs of a sweep too). `render()` draws the static parts (frames, x axes, titles) once and
+    then only what changes: the two curves, the y axes and the title (matplotlib's blitting)."""
 
     METRICS = (("act_norm", "activation norm (mean over batch)"), ("grad_norm", "gradient norm ||dL/dW||"))
 
-    def __init__(self, layer_names: List[str]):
+    def __init__(self, layer_names: list[str]):
         import matplotlib
 
         matplotlib.use("Agg")
@@ -54,14 +125,15 @@ class DepthFigure:
         for ax, (_, label) in zip(self.axes, self.METRICS):
             (line,) = ax.plot(range(len(self.layer_names)), [1.0] * len(self.layer_names), marker="o", markersize=3)
             self.lines.append(line)
-            ax.set_xlabel("layer depth (0 = first hidden block, last = head)")
+            ax.set_xlabel(DEPTH_XLABEL)
             ax.set_ylabel(label)
             ax.xaxis.set_major_locator(MaxNLocator(nbins=8, integer=True))
-            ax.minorticks_off()  # each tick is a few artists: minor ticks on a log axis were half the drawing
+            ax.minorticks_off()  # each tick is a few artists to draw
             ax.grid(True, which="major", alpha=0.3)
         self.title = self.fig.suptitle("")
-        self.fig.subplots_adjust(left=0.09, right=0.98, bottom=0.16, top=0.86, wspace=0.3)  # fixed: tight_layout is slow
-        self._scales: List[str] = ["linear"] * len(self.axes)
+        # fixed margins: tight_layout would measure every text again on each draw
+        self.fig.subplots_adjust(left=0.09, right=0.98, bottom=0.16, top=0.86, wspace=0.3)
+        self._scales: list[str] = ["linear"] * len(self.axes)
         self._background = None  # the static parts, drawn once by render()
 
     def draw(self, stats: Mapping[str, Mapping[str, float]], title: str):
@@ -108,13 +180,12 @@ class DepthFigure:
         return np.asarray(self.canvas.buffer_rgba())[:, :, :3].copy()
 
 
-_FIGURES: Dict[tuple, DepthFigure] = {}  # the last layer list's figure, reused by the next run drawn in this process
+_FIGURES: dict[tuple, DepthFigure] = {}  # the last layer list's figure, reused by the next run drawn in this process
 
 
-def render_png(layer_names: Sequence[str], stats: Stats, title: str) -> Tuple[int, int, bytes]:
+def render_png(layer_names: Sequence[str], stats: Stats, title: str) -> tuple[int, int, bytes]:
     """The depth figure for these values as (height, width, PNG bytes), drawn in the calling process.
-
-    PNG at compression level 1 instead of PIL's 6: 2x faster to encode, ~7% larger for these flat plots."""
+    PNG compression level 1: much faster to encode than PIL's default, and these flat plots stay small."""
     from PIL import Image
 
     key = tuple(layer_names)
@@ -134,10 +205,7 @@ def _helper_init(parent: int) -> None:
     - If nrexp itself is killed (kill -9, the OOM killer), nothing tells the helper, which would wait
       for work forever (it holds both ends of its own queue): it leaves once its parent is gone.
     - It draws at the lowest priority (nice 19), on time the training leaves: figures can wait, the
-      threads that feed the training (the fused group's inputs made ahead, the statistics thread) on
-      the other core can't. At nice 0, while it drew a round of 16 figures, a fused group's steps took
-      ~18 instead of ~13 ms (batch 128, one torch thread, 2-core CPU); whole sweeps got 0.1-0.5 s faster
-      under both launchers (interleaved runs, `nrexp bench --fused`'s sweep)."""
+      threads that feed the training (the fused group's inputs made ahead, the statistics thread) can't."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         os.nice(19)
@@ -171,7 +239,7 @@ def _start_helper() -> ProcessPoolExecutor:
     return helper
 
 
-_helper: Optional[ProcessPoolExecutor] = None
+_helper: ProcessPoolExecutor | None = None
 _helper_failed = False  # it could not start or died: draw in this process from then on
 
 
@@ -183,17 +251,17 @@ def submit(layer_names: Sequence[str], stats: Stats, title: str) -> Future:
             if _helper is None:
                 _helper = _start_helper()
             return _helper.submit(render_png, list(layer_names), _plain(stats), title)
-        except Exception:  # BrokenProcessPool, no semaphores, no fork/exec...: draw here instead
+        except Exception:  # noqa: BLE001 - BrokenProcessPool, no semaphores, no fork/exec...: draw here instead
             _helper_failed = True
     return _done(render_png, layer_names, stats, title)
 
 
-def result(future: Future, layer_names: Sequence[str], stats: Stats, title: str) -> Tuple[int, int, bytes]:
+def result(future: Future, layer_names: Sequence[str], stats: Stats, title: str) -> tuple[int, int, bytes]:
     """The figure a submit() returned; drawn here if the helper died before drawing it."""
     global _helper_failed
     try:
         return future.result()
-    except Exception:  # the helper was killed (OOM killer, a signal): same figure, drawn here
+    except Exception:  # noqa: BLE001 - the helper was killed (OOM killer, a signal): same figure, drawn here
         _helper_failed = True
         return render_png(layer_names, stats, title)
 
@@ -207,7 +275,7 @@ def shutdown() -> None:
         _helper = None
 
 
-def _plain(stats: Stats) -> Dict[str, Dict[str, float]]:
+def _plain(stats: Stats) -> dict[str, dict[str, float]]:
     """Plain dicts of floats: cheap to pickle to the helper."""
     return {metric: {layer: float(v) for layer, v in per_layer.items()} for metric, per_layer in stats.items()}
 
@@ -216,6 +284,6 @@ def _done(fn, *args) -> Future:
     future: Future = Future()
     try:
         future.set_result(fn(*args))
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - the Future carries it to result()
         future.set_exception(error)
     return future

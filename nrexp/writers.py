@@ -1,13 +1,11 @@
-"""Everything a run writes for people and tools to read back: TensorBoard events and summary.json.
+"""Everything a run writes for people and tools to read back (nrexp/runs.py): TensorBoard events and summary.json.
 
 TensorBoard tags (the contract `nrexp report` and users rely on):
   act_norm/<layer>, grad_norm/<layer>, weight_norm/<layer>, weight_change/<layer>, update_ratio/<layer>,
   train/loss, train/acc, test/loss, test/acc, lr, throughput/samples_per_s; step 0 is the net at init.
   A custom-scalars layout puts each per-layer metric's layers in one chart, and `depth/<when>` figures
-  plot activation and gradient norm against layer depth (the lecture's plot).
-Cost: the scalars of one step go into one event (one protobuf, not one per tag), and depth figures are
-drawn by a helper process while the run goes on (nrexp/figures.py: matplotlib takes tenths of a second
-per figure, more than hundreds of training steps of a small net) and written by flush()/close().
+  plot activation and gradient norm against layer depth (the lecture's plot), drawn by nrexp/figures.py
+  while the run goes on and written by flush()/close(). The scalars of one step go into one event.
 The events live directly in the run dir, so `tensorboard --logdir <sweep dir>` names runs by dir.
 """
 from __future__ import annotations
@@ -16,8 +14,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any
 
 from nrexp import figures
 from nrexp.monitor import LAYER_METRICS
@@ -25,14 +24,8 @@ from nrexp.monitor import LAYER_METRICS
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write via a temp file in the same dir + fsync + rename: readers (and a kill -9 at any moment)
-    only ever see the previous complete file or the new complete file, never half of one.
-
-    The rename alone is enough against a killed process (the data is in the page cache either way).
-    The fsync is for a power loss or kernel crash: without it, the rename may reach the disk before
-    the data does (filesystems without ordered data), leaving an empty or partial file in place of the
-    previous good one, which for checkpoint.pt is the very thing it exists to prevent. It costs a few
-    milliseconds per file here (a run writes two at its end), so it stays.
-    """
+    only ever see the previous complete file or the new complete file, never half of one. The fsync is
+    for a power loss: without it the rename may reach the disk before the data does."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -50,12 +43,9 @@ def atomic_write(path: Path, data: bytes) -> None:
 def use_fast_event_checksums() -> bool:
     """Make TensorBoard's event writer checksum records in C; return whether it now does.
 
-    Every record of an event file carries a masked CRC-32C, which tensorboard computes in pure Python
-    (tensorflow_stub.pywrap_tensorflow): ~1 ms for the 7 KB event of one logging step of a 51-layer net,
-    run in the writer's background thread while holding the GIL the training loop needs. With statistics
-    every step that cost ~2.5 ms per step (`nrexp bench`, d arm). google-crc32c computes the same
-    checksum in C, so the files are byte for byte what they were. Without it, nothing changes.
-    """
+    Every record carries a masked CRC-32C, which tensorboard computes in pure Python while holding the
+    GIL the training loop needs; google-crc32c computes the same checksum in C (same bytes in the files).
+    Without google-crc32c, nothing changes."""
     try:
         import google_crc32c
     except ImportError:
@@ -83,7 +73,7 @@ def finite_or_none(value: Any) -> Any:
     return value
 
 
-def write_summary(run_dir: Path, summary: Dict) -> None:
+def write_summary(run_dir: Path, summary: dict) -> None:
     atomic_write(Path(run_dir) / "summary.json", (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode())
 
 
@@ -104,7 +94,7 @@ HPARAM_METRICS = {"final/test_acc": "test/acc", "final/test_loss": "test/loss",
                   "final/train_acc": "train/acc", "final/train_loss": "train/loss"}
 
 
-def hparams_of(config: Mapping) -> Dict[str, object]:
+def hparams_of(config: Mapping) -> dict[str, object]:
     """The HPARAMS of a resolved config (plain dict); values TensorBoard cannot show become strings."""
     values = {}
     for name, path in HPARAMS:
@@ -116,13 +106,13 @@ def hparams_of(config: Mapping) -> Dict[str, object]:
 
 
 class TensorBoardWriter:
-    def __init__(self, run_dir: Path, layer_names: List[str], purge_step: int | None = None):
+    def __init__(self, run_dir: Path, layer_names: list[str], purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         use_fast_event_checksums()
         self.layer_names = layer_names
-        self.pending_figures: List[tuple] = []  # (step, when, stats, title, Future), written by flush()/close()
-        self._layer_summaries: Dict[tuple, object] = {}  # metrics -> the Summary layer_stats fills (see there)
+        self.pending_figures: list[tuple] = []  # (step, when, stats, title, Future), written by flush()/close()
+        self._layer_summaries: dict[tuple, object] = {}  # metrics -> the Summary layer_stats fills (see there)
         self.tb = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
         if purge_step is None:  # a resumed run already has its layout
             self.tb.add_custom_scalars({
@@ -143,8 +133,7 @@ class TensorBoardWriter:
     def layer_stats(self, step: int, stats: Mapping[str, Mapping[str, float]]) -> None:
         """`stats[metric][layer]` as `metric/layer`, all in one event. With every layer of the run in
         order (as the monitor gives them), the event's Summary is built once per set of metrics and
-        only its values are set: building 255 tagged values anew (the 51-layer net, every step with
-        trainer.log_every=1) cost ~0.2 ms a step, as much as a tenth of the statistics."""
+        only its values are set on later steps (building hundreds of tagged values anew is not free)."""
         if not stats:
             return
         metrics = tuple(stats)
@@ -156,7 +145,8 @@ class TensorBoardWriter:
         if summary is None:
             from tensorboard.compat.proto.summary_pb2 import Summary
 
-            summary = Summary(value=[Summary.Value(tag=f"{metric}/{layer}") for metric in metrics for layer in self.layer_names])
+            summary = Summary(value=[Summary.Value(tag=f"{metric}/{layer}")
+                                     for metric in metrics for layer in self.layer_names])
             self._layer_summaries[metrics] = summary
         for slot, value in zip(summary.value, (v for per_layer in stats.values() for v in per_layer.values())):
             slot.simple_value = float(value)
@@ -182,7 +172,8 @@ class TensorBoardWriter:
                 continue
             height, width, png = figures.result(future, self.layer_names, stats, title)
             image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=png)
-            self.tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=f"depth/{when}", image=image)]), step)
+            summary = Summary(value=[Summary.Value(tag=f"depth/{when}", image=image)])
+            self.tb._get_file_writer().add_summary(summary, step)
 
     def hparams(self, step: int, config: Mapping, metrics: Mapping[str, float]) -> None:
         """List this run in TensorBoard's HParams tab: its hyper-parameters and final metrics.

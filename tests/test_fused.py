@@ -2,7 +2,6 @@
 divergence, solo-resumable checkpoints, and the launcher end to end through the real CLI."""
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ def _close(a, b, rel=2e-4, abs_=2e-5):
 
 
 def test_plan_groups_by_shape_and_keeps_unfusable_jobs_alone():
-    from nrexp.fused import plan
+    from nrexp.grouping import plan
 
     cfgs = [compose(["seed=0"]), compose(["seed=1", "optim.lr=0.1", "dropout.p=0.5"]), compose(["norm=batch"]),
             compose(["model=resmlp"]), compose(["seed=2", "init.scale=3", "optim.weight_decay=1e-4"]),
@@ -54,10 +53,10 @@ def _group(tmp_path: Path, cfgs):
     import torch
 
     from nrexp.data import load_dataset
-    from nrexp.fused import Member, StackedMLP
+    from nrexp.fused import FusedMember, StackedMLP
 
     data = load_dataset(cfgs[0].data, torch.device("cpu"))
-    return StackedMLP([Member(i, c, tmp_path / f"m{i}", data, torch.device("cpu")) for i, c in enumerate(cfgs)]), data
+    return StackedMLP([FusedMember(c, tmp_path / f"m{i}", data, torch.device("cpu")) for i, c in enumerate(cfgs)]), data
 
 
 def test_inputs_made_ahead_are_the_inputs_made_when_taken(tmp_path):
@@ -250,8 +249,8 @@ def test_a_diverging_member_stops_alone(tmp_path, monkeypatch, inputs_ahead, eac
     from nrexp.fused import train_group
     from nrexp.train import train
 
-    for module in (nrexp.train, nrexp.fused):  # False: CUDA's way (no per-step host sync), run on the CPU
-        monkeypatch.setattr(module, "checks_every_step", lambda device: each_step)
+    # False: CUDA's way (no per-step host sync), run on the CPU; the one loop (train.run_loop) decides for both
+    monkeypatch.setattr(nrexp.train, "checks_every_step", lambda device: each_step)
     cfgs = [compose(BASE + ["optim.lr=1e4"]), compose(BASE + ["seed=1"])]  # lr 1e4: NaN within a few steps
     fused = train_group(cfgs, [tmp_path / "f0", tmp_path / "f1"])
     solo = [train(cfg, tmp_path / f"s{i}") for i, cfg in enumerate(cfgs)]
@@ -275,7 +274,7 @@ def test_member_checkpoint_resumes_as_a_solo_run(tmp_path, monkeypatch, inputs_a
     group's next step was being made ahead."""
     import shutil
 
-    import nrexp.fused
+    import nrexp.train
     from nrexp.fused import train_group
     from nrexp.train import train
 
@@ -285,8 +284,8 @@ def test_member_checkpoint_resumes_as_a_solo_run(tmp_path, monkeypatch, inputs_a
             (tmp_path / "mid").mkdir()
             shutil.copy(path, tmp_path / "mid" / path.name)
 
-    save_checkpoint = nrexp.fused.save_checkpoint
-    monkeypatch.setattr(nrexp.fused, "save_checkpoint", save_and_keep_step_6)
+    save_checkpoint = nrexp.train.save_checkpoint
+    monkeypatch.setattr(nrexp.train, "save_checkpoint", save_and_keep_step_6)
     cfgs = [compose(BASE + [f"optim={optim}"] + m) for m in MEMBERS[1:]]
     train_group(cfgs, [tmp_path / "f0", tmp_path / "f1"])
     longer = compose(BASE + [f"optim={optim}"] + MEMBERS[2] + ["trainer.max_steps=20"])

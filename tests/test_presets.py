@@ -10,8 +10,8 @@ import yaml
 
 from conftest import REPO, TINY, compose, read_summary, run_cli, run_dirs
 
-PRESETS = ["init_depth", "norm_fixes_init", "bn_paper_mnist", "ln_vs_bn_mlp", "regularization", "bn_batch_size", "bn_shift",
-           "cnn_norms"]
+PRESETS = ["init_depth", "norm_fixes_init", "bn_paper_mnist", "ln_vs_bn_mlp", "regularization", "bn_batch_size",
+           "bn_shift", "cnn_norms"]
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -79,7 +79,7 @@ def test_preact_collect_matches_the_input_to_the_last_activation_by_number():
 
 
 def test_preact_percentiles_logged_only_on_logging_steps(tiny_run):
-    from nrexp.claims import Run
+    from nrexp.runs import Run
 
     _, run_dir = tiny_run("trainer.preact_percentiles=true", "model.activation=sigmoid", "norm=batch")
     run = Run(run_dir, read_summary(run_dir))
@@ -146,7 +146,8 @@ def test_evaluate_identity_shifts_change_nothing_and_real_ones_do(bn_run):
     loaded = load_run(bn_run)
     base = evaluate_run(bn_run, [], loaded=loaded)
     for shift in ("noise=0", "contrast=1", "translate=0"):
-        assert evaluate_run(bn_run, [shift], loaded=loaded).acc == pytest.approx(base.acc, abs=2e-3)  # clip at [0, 1] only
+        # the same up to the clip at [0, 1]
+        assert evaluate_run(bn_run, [shift], loaded=loaded).acc == pytest.approx(base.acc, abs=2e-3)
     assert evaluate_run(bn_run, ["noise=2"], loaded=loaded).acc < base.acc - 0.1
     shifted = evaluate_run(bn_run, ["contrast=0.2", "noise=0.3"], "test", 100, loaded=loaded)
     assert shifted.shift == "contrast=0.2,noise=0.3" and shifted.batch_size == 100
@@ -201,7 +202,8 @@ def test_evaluate_bad_run_dirs_are_one_line(tmp_path, tiny_run):
     assert read_summary(diverged)["status"] == "diverged" and (diverged / "checkpoint.pt").is_file()
     proc = run_cli(["evaluate", str(diverged)], cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert "diverged (its loss was non-finite at step 5); its checkpoint.pt is a periodic one, saved after 4 steps" in proc.stderr
+    assert ("diverged (its loss was non-finite at step 5); its checkpoint.pt is a periodic one, saved after 4 steps"
+            in proc.stderr)
     (diverged / "checkpoint.pt").unlink()  # the usual case: no periodic checkpoint before the blow-up
     proc = run_cli(["evaluate", str(diverged)], cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
@@ -248,9 +250,6 @@ def test_init_depth_and_norm_claims_at_init_reproduce(tmp_path):
     assert len(at_init) == 4 + 4  # init_depth: 3 act + 1 grad; norm_fixes_init: 2 per norm
     assert all(r.reproduced for r in at_init), [r for r in at_init if not r.reproduced]
     assert {r.experiment for r in results} == {"init_depth", "norm_fixes_init"}
-    out = subprocess.run([sys.executable, "-m", "nrexp.claims", str(tmp_path / "init_depth")], cwd=tmp_path,
-                         env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "act norm at init" in out.stdout and "reproduced" in out.stdout
     # the same checks through `nrexp report --check`, after the report's own table
     out = subprocess.run([sys.executable, "-m", "nrexp", "report", str(tmp_path / "init_depth"), "--check"],
                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
@@ -258,16 +257,17 @@ def test_init_depth_and_norm_claims_at_init_reproduce(tmp_path):
     assert out.stdout.index("act_ratio_init") < out.stdout.index("act norm at init") and "reproduced" in out.stdout
 
 
-def test_claims_bad_dir_is_one_line(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import cli_env
+def test_claims_bad_dir_is_one_line(tmp_path, capsys):
+    from nrexp.claims import check
+    from nrexp.cli import main
+    from nrexp.errors import ConfigError
 
     for target in (tmp_path / "nope", tmp_path):
-        out = subprocess.run([sys.executable, "-m", "nrexp.claims", str(target)], cwd=tmp_path, env=cli_env(tmp_path),
-                             capture_output=True, text=True, timeout=60)
-        assert out.returncode == 2 and out.stderr.count("\n") == 1 and "Fix:" in out.stderr
+        assert main(["report", str(target), "--check"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Fix:" in err
+        with pytest.raises(ConfigError, match="Fix:"):  # check() on its own says the same kind of line
+            check(target)
 
 
 def test_claims_of_missing_runs_say_so():
@@ -280,7 +280,8 @@ def test_claims_of_missing_runs_say_so():
 
 @pytest.mark.parametrize("losses,reproduced", [({"none": 2.0, "batch": 0.5, "layer": 1.0, "group": 0.9}, [True, True]),
                                                ({"none": 2.0, "batch": 1.2, "layer": 1.0, "group": 0.9}, [False, True]),
-                                               ({"none": 0.8, "batch": 0.5, "layer": 1.0, "group": 0.9}, [True, False])])
+                                               ({"none": 0.8, "batch": 0.5, "layer": 1.0, "group": 0.9},
+                                                [True, False])])
 def test_cnn_norms_claims_compare_the_training_losses(tmp_path, losses, reproduced):
     """The convnet preset's runs, as summary.json files of a sweep (training them takes hours on this CPU)."""
     from nrexp.claims import check
@@ -291,7 +292,8 @@ def test_cnn_norms_claims_compare_the_training_losses(tmp_path, losses, reproduc
             "config": {"experiment": "cnn_norms", "norm": {"name": norm}}, "metrics": {"train/loss": loss}}))
     results = check(tmp_path)
     assert [r.experiment for r in results] == ["cnn_norms"] * 2 and [r.reproduced for r in results] == reproduced
-    assert results[0].measured == "train loss: " + ", ".join(f"{n} {losses[n]:g}" for n in ("none", "batch", "layer", "group"))
+    norms = ("none", "batch", "layer", "group")
+    assert results[0].measured == "train loss: " + ", ".join(f"{n} {losses[n]:g}" for n in norms)
 
 def test_cnn_norms_claims_average_seeds_and_rank_a_diverged_run_last(tmp_path):
     """Two seeds a norm are averaged (not the last one read); a diverged no-norm run trained worse than any."""
@@ -303,7 +305,8 @@ def test_cnn_norms_claims_average_seeds_and_rank_a_diverged_run_last(tmp_path):
             (tmp_path / f"{norm}{seed}").mkdir()
             (tmp_path / f"{norm}{seed}" / "summary.json").write_text(json.dumps({
                 "status": "diverged" if loss is None else "completed",
-                "config": {"experiment": "cnn_norms", "norm": {"name": norm}, "seed": seed}, "metrics": {"train/loss": loss}}))
+                "config": {"experiment": "cnn_norms", "norm": {"name": norm}, "seed": seed},
+                "metrics": {"train/loss": loss}}))
     results = check(tmp_path)
     assert results[0].measured == "train loss: none diverged, batch 0.5, layer 0.7, group 0.7 (means of up to 2 runs)"
     assert [r.reproduced for r in results] == [True, True]
@@ -320,11 +323,14 @@ def test_claims_compared_run_by_run_are_checked_seed_by_seed(tmp_path):
         for (norm, batch), acc in runs.items():
             run = tmp_path / f"{norm}{batch}s{seed}"
             run.mkdir()
-            (run / "summary.json").write_text(json.dumps({"status": "completed", "metrics": {"test/acc": acc}, "config": {
-                "experiment": "bn_batch_size", "norm": {"name": norm}, "data": {"batch_size": batch}, "seed": seed}}))
+            config = {"experiment": "bn_batch_size", "norm": {"name": norm}, "data": {"batch_size": batch},
+                      "seed": seed}
+            (run / "summary.json").write_text(json.dumps({"status": "completed", "metrics": {"test/acc": acc},
+                                                          "config": config}))
     degrades = [r for r in check(tmp_path) if "degrades" in r.claim]
     assert [(r.claim.split(":")[0], r.reproduced) for r in degrades] == [("seed 0", True), ("seed 1", False)]
-    assert "BN error +0.3, LN error +0.02" in degrades[0].measured and "BN error +0, LN error +0" in degrades[1].measured
+    assert "BN error +0.3, LN error +0.02" in degrades[0].measured
+    assert "BN error +0, LN error +0" in degrades[1].measured
 
 
 def test_bn_tables_leave_a_diverged_run_out(tmp_path, tiny_run):
@@ -333,7 +339,8 @@ def test_bn_tables_leave_a_diverged_run_out(tmp_path, tiny_run):
     import math
     import shutil
 
-    from nrexp.claims import Run, batch_size_table, shift_table
+    from nrexp.claims import batch_size_table, shift_table
+    from nrexp.runs import Run
 
     _, good = tiny_run("norm=batch")
     diverged = tmp_path / "diverged"
@@ -348,16 +355,16 @@ def test_bn_tables_leave_a_diverged_run_out(tmp_path, tiny_run):
     assert "test" in batch_size_table(runs[:1])["batch"][b] and "test" not in batch_size_table(runs[1:])["batch"][b]
 
 
-@pytest.mark.reproduce  # ~5-8 min on 2 CPU cores: trains every preset at quick-mode budgets; the training claims need them
+@pytest.mark.reproduce  # trains every preset at quick-mode budgets (minutes): the training claims need them
 def test_reproduce_quick_runs_and_writes_results(tmp_path):
     import subprocess
     import sys
 
     from conftest import cli_env
 
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce.py"), "--quick", "--out", str(tmp_path / "out"),
-                          "--docs", str(tmp_path / "docs")], cwd=REPO, env=cli_env(tmp_path), capture_output=True,
-                         text=True, timeout=1200)
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce.py"), "--quick",
+                          "--out", str(tmp_path / "out"), "--docs", str(tmp_path / "docs")],
+                         cwd=REPO, env=cli_env(tmp_path), capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-2000:]
     text = (tmp_path / "docs" / "results.md").read_text()
     assert "Quick mode" in text and "| experiment | claim |" in text
@@ -369,6 +376,7 @@ def test_claims_leave_a_diverged_runs_checkpoint_unevaluated(tmp_path):
     the blow-up, so its entries are n/a (NaN), as its test accuracy is, and nothing is loaded."""
     import math
 
-    from nrexp.claims import Run, bn_eval
+    from nrexp.claims import bn_eval
+    from nrexp.runs import Run
 
     assert math.isnan(bn_eval(Run(tmp_path, {"status": "diverged"}), [], "running", None, cache={}))

@@ -88,7 +88,8 @@ def test_csv_numbers_match_the_summaries(tiny_sweep, reported):
             ratio = statistics.mean(a["block01"] / a["block00"] for a in act)
             assert float(row[f"act_ratio_{when}_mean"]) == pytest.approx(ratio)
     md = (sweep / "report.md").read_text()
-    assert "| data.train_size | norm | runs | status |" in md and "![act_norm_vs_depth](figures/act_norm_vs_depth.png)" in md
+    assert "| data.train_size | norm | runs | status |" in md
+    assert "![act_norm_vs_depth](figures/act_norm_vs_depth.png)" in md
 
 
 def test_figures_are_valid_pngs(tiny_sweep, reported):
@@ -114,10 +115,12 @@ def test_json_filter_and_sort(tiny_sweep, capsys, tmp_path):
     assert {r["setting"]["data.train_size"] for r in data["runs"]} == {256, 512, 5000}
     assert all(r["status"] == "failed" and "data.train_size=5000" in r["error"]
                for r in data["runs"] if r["setting"]["data.train_size"] == 5000)
-    code, out, _ = report(capsys, sweep, "--json", "--filter", "data.train_size=512", "--filter", "seed=1", "--out", tmp_path)
+    code, out, _ = report(capsys, sweep, "--json", "--filter", "data.train_size=512", "--filter", "seed=1",
+                          "--out", tmp_path)
     assert code == 0 and len(json.loads(out)["runs"]) == 2
     # the table's column "runs" sorts as the CSV's "n" does (with a filter, settings of 1 and 2 runs)
-    by = {key: report(capsys, sweep, "--json", "--filter", "seed=1", f"--sort=-{key}", "--out", tmp_path) for key in ("runs", "n")}
+    by = {key: report(capsys, sweep, "--json", "--filter", "seed=1", f"--sort=-{key}", "--out", tmp_path)
+          for key in ("runs", "n")}
     assert by["runs"][0] == 0 and by["runs"][1] == by["n"][1]
 
 
@@ -133,7 +136,8 @@ def test_a_filtered_report_goes_beside_the_sweeps_full_one(tiny_sweep, capsys, t
     with open(kept / "report.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
     assert len(full.strip().splitlines()) == 1 + 6
-    assert "12 runs" not in (kept / "report.md").read_text() and "6 runs (the runs with norm=batch)" in (kept / "report.md").read_text()
+    md = (kept / "report.md").read_text()
+    assert "12 runs" not in md and "6 runs (the runs with norm=batch)" in md
     assert sorted(p.name for p in (kept / "figures").iterdir())[0] == "act_norm_vs_depth.png"
 
 def test_one_run_dir(tiny_sweep, capsys, tmp_path):
@@ -164,7 +168,8 @@ def test_bad_input_is_one_line_exit_2(tiny_sweep, capsys, tmp_path, args, messag
 
 def test_report_cli_runs_without_torch(tiny_sweep, tmp_path):
     _, sweep = tiny_sweep
-    code = (f"import sys; from nrexp.cli import main; rc = main(['report', {str(sweep)!r}, '--out', {str(tmp_path)!r}]);"
+    code = ("import sys; from nrexp.cli import main; "
+            f"rc = main(['report', {str(sweep)!r}, '--out', {str(tmp_path)!r}]);"
             "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
                           text=True, timeout=120)

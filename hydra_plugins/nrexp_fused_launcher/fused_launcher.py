@@ -3,10 +3,10 @@
     nrexp train -m seed=0,1,2,3 optim.weight_decay=0,1e-4,1e-3 dropout.p=0,0.2 hydra/launcher=fused
 
 The launcher composes every job's config as Hydra's basic launcher does, then groups the jobs whose
-configs are equal except for the keys a member may vary (nrexp.fused.FREE_KEYS: seed, optim.lr,
+configs are equal except for the keys a member may vary (nrexp.grouping.FREE_KEYS: seed, optim.lr,
 optim.weight_decay, dropout.p, dropout.input_p, init.scale) and trains each group of two or more as one
 vectorized model (nrexp/fused.py). Groups run one after another, in the order of their first job.
-A job that is alone in its group, or whose settings cannot be vectorized (nrexp.fused.unfusable_reason:
+A job that is alone in its group, or whose settings cannot be vectorized (nrexp.grouping.unfusable_reason:
 model other than mlp, resume, ...), runs as an ordinary job through Hydra's `run_job`, exactly as under
 the basic launcher, and the log says why.
 
@@ -63,7 +63,7 @@ class FusedLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from nrexp import fused  # torch is imported here, once jobs are really launched
+        from nrexp import grouping
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
@@ -78,7 +78,7 @@ class FusedLauncher(Launcher):
             configs.append(sweep_config)
 
         task_configs = [_task_config(c) for c in configs]
-        groups = fused.plan(task_configs, self.max_members)
+        groups = grouping.plan(task_configs, self.max_members)
         log.info("fused launcher: %d jobs in %d group(s): %s", len(configs), len(groups),
                  "; ".join(f"{len(g.jobs)} x {g.label}" if g.fused else f"1 alone ({g.label})" for g in groups))
         returns: List[Optional[JobReturn]] = [None] * len(configs)
