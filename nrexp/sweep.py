@@ -19,7 +19,7 @@ import logging
 import re
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
@@ -53,7 +53,7 @@ def job_dir_name(override_dirname: str) -> str:
 OmegaConf.register_new_resolver("nrexp.job_dir", job_dir_name, replace=True)
 
 
-def record_failure(cfg: Any, run_dir: Path, error: BaseException) -> Dict:
+def record_failure(cfg: Any, run_dir: Path, error: BaseException) -> dict:
     """Write summary.json for a job that raised, with the error's last line, and log the traceback."""
     from nrexp.writers import write_summary
 
@@ -71,19 +71,19 @@ def record_failure(cfg: Any, run_dir: Path, error: BaseException) -> Dict:
     return summary
 
 
-def _plain_config(cfg: Any) -> Dict:
+def _plain_config(cfg: Any) -> dict:
     try:
         return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    except Exception:  # an interpolation that cannot resolve may be the very error being recorded
+    except Exception:  # noqa: BLE001 - an interpolation that cannot resolve may be the very error recorded
         return OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
 
 
-def gpu_for_job(job_num: int, device_count: int) -> Optional[int]:
+def gpu_for_job(job_num: int, device_count: int) -> int | None:
     """The GPU index job `job_num` of a sweep uses: round robin, so parallel jobs spread evenly."""
     return job_num % device_count if device_count > 1 else None
 
 
-def claim_gpu(requested_device: str, job_num: int) -> Optional[int]:
+def claim_gpu(requested_device: str, job_num: int) -> int | None:
     """Make GPU `gpu_for_job(...)` the current CUDA device of this job's process, for
     trainer.device=auto|cuda on a machine with more than one GPU; return its index (None: unchanged).
 
@@ -106,10 +106,10 @@ def claim_gpu(requested_device: str, job_num: int) -> Optional[int]:
 
 # The jobs of the sweep that ended last in this process, as its table lists them: `nrexp train -m`
 # exits with 1 when one of them failed (nrexp/cli.py).
-finished_jobs: List[Dict] = []
+finished_jobs: list[dict] = []
 
 
-def _job_stamps(sweep_dir: Path) -> Dict[str, int]:
+def _job_stamps(sweep_dir: Path) -> dict[str, int]:
     """Each job dir of a sweep dir with the time its summary (or, before one, its config) was written."""
     from nrexp.report import find_job_dirs
 
@@ -138,10 +138,11 @@ class SweepStatusTable(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         jobs = [read_job(d, sweep_dir) for d in find_job_dirs(sweep_dir)]
         before, now = getattr(self, "before", {}), _job_stamps(sweep_dir)
-        finished_jobs[:] = [job for job in jobs if job["dir"] not in before or before[job["dir"]] != now.get(job["dir"])]
+        finished_jobs[:] = [job for job in jobs
+                            if job["dir"] not in before or before[job["dir"]] != now.get(job["dir"])]
         # name jobs by what differs between them: overrides shared by every job only add width
         shared = set.intersection(*(set(job["name"].split(",")) for job in jobs)) if len(jobs) > 1 else set()
-        counts: Dict[str, int] = {}
+        counts: dict[str, int] = {}
         for job in jobs:
             counts[job["status"]] = counts.get(job["status"], 0) + 1
         title = f"sweep {sweep_dir}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
@@ -152,7 +153,8 @@ class SweepStatusTable(Callback):
         style = {"completed": "green", "failed": "red", "diverged": "yellow"}
         for job in jobs:
             acc = job["metrics"].get("test/acc")
-            table.add_row(",".join(p for p in job["name"].split(",") if p not in shared) or job["name"], f"[{style.get(job['status'], 'magenta')}]{job['status']}",
+            name = ",".join(p for p in job["name"].split(",") if p not in shared) or job["name"]
+            table.add_row(name, f"[{style.get(job['status'], 'magenta')}]{job['status']}",
                           "" if acc is None else f"{acc:.4f}", str(job.get("steps", "")),
                           "" if job.get("wall_time_s") is None else f"{job['wall_time_s']:.1f}",
                           job.get("error", ""))
