@@ -69,7 +69,7 @@ def test_sweep_one_dir_per_job_failures_recorded_and_status_table(tiny_sweep):
         statuses[job] = summary["status"]
         if "data.train_size=5000" in job:  # more examples than the data has: this job fails, the others run
             assert summary["status"] == "failed"
-            assert summary["error"].startswith("nrexp.config.ConfigError: data.train_size=5000 is invalid")
+            assert summary["error"].startswith("nrexp.errors.ConfigError: data.train_size=5000 is invalid")
             assert "\n" not in summary["error"]
             assert "Traceback" in (sweep / job / "train.log").read_text()  # the full story stays in the job log
         else:
