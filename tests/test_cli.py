@@ -15,8 +15,10 @@ LAYER_METRICS = ("act_norm", "grad_norm", "weight_norm", "weight_change", "updat
 
 
 def test_help_lists_commands_without_importing_torch(tmp_path):
-    code = "import sys; from nrexp.cli import main; main(['--help']); assert 'torch' not in sys.modules, 'torch imported'"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True)
+    code = ("import sys; from nrexp.cli import main; main(['--help']); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr
     assert "train" in proc.stdout and "usage: nrexp" in proc.stdout
 
@@ -24,24 +26,25 @@ def test_help_lists_commands_without_importing_torch(tmp_path):
 def test_cfg_job_composes_without_importing_torch(tmp_path):
     code = ("import sys; from nrexp.cli import main; main(['train', '--cfg', 'job', 'norm=batch', 'dropout.p=0.2']);"
             "assert 'torch' not in sys.modules, 'torch imported'")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr
     assert "name: batch" in proc.stdout and "p: 0.2" in proc.stdout
     assert not (tmp_path / "outputs").exists()  # printing the config runs nothing
 
 
 @pytest.mark.slow
-def test_fast_exit_keeps_exit_code_output_threads_and_atexit(tmp_path):
-    # entry() leaves with os._exit once torch is imported: everything Python's own exit does that
-    # matters must still happen: a worker thread finishes its file, atexit handlers run, unflushed
-    # output (no newline, stdout a pipe) arrives, and main()'s exit code is the process's.
+def test_entry_exits_as_python_does_after_main(tmp_path):
+    # entry() is main() then a plain exit: a worker thread finishes its file, atexit handlers run,
+    # unflushed output (no newline, stdout a pipe) arrives, and main()'s exit code is the process's.
     code = ("import atexit, threading, time, torch, nrexp.cli as cli\n"
             "atexit.register(lambda: open('atexit.txt', 'w').write('ran'))\n"
             "def slow_writer():\n    time.sleep(0.5); open('thread.txt', 'w').write('done')\n"
             "threading.Thread(target=slow_writer).start()\n"
-            "cli.main = lambda: (print('last words', end=''), 7)[1]\n"
+            "cli._main = lambda argv: (print('last words', end=''), 7)[1]\n"
             "cli.entry()\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
+                          text=True)
     assert proc.returncode == 7, proc.stderr
     assert proc.stdout == "last words"
     assert (tmp_path / "atexit.txt").read_text() == "ran"
@@ -49,9 +52,9 @@ def test_fast_exit_keeps_exit_code_output_threads_and_atexit(tmp_path):
 
 
 @pytest.mark.slow
-def test_fast_exit_into_a_closed_pipe_is_quiet(tmp_path):
-    # output still buffered when main() returns meets a pipe whose reader left: exit 141, no traceback
-    code = "import torch, nrexp.cli as cli; cli.main = lambda: (print('x' * 10, end=''), 0)[1]; cli.entry()"
+def test_exit_into_a_closed_pipe_is_quiet(tmp_path):
+    # output still buffered when the command returns meets a pipe whose reader left: exit 141, no traceback
+    code = "import nrexp.cli as cli; cli._main = lambda argv: (print('x' * 10, end=''), 0)[1]; cli.entry()"
     env = {k: v for k, v in cli_env(tmp_path).items() if k != "PYTHONUNBUFFERED"}  # keep stdout buffered
     read_end, write_end = os.pipe()
     os.close(read_end)
@@ -77,7 +80,8 @@ def test_train_help_shows_groups_and_every_knob(tmp_path):
 def test_unknown_command_is_one_clear_line(tmp_path):
     proc = run_cli(["trian"], cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["nrexp: error: unknown command 'trian'. Fix: run `nrexp --help` for the list of commands"]
+    assert proc.stderr.strip().splitlines() == [
+        "nrexp: error: unknown command 'trian'. Fix: run `nrexp --help` for the list of commands"]
 
 
 @pytest.mark.slow
@@ -124,11 +128,13 @@ def test_train_end_to_end_writes_events_summary_checkpoint(tiny_run):
         (record,) = events.Images(tag)
         picture = Image.open(io.BytesIO(record.encoded_image_string))
         assert picture.format == "PNG" and picture.size == (record.width, record.height) == (800, 320)
-        assert len(picture.convert("L").getcolors(maxcolors=256 * 256) or ()) > 20, tag  # text, lines and markers, not one color
+        # text, lines and markers, not one color
+        assert len(picture.convert("L").getcolors(maxcolors=256 * 256) or ()) > 20, tag
     # the custom-scalars layout (one chart per per-layer metric) and the run's config and data source
     from tensorboard.plugins.custom_scalar import layout_pb2
 
-    assert {"custom_scalars__config__", "run/config/text_summary", "run/data_source/text_summary"} <= set(events.Tags()["tensors"])
+    tensors = set(events.Tags()["tensors"])
+    assert {"custom_scalars__config__", "run/config/text_summary", "run/data_source/text_summary"} <= tensors
     layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     charts = {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
     assert charts["act_norm"] == ["^act_norm/"] and charts["grad_norm"] == ["^grad_norm/"]
@@ -240,7 +246,8 @@ def test_compile_computes_what_eager_does_and_keeps_every_statistic(tmp_path):
     from nrexp.train import train
 
     if shutil.which(os.environ.get("CXX", "g++")) is None:
-        pytest.skip("no C++ compiler here: torch.compile cannot build CPU kernels (the error path is tested in test_faults)")
+        pytest.skip("no C++ compiler here: torch.compile cannot build CPU kernels (the error path is tested in "
+                    "test_faults)")
     runs = {}
     for compiled in ("false", "true"):
         cfg = compose([*TINY, "norm=batch", f"trainer.compile={compiled}", "trainer.progress=false"])
@@ -252,12 +259,14 @@ def test_compile_computes_what_eager_does_and_keeps_every_statistic(tmp_path):
         assert math.isclose(fast["metrics"][key], value, rel_tol=1e-4, abs_tol=1e-6), key
     curves = {name: EventAccumulator(str(tmp_path / name)).Reload() for name in runs}
     losses = {name: [e.value for e in acc.Scalars("train/loss")] for name, acc in curves.items()}
-    assert len(losses["true"]) == len(losses["false"]) == 4 and all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(losses["true"], losses["false"]))
+    assert len(losses["true"]) == len(losses["false"]) == 4
+    assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(losses["true"], losses["false"]))
     for when in ("init", "final"):  # every layer's statistics, at init and of the trained net
         for metric, per_layer in eager["layers"][when].items():
             assert per_layer.keys() == fast["layers"][when][metric].keys()
             for layer, value in per_layer.items():
-                assert math.isclose(fast["layers"][when][metric][layer], value, rel_tol=1e-3, abs_tol=1e-6), (when, metric, layer)
+                got = fast["layers"][when][metric][layer]
+                assert math.isclose(got, value, rel_tol=1e-3, abs_tol=1e-6), (when, metric, layer)
     assert set(curves["true"].Tags()["scalars"]) == set(curves["false"].Tags()["scalars"])
 
 
