@@ -62,6 +62,7 @@ def train_app(args: list[str]) -> int:
     if existing is not None and resume:  # continue in the run's own directory, its recorded config untouched
         run_dir = Path(_unquote(resume)).resolve()
         args = [*args, quote_path_override(f"hydra.run.dir={run_dir}"), "hydra.output_subdir=null"]
+    args += sweep.naming_overrides(overrides, multirun)  # a sweep's job dirs: named by what varies
 
     @hydra.main(version_base="1.3", config_path=nrexp.config_dir(), config_name="train")
     def _train(cfg) -> float:

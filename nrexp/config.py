@@ -448,14 +448,16 @@ def help_text() -> str:
     ])
 
 
-def fresh_dir(path: str) -> str:
-    """`path`, or `path_1`, `path_2`... whichever is new, created now so no other run can take it.
+def fresh_dir(path: str, suffix: str = "") -> str:
+    """`path` + `suffix`, or `path_1` + `suffix`, `path_2` + `suffix`... whichever is new, created now so no
+    other run can take it (`outputs/<day>/12-00-00_1_norm=batch`: the count follows the time, so that it
+    never reads as part of a value).
 
     Registered as the `nrexp.fresh_dir` resolver for hydra.run.dir: two runs started in the same second
     (or a clock that repeats) never share or overwrite a run directory. OmegaConf caches the result per
     config, so one run resolves to one directory however often Hydra reads it.
     """
-    candidate, n = Path(path), 0
+    candidate, n = Path(path + suffix), 0
     candidate.parent.mkdir(parents=True, exist_ok=True)
     while True:
         try:
@@ -463,7 +465,7 @@ def fresh_dir(path: str) -> str:
             return str(candidate)
         except FileExistsError:
             n += 1
-            candidate = Path(f"{path}_{n}")
+            candidate = Path(f"{path}_{n}{suffix}")
 
 
 def register() -> None:

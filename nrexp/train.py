@@ -41,6 +41,7 @@ from nrexp.models import build_model
 from nrexp.monitor import LayerMonitor, keeping_denormal_mode, set_flush_denormal
 from nrexp.optim import build_optimizer
 from nrexp.signals import GracefulStop
+from nrexp.sweep import run_text
 from nrexp.writers import TensorBoardWriter, finite_or_none, write_summary
 
 log = logging.getLogger("nrexp")
@@ -193,6 +194,7 @@ class Member:
         if purge_step is None:
             self.writer.text("run/config", "```\n" + OmegaConf.to_yaml(self.cfg, resolve=True) + "```")
             self.writer.text("run/data_source", f"{data.name} from {data.source} on {device}{note}")
+            self.writer.text("run/name", run_text(self.run_dir))  # what differs, what its sweep holds constant
 
 
 class Trainee:
