@@ -140,9 +140,8 @@ class RunConsole(Callback):
 
     def on_job_start(self, config: Any, **kwargs: Any) -> None:
         global per_run_table
-        if _in_sweep(config):
-            per_run_table = False
-        else:
+        per_run_table = not _in_sweep(config)
+        if per_run_table:
             console.print(f"run dir: {_shown(config.hydra.runtime.output_dir)}", soft_wrap=True, markup=False,
                           highlight=False)
 
