@@ -6,8 +6,8 @@ import json
 import math
 
 import pytest
-
 from conftest import compose
+
 from nrexp import stats
 from nrexp.stats import CONTRADICTED, INCONCLUSIVE, MISSING, REPRODUCED, Interval
 
