@@ -225,7 +225,7 @@ def _sweeps(tmp_path, *names, extra=None):
     env = dict(cli_env(tmp_path), OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, "-m", "nrexp", "train", "-m", f"+experiment={name}",
                                f"hydra.sweep.dir={tmp_path / name}", "data.source=bundled", "data.train_size=256",
-                               "data.batch_size=64", "trainer.max_steps=1", "trainer.progress=false",
+                               "trainer.max_steps=1", "trainer.progress=false",
                                "trainer.checkpoint_every=0", *(extra or {}).get(name, [])],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name in names]
