@@ -221,3 +221,32 @@ def test_a_run_sees_max_examples_and_logs_the_scaled_lr(tiny_run):
     from nrexp.runs import Run
 
     assert Run(run).scalars("lr")[0][1] == pytest.approx(0.05)
+
+
+def test_report_table_shows_mean_and_95_interval_of_seed_groups(tmp_path):
+    from nrexp.report import group_settings, load_runs, rows_of, swept_keys, table_cells
+
+    accs = {"batch": [0.80, 0.82, 0.87], "none": [0.75, 0.75, 0.75]}
+    for norm, values in accs.items():
+        for seed, acc in enumerate(values):
+            write_run(tmp_path, f"{norm}{seed}", {"norm": {"name": norm}, "seed": seed},
+                      {"test/acc": acc, "train/acc": 1.0, "train/loss": 0.1})
+    write_run(tmp_path, "layer0", {"norm": {"name": "layer"}, "seed": 0}, {"test/acc": 0.7, "train/acc": 1.0,
+                                                                          "train/loss": 0.1})
+    runs = load_runs(tmp_path)
+    keys = swept_keys(runs)
+    settings = group_settings(runs, keys)
+    half = 4.3027 * statistics_stdev(accs["batch"]) / math.sqrt(3)  # t(0.975, 2) s / sqrt(3)
+    rows = {r["norm"]: r for r in rows_of(settings)}
+    assert rows["batch"]["test_acc_ci95"] == pytest.approx(half) and rows["none"]["test_acc_ci95"] == 0.0
+    assert math.isnan(rows["layer"]["test_acc_ci95"])  # one seed: no interval
+    header, body = table_cells(settings, keys)
+    cells = {row[0]: dict(zip(header, row)) for row in body}
+    assert cells["batch"]["test_acc"] == f"{0.83:.4f} ± {half:.4f}"
+    assert cells["layer"]["test_acc"] == "0.7000"
+
+
+def statistics_stdev(values):
+    import statistics
+
+    return statistics.stdev(values)
