@@ -378,7 +378,7 @@ def test_reproduce_quick_runs_and_writes_results(tmp_path):
 
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce.py"), "--quick",
                           "--out", str(tmp_path / "out"), "--docs", str(tmp_path / "docs")],
-                         cwd=REPO, env=cli_env(tmp_path), capture_output=True, text=True, timeout=1200)
+                         cwd=REPO, env=cli_env(tmp_path), capture_output=True, text=True, timeout=3600)
     assert out.returncode == 0, out.stderr[-2000:]
     text = (tmp_path / "docs" / "results.md").read_text()
     assert "Quick mode" in text and "| experiment | claim |" in text
