@@ -382,7 +382,9 @@ def main() -> int:
         f"- data source: {', '.join(sorted(s for s in sources if s))}"
         + (" — the bundled 4,000/1,000-digit MNIST sample, not the full 60k/10k set"
            if sources == {"bundled"} else ""),
-        f"- wall time: {total:.0f} s in all ({train_seconds:.0f} s training, the rest checks and figures)",
+        (f"- wall time: {total:.0f} s in all ({train_seconds:.0f} s training, the rest checks and figures)"
+         if not args.skip_train else f"- wall time: {total:.0f} s of checks and figures (--skip-train: the sweeps "
+                                     "were trained before)"),
         f"- claims: {len(results)}; " + ", ".join(f"{sum(r.outcome == o for r in results)} {o}" for o in OUTCOMES),
         "",
         quick_note if args.quick else "", "",
