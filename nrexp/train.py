@@ -300,7 +300,7 @@ class SoloRun(Trainee):
         return {"compile": self.forward.status} if isinstance(self.forward, CompiledForward) else {}
 
 
-def make_schedule(t, steps_per_epoch: int, batch_size: Optional[int] = None) -> Schedule:
+def make_schedule(t, steps_per_epoch: int, batch_size: int | None = None) -> Schedule:
     """The schedule trainer config `t` asks for; an epoch is `steps_per_epoch` steps of `batch_size` examples.
     Its length: t.max_steps, else ceil(t.max_examples / batch_size) (a budget in examples seen), else
     t.epochs epochs."""
