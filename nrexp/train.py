@@ -252,7 +252,7 @@ class SoloRun(Trainee):
         super().__init__(cfg, "one run")
         self.member = Member(cfg, run_dir, self.data, self.device)
         self.members, self.resume = [self.member], resume
-        self.schedule = make_schedule(self.trainer, self.member.batches.steps_per_epoch)
+        self.schedule = make_schedule(self.trainer, self.member.batches.steps_per_epoch, self.batch_size)
         compiled = self.trainer.compile  # trainer.compile: see CompiledForward
         self.forward = CompiledForward(self.member.model, self.device) if compiled else self.member.model
         self.inflight: Optional[Future] = None  # the last logging step's statistics, maybe still computing
@@ -300,9 +300,17 @@ class SoloRun(Trainee):
         return {"compile": self.forward.status} if isinstance(self.forward, CompiledForward) else {}
 
 
-def make_schedule(t, steps_per_epoch: int) -> Schedule:
-    """The schedule trainer config `t` asks for; an epoch is `steps_per_epoch` steps."""
-    return Schedule(total_steps=t.max_steps or t.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
+def make_schedule(t, steps_per_epoch: int, batch_size: int | None = None) -> Schedule:
+    """The schedule trainer config `t` asks for; an epoch is `steps_per_epoch` steps of `batch_size` examples.
+    Its length: t.max_steps, else ceil(t.max_examples / batch_size) (a budget in examples seen), else
+    t.epochs epochs."""
+    total = t.max_steps or t.epochs * steps_per_epoch
+    if getattr(t, "max_examples", None):
+        if not batch_size:
+            raise ConfigError("trainer.max_examples is not supported by this launcher (it does not pass the batch "
+                              "size to the schedule). Fix: use trainer.max_steps, or the basic launcher")
+        total = math.ceil(t.max_examples / batch_size)
+    return Schedule(total_steps=total, steps_per_epoch=steps_per_epoch,
                     log=Every(t.log_every), evaluate=Every(t.eval_every or steps_per_epoch),
                     checkpoint=Every(t.checkpoint_every))
 
