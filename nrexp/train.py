@@ -300,15 +300,12 @@ class SoloRun(Trainee):
         return {"compile": self.forward.status} if isinstance(self.forward, CompiledForward) else {}
 
 
-def make_schedule(t, steps_per_epoch: int, batch_size: int | None = None) -> Schedule:
+def make_schedule(t, steps_per_epoch: int, batch_size: int) -> Schedule:
     """The schedule trainer config `t` asks for; an epoch is `steps_per_epoch` steps of `batch_size` examples.
     Its length: t.max_steps, else ceil(t.max_examples / batch_size) (a budget in examples seen), else
     t.epochs epochs."""
     total = t.max_steps or t.epochs * steps_per_epoch
-    if getattr(t, "max_examples", None):
-        if not batch_size:
-            raise ConfigError("trainer.max_examples is not supported by this launcher (it does not pass the batch "
-                              "size to the schedule). Fix: use trainer.max_steps, or the basic launcher")
+    if t.max_examples:
         total = math.ceil(t.max_examples / batch_size)
     return Schedule(total_steps=total, steps_per_epoch=steps_per_epoch,
                     log=Every(t.log_every), evaluate=Every(t.eval_every or steps_per_epoch),
