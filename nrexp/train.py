@@ -66,6 +66,175 @@ def train(cfg, run_dir: Path, resume: bool = False) -> Dict:
 
 
 # ------------------------------------------------------------------------------------------------
+# the loop
+
+
+def run_loop(trainee: Trainee, stop: GracefulStop) -> List[Dict]:
+    """Train every member of `trainee` until the schedule ends, it diverges or a signal stops the run;
+    write each member's summary. Returns the summaries, in member order."""
+    sched, t = trainee.schedule, trainee.trainer
+    with_layer_stats, each_step = t.layer_stats, checks_every_step(trainee.device)
+    try:
+        s = trainee.start()
+        s.stop, alive = stop, list(trainee.members)
+        with TrainProgress(sched.total_steps, sched.steps_per_epoch, enabled=t.progress) as progress:
+            progress.advance_to(s.step)
+            while alive and sched.until(s.step) and not stop.requested:
+                alive = boundary_work(trainee, s, alive, progress)  # checkpoint, evaluation
+                if not alive:
+                    break
+                # -- one training step of every member
+                logging = sched.log(s.step)
+                out = trainee.forward_backward(s.step, logging and with_layer_stats, logging)
+                alive = write_pending_log(trainee, s, alive, progress)  # before the update changes W
+                if not alive:
+                    break
+                trainee.update(out, s.step, logging)
+                s.add(out)
+                if logging:
+                    s.take_log(out.stats, trainee.batch_size)
+                s.step += 1
+                progress.advance_to(s.step)
+                if each_step:  # see checks_every_step
+                    alive = stop_nonfinite(trainee, s, alive, out.losses, s.step - 1)
+
+            alive = write_pending_log(trainee, s, alive, progress)
+            if alive and not each_step and s.steps_since_log:  # the steps after the last log: checked once
+                alive = stop_nonfinite(trainee, s, alive, s.loss_sum, s.step - 1)
+            s.loop_end = time.perf_counter()
+            trainee.sync()
+            for m in alive:
+                finish(trainee, s, m, "interrupted" if stop.requested else "completed", signal=stop.signum)
+            progress.advance_to(s.step)
+    finally:
+        trainee.close()
+    if stop.requested:
+        where = trainee.members[0].run_dir if len(trainee.members) == 1 else "<its run dir>"
+        log.warning("stopped by signal %d at step %d; checkpoint written. Continue with: nrexp train resume=%s",
+                    stop.signum, s.step, where)
+    return [m.summary for m in trainee.members]
+
+
+def boundary_work(trainee: Trainee, s: LoopState, alive: List[Member], progress: TrainProgress) -> List[Member]:
+    """The checkpoint, then the test evaluation, when due at this step boundary. Neither counts as
+    training time. Returns the members still training."""
+    checkpoint_due = s.step > s.start_step and trainee.schedule.checkpoint(s.step)
+    evaluation_due = s.step > 0 and trainee.schedule.evaluate(s.step)
+    if not (checkpoint_due or evaluation_due):
+        return alive
+    alive = write_pending_log(trainee, s, alive, progress)
+    trainee.sync()
+    if checkpoint_due:
+        paused = time.perf_counter()
+        for m in alive:
+            trainee.save(m, s.checkpoint_state(trainee.members.index(m), m, paused))
+        s.paused(paused, evaluating=False)
+    if evaluation_due and alive:
+        paused = time.perf_counter()
+        for m in alive:
+            m.metrics.update(evaluate(m.model, trainee.data.test_x, trainee.data.test_y,
+                                      m.cfg.data.eval_batch_size, "test"))
+            m.writer.scalars(s.step, {k: m.metrics[k] for k in ("test/loss", "test/acc")})
+            if m.last_stats:
+                m.writer.depth_plot(s.step, m.last_stats, "latest")
+        progress.update(s.step, mean_of([m.metrics for m in alive]))
+        s.paused(paused, evaluating=True)
+    return alive
+
+
+def write_pending_log(trainee: Trainee, s: LoopState, alive: List[Member], progress: TrainProgress) -> List[Member]:
+    """Write the pending logging step for every member still training, from one host copy. That copy is
+    where a run without a per-step check finds a non-finite loss (the mean since the previous log):
+    such a member has diverged and is finished here. Returns the members still training."""
+    p, s.pending = s.pending, None
+    if p is None:
+        return alive
+    stats = p.stats.result() if p.stats is not None else {}
+    rows = trainee.stats_to_host(stats, {"train/loss": p.loss, "train/acc": p.acc})
+    shown, diverged = [], []
+    for m, (layer_stats, values) in zip(trainee.members, rows):
+        if m not in alive:
+            continue
+        m.last_stats, values = write_log(m.writer, p.step, layer_stats, values, samples=p.samples,
+                                         seconds=p.seconds, lr=m.optimizer.param_groups[0]["lr"])
+        if p.step == 0 and p.stats is not None:
+            m.init_stats = m.last_stats
+        shown.append(values)
+        if not math.isfinite(values["train/loss"]):
+            diverged.append(m)
+    progress.update(p.step, mean_of(shown))
+    return stop_diverged(trainee, s, alive, diverged, p.step)
+
+
+def stop_nonfinite(trainee: Trainee, s: LoopState, alive: List[Member], losses: torch.Tensor,
+                   step: int) -> List[Member]:
+    """Finish the members whose entry of `losses` (M,) is not finite (one host copy); the others go on."""
+    finite = torch.isfinite(losses).tolist()
+    return stop_diverged(trainee, s, alive, [m for j, m in enumerate(trainee.members) if not finite[j]], step)
+
+
+def stop_diverged(trainee: Trainee, s: LoopState, alive: List[Member], diverged: List[Member],
+                  step: int) -> List[Member]:
+    diverged = [m for m in diverged if m in alive]
+    if not diverged:
+        return alive
+    trainee.sync()
+    for m in diverged:
+        log.warning("%s: non-finite training loss at step %d: stopping (status diverged)", m.run_dir.name, step)
+        finish(trainee, s, m, "diverged", nonfinite_step=step)
+    return [m for m in alive if m not in diverged]
+
+
+def finish(trainee: Trainee, s: LoopState, m: Member, status: str, nonfinite_step: Optional[int] = None,
+           signal: Optional[int] = None) -> None:
+    """End member m's run (its modules up to date) and write its summary.json. A run that did not
+    diverge first writes the checkpoint to resume from, at this step boundary; a run not interrupted is
+    then evaluated (test and training sets, final per-layer statistics). Every status is true: a
+    non-finite final evaluation is `diverged`, a signal during it `interrupted` (the checkpoint stands)."""
+    ended = s.loop_end or time.perf_counter()
+    if status != "diverged":
+        trainee.save(m, s.checkpoint_state(trainee.members.index(m), m, ended))
+    final_stats: Dict = {}
+    if status != "interrupted":
+        final_stats = final_evaluation_of(trainee, m, s.step)
+        if s.stop is not None and s.stop.requested and status == "completed":
+            status, signal = "interrupted", s.stop.signum
+        elif status == "completed" and not all(math.isfinite(v) for v in m.metrics.values()):
+            status, nonfinite_step = "diverged", s.step - 1
+            log.warning("%s: non-finite loss in the final evaluation: status diverged", m.run_dir.name)
+    m.summary = finish_run(
+        m.cfg, m.run_dir, m.writer, status=status, step=s.step, start_step=s.start_step, metrics=m.metrics,
+        init_stats=m.init_stats, final_stats=final_stats, steps_per_epoch=trainee.schedule.steps_per_epoch,
+        wall_time_s=s.elapsed_before + time.perf_counter() - s.started, loop_seconds=ended - s.started - s.eval_seconds,
+        device=trainee.device, data_source=trainee.data.source, nonfinite_step=nonfinite_step, signal=signal,
+        extra=trainee.summary_extra(), print_table=len(trainee.members) == 1)
+    if len(trainee.members) > 1:
+        acc = m.summary["metrics"]["test/acc"]
+        log.info("%s: %s after %d steps, test acc %s", m.run_dir.name, status, s.step,
+                 "n/a" if acc is None else f"{acc:.4f}")
+
+
+def final_evaluation_of(trainee: Trainee, m: Member, step: int) -> Dict:
+    """final_evaluation for member m; the probe's dropout draws from the member's own stream, as alone."""
+    with torch.random.fork_rng(devices=[trainee.device] if trainee.device.type == "cuda" else []):
+        if m.rng is not None:
+            set_global_rng_state(m.rng.get_state(), trainee.device)
+        return final_evaluation(m.model, m.monitor, m.writer, trainee.data, m.cfg, step, m.metrics)
+
+
+def set_global_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def mean_of(values: List[Dict[str, float]]) -> Dict[str, float]:
+    """The members' mean of each finite value, for the one progress line of a group."""
+    keys = {k for v in values for k in v if isinstance(v.get(k), (int, float)) and math.isfinite(v[k])}
+    return {k: sum(v[k] for v in values if k in v) / sum(1 for v in values if k in v) for k in keys}
+
+# ------------------------------------------------------------------------------------------------
 # the schedule and the loop's state
 
 
@@ -254,7 +423,7 @@ class SoloRun(Trainee):
         super().__init__(cfg, "one run")
         self.member = Member(cfg, run_dir, self.data, self.device)
         self.members, self.resume = [self.member], resume
-        self.schedule = make_schedule(self.trainer, self.member.batches.steps_per_epoch)
+        self.schedule = make_schedule(self.trainer, self.member.batches.steps_per_epoch, self.batch_size)
         compiled = self.trainer.compile  # trainer.compile: see CompiledForward
         self.forward = CompiledForward(self.member.model, self.device) if compiled else self.member.model
         self.inflight: Optional[Future] = None  # the last logging step's statistics, maybe still computing
@@ -302,9 +471,14 @@ class SoloRun(Trainee):
         return {"compile": self.forward.status} if isinstance(self.forward, CompiledForward) else {}
 
 
-def make_schedule(t, steps_per_epoch: int) -> Schedule:
-    """The schedule trainer config `t` asks for; an epoch is `steps_per_epoch` steps."""
-    return Schedule(total_steps=t.max_steps or t.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
+def make_schedule(t, steps_per_epoch: int, batch_size: int) -> Schedule:
+    """The schedule trainer config `t` asks for; an epoch is `steps_per_epoch` steps of `batch_size` examples.
+    Its length: t.max_steps, else ceil(t.max_examples / batch_size) (a budget in examples seen), else
+    t.epochs epochs."""
+    total = t.max_steps or t.epochs * steps_per_epoch
+    if t.max_examples:
+        total = math.ceil(t.max_examples / batch_size)
+    return Schedule(total_steps=total, steps_per_epoch=steps_per_epoch,
                     log=Every(t.log_every), evaluate=Every(t.eval_every or steps_per_epoch),
                     checkpoint=Every(t.checkpoint_every))
 
@@ -323,175 +497,6 @@ def member_rng_state(member: Member) -> Optional[Dict]:
         return None
     return {"torch": member.rng.get_state()} if member.rng.device.type == "cpu" else {"cuda": [member.rng.get_state()]}
 
-
-# ------------------------------------------------------------------------------------------------
-# the loop
-
-
-def run_loop(trainee: Trainee, stop: GracefulStop) -> List[Dict]:
-    """Train every member of `trainee` until the schedule ends, it diverges or a signal stops the run;
-    write each member's summary. Returns the summaries, in member order."""
-    sched, t = trainee.schedule, trainee.trainer
-    with_layer_stats, each_step = t.layer_stats, checks_every_step(trainee.device)
-    try:
-        s = trainee.start()
-        s.stop, alive = stop, list(trainee.members)
-        with TrainProgress(sched.total_steps, sched.steps_per_epoch, enabled=t.progress) as progress:
-            progress.advance_to(s.step)
-            while alive and sched.until(s.step) and not stop.requested:
-                alive = boundary_work(trainee, s, alive, progress)  # checkpoint, evaluation
-                if not alive:
-                    break
-                # -- one training step of every member
-                logging = sched.log(s.step)
-                out = trainee.forward_backward(s.step, logging and with_layer_stats, logging)
-                alive = write_pending_log(trainee, s, alive, progress)  # before the update changes W
-                if not alive:
-                    break
-                trainee.update(out, s.step, logging)
-                s.add(out)
-                if logging:
-                    s.take_log(out.stats, trainee.batch_size)
-                s.step += 1
-                progress.advance_to(s.step)
-                if each_step:  # see checks_every_step
-                    alive = stop_nonfinite(trainee, s, alive, out.losses, s.step - 1)
-
-            alive = write_pending_log(trainee, s, alive, progress)
-            if alive and not each_step and s.steps_since_log:  # the steps after the last log: checked once
-                alive = stop_nonfinite(trainee, s, alive, s.loss_sum, s.step - 1)
-            s.loop_end = time.perf_counter()
-            trainee.sync()
-            for m in alive:
-                finish(trainee, s, m, "interrupted" if stop.requested else "completed", signal=stop.signum)
-            progress.advance_to(s.step)
-    finally:
-        trainee.close()
-    if stop.requested:
-        where = trainee.members[0].run_dir if len(trainee.members) == 1 else "<its run dir>"
-        log.warning("stopped by signal %d at step %d; checkpoint written. Continue with: nrexp train resume=%s",
-                    stop.signum, s.step, where)
-    return [m.summary for m in trainee.members]
-
-
-def boundary_work(trainee: Trainee, s: LoopState, alive: List[Member], progress: TrainProgress) -> List[Member]:
-    """The checkpoint, then the test evaluation, when due at this step boundary. Neither counts as
-    training time. Returns the members still training."""
-    checkpoint_due = s.step > s.start_step and trainee.schedule.checkpoint(s.step)
-    evaluation_due = s.step > 0 and trainee.schedule.evaluate(s.step)
-    if not (checkpoint_due or evaluation_due):
-        return alive
-    alive = write_pending_log(trainee, s, alive, progress)
-    trainee.sync()
-    if checkpoint_due:
-        paused = time.perf_counter()
-        for m in alive:
-            trainee.save(m, s.checkpoint_state(trainee.members.index(m), m, paused))
-        s.paused(paused, evaluating=False)
-    if evaluation_due and alive:
-        paused = time.perf_counter()
-        for m in alive:
-            m.metrics.update(evaluate(m.model, trainee.data.test_x, trainee.data.test_y,
-                                      m.cfg.data.eval_batch_size, "test"))
-            m.writer.scalars(s.step, {k: m.metrics[k] for k in ("test/loss", "test/acc")})
-            if m.last_stats:
-                m.writer.depth_plot(s.step, m.last_stats, "latest")
-        progress.update(s.step, mean_of([m.metrics for m in alive]))
-        s.paused(paused, evaluating=True)
-    return alive
-
-
-def write_pending_log(trainee: Trainee, s: LoopState, alive: List[Member], progress: TrainProgress) -> List[Member]:
-    """Write the pending logging step for every member still training, from one host copy. That copy is
-    where a run without a per-step check finds a non-finite loss (the mean since the previous log):
-    such a member has diverged and is finished here. Returns the members still training."""
-    p, s.pending = s.pending, None
-    if p is None:
-        return alive
-    stats = p.stats.result() if p.stats is not None else {}
-    rows = trainee.stats_to_host(stats, {"train/loss": p.loss, "train/acc": p.acc})
-    shown, diverged = [], []
-    for m, (layer_stats, values) in zip(trainee.members, rows):
-        if m not in alive:
-            continue
-        m.last_stats, values = write_log(m.writer, p.step, layer_stats, values, samples=p.samples,
-                                         seconds=p.seconds, lr=m.optimizer.param_groups[0]["lr"])
-        if p.step == 0 and p.stats is not None:
-            m.init_stats = m.last_stats
-        shown.append(values)
-        if not math.isfinite(values["train/loss"]):
-            diverged.append(m)
-    progress.update(p.step, mean_of(shown))
-    return stop_diverged(trainee, s, alive, diverged, p.step)
-
-
-def stop_nonfinite(trainee: Trainee, s: LoopState, alive: List[Member], losses: torch.Tensor,
-                   step: int) -> List[Member]:
-    """Finish the members whose entry of `losses` (M,) is not finite (one host copy); the others go on."""
-    finite = torch.isfinite(losses).tolist()
-    return stop_diverged(trainee, s, alive, [m for j, m in enumerate(trainee.members) if not finite[j]], step)
-
-
-def stop_diverged(trainee: Trainee, s: LoopState, alive: List[Member], diverged: List[Member],
-                  step: int) -> List[Member]:
-    diverged = [m for m in diverged if m in alive]
-    if not diverged:
-        return alive
-    trainee.sync()
-    for m in diverged:
-        log.warning("%s: non-finite training loss at step %d: stopping (status diverged)", m.run_dir.name, step)
-        finish(trainee, s, m, "diverged", nonfinite_step=step)
-    return [m for m in alive if m not in diverged]
-
-
-def finish(trainee: Trainee, s: LoopState, m: Member, status: str, nonfinite_step: Optional[int] = None,
-           signal: Optional[int] = None) -> None:
-    """End member m's run (its modules up to date) and write its summary.json. A run that did not
-    diverge first writes the checkpoint to resume from, at this step boundary; a run not interrupted is
-    then evaluated (test and training sets, final per-layer statistics). Every status is true: a
-    non-finite final evaluation is `diverged`, a signal during it `interrupted` (the checkpoint stands)."""
-    ended = s.loop_end or time.perf_counter()
-    if status != "diverged":
-        trainee.save(m, s.checkpoint_state(trainee.members.index(m), m, ended))
-    final_stats: Dict = {}
-    if status != "interrupted":
-        final_stats = final_evaluation_of(trainee, m, s.step)
-        if s.stop is not None and s.stop.requested and status == "completed":
-            status, signal = "interrupted", s.stop.signum
-        elif status == "completed" and not all(math.isfinite(v) for v in m.metrics.values()):
-            status, nonfinite_step = "diverged", s.step - 1
-            log.warning("%s: non-finite loss in the final evaluation: status diverged", m.run_dir.name)
-    m.summary = finish_run(
-        m.cfg, m.run_dir, m.writer, status=status, step=s.step, start_step=s.start_step, metrics=m.metrics,
-        init_stats=m.init_stats, final_stats=final_stats, steps_per_epoch=trainee.schedule.steps_per_epoch,
-        wall_time_s=s.elapsed_before + time.perf_counter() - s.started, loop_seconds=ended - s.started - s.eval_seconds,
-        device=trainee.device, data_source=trainee.data.source, nonfinite_step=nonfinite_step, signal=signal,
-        extra=trainee.summary_extra(), print_table=len(trainee.members) == 1)
-    if len(trainee.members) > 1:
-        acc = m.summary["metrics"]["test/acc"]
-        log.info("%s: %s after %d steps, test acc %s", m.run_dir.name, status, s.step,
-                 "n/a" if acc is None else f"{acc:.4f}")
-
-
-def final_evaluation_of(trainee: Trainee, m: Member, step: int) -> Dict:
-    """final_evaluation for member m; the probe's dropout draws from the member's own stream, as alone."""
-    with torch.random.fork_rng(devices=[trainee.device] if trainee.device.type == "cuda" else []):
-        if m.rng is not None:
-            set_global_rng_state(m.rng.get_state(), trainee.device)
-        return final_evaluation(m.model, m.monitor, m.writer, trainee.data, m.cfg, step, m.metrics)
-
-
-def set_global_rng_state(state: torch.Tensor, device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    else:
-        torch.set_rng_state(state)
-
-
-def mean_of(values: List[Dict[str, float]]) -> Dict[str, float]:
-    """The members' mean of each finite value, for the one progress line of a group."""
-    keys = {k for v in values for k in v if isinstance(v.get(k), (int, float)) and math.isfinite(v[k])}
-    return {k: sum(v[k] for v in values if k in v) / sum(1 for v in values if k in v) for k in keys}
 
 # ------------------------------------------------------------------------------------------------
 # the pieces of a run
