@@ -142,7 +142,10 @@ def test_train_end_to_end_writes_events_summary_checkpoint(tiny_run):
     assert {"custom_scalars__config__", "run/config/text_summary", "run/data_source/text_summary"} <= tensors
     layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     charts = {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
-    assert charts["act_norm"] == ["^act_norm/"] and charts["grad_norm"] == ["^grad_norm/"]
+    # depth charts first (a metric against the layer index), then one chart per picked layer, all runs overlaid
+    assert charts["act_norm vs depth, at init"] == ["^depth_init/act_norm$"]
+    assert charts["act_norm/block00 (first block)"] == ["^act_norm/block00$"]
+    assert charts["grad_norm/head (head)"] == ["^grad_norm/head$"]
 
 
 @pytest.mark.slow
