@@ -25,9 +25,10 @@ def test_bench_tiny_writes_json_with_all_arms(tmp_path):
     assert result["machine"]["cpu_capability"] == capability
     assert f", {capability}), torch" in (tmp_path / "bench.md").read_text()
     (entry,) = result["configs"]
-    assert set(entry["median"]) == {"a0", "a2", "b", "c", "d", "e"}
+    assert set(entry["median"]) == {"a0", "a2", "b", "c", "d", "e", "h"}
     assert all(v > 0 for v in entry["median"].values())
-    assert set(entry["ratios"]) == {"c/a", "c/b", "d/c", "e/c"}
+    assert set(entry["ratios"]) == {"c/a", "c/b", "d/b", "d/h", "e/b"}
+    assert entry["ratios"]["d/h"]["value"] == pytest.approx(entry["median"]["d"] / entry["median"]["h"])
     # b/a, the ceiling of c/a, from the same medians (a: the faster of a0 and a2), in the JSON and the table
     best_a = max(entry["median"]["a0"], entry["median"]["a2"])
     assert entry["ceilings"] == {"b/a": {"value": pytest.approx(entry["median"]["b"] / best_a), "bounds": "c/a"}}
@@ -35,6 +36,8 @@ def test_bench_tiny_writes_json_with_all_arms(tmp_path):
     assert "| b/a (ceiling of c/a) | losses agree |" in (tmp_path / "bench.md").read_text()
     assert f"| {entry['ceilings']['b/a']['value']:.2f} | yes |" in (tmp_path / "bench.md").read_text()
     assert entry["losses_agree"], entry["loss_after_steps"]  # same init, data order and optimizer in every arm
+    assert set(entry["loss_after_steps"]) == set(entry["median"])  # the hand-written arm h among them
+    assert "h: hand-written statistics every step" in proc.stdout
     assert "c/b" in (tmp_path / "bench.md").read_text()
     assert "nrexp bench" in proc.stdout
     # a smoke test judges no target: its figures say nothing of them
