@@ -76,6 +76,8 @@ def weight_grad(layer: nn.Module) -> torch.Tensor:
 
 
 class LayerMonitor:
+    """The statistics of the layers `layers` (name -> module, in forward order; see models.py)."""
+
     def __init__(self, layers: Mapping[str, nn.Module]):
         self.names: List[str] = list(layers)
         groups = [weight_layers(entry) for entry in layers.values()]
@@ -84,21 +86,33 @@ class LayerMonitor:
         # which named layer each weight belongs to; None when it is one weight per name (mlp, cnn)
         owner = [i for i, group in enumerate(groups) for _ in group]
         self._owner = torch.tensor(owner, device=device) if len(owner) != len(self.names) else None
-        # Plain weights are Parameters updated in place: kept, not looked up through 51 modules' __getattr__
-        # twice a logging step (~0.3 ms of the 51-layer net's statistics step on CPU). A parametrized
-        # weight (weight normalization) is recomputed on each access, so then every read goes through
-        # the modules (see the module docstring).
+        # Plain weights are Parameters the optimizer updates in place (as do resuming and the fused
+        # launcher's write-back): kept. A parametrized weight (weight normalization) is recomputed on
+        # each access, so then every read goes through the modules.
         plain = not any(parametrize.is_parametrized(m, "weight") for m in self.modules)
         self._params: Optional[List[torch.Tensor]] = [m.weight for m in self.modules] if plain else None
-        self._copies: Optional[List[torch.Tensor]] = None  # capture's copy of W, reused (see capture)
-        self.reset_init(self.weights())
-        self._before_step: Optional[List[torch.Tensor]] = None
+        weights = self.weights()
+        # W_init, W as captured before the optimizer step, and W - W_init: one flat buffer each,
+        # allocated once (a fresh buffer per logging step costs its page faults on CPU), seen per layer
+        # through views shaped like the weights
+        self._init_flat, self.init_weights = _flat_views(weights)
+        self._before_flat, self._before = _flat_views(weights)
+        self._change_flat, self._change = _flat_views(weights)
+        self._activations = ActivationNorms()
+        self.reset_init(weights)
+        self._pending: Optional[Capture] = None  # before_step's, for after_step
+        # Statistics every step: W after one logging step's optimizer step is W before the next one's,
+        # so the statistics thread copies it into the buffer then (while the main thread runs the next
+        # forward and backward), and the next capture skips its copy if nothing changed W since: no
+        # optimizer step (a process-wide count) and no in-place write (each tensor's version counter;
+        # torch's fused optimizer steps do not bump it, hence the count). Plain weights only.
+        self._snapshot: Optional[tuple] = None  # (optimizer steps, weight versions) when copied; None: stale
+        self._last_capture = -2  # the optimizer step count at the last capture
+        _count_optimizer_steps()
 
     def weights(self) -> List[torch.Tensor]:
-        """The current effective weights, read afresh (see the module docstring). Plain weights come as
-        their Parameters, not detached: every caller reads them under torch.no_grad(), and 51 `.detach()`
-        calls are 51 releases of the GIL, each a chance for the statistics thread to take it (see
-        activation_norms)."""
+        """The current effective weights, read afresh. Plain weights come as their Parameters, not
+        detached: every caller reads them under torch.no_grad()."""
         if self._params is not None:
             return list(self._params)
         return [m.weight.detach() for m in self.modules]
@@ -109,88 +123,82 @@ class LayerMonitor:
             return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         return [weight_grad(m) for m in self.modules]
 
+    @torch.no_grad()
     def reset_init(self, init_weights: List[torch.Tensor]) -> None:
         """Use these as W_init (when resuming, the run's true init comes from the checkpoint)."""
-        self.init_weights = [w.detach().clone() for w in init_weights]
+        torch._foreach_copy_(self.init_weights, [w.detach() for w in init_weights])
         (self.init_norms,) = self._norms(self.init_weights)
 
     def _norms(self, *groups: List[torch.Tensor]) -> torch.Tensor:
-        """One Frobenius norm per named layer, over all of that layer's weight tensors together, for
-        each group of per-weight tensors: shape (groups, layers). All groups go through one
-        `_foreach_norm` and one stack: on CPU each such call has a fixed cost on top of its per-tensor work."""
-        tensors = [t for group in groups for t in group]
-        norms = torch.stack(torch._foreach_norm(tensors)).view(len(groups), -1)
+        """One Frobenius norm per named layer for each group of per-weight tensors: (groups, layers)."""
+        return self._per_layer(torch._foreach_norm([t for group in groups for t in group]), len(groups))
+
+    def _per_layer(self, norms: List[torch.Tensor], groups: int) -> torch.Tensor:
+        """Per-weight norms, `groups` runs of one per weight -> (groups, layers): the weights of one layer
+        (a residual block's two) make one Frobenius norm, over all of their entries together."""
+        stacked = torch.stack(norms).view(groups, -1)
         if self._owner is None:
-            return norms
-        squares = torch.zeros(len(groups), len(self.names), device=norms.device, dtype=norms.dtype)
-        return squares.index_add_(1, self._owner, norms.square()).sqrt()
-
-    @torch.no_grad()
-    def before_step(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Statistics of the current weights, activations and gradients (call after backward), and a copy
-        of W for after_step's update ratio."""
-        self._before_step = torch._foreach_mul(self.weights(), 1.0)  # copies of W in one fused call, not one per layer
-        return self.current_statistics(activations)
-
-    @torch.no_grad()
-    def current_statistics(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Statistics of the current weights, activations and gradients, without the update ratio
-        (no step follows: the final probe)."""
-        return self._statistics(self.weights(), self.grads(), activations)
-
-    @torch.no_grad()
-    def after_step(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Add the update ratio ||W_after - W_before|| / ||W_before|| of the step just taken."""
-        stats = self._with_update_ratio(stats, self._before_step, self.weights())
-        self._before_step = None
-        return stats
+            return stacked
+        squares = torch.zeros(groups, len(self.names), device=stacked.device, dtype=stacked.dtype)
+        return squares.index_add_(1, self._owner, stacked.square()).sqrt()
 
     @torch.no_grad()
     def capture(self, activations: List[torch.Tensor]) -> "Capture":
-        """before_step and after_step in two halves (see the module docstring): call after backward,
-        then `.statistics()` on the result after the optimizer step, and wait for that before the next
-        optimizer step changes the weights it reads, and before the next capture, which copies W
-        into the same buffers (allocating them anew each logging step cost more than the copy)."""
+        """Call after backward, before the optimizer step: copies W into a buffer (reused by every
+        capture) and starts on the statistics of W, dL/dW and the activations. Call `.statistics()` on
+        the result after the optimizer step, and have its result before the next capture or step."""
+        return Capture(self, activations)
+
+    @torch.no_grad()
+    def before_step(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """`capture`'s statistics in two calls, computed here: this one after backward (all but the
+        update ratio)..."""
+        self._pending = Capture(self, activations, worker=False)
+        return dict(self._pending.first.result())
+
+    @torch.no_grad()
+    def after_step(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """...and this one after the optimizer step: adds the update ratio ||W_after - W_before|| / ||W_before||."""
+        pending, self._pending = self._pending, None
+        return {**stats, "update_ratio": pending.statistics().result()["update_ratio"]}
+
+    @torch.no_grad()
+    def current_statistics(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Statistics of the current weights, activations and gradients, without the update ratio (no
+        step follows: the final probe). Leaves the buffers of a capture in progress alone."""
         weights = self.weights()
-        if self._copies is None:
-            self._copies = torch._foreach_mul(weights, 1.0)
-        else:
-            torch._foreach_copy_(self._copies, weights)
-        return Capture(self, self._copies, self.grads(), activations)
+        norms = self._norms(weights, self.grads(), torch._foreach_sub(weights, self.init_weights))
+        return self._stats(norms, activations)
 
-    def _statistics(self, weights: List[torch.Tensor], grads: List[torch.Tensor], activations: List[torch.Tensor],
-                    after: Optional[List[torch.Tensor]] = None):
-        """The statistics of `weights` (W before the step), their gradients and the activations; with `after`
-        (W after the step) also the update ratio, in the same calls: W - W_init and W_after - W in one
-        `_foreach_sub`, all four norms in one `_foreach_norm` (each call is a GIL release that the
-        statistics thread makes the main thread pay for, see activation_norms). The same numbers as
-        _with_update_ratio's (tests/test_monitor.py compares them bit for bit)."""
-        minuends, subtrahends = [*weights], [*self.init_weights]  # W - W_init
-        if after:
-            minuends, subtrahends = minuends + [*after], subtrahends + [*weights]  # and W_after - W
-        differences = torch._foreach_sub(minuends, subtrahends)
-        n = len(weights)
-        norms = self._norms(weights, grads, *(differences[i:i + n] for i in range(0, len(differences), n))).unbind()
-        stats = {
-            "act_norm": activation_norms(activations),
-            "grad_norm": norms[1],
-            "weight_norm": norms[0],
-            "weight_change": norms[2] / self.init_norms,
-        }
-        if after:
-            stats["update_ratio"] = norms[3] / norms[0]
-        return stats
+    def _stats(self, norms: torch.Tensor, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The statistics from the norms of W, dL/dW and W - W_init (3 x layers) and the activations."""
+        return {"act_norm": self._activations(activations), "grad_norm": norms[1], "weight_norm": norms[0],
+                "weight_change": norms[2] / self.init_norms}
 
-    def _with_update_ratio(self, stats: Dict[str, torch.Tensor], before: List[torch.Tensor], after: List[torch.Tensor]):
-        (delta,) = self._norms(torch._foreach_sub(after, before))
-        stats["update_ratio"] = delta / stats["weight_norm"]
-        return stats
+    def _copy_before(self) -> bool:
+        """Copy W into the buffer of W before the step, unless the statistics thread did already (see
+        __init__); return whether the next logging step follows right after this one (then the
+        statistics thread copies W after this step for it)."""
+        steps = _optimizer_steps[0]
+        snapshot, self._snapshot = self._snapshot, None
+        if snapshot is None or self._params is None or snapshot != (steps, [p._version for p in self._params]):
+            torch._foreach_copy_(self._before, self.weights())
+        consecutive = steps == self._last_capture + 1
+        self._last_capture = steps
+        return consecutive and self._params is not None
+
+    def _keep_after(self, after: List[torch.Tensor]) -> None:
+        """Copy W after the step into the buffer for the next capture (see __init__)."""
+        self._snapshot = (_optimizer_steps[0], [p._version for p in after])
+        torch._foreach_copy_(self._before, after)
 
     def to_host(self, layer_stats: Dict[str, torch.Tensor], scalars: Dict[str, torch.Tensor]):
         """One device->host copy of all that is logged this step.
 
         Returns ({metric: {layer: value}}, {tag: value}) as Python floats.
         """
+        if isinstance(layer_stats, HostStats):  # already read on the statistics thread (CPU)
+            return layer_stats.host, {k: v.item() for k, v in scalars.items()}
         tensors = [layer_stats[k].float() for k in layer_stats] + [v.detach().float().reshape(1) for v in scalars.values()]
         flat = torch.cat(tensors).cpu().tolist() if tensors else []
         n = len(self.names)
@@ -198,41 +206,101 @@ class LayerMonitor:
         return layers, dict(zip(scalars, flat[len(layer_stats) * n:]))
 
 
+def _flat_views(like: List[torch.Tensor]):
+    """A flat buffer with room for every tensor of `like`, and views of it shaped like each of them."""
+    flat = torch.empty(sum(t.numel() for t in like), dtype=like[0].dtype, device=like[0].device)
+    views, offset = [], 0
+    for t in like:
+        views.append(flat[offset:offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return flat, views
+
+
 class Capture:
-    """A logging step's W (copied before the optimizer step), dL/dW and activations (see LayerMonitor.capture)."""
-
-    def __init__(self, monitor: LayerMonitor, weights: List[torch.Tensor], grads: List[torch.Tensor],
-                 activations: List[torch.Tensor]):
-        self.monitor, self.weights, self.grads, self.activations = monitor, weights, grads, activations
-
-    def statistics(self) -> "Future[Dict[str, torch.Tensor]]":
-        """Call after the optimizer step: before_step's and after_step's statistics, on the worker thread
-        when there is a spare core (CPU), else computed here. W after the step is read now: the next
-        optimizer step must wait for the result."""
-        after = self.monitor.weights()
-        worker = _worker_thread(self.weights[0].device)
-        if worker is not None:
-            return worker.submit(self._compute_in_mode, after, _flush_denormal)
-        done: Future = Future()
-        done.set_result(self._compute(after))
-        return done
-
-    def _compute_in_mode(self, after: List[torch.Tensor], flush_denormal: Optional[bool]) -> Dict[str, torch.Tensor]:
-        """_compute on the worker thread, in the run's denormal mode (a per-thread CPU setting: the thread
-        outlives the run that started it, see set_flush_denormal)."""
-        if flush_denormal is not None:
-            torch.set_flush_denormal(flush_denormal)
-        return self._compute(after)
+    """One logging step's statistics, in two halves: what W before the optimizer step (copied by
+    LayerMonitor.capture), dL/dW and the activations give, started at once; and the update ratio, from
+    W after the step (`statistics`). Each half runs on the statistics thread where the training leaves
+    a core idle (CPU, see spare_core), the two in order, else where it is called. The first only reads
+    what the optimizer step leaves alone (the copy of W, dL/dW), so it may run during the step."""
 
     @torch.no_grad()
-    def _compute(self, after: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def __init__(self, monitor: LayerMonitor, activations: List[torch.Tensor], worker: bool = True):
+        self.keep_after = monitor._copy_before()
+        self.monitor, self.grads, self.activations = monitor, monitor.grads(), activations
+        self.worker = _worker_thread(monitor._before_flat.device) if worker else None
+        self.first = self._run(self._before_step)
+
+    def statistics(self) -> "Future[Dict[str, torch.Tensor]]":
+        """Call after the optimizer step: every statistic of the step, as a Future (see the class)."""
+        return self._run(self._after_step, self.monitor.weights())
+
+    def _run(self, fn, *args) -> Future:
+        if self.worker is not None:
+            return self.worker.submit(_in_mode, fn, _flush_denormal, *args)
+        done: Future = Future()
+        done.set_result(fn(*args))
+        return done
+
+    @torch.no_grad()
+    def _before_step(self) -> Dict[str, torch.Tensor]:
+        """act_norm, grad_norm, weight_norm and weight_change: W_before - W_init into its buffer, then the
+        norms of W_before, dL/dW and that in one call."""
         m = self.monitor
-        stats = m._statistics(self.weights, self.grads, self.activations, after)
-        # Let go of this step's gradients and activations now, not when the trainer drops this object at
-        # its next logging step: held through the steps between, they kept a few MB more in use, which
-        # slowed every step in between (~0.1 ms a step for the 51-layer net at batch 128).
+        torch.sub(m._before_flat, m._init_flat, out=m._change_flat)
+        norms = m._per_layer(torch._foreach_norm(m._before + self.grads + m._change), 3)
+        stats = m._stats(norms, self.activations)
+        # let go of this step's gradients and activations now: held through the steps up to the next
+        # logging step, they kept memory in use that slowed every step in between
         self.grads = self.activations = []
         return stats
+
+    @torch.no_grad()
+    def _after_step(self, after: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """All statistics: the first half's and the update ratio, from W_before - W_after computed in place
+        (the negation of W_after - W_before, exactly: the same norm)."""
+        m = self.monitor
+        stats = dict(self.first.result())  # done: the same thread ran it first
+        torch._foreach_sub_(m._before, after)
+        stats["update_ratio"] = m._per_layer(torch._foreach_norm(m._before), 1)[0] / stats["weight_norm"]
+        if self.keep_after:
+            m._keep_after(after)
+        if self.worker is None:
+            return stats
+        # on the statistics thread (CPU): the floats for to_host too
+        flat = torch.cat([v.float() for v in stats.values()]).tolist()
+        n = len(m.names)
+        return HostStats(stats, {k: dict(zip(m.names, flat[i * n:(i + 1) * n])) for i, k in enumerate(stats)})
+
+
+class HostStats(dict):
+    """A step's statistics (metric -> tensor) with their floats already read: `host` (to_host's first half)."""
+
+    def __init__(self, stats: Dict[str, torch.Tensor], host: Dict[str, Dict[str, float]]):
+        super().__init__(stats)
+        self.host = host
+
+
+_optimizer_steps = [0]  # optimizer steps taken in this process (counted once _count_optimizer_steps ran)
+_counting: List[object] = []  # the hook's handle, once registered
+
+
+def _count_optimizer_steps() -> None:
+    """Count every torch.optim optimizer step of the process in _optimizer_steps (see LayerMonitor.__init__)."""
+    if not _counting:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        def count(optimizer, args, kwargs) -> None:
+            _optimizer_steps[0] += 1
+
+        _counting.append(register_optimizer_step_post_hook(count))
+
+
+def _in_mode(fn, flush_denormal: Optional[bool], *args):
+    """fn(*args) on the statistics thread, in the run's denormal mode (a per-thread CPU setting: the
+    thread outlives the run that started it, see set_flush_denormal)."""
+    if flush_denormal is not None:
+        torch.set_flush_denormal(flush_denormal)
+    return fn(*args)
 
 
 _worker: Optional[ThreadPoolExecutor] = None
@@ -289,10 +357,21 @@ def spare_core(device: torch.device) -> bool:
     return device.type == "cpu" and torch.get_num_threads() < (os.cpu_count() or 1)
 
 
+def idle_core() -> bool:
+    """Whether a core is idle now, by the 1-minute load average (this run's own threads included). On a
+    machine busy with other work, a second thread of ours gains no core: it takes turns with the main
+    thread, and each time the OS stops it while it holds the GIL, the main thread waits."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # no load average here: trust spare_core
+        return True
+    return load < (os.cpu_count() or 1) - torch.get_num_threads() + 1
+
+
 def _worker_thread(device: torch.device) -> Optional[ThreadPoolExecutor]:
-    """The process's statistics thread, when there is a spare core for it."""
+    """The process's statistics thread, when there is a spare core for it, idle now."""
     global _worker
-    if not spare_core(device):
+    if not (spare_core(device) and idle_core()):
         return None
     if _worker is None:
         threads = torch.get_num_threads()
@@ -302,34 +381,48 @@ def _worker_thread(device: torch.device) -> Optional[ThreadPoolExecutor]:
     return _worker
 
 
-@torch.no_grad()
-def activation_norms(activations: List[torch.Tensor]) -> torch.Tensor:
-    """Mean over the batch of each example's L2 norm, for each activation, in order.
+class ActivationNorms:
+    """activation_norms with its plan kept: which activations are stacked together, into which buffers
+    (allocated once), and the order to put the results back in, made once per set of shapes and dtypes."""
 
-    Activations of the same shape (all hidden blocks of an MLP) are stacked and reduced together: a
-    handful of kernels for a 50-layer net instead of four per layer, which matters on small nets
-    where each kernel launch costs more than its arithmetic.
+    def __init__(self):
+        self._plans: Dict[tuple, tuple] = {}
 
-    Few calls matter on the statistics thread too: each torch call releases the GIL and takes it back,
-    and each time the main thread, running the next step's small ops, may have to wait for it. A
-    thread making tiny torch calls nonstop slowed a main loop of small ops 3x; one copying 32 MB per
-    call, 3% (this project's 2-core CPU). So no per-layer calls here (no `.detach()`: no_grad instead,
-    no split into per-layer tensors and restack), and the groups joined with one cat.
-    """
+    @torch.no_grad()
+    def __call__(self, activations: List[torch.Tensor]) -> torch.Tensor:
+        key = tuple((a.shape, a.dtype) for a in activations)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = _activation_plan(activations)
+        groups, order = plan
+        parts = []
+        for indices, buffer in groups:
+            stacked = torch.stack([activations[i] for i in indices], out=buffer)  # (L, B, ...)
+            if stacked.dim() > 3:  # conv feature maps: each example's values as one vector
+                stacked = stacked.flatten(2)
+            parts.append(torch.linalg.vector_norm(stacked, dim=2, dtype=torch.float32).mean(dim=1))
+        norms = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return norms if order is None else norms[order]
+
+
+def _activation_plan(activations: List[torch.Tensor]) -> tuple:
+    """([(indices, stacking buffer) per shape and dtype], the index that restores the layer order or None)."""
     groups: Dict[tuple, List[int]] = {}
     for i, a in enumerate(activations):
         groups.setdefault((tuple(a.shape), a.dtype), []).append(i)
-    parts, order = [], []
-    for indices in groups.values():
-        stacked = torch.stack([activations[i] for i in indices])  # (L, B, ...)
-        if stacked.dim() > 3:  # conv feature maps: each example's values as one vector
-            stacked = stacked.flatten(2)
-        if stacked.dtype != torch.float32:  # bf16 activations: the norm in float32
-            stacked = stacked.float()
-        parts.append(torch.linalg.vector_norm(stacked, dim=2).mean(dim=1))
-        order += indices
-    norms = torch.cat(parts) if len(parts) > 1 else parts[0]
-    if order != sorted(order):  # groups interleave (e.g. a CNN's pooled maps between conv blocks): put back
-        position = {layer: k for k, layer in enumerate(order)}
-        norms = norms[torch.tensor([position[i] for i in range(len(order))], device=norms.device)]
-    return norms
+    first = activations[0]
+    plan = [(indices, torch.empty((len(indices), *shape), dtype=dtype, device=first.device))
+            for (shape, dtype), indices in groups.items()]
+    order = [i for indices in groups.values() for i in indices]
+    if order == sorted(order):
+        return plan, None
+    # groups interleave (e.g. a CNN's pooled maps between conv blocks): put back in layer order
+    position = {layer: k for k, layer in enumerate(order)}
+    return plan, torch.tensor([position[i] for i in range(len(order))], device=first.device)
+
+
+def activation_norms(activations: List[torch.Tensor]) -> torch.Tensor:
+    """Mean over the batch of each example's L2 norm (in float32), for each activation, in order.
+    Activations of the same shape and dtype (all hidden blocks of an MLP) are stacked and reduced
+    together: a handful of kernels for a 50-layer net instead of a few per layer."""
+    return ActivationNorms()(activations)
