@@ -319,7 +319,8 @@ def run(args) -> Dict:
     data_info = write_mnist_like(work / "data", args.train_size, max(args.train_size // 6, 1000))
     device = resolve_device(args.device)
     result = {"machine": machine(), "device": str(device), "data": data_info,
-              "settings": {"samples_per_measure": args.samples, "min_steps": args.min_steps, "threads": args.threads, "repeats": args.repeats, "arms": list(args.arms),
+              "settings": {"samples_per_measure": args.samples, "min_steps": args.min_steps, "threads": args.threads,
+                           "repeats": args.repeats, "arms": list(args.arms), "startup_repeats": args.startup_repeats,
                            "warmup": not args.no_warmup, "tiny": args.tiny},
               "arms": {a: ARM_DOC[a] for a in args.arms}, "configs": []}
     t_start = time.perf_counter()
@@ -372,6 +373,8 @@ def run(args) -> Dict:
                      "loss_after_steps": losses, "loss_max_rel_diff": spread, "losses_agree": spread <= args.loss_rtol}
             result["configs"].append(entry)
             print_entry(entry)
+    if args.startup_repeats:
+        result["startup"] = startup_check(work, args.startup_repeats, args.threads)
     if args.cli:
         result["cli"] = cli_checks(work, args.sweep_jobs, rss=not args.tiny, threads=args.threads)
     if args.fused:
@@ -380,7 +383,8 @@ def run(args) -> Dict:
     result["total_s"] = time.perf_counter() - t_start
     if args.tiny:  # a smoke test's figures say nothing of the targets: none is judged (ok: null)
         for verdict in [r for e in result["configs"] for r in e["ratios"].values()] + \
-                       [b for f in result.get("fused", {}).values() for b in f["batches"].values()]:
+                       [b for f in result.get("fused", {}).values() for b in f["batches"].values()] + \
+                       ([result["startup"]] if "startup" in result else []):
             verdict["ok"] = None
     return result
 
@@ -405,6 +409,43 @@ def _cli_env(work: Path, threads: int) -> Dict[str, str]:
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
+
+
+STARTUP_COMMAND = ["train", "trainer.max_steps=1", "data.source=bundled"]
+STARTUP_BASELINE = "import torch, torch.optim, hydra"
+STARTUP_TARGET = 1.5  # (wall - train_time_s) of the 1-step run over the baseline imports' wall time, at most
+
+
+def startup_check(work: Path, repeats: int, threads: int) -> Dict:
+    """Start-up: the wall time of `nrexp train trainer.max_steps=1 data.source=bundled` less its own step
+    loop (summary.json's train_time_s), over the wall time of `python -c "<STARTUP_BASELINE>"`: what a run
+    costs beyond the imports any PyTorch + Hydra program pays. Interleaved (baseline, run, ...), medians."""
+    env = _cli_env(work, threads)
+    cwd = work / "startup"
+    cwd.mkdir(parents=True, exist_ok=True)
+    baseline, wall, train = [], [], []
+    for rep in range(repeats):
+        baseline.append(_timed([sys.executable, "-c", STARTUP_BASELINE], cwd, env))
+        run_dir = cwd / f"run{rep}"
+        wall.append(_timed([sys.executable, "-m", "nrexp", *STARTUP_COMMAND, f"hydra.run.dir={run_dir}"], cwd, env))
+        train.append(json.loads((run_dir / "summary.json").read_text())["train_time_s"])
+    overhead = [w - t for w, t in zip(wall, train)]
+    ratio = statistics.median(overhead) / statistics.median(baseline)
+    return {"command": "nrexp " + " ".join(STARTUP_COMMAND), "baseline": f'python -c "{STARTUP_BASELINE}"',
+            "wall_s": wall, "train_time_s": train, "overhead_s": overhead, "baseline_s": baseline,
+            "median_overhead_s": statistics.median(overhead), "median_baseline_s": statistics.median(baseline),
+            "ratio": ratio, "target": STARTUP_TARGET, "ok": ratio <= STARTUP_TARGET}
+
+
+def startup_lines(result: Dict) -> List[str]:
+    s = result.get("startup")
+    if not s:
+        return []
+    verdict = "" if s["ok"] is None else f" (target <= {s['target']:g}x{'' if s['ok'] else ' ✗'})"
+    spread = f"{min(s['overhead_s']):.2f}-{max(s['overhead_s']):.2f}"
+    return [f"start-up: `{s['command']}` wall minus its train_time_s {s['median_overhead_s']:.2f} s (range {spread}) "
+            f"over `{s['baseline']}` {s['median_baseline_s']:.2f} s (range {min(s['baseline_s']):.2f}-"
+            f"{max(s['baseline_s']):.2f}) -> **{s['ratio']:.2f}x**{verdict}, median of {len(s['wall_s'])} interleaved runs"]
 
 
 def cli_checks(work: Path, sweep_jobs: int, rss: bool, threads: int) -> Dict:
@@ -619,7 +660,7 @@ def print_table(result: Dict) -> None:
     console.print(f"  machine: {m['nproc']} CPUs, {m['cpu']} ({m['cpu_capability']}), torch {m['torch']} "
                   f"({m['torch_threads']} threads), "
                   f"device {result['device']}; data: {result['data']['kind']} to {result['data']['train']} train")
-    for line in cli_lines(result) + fused_lines(result):
+    for line in startup_lines(result) + cli_lines(result) + fused_lines(result):
         console.print("  " + line, markup=False)
 
 
@@ -635,7 +676,8 @@ def markdown(result: Dict) -> str:
               f"Data: {result['data']['kind']} to {result['data']['train']} x 28 x 28 uint8. "
               f"Median of {s['repeats']} interleaved repeats of ~{s['samples_per_measure']:,} samples per arm."]
     lines += [f"- {a}: {doc}" for a, doc in result["arms"].items()]
-    lines += [""] + [f"- {line}" for line in cli_lines(result) + fused_lines(result)] if cli_lines(result) + fused_lines(result) else []
+    extra = startup_lines(result) + cli_lines(result) + fused_lines(result)
+    lines += [""] + [f"- {line}" for line in extra] if extra else []
     return "\n".join(lines) + "\n"
 
 
@@ -689,21 +731,25 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
                         + FUSED_DATA["mnist"][0] + " (--train-size digits)")
     p.add_argument("--fused-repeats", type=_int_at_least(1), default=3, help="interleaved repeats of each --fused sweep")
     p.add_argument("--no-arms", action="store_true", help="skip the per-step arms (e.g. with --cli or --fused alone)")
+    p.add_argument("--startup-repeats", type=_int_at_least(0), default=None,
+                   help="interleaved repeats of the start-up measurement (default 5; quick 3, tiny 1; 0 skips it)")
     p.add_argument("--json", default="bench.json", help="where to write the results (default ./bench.json)")
     p.add_argument("--markdown", default=None, help="also write the table as markdown here")
     p.add_argument("-v", "--verbose", action="store_true", help="print every round's samples/s")
     args = p.parse_args(argv)
     if args.tiny:
-        defaults = dict(samples=512, repeats=1, train_size=2048, min_steps=2)
+        defaults = dict(samples=512, repeats=1, train_size=2048, min_steps=2, startup_repeats=1)
         args.no_warmup = True
     elif args.quick:
-        defaults = dict(samples=4096, repeats=5, train_size=12000, min_steps=8)
+        defaults = dict(samples=4096, repeats=5, train_size=12000, min_steps=8, startup_repeats=3)
     else:
         # 32,768 samples: 256 steps at batch 128, a dozen periods of the default trainer.log_every=20. At
         # 8,192 (64 steps, 0.2 s of the 3 x 256 MLP) arm e's time was dominated by its start (the step-0
         # statistics; 4 logging steps in 64): e/c 0.92 there against 0.97 at 256 steps (11 paired rounds
         # each, one process, this project's 2-core CPU).
-        defaults = dict(samples=32768, repeats=5, train_size=60000, min_steps=16)
+        defaults = dict(samples=32768, repeats=5, train_size=60000, min_steps=16, startup_repeats=5)
+    if args.no_arms:  # --cli or --fused alone
+        defaults["startup_repeats"] = 0
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

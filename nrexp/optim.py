@@ -12,6 +12,8 @@ Semantics are PyTorch's own:
 """
 from __future__ import annotations
 
+import inspect
+import sys
 from typing import Dict, List
 
 import torch
@@ -48,9 +50,60 @@ def make_optimizer(groups: List[Dict], cfg) -> torch.optim.Optimizer:
     10.1 -> 2.6 ms per step, results within 1.5e-8.
     """
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=True)
+        return without_dynamo_import(torch.optim.SGD)(groups, lr=cfg.lr, momentum=cfg.momentum, fused=True)
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
+        return without_dynamo_import(torch.optim.Adam)(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
+        return without_dynamo_import(torch.optim.AdamW)(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
     raise ValueError(f"unknown optimizer {cfg.name!r}")  # config.validate() rejects this earlier
+
+
+# Methods of torch.optim.Optimizer that import torch._dynamo when first called (torch._disable_dynamo)
+_DYNAMO_GUARDED = ("add_param_group", "zero_grad", "state_dict", "load_state_dict")
+_classes: Dict[type, type] = {}
+
+
+def without_dynamo_import(cls: type) -> type:
+    """`cls` (a torch.optim optimizer), less its import of torch._dynamo while nothing else imported it.
+
+    torch wraps an optimizer's step and a few of its methods so that torch.compile does not trace
+    them; the wrappers import torch._dynamo on their first call, which costs about as much as
+    importing torch itself (docs/speed.md), in every run, for the sake of a compiler nrexp does not
+    point at the optimizer. Until some code imports torch._dynamo (trainer.compile does), nothing
+    can be compiling, and the wrappers would only pass the call on: the subclass calls the methods
+    themselves then, and torch's wrappers from then on. The arithmetic is torch's own, unchanged.
+    Where torch's optimizers are not built as this expects (another torch version), `cls` itself.
+    """
+    if cls in _classes:
+        return _classes[cls]
+    try:
+        from torch.optim.optimizer import _use_grad_for_differentiable
+
+        raw_step = inspect.unwrap(cls.step)
+        guarded = {name: getattr(cls, name) for name in _DYNAMO_GUARDED}
+        raw = {name: inspect.unwrap(method) for name, method in guarded.items()}
+        if raw_step is cls.step or any(raw[name] is guarded[name] for name in raw):
+            raise AttributeError("not wrapped as expected")
+    except (ImportError, AttributeError, ValueError):
+        _classes[cls] = cls
+        return cls
+    torch_step = _use_grad_for_differentiable(raw_step)  # torch's wrapper of the step, with its graph breaks
+
+    def step(self, closure=None):
+        if "torch._dynamo" in sys.modules:
+            return torch_step(self, closure)
+        with torch.set_grad_enabled(self.defaults["differentiable"]):  # what torch's wrapper does, less dynamo
+            return raw_step(self, closure)
+
+    def passing(name: str):
+        def method(self, *args, **kwargs):
+            chosen = guarded[name] if "torch._dynamo" in sys.modules else raw[name]
+            return chosen(self, *args, **kwargs)
+        method.__name__ = method.__qualname__ = name
+        method.__doc__ = guarded[name].__doc__
+        return method
+
+    namespace = {"step": step, "__module__": cls.__module__, "__doc__": cls.__doc__,
+                 **{name: passing(name) for name in _DYNAMO_GUARDED}}
+    _classes[cls] = type(cls.__name__, (cls,), namespace)
+    return _classes[cls]

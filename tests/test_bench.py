@@ -44,6 +44,15 @@ def test_bench_tiny_writes_json_with_all_arms(tmp_path):
     assert result["settings"]["tiny"] and all(r["ok"] is None for r in entry["ratios"].values())
     assert "✗" not in proc.stdout + (tmp_path / "bench.md").read_text() and "no target judged" in proc.stdout
     assert (tmp_path / "bench.md").read_text().startswith("**--tiny, a smoke test: numbers meaningless, no target judged")
+    # start-up: the 1-step run's wall time less its step loop, over the imports any such program pays
+    startup = result["startup"]
+    assert startup["command"] == "nrexp train trainer.max_steps=1 data.source=bundled"
+    assert startup["baseline"] == 'python -c "import torch, torch.optim, hydra"'
+    assert len(startup["wall_s"]) == len(startup["baseline_s"]) == 1 and startup["ok"] is None
+    assert startup["overhead_s"][0] == pytest.approx(startup["wall_s"][0] - startup["train_time_s"][0])
+    assert startup["ratio"] == pytest.approx(startup["median_overhead_s"] / startup["median_baseline_s"])
+    assert "start-up: `nrexp train trainer.max_steps=1 data.source=bundled` wall minus its train_time_s" in \
+        (tmp_path / "bench.md").read_text()
 
 
 @pytest.mark.parametrize("args, says", [
