@@ -1,30 +1,20 @@
-"""`nrexp bench`: how much the harness costs, measured side by side in one process.
+"""`nrexp bench`: what the harness costs, measured side by side in one process, as ratios.
 
-Arms (same model, same init, same data in the same order, same optimizer in every arm):
-  a0, a2  the naive baseline users write: torchvision's MNIST Dataset (uint8 -> PIL -> ToTensor ->
-          Normalize) through DataLoader(shuffle=True) with num_workers 0 and 2, a plain loop, no statistics
-  b       a bare hand-written loop over pre-normalized tensors in memory (randperm + index gathers)
-  c       nrexp's trainer, per-layer statistics off        (trainer.layer_stats=false)
-  d       nrexp's trainer, statistics every step            (trainer.log_every=1)
-  e       nrexp's trainer, default trainer.log_every
-  f       nrexp's trainer, default trainer.log_every, trainer.compile=true (only with --arms ... f: its
-          warm-up round compiles each model and batch size, tens of seconds each on a CPU)
-
-Every arm trains `steps` optimizer steps from the start of epoch 0; samples/s = steps * batch / time of
-the step loop. Arms c/d/e call `nrexp.train.train` itself and read its `train_time_s` (the step loop
-with all of its logging, TensorBoard writes included; periodic evaluation excluded), so what is timed
-is exactly the loop users run. Repeats are interleaved (a0 a2 b c d e, a0 a2 b c d e, ...) after one
-untimed warm-up round, and the median is reported. The arms' losses must agree: after the timed steps
-every arm's model is evaluated on the whole training set (nrexp's `evaluate`), and those losses are
-compared (identical data order and init make the trajectories the same up to float rounding).
-
-Beside each target's ratio stands the ratio that bounds it where one does: b/a for c/a (a harness can
-at best match the bare loop), and for `--fused` the step loops' speed-up, which the whole sweep's tends
-to as training gets longer (start-up and every job's files, which both launchers pay, dilute it).
-
-The data is "MNIST-like": the bundled sample of real digits (4,000 train / 1,000 test) tiled to
-60,000 x 28 x 28 uint8 training images (10,000 test) and written as MNIST idx files to a temp dir,
-which both torchvision's MNIST class (arm a) and nrexp (data.source=local) read.
+Arms (same model, init, data order and optimizer in each):
+  a0, a2  torchvision's MNIST Dataset (PIL -> ToTensor -> Normalize) through DataLoader(shuffle=True),
+          num_workers 0 and 2, a plain loop
+  b       a bare loop over normalized tensors in memory (randperm + index gathers)
+  c, d, e nrexp's trainer: trainer.layer_stats=false; trainer.log_every=1; the default log_every
+  h       b's loop with statistics every step as written by hand: forward hooks, `.item()` per layer and
+          metric, SummaryWriter.add_scalar per value
+  f       nrexp's trainer with trainer.compile=true (only with --arms ... f: compiling takes minutes on CPU)
+samples/s = steps * batch / the step loop's time (nrexp's arms: summary.json's train_time_s). Why ratios,
+interleaved repeats and medians: the machines this runs on are small and shared, so absolute figures
+swing; arms measured in turn under the same load compare. The arms' final training-set losses must
+agree (same trajectory up to float rounding). Also: the start-up of a 1-step run against the imports
+any PyTorch + Hydra program pays, and with --cli / --fused the command line's and the fused launcher's
+costs. Data: the bundled digits tiled to an MNIST-sized set, written as idx files. docs/speed.md has
+the figures and how to read them.
 """
 from __future__ import annotations
 
@@ -283,14 +273,27 @@ def _with_best_a(median: Dict[str, float]) -> Dict[str, float]:
     return dict(median, a=max(median.get("a0", 0.0), median.get("a2", 0.0)))
 
 
-def ratios(median: Dict[str, float]) -> Dict[str, Dict]:
+def ratios(median: Dict[str, float], rounds: Optional[Dict[str, List[float]]] = None) -> Dict[str, Dict]:
+    """Each target's ratio of the arms' medians; with `rounds` (samples/s of each arm, round by round), also
+    the spread: the lowest and highest ratio of two arms timed in the same round (under the same load)."""
     med = _with_best_a(median)
     out = {}
     for num, den, target in TARGETS:
         if med.get(num) and med.get(den):
             value = med[num] / med[den]
             out[f"{num}/{den}"] = {"value": value, "target": target, "ok": value >= target}
+            if rounds:
+                per_round = [n / d for n, d in zip(_arm_rounds(rounds, num), _arm_rounds(rounds, den))]
+                out[f"{num}/{den}"].update(rounds=per_round, low=min(per_round), high=max(per_round))
     return out
+
+
+def _arm_rounds(rounds: Dict[str, List[float]], arm: str) -> List[float]:
+    """An arm's samples/s round by round; "a" is the faster of a0 and a2 in each round."""
+    if arm != "a":
+        return rounds[arm]
+    n = len(next(iter(rounds.values())))
+    return [max(pair) for pair in zip(rounds.get("a0", [0.0] * n), rounds.get("a2", [0.0] * n))]
 
 
 def ceilings(median: Dict[str, float]) -> Dict[str, Dict]:
@@ -310,9 +313,7 @@ def run(args) -> Dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     # Every arm in the mode nrexp's arms run in (trainer.flush_denormal, on by default), set before any
-    # thread starts: denormal floats read and written as zero. The steps measured, a run's first, make
-    # next to none (a whole default `nrexp train` ended bit-identical either way, see
-    # monitor.set_flush_denormal), but the naive and bare arms should not be the ones computing with them.
+    # thread starts: the naive and bare arms should not be the ones computing with denormals.
     torch.set_flush_denormal(True)
     nrexp.console.console.quiet = True  # the trainer's per-run summary table would drown the benchmark's
     work = Path(tempfile.mkdtemp(prefix="nrexp-bench-"))
@@ -368,7 +369,7 @@ def run(args) -> Dict:
             ref = losses.get("b", next(iter(losses.values())))
             spread = max(abs(v - ref) / max(abs(ref), 1e-12) for v in losses.values())
             entry = {"model": model_name, "depth": depth, "width": width, "batch": batch, "steps": steps,
-                     "samples_per_s": times, "median": median, "ratios": ratios(median),
+                     "samples_per_s": times, "median": median, "ratios": ratios(median, times),
                      "ceilings": ceilings(median),
                      "loss_after_steps": losses, "loss_max_rel_diff": spread, "losses_agree": spread <= args.loss_rtol}
             result["configs"].append(entry)
@@ -461,10 +462,9 @@ def cli_checks(work: Path, sweep_jobs: int, rss: bool, threads: int) -> Dict:
     out["help_s"] = statistics.median(_timed(nrexp_cmd + ["--help"], cwd, env) for _ in range(3))
     out["cfg_job_s"] = statistics.median(_timed(nrexp_cmd + ["train", "--cfg", "job"], cwd, env) for _ in range(3))
     if sweep_jobs:
-        # The issue's number is (wall - training) / jobs of one sweep. It mixes what every job pays
-        # (Hydra composing its config, its .hydra/ files, its run's set-up and final work) with what
-        # the process pays once (interpreter, torch and torch._dynamo imports, ~5-8 s here). A second,
-        # smaller sweep separates them: the difference of the two is the cost per additional job.
+        # (wall - training) / jobs of one sweep mixes what every job pays (composing its config, its
+        # .hydra/ files, its run's set-up and final work) with what the process pays once (interpreter,
+        # imports). A second, smaller sweep separates them: the difference is the cost per additional job.
         sweeps = {}
         for jobs in sorted({max(sweep_jobs // 4, 1), sweep_jobs}):
             args = ["train", "-m", f"seed=range({jobs})", "trainer.max_steps=1", "data.source=bundled",
@@ -586,7 +586,8 @@ def table_rows(result: Dict) -> List[List[str]]:
         row = [e["model"], str(e["batch"])] + [f"{e['median'][a]:,.0f}" for a in arms]
         for num, den, target in TARGETS:
             r = e["ratios"].get(f"{num}/{den}")
-            row.append("-" if r is None else f"{r['value']:.2f}{' ✗' if r['ok'] is False else ''}")
+            spread = f" ({r['low']:.2f}-{r['high']:.2f})" if r is not None and "low" in r and len(r["rounds"]) > 1 else ""
+            row.append("-" if r is None else f"{r['value']:.2f}{spread}{' ✗' if r['ok'] is False else ''}")
         for num, den, _ in CEILINGS:
             r = e["ceilings"].get(f"{num}/{den}")
             row.append("-" if r is None else f"{r['value']:.2f}")
@@ -674,7 +675,8 @@ def markdown(result: Dict) -> str:
               f"with {m['torch_threads']} threads, "
               f"Python {m['python']}, device {result['device']}, load average at start {m.get('loadavg_at_start', '?')}. "
               f"Data: {result['data']['kind']} to {result['data']['train']} x 28 x 28 uint8. "
-              f"Median of {s['repeats']} interleaved repeats of ~{s['samples_per_measure']:,} samples per arm."]
+              f"Median of {s['repeats']} interleaved repeats of ~{s['samples_per_measure']:,} samples per arm; "
+              "in parentheses, the lowest and highest ratio of the two arms within one round."]
     lines += [f"- {a}: {doc}" for a, doc in result["arms"].items()]
     extra = startup_lines(result) + cli_lines(result) + fused_lines(result)
     lines += [""] + [f"- {line}" for line in extra] if extra else []
@@ -696,7 +698,7 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="nrexp bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="fewer samples, a 12k-image dataset, 5 repeats (a few minutes; e/c reads low there: 32 "
+                   help="fewer samples, a 12k-image dataset, 5 repeats (a few minutes; e/b reads low there: 32 "
                         "steps at batch 128 are mostly a run's start, see the default of --samples)")
     p.add_argument("--tiny", action="store_true", help="smoke test: tiny data, 1 repeat (seconds; numbers meaningless)")
     p.add_argument("--samples", type=_int_at_least(1), default=None,
@@ -743,10 +745,8 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     elif args.quick:
         defaults = dict(samples=4096, repeats=5, train_size=12000, min_steps=8, startup_repeats=3)
     else:
-        # 32,768 samples: 256 steps at batch 128, a dozen periods of the default trainer.log_every=20. At
-        # 8,192 (64 steps, 0.2 s of the 3 x 256 MLP) arm e's time was dominated by its start (the step-0
-        # statistics; 4 logging steps in 64): e/c 0.92 there against 0.97 at 256 steps (11 paired rounds
-        # each, one process, this project's 2-core CPU).
+        # 32,768 samples: 256 steps at batch 128, a dozen periods of the default trainer.log_every=20, so
+        # that arm e's time is not dominated by a run's start (its step-0 statistics)
         defaults = dict(samples=32768, repeats=5, train_size=60000, min_steps=16, startup_repeats=5)
     if args.no_arms:  # --cli or --fused alone
         defaults["startup_repeats"] = 0

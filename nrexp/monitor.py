@@ -1,49 +1,12 @@
-"""Per-layer statistics, computed on the device and brought to the host in one transfer.
+"""Per-layer statistics as device tensors: act_norm, grad_norm, weight_norm, weight_change, update_ratio.
 
-For each monitored layer (a block's weights and its output activation):
-- act_norm:      mean over the batch of each example's L2 norm of the layer's output activation
-- grad_norm:     Frobenius norm of dLoss/dW
-- weight_norm:   ||W||_F
-- weight_change: ||W - W_init|| / ||W_init||  (how far training moved the weights from their init)
-- update_ratio:  ||dW|| / ||W|| of the optimizer step just taken
-
-W is the weight the layer computes with. A residual block holds two Linear layers; its W is both
-taken together (the Frobenius norm of all its weight entries), so every model reports one number per
-block. When any weight is parametrized, the monitor reads `.weight` through the layer modules on every
-call: under weight normalization `.weight` is recomputed from g and v on each access, and a tensor
-stored once would go stale. Plain weights are Parameters that the optimizer updates in place (as do
-resuming and the fused launcher's write-back), so those are kept.
-
-Weight normalization (w = g v/||v|| per output unit) leaves no gradient on W itself: autograd fills
-dL/dg and dL/dv. The chain rule gives them back exactly, per output unit, with u = v/||v||:
-    dL/dv = (g/||v||) (I - u u^T) dL/dW   and   dL/dg = u . dL/dW,
-so  dL/dW = (dL/dg) u + (||v||/g) dL/dv.
-grad_norm is therefore ||dL/dW|| of the effective weight for every norm, comparable across them.
-
-All norms of a kind are computed with one fused `torch._foreach_norm` over the layers, and everything
-is stacked into one tensor so that a logging step costs a single device-to-host copy (never one
-`.item()` per layer, which would sync the GPU dozens of times).
-
-The trainer uses `capture`: at a logging step it copies W before the optimizer step and keeps dL/dW
-and the activations; the statistics are then computed from those, on CPU on a worker thread while
-the main thread goes on to the next step (the trainer writes them before the next optimizer step).
-That worker runs only where the training leaves a core idle (`torch.get_num_threads()` below the
-machine's CPUs, e.g. one thread on a 2-core machine). It hides part of the statistics' cost, not all:
-its many small ops hold the GIL the main thread needs between its own. `trainer.log_every=1` at batch
-128, one thread, old and new trainer alternating in one process on this project's 2-core CPU: speed
-relative to no statistics 0.63 -> 0.66 (3 x 256 MLP) and 0.70 -> 0.75 (50 x 100). The numbers are the
-same either way: the same ops on the same tensors (tests/test_monitor.py).
-
-Cost (measured by `nrexp bench`): a logging step reads the weights about ten times (norms of W, dL/dW,
-W - W_init, W - W_before, and the copy of W_before). `_foreach_*` ops are fused kernels on CUDA, but
-on CPU PyTorch runs them as a loop over the tensors, so a 51-layer net pays for a few hundred small
-ops per logging step: with trainer.log_every=1 at batch 128 that is ~0.3 of a training step on CPU;
-at the default log_every it is noise. On the main thread, what is left is mostly Python per layer:
-timers around each part of the 51-layer net's step (log_every=1, batch 128, one thread) found the
-capture at 0.9 ms and writing the log at 0.6 ms, most of it reading `.weight` and `.grad` through the
-modules, allocating the copy of W, and building 255 tagged TensorBoard values. Keeping the plain
-weights' Parameters, copying into reused buffers and filling one reused Summary (writers.py) brought
-them to 0.5 and 0.35 ms, and d/c from 0.69-0.73 to 0.77 (3 x 256: 0.74-0.75 to 0.78-0.80).
+act_norm is the batch mean of each example's L2 norm of the layer's output; grad_norm ||dL/dW||;
+weight_norm ||W||; weight_change ||W - W_init|| / ||W_init||; update_ratio ||ΔW|| / ||W|| of the step
+just taken. W is the weight the layer computes with (a residual block's two Linear layers together;
+under weight normalization, g v/||v||, whose dL/dW `weight_grad` rebuilds from dL/dg and dL/dv).
+Why this shape: a logging step is a few multi-tensor kernels over all layers (`torch._foreach_*`, flat
+buffers allocated once), no per-layer torch call, one host copy; on CPU, when a core is idle, the
+statistics run on a second thread while training goes on. docs/speed.md has the measurements.
 """
 from __future__ import annotations
 
@@ -62,7 +25,12 @@ LAYER_METRICS = ("act_norm", "grad_norm", "weight_norm", "weight_change", "updat
 
 
 def weight_grad(layer: nn.Module) -> torch.Tensor:
-    """dLoss/dW of the weight `layer` computes with (zeros before any backward pass)."""
+    """dLoss/dW of the weight `layer` computes with (zeros before any backward pass).
+
+    Under weight normalization (w = g v/||v|| per output unit) autograd fills dL/dg and dL/dv only; with
+    u = v/||v||, dL/dv = (g/||v||)(I - u u^T) dL/dW and dL/dg = u . dL/dW, so dL/dW = (dL/dg) u +
+    (||v||/g) dL/dv: grad_norm is ||dL/dW|| of the effective weight for every norm, comparable across them.
+    """
     if not parametrize.is_parametrized(layer, "weight"):
         w = layer.weight
         return w.grad if w.grad is not None else torch.zeros_like(w)
@@ -312,12 +280,8 @@ def set_flush_denormal(on: bool, device: torch.device) -> None:
     read and written as zero (x86 DAZ/FTZ, ARM FZ) or, with `on=False`, computed as IEEE says.
 
     Why: CPUs compute with denormals 10-100x slower than with other floats, and a run that fits its
-    data makes many. Measured on this project's 2-core CPU, one thread, one epoch of a 60,000-digit
-    MNIST at batch 32, 16 runs of a 3 x 100 MLP (`nrexp bench --fused`'s sweep): 5-30% of the momentum
-    buffer entries of each run without weight decay ended denormal; flushing took the 16 step loops,
-    one by one, from 34.0 and 33.3 s to 30.9 and 31.1 s, and the fused group's loop from 13.3 and 13.2 s
-    to 10.4 and 10.7 s (off and on alternating). Values that small weigh nothing next to the others:
-    the default `nrexp train` on that data ends with the same loss and accuracy to the last bit either way.
+    data makes many (momentum buffers without weight decay, above all); values that small weigh nothing
+    next to the others (docs/speed.md).
 
     The mode is a per-thread CPU setting. This sets it for the calling thread, for the run
     (`keeping_denormal_mode` puts it back after); threads started later (torch's intra-op threads, the

@@ -252,3 +252,22 @@ def test_fused_sweep_lines_report_ratio_target_and_gaps():
     assert "basic launcher 39.0 s, fused 25.0 s -> **1.56x** (target >= 2x ✗)" in lines[1]
     assert "16 basic jobs 22.0 s, fused group 11.0 s (2.00x, the sweep's ratio as training gets longer)" in lines[1]
     assert "14 of 16 pairs, largest gap 0.012" in lines[1]
+
+
+def test_ratios_carry_the_spread_of_the_rounds():
+    """Each target's ratio is of the arms' medians; beside it, the lowest and highest ratio of the two arms
+    within one round (timed one after the other, under the same load); "a" is the faster of a0 and a2."""
+    from nrexp.bench import ratios, table_rows
+
+    rounds = {"a0": [1.0, 1.2, 1.1], "a2": [2.0, 1.0, 2.2], "b": [20.0, 22.0, 21.0], "c": [19.0, 21.0, 20.0],
+              "d": [18.0, 17.0, 19.0], "e": [19.0, 21.0, 20.0], "h": [9.0, 10.0, 8.0]}
+    median = {arm: sorted(v)[1] for arm, v in rounds.items()}
+    r = ratios(median, rounds)
+    assert r["d/b"]["value"] == pytest.approx(18.0 / 21.0)
+    assert r["d/b"]["rounds"] == pytest.approx([18 / 20, 17 / 22, 19 / 21])
+    assert (r["d/b"]["low"], r["d/b"]["high"]) == (pytest.approx(17 / 22), pytest.approx(19 / 21))
+    assert r["c/a"]["rounds"] == pytest.approx([19 / 2.0, 21 / 1.2, 20 / 2.2])
+    assert r["d/h"]["ok"] and not r["d/b"]["ok"]
+    result = {"settings": {"arms": list(rounds)}, "configs": [
+        {"model": "m", "batch": 128, "median": median, "ratios": r, "ceilings": {}, "losses_agree": True}]}
+    assert f"{18 / 21:.2f} ({17 / 22:.2f}-{19 / 21:.2f}) ✗" in table_rows(result)[0]
