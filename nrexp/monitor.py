@@ -4,9 +4,10 @@ act_norm is the batch mean of each example's L2 norm of the layer's output; grad
 weight_norm ||W||; weight_change ||W - W_init|| / ||W_init||; update_ratio ||ΔW|| / ||W|| of the step
 just taken. W is the weight the layer computes with (a residual block's two Linear layers together;
 under weight normalization, g v/||v||, whose dL/dW `weight_grad` rebuilds from dL/dg and dL/dv).
-Why this shape: a logging step is a few multi-tensor kernels over all layers (`torch._foreach_*`, flat
-buffers allocated once), no per-layer torch call, one host copy; on CPU, when a core is idle, the
-statistics run on a second thread while training goes on. docs/speed.md has the measurements.
+Why this shape: the statistics cost memory traffic, not arithmetic. The weights' norms are a few
+multi-tensor kernels over all layers (`torch._foreach_*`) on flat buffers allocated once, each
+activation's row norms one kernel that reads it once, and everything reaches the host in one copy; on
+CPU, when a core is idle, they run on a second thread while training goes on (docs/speed.md).
 """
 from __future__ import annotations
 
@@ -66,7 +67,6 @@ class LayerMonitor:
         self._init_flat, self.init_weights = _flat_views(weights)
         self._before_flat, self._before = _flat_views(weights)
         self._change_flat, self._change = _flat_views(weights)
-        self._activations = ActivationNorms()
         self.reset_init(weights)
         self._pending: Optional[Capture] = None  # before_step's, for after_step
         # Statistics every step: W after one logging step's optimizer step is W before the next one's,
@@ -140,7 +140,7 @@ class LayerMonitor:
 
     def _stats(self, norms: torch.Tensor, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The statistics from the norms of W, dL/dW and W - W_init (3 x layers) and the activations."""
-        return {"act_norm": self._activations(activations), "grad_norm": norms[1], "weight_norm": norms[0],
+        return {"act_norm": activation_norms(activations), "grad_norm": norms[1], "weight_norm": norms[0],
                 "weight_change": norms[2] / self.init_norms}
 
     def _copy_before(self) -> bool:
@@ -160,6 +160,16 @@ class LayerMonitor:
         self._snapshot = (_optimizer_steps[0], [p._version for p in after])
         torch._foreach_copy_(self._before, after)
 
+    def host_copy(self, stats: Optional[Future], scalars: Dict[str, torch.Tensor]) -> "HostCopy":
+        """to_host(stats.result(), scalars), started now and finished by the result's `.result()`.
+
+        For the trainer to call as soon as a logging step's scalars exist, and `.result()` when it
+        writes the step. On CUDA the floats leave the device by an asynchronous copy into pinned memory
+        queued now, right behind the kernels that compute them: `.result()` then waits for those alone,
+        where a copy made at write time (to_host) waits for every step queued since. Elsewhere it is
+        to_host, at `.result()`."""
+        return HostCopy(self, stats, scalars)
+
     def to_host(self, layer_stats: Dict[str, torch.Tensor], scalars: Dict[str, torch.Tensor]):
         """One device->host copy of all that is logged this step.
 
@@ -172,6 +182,34 @@ class LayerMonitor:
         n = len(self.names)
         layers = {k: dict(zip(self.names, flat[i * n:(i + 1) * n])) for i, k in enumerate(layer_stats)}
         return layers, dict(zip(scalars, flat[len(layer_stats) * n:]))
+
+
+class HostCopy:
+    """LayerMonitor.host_copy's result."""
+
+    def __init__(self, monitor: LayerMonitor, stats: Optional[Future], scalars: Dict[str, torch.Tensor]):
+        self.monitor, self.stats, self.scalars = monitor, stats, scalars
+        self.pinned = self.event = None
+        device = monitor._before_flat.device
+        if device.type == "cuda":  # stats computed where they were asked for (no statistics thread): done
+            layer_stats = stats.result() if stats is not None else {}
+            self.keys = list(layer_stats)
+            flat = torch.cat([layer_stats[k].float() for k in self.keys]
+                             + [v.detach().float().reshape(1) for v in scalars.values()])
+            self.pinned = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self.pinned.copy_(flat, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def result(self):
+        """({metric: {layer: value}}, {tag: value}) as Python floats, as to_host gives them."""
+        if self.event is None:
+            return self.monitor.to_host(self.stats.result() if self.stats is not None else {}, self.scalars)
+        self.event.synchronize()
+        flat, names = self.pinned.tolist(), self.monitor.names
+        n = len(names)
+        layers = {k: dict(zip(names, flat[i * n:(i + 1) * n])) for i, k in enumerate(self.keys)}
+        return layers, dict(zip(self.scalars, flat[len(self.keys) * n:]))
 
 
 def _flat_views(like: List[torch.Tensor]):
@@ -345,48 +383,12 @@ def _worker_thread(device: torch.device) -> Optional[ThreadPoolExecutor]:
     return _worker
 
 
-class ActivationNorms:
-    """activation_norms with its plan kept: which activations are stacked together, into which buffers
-    (allocated once), and the order to put the results back in, made once per set of shapes and dtypes."""
-
-    def __init__(self):
-        self._plans: Dict[tuple, tuple] = {}
-
-    @torch.no_grad()
-    def __call__(self, activations: List[torch.Tensor]) -> torch.Tensor:
-        key = tuple((a.shape, a.dtype) for a in activations)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = _activation_plan(activations)
-        groups, order = plan
-        parts = []
-        for indices, buffer in groups:
-            stacked = torch.stack([activations[i] for i in indices], out=buffer)  # (L, B, ...)
-            if stacked.dim() > 3:  # conv feature maps: each example's values as one vector
-                stacked = stacked.flatten(2)
-            parts.append(torch.linalg.vector_norm(stacked, dim=2, dtype=torch.float32).mean(dim=1))
-        norms = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return norms if order is None else norms[order]
-
-
-def _activation_plan(activations: List[torch.Tensor]) -> tuple:
-    """([(indices, stacking buffer) per shape and dtype], the index that restores the layer order or None)."""
-    groups: Dict[tuple, List[int]] = {}
-    for i, a in enumerate(activations):
-        groups.setdefault((tuple(a.shape), a.dtype), []).append(i)
-    first = activations[0]
-    plan = [(indices, torch.empty((len(indices), *shape), dtype=dtype, device=first.device))
-            for (shape, dtype), indices in groups.items()]
-    order = [i for indices in groups.values() for i in indices]
-    if order == sorted(order):
-        return plan, None
-    # groups interleave (e.g. a CNN's pooled maps between conv blocks): put back in layer order
-    position = {layer: k for k, layer in enumerate(order)}
-    return plan, torch.tensor([position[i] for i in range(len(order))], device=first.device)
-
-
+@torch.no_grad()
 def activation_norms(activations: List[torch.Tensor]) -> torch.Tensor:
     """Mean over the batch of each example's L2 norm (in float32), for each activation, in order.
-    Activations of the same shape and dtype (all hidden blocks of an MLP) are stacked and reduced
-    together: a handful of kernels for a 50-layer net instead of a few per layer."""
-    return ActivationNorms()(activations)
+
+    One row-norm kernel per activation, reading it once: stacking same-shaped activations first to
+    reduce them in one call copies them, which costs more memory traffic than the calls cost.
+    """
+    rows = [torch.linalg.vector_norm(a.flatten(1), dim=1, dtype=torch.float32) for a in activations]
+    return torch.stack(rows).mean(dim=1)

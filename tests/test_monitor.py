@@ -44,9 +44,8 @@ def test_monitor_matches_plain_forward_and_grad():
 
 
 def test_activation_norms_keep_layer_order_across_interleaved_shapes_and_dtypes():
-    """activation_norms reduces same-shaped activations together; the result is still one value per
-    activation in the order given: each example's L2 norm over all its values, averaged over the batch,
-    in float32 (conv maps flattened, bf16 upcast), as computed one activation at a time."""
+    """One value per activation in the order given: each example's L2 norm over all its values, averaged
+    over the batch, in float32 (conv maps flattened, bf16 upcast)."""
     from nrexp.monitor import activation_norms
 
     torch.manual_seed(0)
@@ -169,18 +168,6 @@ def test_capture_gives_the_numbers_of_an_independent_computation_threaded_or_not
     assert host["update_ratio"]["head"] == runs[True][-1][0]["update_ratio"][3].item()
 
 
-def test_activation_norms_plan_follows_the_shapes():
-    """The kept plan (stacking buffers per shape) is made per set of shapes: a smaller batch (the final
-    probe) or another dtype gets its own, with the right numbers."""
-    from nrexp.monitor import ActivationNorms
-
-    norms = ActivationNorms()
-    for batch, dtype in ((8, torch.float32), (3, torch.float32), (8, torch.bfloat16), (8, torch.float32)):
-        activations = [torch.randn(batch, 5).to(dtype), torch.randn(batch, 5).to(dtype) * 2, torch.randn(batch, 2)]
-        expected = torch.stack([a.float().norm(dim=1).mean() for a in activations])
-        assert torch.allclose(norms(activations), expected, rtol=1e-6)
-
-
 def test_flush_denormal_holds_for_the_run_on_its_thread_and_the_statistics_thread(tmp_path, monkeypatch):
     """A run computes in trainer.flush_denormal's mode on its own thread and on the statistics thread,
     which outlives the run that started it (a thread's mode is its own; a new thread inherits its
@@ -208,3 +195,20 @@ def test_flush_denormal_holds_for_the_run_on_its_thread_and_the_statistics_threa
     finally:
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)  # torch's default, as a process starts
+
+
+def test_host_copy_gives_to_hosts_floats():
+    """host_copy (started when a logging step's scalars exist, finished when it is written) gives what
+    to_host gives, with and without per-layer statistics."""
+    torch.manual_seed(0)
+    cfg = compose(["model.depth=2", "model.width=16"])
+    model = build_model(cfg, (1, 28, 28), 10)
+    opt = build_optimizer(model, cfg.optim)
+    monitor = LayerMonitor(model.monitored_layers())
+    activations = steps_then_backward(model, opt, torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)), steps=1)
+    captured = monitor.capture(activations)
+    opt.step()
+    future = captured.statistics()
+    scalars = {"train/loss": torch.tensor(0.25), "train/acc": torch.tensor(0.5)}
+    assert monitor.host_copy(future, scalars).result() == monitor.to_host(dict(future.result()), scalars)
+    assert monitor.host_copy(None, scalars).result() == ({}, {"train/loss": 0.25, "train/acc": 0.5})
