@@ -46,9 +46,10 @@ ARM_DOC = {
 MODELS = {"mlp-3x256": (3, 256), "mlp-50x100": (50, 100)}
 # (numerator, denominator, target); "a" is the faster of a0 and a2 (the conservative choice)
 TARGETS = (("c", "a", 10.0), ("c", "b", 0.95), ("d", "b", 0.90), ("d", "h", 1.5), ("e", "b", 0.97))
-# b/a is reported beside the targets as the ceiling of c/a: no harness removes arithmetic, so nrexp's
-# loop is at best as fast as the bare one (c/b is ~1), and c/a can reach 10 only where b/a does
-CEILINGS = (("b", "a", "c/a"),)
+# Beside the targets, the ratios that bound them: no harness removes arithmetic, so nrexp's loop is at
+# best as fast as the bare one, and c/a can reach 10 only where b/a does; d/h, only where b/h reaches 1.5
+# (at large batches the arithmetic of both loops dwarfs the statistics, and b/h tends to 1)
+CEILINGS = (("b", "a", "c/a"), ("b", "h", "d/h"))
 
 
 # ------------------------------------------------------------------------------------------------
