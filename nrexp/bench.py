@@ -130,7 +130,6 @@ def _train_loss(model, data, cfg) -> float:
 
 def arm_naive(cfg, data, device, root: Path, steps: int, workers: int):
     """(a) torchvision-style: a Dataset of PIL images with ToTensor + Normalize, DataLoader(shuffle=True)."""
-    import torch
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, RandomSampler
     from torchvision import transforms
@@ -140,7 +139,8 @@ def arm_naive(cfg, data, device, root: Path, steps: int, workers: int):
 
     model, optimizer = _fresh_model(cfg, device)
     dataset = MNIST(str(root), train=True, download=False,
-                    transform=transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]))
+                    transform=transforms.Compose([transforms.ToTensor(),
+                                                  transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))]))
     # What DataLoader(shuffle=True) builds, with a generator seeded as nrexp seeds epoch 0, so that it
     # draws nrexp's permutation (given to DataLoader itself, the generator would first be used for the
     # workers' base seed and the order would differ)
@@ -198,7 +198,8 @@ def arm_hand(cfg, data, device, steps: int, run_dir: Path):
     model, optimizer = _fresh_model(cfg, device)
     layers = model.monitored_layers()
     # the module whose output is the layer's activation (a block, or the head itself)
-    outputs = {name: model.blocks[name] if name in getattr(model, "blocks", {}) else layer for name, layer in layers.items()}
+    blocks = getattr(model, "blocks", {})
+    outputs = {name: blocks[name] if name in blocks else layer for name, layer in layers.items()}
     acts: Dict[str, "torch.Tensor"] = {}
     hooks = [module.register_forward_hook(lambda mod, inp, out, name=name: acts.__setitem__(name, out.detach()))
              for name, module in outputs.items()]
@@ -447,7 +448,8 @@ def startup_lines(result: Dict) -> List[str]:
     spread = f"{min(s['overhead_s']):.2f}-{max(s['overhead_s']):.2f}"
     return [f"start-up: `{s['command']}` wall minus its train_time_s {s['median_overhead_s']:.2f} s (range {spread}) "
             f"over `{s['baseline']}` {s['median_baseline_s']:.2f} s (range {min(s['baseline_s']):.2f}-"
-            f"{max(s['baseline_s']):.2f}) -> **{s['ratio']:.2f}x**{verdict}, median of {len(s['wall_s'])} interleaved runs"]
+            f"{max(s['baseline_s']):.2f}) -> **{s['ratio']:.2f}x**{verdict}, "
+            f"median of {len(s['wall_s'])} interleaved runs"]
 
 
 def cli_checks(work: Path, sweep_jobs: int, rss: bool, threads: int) -> Dict:
@@ -476,7 +478,8 @@ def cli_checks(work: Path, sweep_jobs: int, rss: bool, threads: int) -> Dict:
             summaries = [json.loads(p.read_text()) for p in (sweep_cwd / "outputs").rglob("summary.json")]
             train_s = sum(s["train_time_s"] for s in summaries)
             sweeps[jobs] = {"command": "nrexp " + " ".join(args), "jobs": len(summaries), "wall_s": wall,
-                            "sum_train_time_s": train_s, "overhead_per_job_s": (wall - train_s) / max(len(summaries), 1)}
+                            "sum_train_time_s": train_s,
+                            "overhead_per_job_s": (wall - train_s) / max(len(summaries), 1)}
         out["sweep"] = sweeps[sweep_jobs]
         if len(sweeps) == 2:
             small, big = (sweeps[n] for n in sorted(sweeps))
@@ -487,7 +490,8 @@ def cli_checks(work: Path, sweep_jobs: int, rss: bool, threads: int) -> Dict:
     if rss and Path("/usr/bin/time").exists():
         proc = subprocess.run(["/usr/bin/time", "-v", *nrexp_cmd, "train", "trainer.progress=false"], cwd=cwd, env=env,
                               capture_output=True, text=True)
-        kb = next((int(line.split(":")[1]) for line in proc.stderr.splitlines() if "Maximum resident set size" in line), None)
+        kb = next((int(line.split(":")[1]) for line in proc.stderr.splitlines()
+                   if "Maximum resident set size" in line), None)
         out["train_default_peak_rss_mb"] = None if kb is None else kb / 1024
         out["train_default_note"] = "default `nrexp train` (data.source=auto; no MNIST here, so the bundled sample)"
     return out
@@ -530,7 +534,8 @@ def fused_sweep(work: Path, workload: str, batches: List[int], repeats: int, thr
     description, data_overrides = FUSED_DATA[workload]
     sweep = FUSED_SWEEP + [o.format(data=work / "data") for o in data_overrides]
     out: Dict = {"data": description, "batches": {},
-                 "command": "nrexp train -m " + " ".join(FUSED_SWEEP + [o.format(data="<data>") for o in data_overrides])
+                 "command": "nrexp train -m "
+                            + " ".join(FUSED_SWEEP + [o.format(data="<data>") for o in data_overrides])
                             + f" trainer.device={device} data.batch_size=B [hydra/launcher=fused]"}
     for batch in batches:
         walls: Dict[str, List[float]] = {"basic": [], "fused": []}
@@ -560,9 +565,11 @@ def fused_sweep(work: Path, workload: str, batches: List[int], repeats: int, thr
                                  "target": target, "ok": None if target is None else ratio >= target,
                                  "jobs": len(accs["fused"]), "test_acc_abs_diff": gaps,
                                  "pairs_equal_1e-4": sum(g <= 1e-4 for g in gaps)}
-        print(f"fused sweep, {description}, batch {batch}: basic {median['basic']:.1f} s, fused {median['fused']:.1f} s -> "
+        print(f"fused sweep, {description}, batch {batch}: basic {median['basic']:.1f} s, "
+              f"fused {median['fused']:.1f} s -> "
               f"{ratio:.2f}x" + ("" if target is None else f" (target >= {target:g}x)") +
-              f"; test accuracy equal (1e-4) in {sum(g <= 1e-4 for g in gaps)} of {len(gaps)} pairs, largest gap {gaps[-1]:.3f}",
+              f"; test accuracy equal (1e-4) in {sum(g <= 1e-4 for g in gaps)} of {len(gaps)} pairs, "
+              f"largest gap {gaps[-1]:.3f}",
               flush=True)
     return out
 
@@ -576,7 +583,8 @@ def print_entry(entry: Dict) -> None:
 
     loss = "  ".join(f"{a} {v:.5f}" for a, v in entry["loss_after_steps"].items())
     verdict = "agree" if entry["losses_agree"] else "DISAGREE"
-    Console(width=None if sys.stdout.isatty() else 200).print(f"[bold]{entry['model']} batch {entry['batch']}[/]: {entry['steps']} steps; train-set loss "
+    Console(width=None if sys.stdout.isatty() else 200).print(
+        f"[bold]{entry['model']} batch {entry['batch']}[/]: {entry['steps']} steps; train-set loss "
                     f"after them: {loss} -> {verdict} (max rel diff {entry['loss_max_rel_diff']:.1e})")
 
 
@@ -587,7 +595,8 @@ def table_rows(result: Dict) -> List[List[str]]:
         row = [e["model"], str(e["batch"])] + [f"{e['median'][a]:,.0f}" for a in arms]
         for num, den, target in TARGETS:
             r = e["ratios"].get(f"{num}/{den}")
-            spread = f" ({r['low']:.2f}-{r['high']:.2f})" if r is not None and "low" in r and len(r["rounds"]) > 1 else ""
+            several = r is not None and "low" in r and len(r["rounds"]) > 1
+            spread = f" ({r['low']:.2f}-{r['high']:.2f})" if several else ""
             row.append("-" if r is None else f"{r['value']:.2f}{spread}{' ✗' if r['ok'] is False else ''}")
         for num, den, _ in CEILINGS:
             r = e["ceilings"].get(f"{num}/{den}")
@@ -607,17 +616,21 @@ def cli_lines(result: Dict) -> List[str]:
     c = result.get("cli")
     if not c:
         return []
-    lines = [f"`nrexp --help`: {c['help_s']:.2f} s; `nrexp train --cfg job`: {c['cfg_job_s']:.2f} s (target < 1 s each)"]
+    lines = [f"`nrexp --help`: {c['help_s']:.2f} s; `nrexp train --cfg job`: {c['cfg_job_s']:.2f} s "
+             "(target < 1 s each)"]
     if "sweep" in c:
         sw = c["sweep"]
         lines.append(f"sweep `{sw['command']}`: {sw['jobs']} jobs, wall {sw['wall_s']:.1f} s, sum of train_time_s "
-                     f"{sw['sum_train_time_s']:.2f} s -> overhead {sw['overhead_per_job_s']:.2f} s per job (target <= 0.3 s)")
+                     f"{sw['sum_train_time_s']:.2f} s -> overhead {sw['overhead_per_job_s']:.2f} s per job "
+                     "(target <= 0.3 s)")
         if "marginal_per_job_s" in sw:
             lines.append(f"of which, from a second sweep of {sw['small_jobs']} jobs (wall {sw['small_wall_s']:.1f} s): "
-                         f"{sw['marginal_per_job_s']:.2f} s per additional job, {sw['once_per_process_s']:.1f} s once per "
+                         f"{sw['marginal_per_job_s']:.2f} s per additional job, "
+                         f"{sw['once_per_process_s']:.1f} s once per "
                          "process (start-up, imports)")
     if c.get("train_default_peak_rss_mb") is not None:
-        lines.append(f"peak RSS of {c['train_default_note']}: {c['train_default_peak_rss_mb']:.0f} MB (target <= 1536 MB)")
+        lines.append(f"peak RSS of {c['train_default_note']}: {c['train_default_peak_rss_mb']:.0f} MB "
+                     "(target <= 1536 MB)")
     return lines
 
 
@@ -637,7 +650,8 @@ def _fused_workload_lines(f: Dict) -> List[str]:
         lines.append(f"batch {batch}: basic launcher {m['basic']:.1f} s, fused {m['fused']:.1f} s -> "
                      f"**{b['speedup']:.2f}x**{verdict}; step loops: 16 basic jobs {loops['basic']:.1f} s, fused group "
                      f"{loops['fused']:.1f} s ({b['loop_speedup']:.2f}x, the sweep's ratio as training gets longer); "
-                     f"final test accuracy equal (to 1e-4) in {b['pairs_equal_1e-4']} of {b['jobs']} pairs, largest gap "
+                     f"final test accuracy equal (to 1e-4) in {b['pairs_equal_1e-4']} of {b['jobs']} pairs, "
+                     "largest gap "
                      f"{max(b['test_acc_abs_diff']):.3f} (rounding amplified by training)")
     return lines
 
@@ -674,7 +688,8 @@ def markdown(result: Dict) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(result)]
     lines += ["", f"Machine: {m['nproc']} CPUs ({m['cpu']}, {m['cpu_capability']}), torch {m['torch']} "
               f"with {m['torch_threads']} threads, "
-              f"Python {m['python']}, device {result['device']}, load average at start {m.get('loadavg_at_start', '?')}. "
+              f"Python {m['python']}, device {result['device']}, "
+              f"load average at start {m.get('loadavg_at_start', '?')}. "
               f"Data: {result['data']['kind']} to {result['data']['train']} x 28 x 28 uint8. "
               f"Median of {s['repeats']} interleaved repeats of ~{s['samples_per_measure']:,} samples per arm; "
               "in parentheses, the lowest and highest ratio of the two arms within one round."]
@@ -718,10 +733,12 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--threads", type=_int_at_least(0), default=1,
                    help="torch intra-op threads for every arm (default 1: on a small shared machine two "
                         "spinning OpenMP threads make timings swing 5-20x; 0 = torch's default)")
-    p.add_argument("--loss-rtol", type=float, default=1e-3, help="largest relative loss difference that counts as agreeing")
+    p.add_argument("--loss-rtol", type=float, default=1e-3,
+                   help="largest relative loss difference that counts as agreeing")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up round")
     p.add_argument("--cli", action="store_true",
-                   help="also time `nrexp --help`, `nrexp train --cfg job`, a sweep's per-job overhead, peak RSS of `nrexp train`")
+                   help="also time `nrexp --help`, `nrexp train --cfg job`, a sweep's per-job overhead, "
+                        "peak RSS of `nrexp train`")
     p.add_argument("--sweep-jobs", type=_int_at_least(1), default=32,
                    help="jobs in the --cli sweep (trainer.max_steps=1 each)")
     p.add_argument("--fused", action="store_true",
@@ -732,7 +749,8 @@ def parse(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--fused-data", nargs="+", choices=list(FUSED_DATA), default=list(FUSED_DATA),
                    help="what the --fused sweeps train on: bundled = " + FUSED_DATA["bundled"][0] + "; mnist = "
                         + FUSED_DATA["mnist"][0] + " (--train-size digits)")
-    p.add_argument("--fused-repeats", type=_int_at_least(1), default=3, help="interleaved repeats of each --fused sweep")
+    p.add_argument("--fused-repeats", type=_int_at_least(1), default=3,
+                   help="interleaved repeats of each --fused sweep")
     p.add_argument("--no-arms", action="store_true", help="skip the per-step arms (e.g. with --cli or --fused alone)")
     p.add_argument("--startup-repeats", type=_int_at_least(0), default=None,
                    help="interleaved repeats of the start-up measurement (default 5; quick 3, tiny 1; 0 skips it)")

@@ -177,7 +177,8 @@ class LayerMonitor:
         """
         if isinstance(layer_stats, HostStats):  # already read on the statistics thread (CPU)
             return layer_stats.host, {k: v.item() for k, v in scalars.items()}
-        tensors = [layer_stats[k].float() for k in layer_stats] + [v.detach().float().reshape(1) for v in scalars.values()]
+        tensors = ([layer_stats[k].float() for k in layer_stats]
+                   + [v.detach().float().reshape(1) for v in scalars.values()])
         flat = torch.cat(tensors).cpu().tolist() if tensors else []
         n = len(self.names)
         layers = {k: dict(zip(self.names, flat[i * n:(i + 1) * n])) for i, k in enumerate(layer_stats)}

@@ -1,8 +1,9 @@
 """Optimizers, with weight decay applied only where it means something.
 
 Weight decay lambda regularizes weight *matrices* (parameters with 2 or more dimensions). Biases and the
-gains/shifts of normalization layers (and the gains g of weight norm) are left undecayed unless `optim.decay_norm_and_bias=true`:
-decaying a norm's gain fights the normalization itself (the usual practice, as in nanoGPT).
+gains/shifts of normalization layers (and the gains g of weight norm) are left undecayed unless
+`optim.decay_norm_and_bias=true`: decaying a norm's gain fights the normalization itself (the usual
+practice, as in nanoGPT).
 
 Semantics are PyTorch's own:
 - sgd, adam: coupled L2. The gradient becomes g + lambda*W, so plain SGD (no momentum) takes

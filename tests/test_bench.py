@@ -38,7 +38,8 @@ def test_bench_tiny_writes_json_with_all_arms(tmp_path):
     assert entry["ratios"]["c/a"]["value"] == pytest.approx(entry["median"]["c"] / best_a)
     assert "| b/a (ceiling of c/a) | b/h (ceiling of d/h) | losses agree |" in (tmp_path / "bench.md").read_text()
     ceilings = entry["ceilings"]
-    assert f"| {ceilings['b/a']['value']:.2f} | {ceilings['b/h']['value']:.2f} | yes |" in (tmp_path / "bench.md").read_text()
+    row_end = f"| {ceilings['b/a']['value']:.2f} | {ceilings['b/h']['value']:.2f} | yes |"
+    assert row_end in (tmp_path / "bench.md").read_text()
     assert entry["losses_agree"], entry["loss_after_steps"]  # same init, data order and optimizer in every arm
     assert set(entry["loss_after_steps"]) == set(entry["median"])  # the hand-written arm h among them
     assert "h: hand-written statistics every step" in proc.stdout
@@ -47,7 +48,8 @@ def test_bench_tiny_writes_json_with_all_arms(tmp_path):
     # a smoke test judges no target: its figures say nothing of them
     assert result["settings"]["tiny"] and all(r["ok"] is None for r in entry["ratios"].values())
     assert "✗" not in proc.stdout + (tmp_path / "bench.md").read_text() and "no target judged" in proc.stdout
-    assert (tmp_path / "bench.md").read_text().startswith("**--tiny, a smoke test: numbers meaningless, no target judged")
+    assert (tmp_path / "bench.md").read_text().startswith(
+        "**--tiny, a smoke test: numbers meaningless, no target judged")
     # start-up: the 1-step run's wall time less its step loop, over the imports any such program pays
     startup = result["startup"]
     assert startup["command"] == "nrexp train trainer.max_steps=1 data.source=bundled"
@@ -63,9 +65,11 @@ def test_bench_tiny_writes_json_with_all_arms(tmp_path):
     (["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
     (["--batches", "128", "0"], "argument --batches: must be >= 1, got 0"),
     (["--threads", "-1"], "argument --threads: must be >= 0, got -1"),
-    (["--train-size", "50", "--batches", "128"], "a measurement at batch 128 takes 32768 samples, more than --train-size 50"),
+    (["--train-size", "50", "--batches", "128"],
+     "a measurement at batch 128 takes 32768 samples, more than --train-size 50"),
     (["--samples", "100000"], "a measurement at batch 128 takes 99968 samples, more than --train-size 60000"),
-    (["--no-arms", "--fused", "--fused-batches", "5000"], "--fused-batches 5000 is larger than the bundled sample's 4000"),
+    (["--no-arms", "--fused", "--fused-batches", "5000"],
+     "--fused-batches 5000 is larger than the bundled sample's 4000"),
     (["--no-arms", "--fused", "--fused-data", "mnist", "--train-size", "1000", "--fused-batches", "2000"],
      "--fused-batches 2000 is larger than --train-size 1000, the digits of the --fused-data mnist sweep"),
     (["--json", "{file}/bench.json"], "cannot write in {file}: choose a path in a folder you can write"),
@@ -80,7 +84,8 @@ def test_bad_bench_arguments_get_one_line_before_anything_runs(tmp_path, args, s
     proc = run_cli(["bench", *args], cwd=tmp_path, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("nrexp bench: error: ") and says.replace("{file}", str(tmp_path / "file")) in last, proc.stderr
+    says = says.replace("{file}", str(tmp_path / "file"))
+    assert last.startswith("nrexp bench: error: ") and says in last, proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written, no bench.json
 
@@ -193,7 +198,8 @@ def test_fused_sweeps_run_on_both_workloads_and_report_each(tmp_path):
     The MNIST-like one trains on the bench's own data (data.source=local), one epoch."""
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "nrexp", "bench", "--tiny", "--no-arms", "--fused", "--fused-batches",
-                           "1000", "--fused-repeats", "1", "--json", str(out), "--markdown", str(tmp_path / "bench.md")],
+                           "1000", "--fused-repeats", "1", "--json", str(out),
+                           "--markdown", str(tmp_path / "bench.md")],
                           cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     fused = json.loads(out.read_text())["fused"]
@@ -246,10 +252,13 @@ def test_fused_sweep_lines_report_ratio_target_and_gaps():
     """The --fused section's wording from a result of fused_checks' shape (the sweeps themselves take minutes)."""
     from nrexp.bench import fused_lines
 
-    result = {"fused": {"bundled": {"data": "5 epochs of the bundled 4,000 digits", "command": "nrexp train -m ...", "batches": {32: {
-        "wall_s": {"basic": [40.0, 38.0, 39.0], "fused": [25.0, 26.0, 24.0]}, "median_wall_s": {"basic": 39.0, "fused": 25.0},
-        "step_loops_s": {"basic": [22.0, 23.0, 21.0], "fused": [10.0, 11.0, 12.0]}, "speedup": 39.0 / 25.0, "loop_speedup": 22.0 / 11.0,
-        "target": 2.0, "ok": False, "jobs": 16, "test_acc_abs_diff": [0.0] * 14 + [0.004, 0.012], "pairs_equal_1e-4": 14}}}}}
+    batch = {"wall_s": {"basic": [40.0, 38.0, 39.0], "fused": [25.0, 26.0, 24.0]},
+             "median_wall_s": {"basic": 39.0, "fused": 25.0},
+             "step_loops_s": {"basic": [22.0, 23.0, 21.0], "fused": [10.0, 11.0, 12.0]},
+             "speedup": 39.0 / 25.0, "loop_speedup": 22.0 / 11.0, "target": 2.0, "ok": False, "jobs": 16,
+             "test_acc_abs_diff": [0.0] * 14 + [0.004, 0.012], "pairs_equal_1e-4": 14}
+    result = {"fused": {"bundled": {"data": "5 epochs of the bundled 4,000 digits", "command": "nrexp train -m ...",
+                                    "batches": {32: batch}}}}
     lines = fused_lines(result)
     assert lines[0].startswith("fused sweep on 5 epochs of the bundled 4,000 digits, `nrexp train -m ...`")
     assert "median of 3 interleaved runs" in lines[0]
