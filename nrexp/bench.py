@@ -123,7 +123,7 @@ def _sync(device):
 
 
 def _train_loss(model, data, cfg) -> float:
-    from nrexp.train import evaluate
+    from nrexp.evaluate import evaluate
 
     return evaluate(model, data.train_x, data.train_y, cfg.data.eval_batch_size, "train")["train/loss"]
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence
 
-from nrexp.errors import error
+from nrexp.errors import ConfigError, error
 
 USAGE = """\
 usage: nrexp <command> [args]
@@ -42,103 +42,108 @@ examples:
 # nrexp train
 
 
-def train_app(args: List[str]) -> int:
+def train_app(args: list[str]) -> int:
     """Run the Hydra app for `nrexp train` with `args` as its command line."""
     import hydra
 
     import nrexp
-    from nrexp import config
+    from nrexp import config, sweep  # sweep: the resolver that names sweep job dirs (configs/train.yaml)
 
     config.register()
-    import nrexp.sweep  # registers the resolver that names sweep job dirs (configs/train.yaml)
-
-    sweep_jobs = nrexp.sweep.finished_jobs  # filled by the sweep's status table when it ends
-
     args = [quote_path_override(a) for a in args]
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
     flags = [hydra_flag(a) for a in args if a.startswith("-")]
     multirun = any(a in ("-m", "--multirun") for a in flags)
-    # Hydra's modes, of which it takes one (else a traceback): run (default), -m, --cfg, --info, -sc
-    modes: dict = {}  # mode -> the first flag that asked for it
+    try:
+        existing = check_command_line(overrides, flags, multirun)
+    except ConfigError as err:
+        return error(str(err))
+    resume = next((a.split("=", 1)[1] for a in overrides if a.startswith("resume=")), None)
+    if existing is not None and resume:  # continue in the run's own directory, its recorded config untouched
+        run_dir = Path(_unquote(resume)).resolve()
+        args = [*args, quote_path_override(f"hydra.run.dir={run_dir}"), "hydra.output_subdir=null"]
+
+    @hydra.main(version_base="1.3", config_path=nrexp.config_dir(), config_name="train")
+    def _train(cfg) -> float:
+        return run_task(cfg, existing or Path.cwd())
+
+    sys.argv = [sys.argv[0], *args]
+    sweep.finished_jobs.clear()  # filled by the sweep's status table when it ends
+    _train()
+    failed = [job for job in sweep.finished_jobs if job["status"] == "failed"]
+    if multirun and failed:  # the table above names them; a script or CI step must see it too
+        return error(f"{len(failed)} of {len(sweep.finished_jobs)} jobs of the sweep failed (status failed in the "
+                     "table above; each one's error is in its summary.json and train.log). Fix: correct what the "
+                     "error says and rerun those jobs", code=1)
+    return 0
+
+
+def check_command_line(overrides: list[str], flags: list[str], multirun: bool) -> Path | None:
+    """Raise ConfigError for what Hydra would answer with a traceback, or a job would fail on. Returns
+    None when nothing runs (--help, --cfg, --info, completion), else what preflight returns."""
+    modes: dict = {}  # Hydra's modes, of which it takes one: mode -> the first flag that asked for it
     for flag in flags:
         if flag in MODE_FLAGS:
             modes.setdefault(MODE_FLAGS[flag], flag)
     if len(modes) > 1:
         first, second = list(modes.values())[:2]
-        return error(f"{first} and {second} cannot be combined. Fix: use one of them; to see a sweep job's "
-                     "config, give each key one value: nrexp train --cfg job <overrides>")
+        raise ConfigError(f"{first} and {second} cannot be combined. Fix: use one of them; to see a sweep job's "
+                          "config, give each key one value: nrexp train --cfg job <overrides>")
     printing = any(a in ("--cfg", "-c") for a in flags)  # prints the composed config: validated, nothing runs
     # --help and --info show the config composed with the overrides too: validated like --cfg's.
     # Shell completion is not: it is handed half-typed words.
     showing = any(a in ("--help", "-h", "--hydra-help", "--info", "-i") for a in flags)
-    completing = any(a in ("-sc", "--shell-completion") for a in flags)
-    existing = Path.cwd()  # replaced by preflight's answer when a run starts
-    if completing or (showing and not overrides):
-        pass
-    elif printing or showing:
+    if any(a in ("-sc", "--shell-completion") for a in flags) or (showing and not overrides):
+        return None
+    if printing or showing:
+        preflight(overrides, printing=True)
+        return None
+    existing = preflight(overrides, multirun=multirun)
+    if multirun:  # preflight has checked every swept value: the basic sweeper need not compose each job first
+        from nrexp.hydra_compat import skip_basic_sweeper_validation
+
+        skip_basic_sweeper_validation()
+    return existing
+
+
+def run_task(cfg, existing: Path) -> float:
+    """Hydra's task function: one run, or one job of a sweep; returns the test accuracy, what a Hydra
+    sweeper (e.g. optuna) optimizes. `existing`: the folder a rejected run must not remove."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from nrexp import sweep
+    from nrexp.train import Diverged, train  # torch is imported here, once a run really starts
+
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    if hc.mode == RunMode.MULTIRUN:
+        # A sweep job: one failure must not stop the others. It is recorded in the job's summary.json
+        # and the job returns NaN, which Hydra's sweepers ignore and Optuna records as a failed trial.
         try:
-            preflight(overrides, printing=True)
-        except config.ConfigError as err:
-            return error(str(err))
+            sweep.claim_gpu(str(getattr(cfg.trainer.device, "value", cfg.trainer.device)), hc.job.num)
+            summary = train(cfg, run_dir)
+        except Diverged:  # trainer.on_nonfinite=raise: its summary (diverged) is already written
+            return float("nan")
+        except Exception as err:  # noqa: BLE001 - any error of one job; Ctrl-C still stops them all
+            sweep.record_failure(cfg, run_dir, err)
+            return float("nan")
     else:
         try:
-            existing = preflight(overrides, multirun=multirun)
-        except config.ConfigError as err:
-            return error(str(err))
-        if multirun:
-            skip_second_validation_of_basic_sweeps()
-            derive_job_configs_that_differ_in_plain_values()
-        resume = next((_unquote(a.split("=", 1)[1]) for a in overrides if a.startswith("resume=")), None)
-        if resume:  # continue in the run's own directory, leaving its recorded config untouched
-            args = [*args, quote_path_override(f"hydra.run.dir={Path(resume).resolve()}"), "hydra.output_subdir=null"]
-
-    @hydra.main(version_base="1.3", config_path=nrexp.config_dir(), config_name="train")
-    def _train(cfg) -> Optional[float]:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        from nrexp import sweep
-        from nrexp.train import Diverged, train  # torch is imported here, once a run really starts
-
-        hc = HydraConfig.get()
-        run_dir = Path(hc.runtime.output_dir)
-        if hc.mode == RunMode.MULTIRUN:
-            # A sweep job: one failure must not stop the others. It is recorded in the job's summary.json
-            # and the job returns NaN, which Hydra's sweepers ignore and Optuna records as a failed trial.
-            try:
-                sweep.claim_gpu(str(getattr(cfg.trainer.device, "value", cfg.trainer.device)), hc.job.num)
+            if cfg.resume:
+                summary = train(resume_config(cfg, list(hc.overrides.task)), run_dir, resume=True)
+            else:
                 summary = train(cfg, run_dir)
-            except Diverged:  # trainer.on_nonfinite=raise: its summary (diverged) is already written
-                return float("nan")
-            except Exception as err:  # noqa: BLE001 - any error of one job; Ctrl-C still stops them all
-                sweep.record_failure(cfg, run_dir, err)
-                return float("nan")
-        else:
-            try:
-                if cfg.resume:
-                    summary = train(resume_config(cfg, list(hc.overrides.task)), run_dir, resume=True)
-                else:
-                    summary = train(cfg, run_dir)
-            except config.ConfigError as err:
-                if not cfg.resume:
-                    remove_if_empty_run_dir(run_dir, existing)
-                sys.exit(error(str(err)))
-            except Diverged as err:  # trainer.on_nonfinite=raise: the summary is written; fail the command
-                sys.exit(error(str(err), code=1))
-        if summary.get("signal"):  # Ctrl-C / SIGTERM ends a sweep too, after this job's checkpoint
-            sys.exit(128 + summary["signal"])  # 130 for Ctrl-C, 143 for SIGTERM, as shells report them
-        test_acc = summary["metrics"]["test/acc"]
-        return float("nan") if test_acc is None else test_acc  # what a Hydra sweeper (e.g. optuna) optimizes
-
-    sys.argv = [sys.argv[0], *args]
-    sweep_jobs.clear()
-    _train()
-    failed = [job for job in sweep_jobs if job["status"] == "failed"]
-    if multirun and failed:  # the table above names them; a script or CI step must see it too
-        return error(f"{len(failed)} of {len(sweep_jobs)} jobs of the sweep failed (status failed in the table above; "
-                     "each one's error is in its summary.json and train.log). Fix: correct what the error says "
-                     "and rerun those jobs", code=1)
-    return 0
+        except ConfigError as err:
+            if not cfg.resume:
+                remove_if_empty_run_dir(run_dir, existing)
+            sys.exit(error(str(err)))
+        except Diverged as err:  # trainer.on_nonfinite=raise: the summary is written; fail the command
+            sys.exit(error(str(err), code=1))
+    if summary.get("signal"):  # Ctrl-C / SIGTERM ends a sweep too, after this job's checkpoint
+        sys.exit(128 + summary["signal"])  # 130 for Ctrl-C, 143 for SIGTERM, as shells report them
+    test_acc = summary["metrics"]["test/acc"]
+    return float("nan") if test_acc is None else test_acc
 
 
 # Hydra's command-line modes: the flags of each (Hydra rejects two modes with a traceback)
@@ -169,7 +174,9 @@ def quote_path_override(arg: str) -> str:
     would not parse. A path value is a string whatever it holds, so we quote it for the user.
     """
     key, sep, value = arg.partition("=")
-    if not sep or key not in PATH_KEYS or not value or value[0] in "'\"" or "${" in value or not (_GRAMMAR & set(value)):
+    if not sep or key not in PATH_KEYS or not value or value[0] in "'\"" or "${" in value:
+        return arg
+    if not (_GRAMMAR & set(value)):
         return arg
     return f"{key}='" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
@@ -180,7 +187,7 @@ def _unquote(value: str) -> str:
     return str(OverridesParser.create().parse_override(f"x={value}").value())
 
 
-def preflight(overrides: List[str], multirun: bool = False, printing: bool = False) -> Path:
+def preflight(overrides: list[str], multirun: bool = False, printing: bool = False) -> Path:
     """Compose and validate the config of every job the command line asks for; raise ConfigError.
     Returns the nearest folder at or above the output directory that exists before anything runs.
     `printing` (--cfg): the config is only shown, so its output directory and devices are not checked.
@@ -191,93 +198,51 @@ def preflight(overrides: List[str], multirun: bool = False, printing: bool = Fal
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-
     from omegaconf import open_dict
 
     import nrexp
-    from nrexp.config import ConfigError, unused_knobs, validate
+    from nrexp.config import unused_knobs, validate
 
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as err:
-        raise ConfigError(f"cannot parse the command line: {str(err).splitlines()[0]}. Fix: write overrides as "
-                          "key=value (quote values with spaces); sweeps as key=a,b,c with -m") from None
+    parsed = parse_command_line(overrides, multirun, printing)
     ours = [o for o in parsed if not o.key_or_group.startswith("hydra")]
     sweeps = [o for o in ours if o.is_sweep_override()]
-    hydra_sweeps = [o.input_line for o in parsed if o not in ours and o.is_sweep_override()]
-    if hydra_sweeps:  # Hydra: "Sweeping over Hydra's configuration is not supported", three lines
-        raise ConfigError(f"'{hydra_sweeps[0]}' sweeps Hydra's own config, which Hydra cannot do. Fix: run one "
-                          "command per value")
-    if sweeps and printing:
-        first = f"{sweeps[0].get_key_element()}={next(iter(sweeps[0].sweep_string_iterator()), '<value>')}"
-        raise ConfigError(f"'{sweeps[0].input_line}' is a sweep, and --cfg, --help and --info show one job's config. "
-                          f"Fix: give each key one value, e.g. {first}")
-    if sweeps and not multirun:
-        raise ConfigError(f"'{sweeps[0].input_line}' is a sweep. Fix: add -m (nrexp train -m ...) to run "
-                          "one job per value")
-    for o in parsed:  # the fused launcher's knob (a hydra key, so not in nrexp's schema)
-        if o.key_or_group == "hydra.launcher.max_members" and not o.is_sweep_override():
-            value = o.value()
-            if not (isinstance(value, int) and value >= 1):
-                raise ConfigError(f"hydra.launcher.max_members={value!r} is invalid: must be an integer >= 1 (members "
-                                  "trained at once by hydra/launcher=fused). Fix: e.g. hydra.launcher.max_members=16")
     resume = next((o.value() for o in ours if o.key_or_group == "resume"), None)
     if resume is not None:
-        if multirun:
-            raise ConfigError(f"resume={resume!r} continues one run. Fix: drop -m")
-        check_resumable(Path(str(resume)))
-        changed = [o.input_line for o in ours if o.key_or_group != "resume" and not o.key_or_group.startswith("trainer.")]
-        if changed:
-            raise ConfigError(f"{changed[0]!r} cannot change when resuming: the run's model, data and optimizer "
-                              "are fixed. Fix: only trainer.* (e.g. trainer.max_steps=2000) may change; start a "
-                              "new run for anything else")
+        check_resume(resume, ours, multirun)
     # a resumed run writes into its own dir (checked above), not into a new one
     existing = Path.cwd() if printing or resume is not None else check_output_writable(parsed, multirun)
     # hydra/launcher=..., hydra/sweeper=...: composed too, so that a misspelt option is one line here
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override() and (o in ours or o.key_or_group.startswith("hydra/"))]
+    fixed = [o.input_line for o in parsed
+             if not o.is_sweep_override() and (o in ours or o.key_or_group.startswith("hydra/"))]
     launcher = next((str(o.value()) for o in parsed if o.key_or_group == "hydra/launcher"), "basic")
-    variants: List[List[str]] = []
-    for o in sweeps:
-        try:
-            variants += [[f"{o.get_key_element()}={v}"] for v in o.sweep_string_iterator()]
-        except HydraException:
-            pass  # interval sweeps (optuna) have no values to enumerate: the sweeper samples them
 
-    def composed(extra: List[str], with_hydra: bool = False):
+    def composed(extra: list[str], with_hydra: bool = False):
         try:
             return compose(config_name="train", overrides=fixed + extra, return_hydra_config=with_hydra)
         except HydraException as err:
             raise ConfigError(explain_compose_error(err, fixed + extra)) from None
 
     GlobalHydra.instance().clear()
-    devices = set()  # of every job
     swept_configs = []  # (key, config) of each swept value, on top of the fixed overrides
     with initialize_config_dir(config_dir=nrexp.config_dir(), version_base="1.3"):
         base = composed([], with_hydra=multirun)
+        variants = swept_values(sweeps)
         if multirun:  # a preset's own sweep (hydra.sweeper.params) is checked value by value too
             variants += sweeper_param_variants(base, {o.key_or_group for o in sweeps})
             with open_dict(base):
                 del base["hydra"]
-        if resume is None:
+        if resume is None:  # a resumed run is checked against its own config when it starts
             validate(base)
-        devices.add(str(getattr(base.trainer.device, "value", base.trainer.device)))
-        for extra in variants:
-            # A Hydra compose costs ~0.2 s (it re-reads and merges every config file), which made
-            # preflight a third of the per-job cost of a `seed=range(32)` sweep. A swept plain value
-            # (seed=3, optim.lr=0.1) is what Hydra itself does after composing: OmegaConf.update on
-            # the composed config, type-checked by the schema. So try that on a copy of the base
-            # config; anything else, or anything that fails, takes Hydra's full compose, which
-            # accepts exactly what it accepted before and words every error as before.
-            cfg = _with_plain_override(base, extra[0]) if resume is None else None
-            if cfg is None:
-                cfg = composed(extra)
-            if resume is None:
-                validate(cfg)
-            swept_configs.append((extra[0].split("=", 1)[0], cfg))
-            devices.add(str(getattr(cfg.trainer.device, "value", cfg.trainer.device)))
+        for override in variants:  # none when resuming: a sweep with resume= is rejected above
+            # a swept plain value (seed=3) is set on the composed config; anything else is composed by Hydra
+            cfg = _with_plain_override(base, override)
+            cfg = composed([override]) if cfg is None else cfg
+            validate(cfg)
+            swept_configs.append((override.split("=", 1)[0], cfg))
     GlobalHydra.instance().clear()
+    every_job = [base] + [cfg for _, cfg in swept_configs]
+    devices = {str(getattr(cfg.trainer.device, "value", cfg.trainer.device)) for cfg in every_job}
     if resume is not None:  # the knobs given act on the run's own config, not on the defaults
         base = resumed_config_for_warnings(Path(str(resume)), ours)
     for line in unused_knobs([o.key_or_group for o in ours], base, swept_configs) if base is not None else []:
@@ -289,62 +254,73 @@ def preflight(overrides: List[str], multirun: bool = False, printing: bool = Fal
     return existing
 
 
+def parse_command_line(overrides: list[str], multirun: bool, printing: bool) -> list:
+    """The overrides parsed by Hydra's public parser, with what cannot run said in one line: a sweep
+    without -m or with --cfg, a sweep of Hydra's own keys, a bad hydra.launcher.max_members."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        raise ConfigError(f"cannot parse the command line: {str(err).splitlines()[0]}. Fix: write overrides as "
+                          "key=value (quote values with spaces); sweeps as key=a,b,c with -m") from None
+    sweeps = [o for o in parsed if o.is_sweep_override()]
+    hydra_sweeps = [o.input_line for o in sweeps if o.key_or_group.startswith("hydra")]
+    if hydra_sweeps:  # Hydra: "Sweeping over Hydra's configuration is not supported", three lines
+        raise ConfigError(f"'{hydra_sweeps[0]}' sweeps Hydra's own config, which Hydra cannot do. Fix: run one "
+                          "command per value")
+    if sweeps and printing:
+        first = f"{sweeps[0].get_key_element()}={next(iter(sweeps[0].sweep_string_iterator()), '<value>')}"
+        raise ConfigError(f"'{sweeps[0].input_line}' is a sweep, and --cfg, --help and --info show one job's "
+                          f"config. Fix: give each key one value, e.g. {first}")
+    if sweeps and not multirun:
+        raise ConfigError(f"'{sweeps[0].input_line}' is a sweep. Fix: add -m (nrexp train -m ...) to run "
+                          "one job per value")
+    for o in parsed:  # the fused launcher's knob (a hydra key, so not in nrexp's schema)
+        if o.key_or_group == "hydra.launcher.max_members":
+            value = o.value()
+            if not (isinstance(value, int) and value >= 1):
+                raise ConfigError(f"hydra.launcher.max_members={value!r} is invalid: must be an integer >= 1 "
+                                  "(members trained at once by hydra/launcher=fused). Fix: e.g. "
+                                  "hydra.launcher.max_members=16")
+    return parsed
+
+
+def swept_values(sweeps: list) -> list[str]:
+    """`key=value` for each value of each sweep of the command line (Hydra's own expansion of
+    `a,b`, `range(...)`, `choice(...)`). Interval sweeps (optuna) have none: the sweeper samples them."""
+    from hydra.errors import HydraException
+
+    values = []
+    for o in sweeps:
+        try:
+            values += [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+        except HydraException:
+            pass
+    return values
+
+
+def check_resume(resume, ours: list, multirun: bool) -> None:
+    """`resume=<dir>` continues one run that wrote a checkpoint, and may change only trainer.* knobs."""
+    if multirun:
+        raise ConfigError(f"resume={resume!r} continues one run. Fix: drop -m")
+    check_resumable(Path(str(resume)))
+    changed = [o.input_line for o in ours if o.key_or_group != "resume" and not o.key_or_group.startswith("trainer.")]
+    if changed:
+        raise ConfigError(f"{changed[0]!r} cannot change when resuming: the run's model, data and optimizer "
+                          "are fixed. Fix: only trainer.* (e.g. trainer.max_steps=2000) may change; start a "
+                          "new run for anything else")
+
+
 # launchers whose jobs run on other machines (SLURM nodes): their GPUs are not this machine's to check
 REMOTE_LAUNCHERS = ("submitit_slurm", "slurm_gpu")
 
 
-def skip_second_validation_of_basic_sweeps() -> None:
-    """Hydra's basic sweeper composes every job's config once to check it ("catches composition errors
-    early"), then its launcher composes each again to run it: two full composes per job, ~0.2 s each.
-    `preflight` has just composed (or cheaply checked) every swept value, with our validation on top,
-    before any directory exists, so the sweeper's check finds nothing new; it is skipped for the
-    basic sweeper in this process. Other sweepers (optuna samples values preflight cannot list)
-    keep it. A composition that still failed in a job would stop the sweep there with Hydra's error.
-    """
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-
-    BasicSweeper.validate_batch_is_legal = lambda self, batch: None  # type: ignore[method-assign]
-
-
-def derive_job_configs_that_differ_in_plain_values() -> None:
-    """Hydra's launchers compose every job's config from the files (load_sweep_config), ~0.1 s per job
-    on a 2-core CPU: half of what a job of a `seed=range(32)` sweep of tiny runs cost beyond its
-    training. In this process, a job whose overrides differ from a job composed before only in plain
-    values gets its config derived from that job's instead, as Hydra applies such overrides
-    (nrexp.sweep.derive_config, tested against Hydra's compose); any other job is composed by Hydra.
-    Launchers that run jobs in other processes (joblib, submitit) compose there, unchanged.
-    """
-    import copy
-
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from omegaconf import OmegaConf
-
-    from nrexp.sweep import derive_config
-
-    compose = ConfigLoaderImpl.load_sweep_config
-    if hasattr(compose, "hydra_compose"):  # already installed in this process (in-process callers: tests)
-        return
-    composed: List[tuple] = []  # (overrides, pristine config) of the jobs Hydra composed, newest last
-
-    def load_sweep_config(self, master_config, sweep_overrides):
-        overrides = list(sweep_overrides)
-        for reference in composed[-4:][::-1]:  # the last few: a sweep's neighbours share their groups
-            config = derive_config(reference, overrides)
-            if config is not None:
-                OmegaConf.copy_cache(from_config=master_config, to_config=config)  # as load_sweep_config does
-                return config
-        config = compose(self, master_config, overrides)
-        composed.append((overrides, copy.deepcopy(config)))  # launchers write into the one they run
-        return config
-
-    load_sweep_config.hydra_compose = compose  # type: ignore[attr-defined]
-    load_sweep_config.composed = composed  # type: ignore[attr-defined]  # the fused launcher's log counts them
-    ConfigLoaderImpl.load_sweep_config = load_sweep_config  # type: ignore[method-assign]
-
-
 def _with_plain_override(base, override: str):
-    """`base` with a `key=value` override of an existing leaf (not a config group) applied the way Hydra
-    applies it, or None when the override is not that simple or does not apply cleanly."""
+    """`base` with a `key=value` override of an existing plain value set on a copy, as Hydra sets it
+    after composing, or None when the override is anything else (a group, +key, ~key, a list, a value
+    of the wrong type). Only preflight's check uses it: a job's config is always Hydra's own compose."""
     import copy
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -352,20 +328,30 @@ def _with_plain_override(base, override: str):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from nrexp.sweep import is_plain_value
-
     try:
         (o,) = OverridesParser.create().parse_overrides([override])
-        key = o.key_or_group
         if o.package is not None or o.type != OverrideType.CHANGE or o.is_sweep_override():
-            return None  # +key, ~key, key@package: Hydra's own rules
-        if not is_plain_value(base, key):
+            return None
+        if not _is_plain_value(base, o.key_or_group):
             return None
         cfg = copy.deepcopy(base)
-        OmegaConf.update(cfg, key, o.value(), merge=True)
+        OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
         return cfg
     except (OmegaConfBaseException, ValueError, TypeError):
         return None
+
+
+def _is_plain_value(cfg, key: str) -> bool:
+    """Whether `key` names an existing plain value of `cfg`: not a new key, not a node, not a list, and
+    not a config group of configs/ (`experiment` is both a string of the config and a group)."""
+    from omegaconf import OmegaConf
+
+    import nrexp
+
+    missing = object()
+    node = OmegaConf.select(cfg, key, default=missing, throw_on_missing=False)
+    return (node is not missing and not OmegaConf.is_config(node)
+            and not (Path(nrexp.config_dir()) / key.replace(".", "/")).is_dir())
 
 
 def explain_compose_error(err: Exception, overrides: Sequence[str] = ()) -> str:
@@ -411,8 +397,6 @@ def explain_compose_error(err: Exception, overrides: Sequence[str] = ()) -> str:
 def check_output_writable(parsed, multirun: bool = False) -> Path:
     """Fail before anything runs if the run (or sweep) directory could not be created; else return the
     nearest folder at or above it that exists now (what a rejected run must not remove)."""
-    from nrexp.config import ConfigError
-
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"  # the one this command uses
     target = "outputs"
     for o in parsed:
@@ -439,8 +423,8 @@ def _can_create_in(folder: Path) -> bool:
     return True
 
 
-def sweeper_param_variants(cfg, swept_here) -> List[List[str]]:
-    """One [key=value] per value of each sweep in the config's hydra.sweeper.params (an experiment
+def sweeper_param_variants(cfg, swept_here) -> list[str]:
+    """`key=value` for each value of each sweep in the config's hydra.sweeper.params (an experiment
     preset's `norm: none,batch,layer`), but for keys this command line sweeps itself: Hydra's basic
     sweeper lets the command line win. Values a sweeper samples (optuna's interval) can't be listed."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -448,16 +432,15 @@ def sweeper_param_variants(cfg, swept_here) -> List[List[str]]:
     from omegaconf import OmegaConf
 
     params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
-    variants: List[List[str]] = []
+    variants: list[str] = []
     for key, value in params.items():
         if key in swept_here:
             continue
         try:
             (o,) = OverridesParser.create().parse_overrides([f"{key}={value}"])
-            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [str(value)]
         except HydraException:
             continue
-        variants += [[f"{o.get_key_element()}={v}"] for v in values]
+        variants += swept_values([o]) if o.is_sweep_override() else [f"{o.get_key_element()}={value}"]
     return variants
 
 
@@ -477,14 +460,12 @@ def resumed_config_for_warnings(run_dir: Path, parsed):
 
 
 def check_resumable(run_dir: Path) -> None:
-    from nrexp.config import ConfigError
-
     if not (run_dir / "checkpoint.pt").is_file():
         raise ConfigError(f"resume={str(run_dir)!r}: no checkpoint.pt there. Fix: pass the directory of a run "
                           "that wrote a checkpoint (see `ls outputs/*/*/checkpoint.pt`)")
 
 
-def resume_config(cfg, task_overrides: List[str]):
+def resume_config(cfg, task_overrides: list[str]):
     """The config to resume with: the run's own, plus any trainer.* overrides from this command line."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
@@ -528,7 +509,7 @@ def strip_subcommand_from_completion_line() -> None:
         os.environ["COMP_POINT"] = str(max(point - len("train "), 0))
 
 
-def report_command(args: List[str]) -> int:
+def report_command(args: list[str]) -> int:
     """`nrexp report`: argparse here (argv is this module's), the work in nrexp/report.py."""
     import argparse
 
@@ -543,16 +524,18 @@ def report_command(args: List[str]) -> int:
                         help="keep runs whose config has KEY=VALUE (e.g. norm=batch, dropout.p=0.2); repeatable")
     parser.add_argument("--json", action="store_true", help="print the report as JSON (for scripts) instead of a table")
     parser.add_argument("--out", metavar="DIR", help="where to write report.csv, report.md, figures/ (default: DIR)")
+    parser.add_argument("--curves", action="store_true", help="also write curves.csv: every logged scalar of every "
+                        "run, one row per point (run, step, tag, layer, value), as nrexp.runs.curves returns them")
     parser.add_argument("--check", action="store_true", help="then check the claims of the experiment preset the "
                         "sweep ran (+experiment=<name>): measured value, expected, reproduced yes/no")
     options = parser.parse_args(args)
 
-    from nrexp.config import ConfigError
     from nrexp.evaluate import EvaluateError  # no torch at its top: `nrexp report` stays fast
     from nrexp.report import ReportError, report
 
     try:
-        code = report(options.dir, sort=options.sort, filters=options.filter, as_json=options.json, out=options.out)
+        code = report(options.dir, sort=options.sort, filters=options.filter, as_json=options.json, out=options.out,
+                      curves=options.curves)
         if options.check and code == 0:
             from nrexp.claims import check, print_checks
 
@@ -569,15 +552,17 @@ def report_command(args: List[str]) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     try:
-        return _main(argv)
+        code = _main(argv)
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, not in the interpreter's exit
+        return code
     except BrokenPipeError:  # `nrexp train --help | head`: the reader left; stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141  # 128 + SIGPIPE, what a shell reports for such a pipeline member
 
 
-def _main(argv: Optional[List[str]] = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
@@ -602,31 +587,15 @@ def _main(argv: Optional[List[str]] = None) -> int:
 
 
 def entry() -> None:
-    """The `nrexp` command (and `python -m nrexp`): main(), then an exit that skips tearing modules down.
+    """The `nrexp` command (and `python -m nrexp`); in-process callers (tests) call main().
 
-    Once torch is imported, the interpreter's own shutdown (freeing torch's, torch._dynamo's and
-    matplotlib's modules one object at a time) takes ~1 s on a 2-core CPU: a sixth of a short run's
-    overhead, paid after everything is written. So, as Python's exit would, wait for the threads that
-    are still working and run the atexit handlers (logging's flush, launchers' clean-up), flush the
-    streams, and leave with os._exit. Nothing that writes results is left to garbage collection: run
-    directories are closed by then (train.finish_run). In-process callers (tests) call main() instead.
-    """
+    gc.freeze(): the interpreter's exit then does not garbage-collect what torch and a run left in memory,
+    its slowest part once torch is imported; atexit handlers, threads and stream flushes run as usual."""
+    import gc
+
     code = main()
-    if "torch" not in sys.modules or not isinstance(code, int):
-        sys.exit(code)
-    import atexit
-    import threading
-
-    # As the interpreter's exit does, in its order: threading's exit hooks (they stop executors such as
-    # the depth figures' helper process, nrexp/figures.py), join the threads still working, then atexit.
-    threading._shutdown()
-    atexit._run_exitfuncs()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BrokenPipeError:  # the reader of a pipe left before the last output: as main() does
-        code = 141
-    os._exit(code)
+    gc.freeze()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
 On a terminal the bar updates in place; when stdout is not a terminal (CI, a log file, a cluster job)
 it degrades to one plain log line per logging step, so logs stay readable and grep-able.
 """
+
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Dict, Mapping
+from collections.abc import Mapping
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -34,12 +35,19 @@ class TrainProgress:
         self.live = enabled and console.is_terminal
         self.bar = None
         if self.live:
-            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                console=console, transient=False)
+            self.bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
             self.task = self.bar.add_task("train", total=total_steps, info="")
 
-    def __enter__(self) -> "TrainProgress":
+    def __enter__(self) -> TrainProgress:  # noqa: PYI034 - typing.Self needs Python 3.11
         if self.bar is not None:
             self.bar.start()
         return self
@@ -52,8 +60,12 @@ class TrainProgress:
         """Called at logging steps only (values are already on the host)."""
         epoch = step / max(self.steps_per_epoch, 1)
         parts = [f"epoch {epoch:.2f}"]
-        for tag, fmt in (("train/loss", "loss {:.4f}"), ("train/acc", "acc {:.3f}"),
-                         ("test/acc", "test acc {:.3f}"), ("throughput/samples_per_s", "{:,.0f} samples/s")):
+        for tag, fmt in (
+            ("train/loss", "loss {:.4f}"),
+            ("train/acc", "acc {:.3f}"),
+            ("test/acc", "test acc {:.3f}"),
+            ("throughput/samples_per_s", "{:,.0f} samples/s"),
+        ):
             if tag in values:
                 parts.append(fmt.format(values[tag]))
         info = "  ".join(parts)
@@ -67,7 +79,7 @@ class TrainProgress:
             self.bar.update(self.task, completed=step)
 
 
-def summary_table(summary: Dict) -> Table:
+def summary_table(summary: dict) -> Table:
     table = Table(title=f"nrexp run: {summary['status']}", show_header=True, header_style="bold")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -79,5 +91,5 @@ def summary_table(summary: Dict) -> Table:
     return table
 
 
-def print_summary(summary: Dict) -> None:
+def print_summary(summary: dict) -> None:
     console.print(summary_table(summary))

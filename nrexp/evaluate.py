@@ -27,15 +27,18 @@ import argparse
 import copy
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+
+from nrexp.errors import ConfigError, error
+from nrexp.runs import Run
 
 SHIFTS = ("noise", "contrast", "translate")
 BN_STATS = ("running", "test")
 
 
-class EvaluateError(ValueError):
+class EvaluateError(ConfigError):
     """A bad argument or run directory: reported as one line, exit code 2."""
 
 
@@ -51,7 +54,7 @@ class Evaluation:
     data_source: str
 
 
-def parse_shift(text: str) -> Tuple[str, float]:
+def parse_shift(text: str) -> tuple[str, float]:
     """'noise=0.5' -> ('noise', 0.5), with the range of each kind checked."""
     kind, sep, value = text.partition("=")
     if not sep or kind not in SHIFTS:
@@ -60,17 +63,20 @@ def parse_shift(text: str) -> Tuple[str, float]:
     try:
         number = float(value)
     except ValueError:
-        raise EvaluateError(f"--shift {text!r} is invalid: {value!r} is not a number. Fix: e.g. --shift {kind}=0.5") from None
+        raise EvaluateError(f"--shift {text!r} is invalid: {value!r} is not a number. "
+                            f"Fix: e.g. --shift {kind}=0.5") from None
     if kind == "noise" and not number >= 0:
         raise EvaluateError(f"--shift {text!r} is invalid: the noise std must be >= 0. Fix: e.g. --shift noise=0.5")
     if kind == "contrast" and not number >= 0:
-        raise EvaluateError(f"--shift {text!r} is invalid: the contrast factor must be >= 0. Fix: e.g. --shift contrast=0.3")
+        raise EvaluateError(f"--shift {text!r} is invalid: the contrast factor must be >= 0. "
+                            "Fix: e.g. --shift contrast=0.3")
     if kind == "translate" and not (number == int(number) and 0 <= number < 28):
-        raise EvaluateError(f"--shift {text!r} is invalid: translate takes whole pixels 0..27. Fix: e.g. --shift translate=2")
+        raise EvaluateError(f"--shift {text!r} is invalid: translate takes whole pixels 0..27. "
+                            "Fix: e.g. --shift translate=2")
     return kind, number
 
 
-def apply_shifts(x, shifts: Sequence[Tuple[str, float]], mean: Sequence[float], std: Sequence[float], seed: int = 0):
+def apply_shifts(x, shifts: Sequence[tuple[str, float]], mean: Sequence[float], std: Sequence[float], seed: int = 0):
     """Shift normalized images x (N, C, H, W): to pixel units, shift, clip to [0, 1], normalize back.
     `mean`, `std`: the dataset's per-channel normalization (nrexp.data.STATS)."""
     import torch
@@ -111,14 +117,14 @@ def load_run(run_dir: Path, device: str = "cpu"):
     if not run_dir.is_dir():
         raise EvaluateError(f"run directory {str(run_dir)!r} does not exist. Fix: pass the directory of a run "
                             "(it holds summary.json and checkpoint.pt)")
-    status = _status(run_dir)
-    if status.get("status") == "diverged":  # no checkpoint at its end; any it has is a periodic one, no result
+    run = Run(run_dir)
+    if run.status == "diverged":  # no checkpoint at its end; any it has is a periodic one, no result
         saved = ""
         if (run_dir / CHECKPOINT).is_file():
             step = read_checkpoint(run_dir / CHECKPOINT)["state"].get("step")
             saved = f"; its {CHECKPOINT} is a periodic one, saved after {step} steps, not the run's result"
         raise EvaluateError(f"{str(run_dir)!r} diverged (its loss was non-finite at step "
-                            f"{status.get('diverged_at_step')}){saved}. Fix: evaluate a run that completed "
+                            f"{run.summary.get('diverged_at_step')}){saved}. Fix: evaluate a run that completed "
                             "(a diverged setting's accuracy is in its summary.json)")
     if not (run_dir / CHECKPOINT).is_file():
         raise EvaluateError(f"{str(run_dir)!r} has no {CHECKPOINT}. Fix: pass the directory of a finished run "
@@ -131,16 +137,6 @@ def load_run(run_dir: Path, device: str = "cpu"):
     model.load_state_dict(payload["model"])
     model.eval()
     return cfg, model, data
-
-
-def _status(run_dir: Path) -> dict:
-    """The run's summary.json ({} if it has none yet or it cannot be read: a run still going, or killed)."""
-    import json
-
-    try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def has_batchnorm(model) -> bool:
@@ -161,35 +157,42 @@ def with_test_batch_stats(model):
     return twin
 
 
-def evaluate_model(model, x, y, batch_size: int, bn_stats: str = "running") -> Tuple[float, float]:
-    """(mean cross-entropy, accuracy) of `model` on (x, y) in batches of `batch_size`."""
+def evaluate(model, x, y, batch_size: int, prefix: str, bn_stats: str = "running") -> dict[str, float]:
+    """Mean cross-entropy and accuracy of `model` on (x, y) in batches of `batch_size`, as
+    {prefix/loss, prefix/acc}: the one evaluation of nrexp (training's and `nrexp evaluate`'s).
+
+    In eval mode: BatchNorm uses its running statistics, or with bn_stats="test" each batch's own (on a
+    copy: the stored statistics stay as they were). The model's train/eval mode is restored after."""
     import torch
     import torch.nn.functional as F
 
+    was_training = model.training
     net = with_test_batch_stats(model) if bn_stats == "test" else model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device)
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             xb, yb = x[i:i + batch_size], y[i:i + batch_size]
-            if bn_stats == "test" and len(xb) < 2:  # BatchNorm cannot normalize a batch of one
-                xb, yb = x[i - 1:i + 1], y[i - 1:i + 1]
-                logits = net(xb)[-1:]
-                yb = yb[-1:]
+            if bn_stats == "test" and len(xb) < 2:  # BatchNorm cannot normalize a batch of one: pair it
+                logits = net(x[i - 1:i + 1])[-1:]
             else:
                 logits = net(xb)
-            loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
-            correct += int((logits.argmax(1) == yb).sum())
-    return loss_sum / len(x), correct / len(x)
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum")
+            correct += (logits.argmax(1) == yb).sum()
+    model.train(was_training)
+    total_loss, n_correct = torch.stack([loss_sum, correct.float()]).tolist()  # one transfer from the device
+    return {f"{prefix}/loss": total_loss / len(x), f"{prefix}/acc": n_correct / len(x)}
 
 
-def evaluate_run(run_dir, shifts: Sequence[str] = (), bn_stats: str = "running", batch_size: Optional[int] = None,
+def evaluate_run(run_dir, shifts: Sequence[str] = (), bn_stats: str = "running", batch_size: int | None = None,
                  split: str = "test", seed: int = 0, loaded=None) -> Evaluation:
     """Evaluate one run (see the module docstring). `loaded` reuses load_run()'s result."""
     from nrexp.data import STATS
 
     if bn_stats not in BN_STATS:
         raise EvaluateError(f"--bn-stats {bn_stats!r} is invalid: one of {', '.join(BN_STATS)}. "
-                            "Fix: --bn-stats running (stored averages) or --bn-stats test (re-estimated per test batch)")
+                            "Fix: --bn-stats running (stored averages) or --bn-stats test "
+                            "(re-estimated per test batch)")
     parsed = [parse_shift(s) for s in shifts]
     if batch_size is not None and batch_size < 1:
         raise EvaluateError(f"--batch-size {batch_size} is invalid: must be >= 1. Fix: e.g. --batch-size 1000")
@@ -204,23 +207,22 @@ def evaluate_run(run_dir, shifts: Sequence[str] = (), bn_stats: str = "running",
     x, y = (data.test_x, data.test_y) if split == "test" else (data.train_x, data.train_y)
     x = apply_shifts(x, parsed, mean, std, seed)
     bs = batch_size or cfg.data.eval_batch_size
-    loss, acc = evaluate_model(model, x, y, bs, bn_stats)
+    result = evaluate(model, x, y, bs, split, bn_stats)
+    loss, acc = result[f"{split}/loss"], result[f"{split}/acc"]
     label = ",".join(f"{k}={v:g}" for k, v in parsed) or "none"
     return Evaluation(str(run_dir), label, bn_stats, bs, loss, acc, len(x), data.source)
 
 
-def main(argv: List[str]) -> int:
+def main(argv: list[str]) -> int:
     """Entry of `nrexp evaluate`; returns the exit code."""
-    from nrexp.errors import error
-    from nrexp.config import ConfigError
-
     parser = argparse.ArgumentParser(prog="nrexp evaluate", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a run directory (holding checkpoint.pt)")
     parser.add_argument("--shift", action="append", default=[], metavar="KIND=VALUE",
                         help="noise=STD | contrast=FACTOR | translate=PIXELS (repeatable; applied in order)")
     parser.add_argument("--bn-stats", default="running", help="running (stored averages) | test (per test batch)")
-    parser.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (default: data.eval_batch_size)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="evaluation batch size (default: data.eval_batch_size)")
     parser.add_argument("--split", default="test", choices=("test", "train"))
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise shift")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")

@@ -1,61 +1,26 @@
 """Train several sweep members at once, as one vectorized model (`hydra/launcher=fused`).
 
-The members of a group share everything that decides the shapes of the computation (model, depth,
-width, norm, batch size, data, trainer settings) and may differ in what can vary per member:
-`FREE_KEYS` (seed: init, dropout masks and data order; optim.lr; optim.weight_decay; dropout.p and
-dropout.input_p; init.scale). The launcher (hydra_plugins/nrexp_fused_launcher) forms the groups with
-`plan`; `train_group` trains one.
-
-How.
-- Each member is first built exactly as a solo run builds it (`train.build` right after
-  `torch.manual_seed(seed)`): same initial weights, same random stream afterwards, and a model,
-  optimizer and monitor of the solo kind, which keep the member's state in the solo format.
-- `StackedMLP` then holds every parameter of all members as one leaf tensor with a leading member
-  axis, each member's slice in its own module's layout (a Linear weight (M, out, in)), so that one
-  `torch.baddbmm` computes a layer of every member. Members with the same `optim` settings
-  form one stack: its rows of each leaf are one param of one torch.optim optimizer, in param groups
-  carrying the stack's lr and weight decay (one fused kernel over a few big tensors per group, not one
-  optimizer call per member); torch.optim's updates are elementwise, so each member's update is its
-  solo run's.
-- Data order: each member's minibatch indices come from its own `TrainBatches` permutation, so a
-  step's batch is one gather `x[idx]` with idx of shape (M, B).
-- Dropout: each member draws its masks from its own generator, which continues the random stream its
-  solo run would have after initialization, with the very call F.dropout makes on CPU
-  (`bernoulli_(1 - p)`, then `/(1 - p)`): on CPU the masks are the solo run's masks, bit for bit.
-- BatchNorm: statistics over each member's own batch; running statistics per member, updated with
-  the formula nn.BatchNorm1d uses.
-- Per-layer statistics on logging steps are computed on the stacks for all members at once
-  (`StackedMonitor`, LayerMonitor's definitions). Whenever a member's state is read otherwise
-  (evaluation, checkpoints, the end), the stacks are copied back into the members' own modules
-  (`StackedMLP.write_back`) and the solo run's own functions do the work: evaluate, probe,
-  save_checkpoint, finish_run. (A stacked evaluation was tried: 16 members of a 3 x 100 MLP on 1,000
-  test digits took 36-40 ms stacked and 35-37 ms member by member, one thread: already arithmetic.)
-- The minibatches and dropout masks of step s + 1 are made while step s computes, on a core the
-  training leaves idle (`StepInputs`).
-What differs from a solo run is the float rounding of batched matmuls, nothing else: every member's
-run dir is a solo run's dir (its checkpoint resumes as a solo run), and `nrexp report` cannot tell the
-difference; summary.json adds `fused_group_size`.
-
-Why not torch.func (stack_module_state + functional_call + vmap): under vmap a module's dropout p is
-one Python float for all members, its masks cannot continue each member's own random stream, and
-BatchNorm's in-place running-statistics update needs workarounds. Stacking explicitly costs a small
-MLP forward written for stacked weights (`StackedMLP.forward`); it is why only `model=mlp` (with
-every norm but weight norm) is fused: see `unfusable_reason`.
-
-A member whose loss turns non-finite is finished right there (status diverged, as its solo run would
-be); the others go on (its slice of the stacks is independent of theirs). Ctrl-C / SIGTERM checkpoint
-every member (status interrupted); each resumes alone with `nrexp train resume=<its dir>`.
+Members of a group share everything that decides the shapes of the computation and may differ in
+`FREE_KEYS` (seed, optim.lr, optim.weight_decay, dropout.p, dropout.input_p, init.scale). The launcher
+(hydra_plugins/nrexp_fused_launcher) forms groups with `nrexp.grouping.plan`; `train_group` trains one through
+train.py's loop (`run_loop`), as a `FusedGroup` trainee. Only what is truly fused lives here:
+- `StackedMLP`: every member's parameters as one leaf per parameter with a leading member axis, so one
+  `torch.baddbmm` computes a layer of every member; members built exactly as their solo runs (same
+  init, same random stream); dropout masks drawn from each member's own generator, as its solo run
+  draws them on CPU; BatchNorm statistics per member.
+- `StepInputs`: each member's minibatch (its own data order) and masks, made a step ahead on a spare core.
+Whenever a member's state is read (evaluation, checkpoints, the end), the stacks are copied back into
+its own modules and the solo run's functions do the work, so a member's run dir is a solo run's dir
+(its checkpoint resumes as a solo run). What differs from a solo run is only the float rounding of
+batched matmuls. Why not torch.func's vmap: per-member dropout p and random streams, and BatchNorm's
+in-place running statistics, do not fit it.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
 import logging
-import math
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -64,132 +29,40 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
-from nrexp.checkpoint import CHECKPOINT, save_checkpoint
-from nrexp.config import FUSED_FREE_KEYS, validate
-from nrexp.console import TrainProgress
-from nrexp.data import TrainBatches, load_dataset
-from nrexp.monitor import keeping_denormal_mode, set_flush_denormal, spare_core
+from nrexp.config import validate
+from nrexp.monitor import StackedMonitor, keeping_denormal_mode, spare_core
 from nrexp.optim import make_optimizer, param_groups
 from nrexp.signals import GracefulStop
-from nrexp.train import (build, checks_every_step, evaluate, final_evaluation, finish_run, resolve_device,
-                         write_log)
-from nrexp.writers import TensorBoardWriter
+from nrexp.train import LoopState, Member, StepOutput, Trainee, make_schedule, run_loop
 
 log = logging.getLogger("nrexp")
-
-FREE_KEYS = FUSED_FREE_KEYS  # what members of one group may differ in: no tensor shape depends on them
-
-
-def unfusable_reason(cfg) -> Optional[str]:
-    """Why this job must run alone (None: it can join a fused group)."""
-    if cfg.model.name != "mlp":
-        return f"model={cfg.model.name}: only mlp is fused"
-    if cfg.norm.name == "weight":
-        return "norm=weight: its weights are reparametrized per unit, which is not fused"
-    if cfg.resume:
-        return "resume= continues one run"
-    if cfg.trainer.preact_percentiles:
-        return "trainer.preact_percentiles=true is not fused"
-    if cfg.data.augment:
-        return "data.augment=true is not fused"
-    if cfg.trainer.get("compile", False):
-        return "trainer.compile=true: the stacked forward is not compiled"
-    return None
-
-
-# ------------------------------------------------------------------------------------------------
-# grouping the sweep's jobs
-
-
-@dataclass
-class Group:
-    """Jobs (indices into the sweep's job list) trained together, or one job that runs alone, and why."""
-    jobs: List[int]
-    fused: bool
-    label: str
-
-
-def plan(cfgs: Sequence, max_members: int) -> List[Group]:
-    """Group the sweep's job configs: equal but for FREE_KEYS -> one fused group (split into chunks of
-    at most `max_members`); unfusable or single jobs -> alone. In the order of each group's first job."""
-    keyed: Dict[str, List[int]] = {}
-    order: List[object] = []  # a shape key (a fused group) or a Group (one job alone)
-    for i, cfg in enumerate(cfgs):
-        reason = unfusable_reason(cfg)
-        if reason:
-            order.append(Group([i], False, reason))
-            continue
-        key = shape_key(cfg)
-        if key not in keyed:
-            keyed[key] = []
-            order.append(key)
-        keyed[key].append(i)
-    groups = []
-    for entry in order:
-        if isinstance(entry, Group):
-            groups.append(entry)
-        elif len(keyed[entry]) == 1:
-            groups.append(Group(keyed[entry], False, "no other job shares its shapes"))
-        else:
-            jobs, m = keyed[entry], cfgs[keyed[entry][0]]
-            label = f"mlp {m.model.depth}x{m.model.width} norm={m.norm.name} batch {m.data.batch_size}"
-            groups += [Group(jobs[i:i + max_members], True, label) for i in range(0, len(jobs), max_members)]
-    return groups
-
-
-def shape_key(cfg) -> str:
-    """The job's whole config but FREE_KEYS, as text: jobs with the same key can be fused."""
-    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    for key in FREE_KEYS:
-        parent, _, leaf = key.rpartition(".")
-        (plain[parent] if parent else plain).pop(leaf, None)
-    return json.dumps(plain, sort_keys=True)
-
 
 # ------------------------------------------------------------------------------------------------
 # the members and their stacked model
 
 
-class Member:
-    """One member: what a solo run holds (model, optimizer, monitor, writer, bookkeeping)."""
+class FusedMember(Member):
+    """A member of a fused group: a solo run's objects, plus its own dropout stream."""
 
-    def __init__(self, index: int, cfg, run_dir: Path, data, device: torch.device):
-        self.index, self.cfg, self.run_dir = index, cfg, Path(run_dir)
-        torch.manual_seed(cfg.seed)  # as a solo run does, so that init and the random stream match it
-        self.model, self.optimizer, self.monitor = build(cfg, data, device)
+    def __init__(self, cfg, run_dir: Path, data, device: torch.device):
+        super().__init__(cfg, run_dir, data, device)
         # the member's own random stream for dropout, continuing where its solo run's would be now
         self.rng = torch.Generator(device=device)
         self.rng.set_state(torch.get_rng_state() if device.type == "cpu" else torch.cuda.get_rng_state(device))
-        self.batches = TrainBatches(data.train_x, data.train_y, cfg.data.batch_size, cfg.seed)
         self.keep = 1.0 - cfg.dropout.p  # keep probabilities (1 = no dropout module, no random draws)
         self.input_keep = 1.0 - cfg.dropout.input_p
-        self.writer = TensorBoardWriter(self.run_dir, self.monitor.names)
-        self.metrics: Dict[str, float] = {}
-        self.init_stats: Dict = {}
-        self.last_stats: Dict = {}
-        self.summary: Optional[Dict] = None
-
-    def rng_state(self) -> Dict:
-        """The random state a checkpoint stores: this member's stream in the slot its solo run uses."""
-        if self.rng.device.type == "cpu":
-            return {"torch": self.rng.get_state()}
-        return {"cuda": [self.rng.get_state()]}
 
 
 class StackedMLP:
     """All members' MLPs (models.MLP) as stacked leaf tensors; members in `stacks` of equal optim settings.
 
-    `self.params[name]` is one leaf for the whole group, shaped (M, ...), members in stack order (stack
-    by stack); each member's slice has the layout of its own parameter (a Linear weight (out, in)). The
-    forward pass and autograd see only these. The optimizer steps `self.parts[name]`: one leaf per
-    stack that is a view of that stack's rows of the group's leaf (same memory), whose gradient is set
-    to the same rows of the group's gradient before each step. So a layer is one batched matmul for
-    every member whatever their optim settings, and each stack's param groups carry its own lr and
-    weight decay in one optimizer. (Stacks used to be separate leaves whose outputs were concatenated
-    in every layer: at batch 32 that join and the second optimizer call were ~8% of the group's time.)
-    """
+    `params[name]` is one leaf for the whole group, shaped (M, ...), members in stack order; each
+    member's slice has the layout of its own parameter. Forward and autograd see only these. The
+    optimizer steps `parts[name]`: per stack, a view of its rows of the leaf, whose gradient is set to
+    the same rows of the leaf's gradient before each step. So a layer is one batched matmul for every
+    member, and each stack's param groups carry its own lr and weight decay in one optimizer."""
 
-    def __init__(self, members: Sequence[Member]):
+    def __init__(self, members: Sequence[FusedMember]):
         by_setting: Dict[str, List[Member]] = {}
         for m in members:
             by_setting.setdefault(json.dumps(OmegaConf.to_container(m.cfg.optim, resolve=True), sort_keys=True), []).append(m)
@@ -235,13 +108,9 @@ class StackedMLP:
                 for g in param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)]
 
     def _linear(self, h: torch.Tensor, prefix: str) -> torch.Tensor:
-        """h (M, B, in) -> (M, B, out): every member's layer in one batched matmul, computed feature-major.
-
-        As W h^T (M, out, B), returned as its transposed view, so that the weight's gradient is one bmm
-        dY^T h straight into W's (M, out, in) layout. The other order, h W with W stored (M, in, out),
-        makes it h^T dY, which MKL's batched gemm runs slower on CPU: the whole step loop of 16 members
-        of a 3 x 100 MLP took 5% longer at batch 128 and at batch 32 (this project's 2-core CPU, one
-        thread, interleaved runs). The activations stay feature-major views; every later op takes them."""
+        """h (M, B, in) -> (M, B, out): every member's layer in one batched matmul, computed feature-major
+        (W h^T, returned as its transposed view), so that the weight's gradient is one bmm straight
+        into W's (M, out, in) layout, the faster order for CPU's batched gemm."""
         out_t = torch.baddbmm(self.params[prefix + "bias"].unsqueeze(2), self.params[prefix + "weight"], h.transpose(1, 2))
         return out_t.transpose(1, 2)
 
@@ -269,13 +138,8 @@ class StackedMLP:
 
     def _norm(self, h: torch.Tensor, norm: nn.Module, prefix: str) -> torch.Tensor:
         """Member 0's norm layer `norm` tells the kind; each member's slice of h (M, B, D) is its own.
-
-        In float32 whatever h's dtype, rounded back to it once at the end: what the solo run's norm layer
-        does with a bf16 input under CPU autocast (PyTorch's CPU norm kernels compute in float32 and return
-        the input's dtype). Computed in bf16 (batch statistics, running statistics, affine), one step's
-        weight gradients were 2-13% off the solo run's (tests/test_fused.py). CUDA autocast runs LayerNorm
-        and GroupNorm in float32 and keeps their float32 output; here that output is rounded to bf16,
-        which the next Linear does anyway (not measured on a GPU)."""
+        Computed in float32 whatever h's dtype and rounded back once, as PyTorch's CPU norm kernels do
+        under bf16 autocast (in bf16 the gradients drifted from the solo run's by a few percent)."""
         if isinstance(norm, nn.Identity):
             return h
         dtype, h = h.dtype, h.float()  # no-ops in float32
@@ -311,12 +175,9 @@ class StackedMLP:
         """Every member's dropout masks for one forward pass, one per dropout site (None: nobody drops there).
 
         A site's masks are (M, B, features), 0 or 1/keep (F.dropout's `bernoulli_(keep)` then `div_(keep)`),
-        each member's (B, features) drawn from its own generator in memory order, as alone; rows of
-        members without dropout are 1. They are laid out as forward's activation there (`mask_layouts`,
-        once forward has seen it), so that the product and its backward run in one layout, and drawn in
-        its dtype as the solo run's Dropout draws (bf16 under trainer.precision=bf16). Before forward
-        has seen a site (the first step or two), drawn in float32 and copied: the draws and the values
-        0 and 1/keep are those of a mask drawn in bf16 (torch.equal, tested on CPU)."""
+        each member's drawn from its own generator, as alone; rows of members without dropout are 1.
+        They are laid out (and typed) as forward's activation at that site once forward has seen it,
+        so the product and its backward run in one layout; the draws are the same either way."""
         masks: List[Optional[torch.Tensor]] = []
         for site, (kind, features) in enumerate(self.dropout_sites):
             draws, keeps = self.dropout[kind]
@@ -390,32 +251,19 @@ class StackedMLP:
 
 
 class StepInputs:
-    """What each step of the group takes besides the weights: every member's minibatch (from its own
-    data order) and its dropout masks (from its own stream), made one step ahead on a spare core.
+    """Each step's inputs besides the weights: every member's minibatch (its own data order) and
+    its dropout masks (its own stream), made one step ahead on a spare core when there is one (CPU
+    with fewer intra-op threads than cores), else when taken.
 
-    Why ahead: on CPU, gathering the members' minibatches and drawing their masks (a `bernoulli_` per
-    member and layer, then each mask's layout) is about a quarter of a group's step. Measured: 16
-    members of a 3 x 100 MLP, half with dropout, one intra-op thread, this project's 2-core CPU, a
-    bare step loop: 21 -> 15 ms per step at batch 128, 8.6 -> 6.5 ms at batch 32 with that work on the
-    other core. In `nrexp bench --fused`'s sweep the group's loop went 3.4 -> 2.9 s at batch 128 and
-    changed little at batch 32, where the worker's Python competes with the step's for the GIL and
-    the depth figures' helper process for the core.
-    So with fewer intra-op threads than cores (as the monitor's statistics thread), a worker thread
-    makes step s + 1's inputs while step s computes (torch ops release the GIL); otherwise (CUDA,
-    where the kernels run asynchronously anyway, or no spare core) `take` makes them there and then.
-
-    Made ahead, a member's generator has drawn step s + 1's masks while step s is trained. Whatever
-    reads a generator (checkpoints, the final probe, a member that stops) calls `rewind` first: it
-    waits for the step made ahead, puts each generator back to its state before that step's draws and
-    drops it; `take` makes it again, with the same draws.
-    """
+    Made ahead, a member's generator has drawn step s + 1's masks while step s trains. Whatever reads
+    a generator (checkpoints, the final probe) calls `rewind` first: it puts each generator back to
+    its state before the step made ahead and drops it; `take` makes it again, with the same draws."""
 
     def __init__(self, net: StackedMLP, data, batch_size: int, steps_per_epoch: int, total_steps: int, ahead: bool):
         self.net, self.data, self.batch_size = net, data, batch_size
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         members = len(net.members)
-        # the group's batch is gathered into reused buffers (a fresh (M, B, 784) tensor per step, 6.4 MB
-        # at 16 x 128, cost the kernel's page faults, ~4x the copy itself); two when one is made ahead
+        # the group's batch is gathered into reused buffers (fresh ones cost page faults); two when made ahead
         self.buffers = [torch.empty(members * batch_size, *data.train_x.shape[1:], dtype=data.train_x.dtype,
                                     device=data.train_x.device) for _ in range(2 if ahead else 1)]
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="nrexp-inputs", initializer=torch.set_num_threads,
@@ -463,272 +311,82 @@ class StepInputs:
         return x, y, self.net.draw_masks(self.batch_size), states
 
 
-class StackedMonitor:
-    """monitor.LayerMonitor's per-layer statistics, for every member at once, computed on the stacks.
-
-    Each member's own monitor reads the member's own modules: on a logging step that meant copying the
-    stacks and their gradients back into M modules and running M monitors of a few dozen small ops
-    each, which on CPU cost as much as ten training steps of the group. Here each statistic of a layer
-    is one reduction over the member axis of a stacked tensor, and every member's numbers reach the
-    host in one transfer. The definitions are monitor.py's; only the order in which the floats of a
-    norm are summed differs.
-    """
-
-    def __init__(self, net: StackedMLP, member: Member):
-        module_name = {module: name for name, module in member.model.named_modules()}
-        self.net = net
-        self.layer_names = member.monitor.names
-        self.weight_names = [f"{module_name[module]}.weight" for module in member.monitor.modules]
-        assert len(self.weight_names) == len(self.layer_names)  # one Linear per named layer: the MLP's blocks
-        with torch.no_grad():
-            self.init = [net.params[name].clone() for name in self.weight_names]
-        self.init_norms = self._norms(self.init)
-        self._before_step: Optional[List[torch.Tensor]] = None
-
-    @staticmethod
-    def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """(layers, M): the Frobenius norm of each member's slice of each stacked tensor."""
-        return torch.stack([torch.linalg.vector_norm(t.flatten(1), dim=1) for t in tensors])
-
-    @torch.no_grad()
-    def before_step(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """LayerMonitor.before_step for all members: each statistic (layers, M). Call after backward."""
-        weights = [self.net.params[name] for name in self.weight_names]
-        weight_norm = self._norms(weights)
-        stats = {
-            "act_norm": torch.stack([torch.linalg.vector_norm(a.detach().flatten(2).float(), dim=2).mean(1)
-                                     for a in activations]),
-            "grad_norm": self._norms([self.net.params[name].grad for name in self.weight_names]),
-            "weight_norm": weight_norm,
-            "weight_change": self._norms(torch._foreach_sub(weights, self.init)) / self.init_norms,
-        }
-        self._before_step = [w.clone() for w in weights]
-        return stats
-
-    @torch.no_grad()
-    def after_step(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Add each member's update ratio ||W_after - W_before|| / ||W_before|| of the step just taken."""
-        after = [self.net.params[name] for name in self.weight_names]
-        stats["update_ratio"] = self._norms(torch._foreach_sub(after, self._before_step)) / stats["weight_norm"]
-        self._before_step = None
-        return stats
-
-    def to_host(self, stats: Dict[str, torch.Tensor], scalars: Dict[str, torch.Tensor]) -> List[tuple]:
-        """For each member in stack order, LayerMonitor.to_host's ({metric: {layer: value}}, {tag: value});
-        `scalars` hold one value per member. One device->host copy for the whole group."""
-        n = len(self.layer_names)
-        rows = [stats[k].float() for k in stats] + [v.detach().float().reshape(1, -1) for v in scalars.values()]
-        per_member = torch.cat(rows).T.tolist()
-        return [({k: dict(zip(self.layer_names, flat[i * n:(i + 1) * n])) for i, k in enumerate(stats)},
-                 dict(zip(scalars, flat[len(stats) * n:]))) for flat in per_member]
-
-
 # ------------------------------------------------------------------------------------------------
-# the loop: train.py's, step for step, for all members at once
+# the group as train.py's loop sees it
 
 
 def train_group(cfgs: Sequence, run_dirs: Sequence[Path]) -> List[Dict]:
     """Train the members `cfgs` (one fusable group) together; return their summaries, in order."""
     keep_freed_memory()
     with GracefulStop() as stop, keeping_denormal_mode():
-        return _train_group(list(cfgs), [Path(d) for d in run_dirs], stop)
+        for cfg in cfgs:
+            validate(cfg)
+        group = FusedGroup(list(cfgs), [Path(d) for d in run_dirs])
+        run_loop(group, stop)
+    return [m.summary for m in group.given]
 
 
-def _train_group(cfgs: List, run_dirs: List[Path], stop: GracefulStop) -> List[Dict]:
-    for cfg in cfgs:
-        validate(cfg)
-    set_up = time.perf_counter()
-    first, t = cfgs[0], OmegaConf.to_object(cfgs[0].trainer)  # a plain TrainerConfig, read every step (as train.py)
-    device = resolve_device(str(getattr(t.device, "value", t.device)))
-    set_flush_denormal(t.flush_denormal, device)  # shared by the group: trainer.* is part of shape_key
-    data = load_dataset(first.data, device)
-    log.info("fused group of %d members | device %s | data %s (%s): %d train / %d test examples",
-             len(cfgs), device, data.name, data.source, len(data.train_x), len(data.test_x))
-    members = [Member(i, cfg, d, data, device) for i, (cfg, d) in enumerate(zip(cfgs, run_dirs))]
-    for m in members:
-        m.writer.text("run/config", "```\n" + OmegaConf.to_yaml(m.cfg, resolve=True) + "```")
-        m.writer.text("run/data_source", f"{data.name} from {data.source} on {device} (fused group of {len(members)})")
-    net = StackedMLP(members)
-    monitor = StackedMonitor(net, members[0])
-    order = net.members  # stack order: row j of every stacked tensor is order[j]
-    steps_per_epoch, batch_size = members[0].batches.steps_per_epoch, first.data.batch_size
-    total_steps = t.max_steps or t.epochs * steps_per_epoch
-    eval_every = t.eval_every or steps_per_epoch
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
-    each_step = checks_every_step(device)  # else at logging steps and at the end, as train.py
+class FusedGroup(Trainee):
+    """A Trainee of M members computed as one StackedMLP (members in stack order: row j is members[j])."""
 
-    alive = list(order)
-    inputs = StepInputs(net, data, batch_size, steps_per_epoch, total_steps, ahead=spare_core(device))
-    loss_sum = torch.zeros(len(order), device=device)  # per member (stack order), since the last log
-    correct_sum = torch.zeros(len(order), device=device)
-    steps_since_log, step = 0, 0
-    loop_end: Optional[float] = None  # set when the loop is over (a member that diverges ends earlier)
-    started = clock = time.perf_counter()
-    eval_seconds = 0.0
+    def __init__(self, cfgs: List, run_dirs: List[Path]):
+        super().__init__(cfgs[0], f"fused group of {len(cfgs)} members")  # trainer.* is in shape_key: shared
+        self.given = [FusedMember(cfg, d, self.data, self.device) for cfg, d in zip(cfgs, run_dirs)]
+        self.net = StackedMLP(self.given)
+        self.members = self.net.members
+        self.monitor = StackedMonitor(self.net, self.given[0])
+        self.schedule = make_schedule(self.trainer, self.given[0].batches.steps_per_epoch, self.batch_size)
+        self.inputs = StepInputs(self.net, self.data, self.batch_size, self.schedule.steps_per_epoch,
+                                 self.schedule.total_steps, ahead=spare_core(self.device))
+        self.activations: Optional[List[torch.Tensor]] = None
 
-    def checkpoint(m: Member, now: float) -> None:
-        """Member m's checkpoint at this step boundary; `now`: when training paused for it (throughput)."""
-        inputs.rewind()  # the member's generator as after `step` steps
-        net.write_back_optimizer_state(m)
-        j = order.index(m)
-        save_checkpoint(m.run_dir / CHECKPOINT, m.model, m.optimizer, m.monitor, m.cfg, {
-            "step": step, "loss_sum": loss_sum[j], "correct_sum": correct_sum[j],
-            "steps_since_log": steps_since_log, "seconds_since_log": now - clock,
-            "init_stats": m.init_stats, "metrics": m.metrics, "elapsed_s": time.perf_counter() - started},
-            rng=m.rng_state())
+    def start(self) -> LoopState:
+        for m in self.members:
+            m.open_writer(self.data, self.device, note=f" (fused group of {len(self.members)})")
+        return LoopState.fresh(len(self.members), self.device)
 
-    def evaluate_member(m: Member) -> Dict:
-        """train.py's final probe and evaluation, for one member (its module is up to date). The probe's
-        dropout draws from the member's stream, as its solo run's would, on the CPU or the GPU."""
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            if device.type == "cuda":
-                torch.cuda.set_rng_state(m.rng.get_state(), device)
-            else:
-                torch.set_rng_state(m.rng.get_state())
-            return final_evaluation(m.model, m.monitor, m.writer, data, m.cfg, step, m.metrics)
+    def forward_backward(self, step: int, with_stats: bool, logging: bool) -> StepOutput:
+        x, y, masks = self.inputs.take(step)
+        self.activations = [] if with_stats else None
+        with self.autocast:
+            logits = self.net.forward(x, masks, self.activations)
+            # classes on dim 1: the head's own (feature-major) layout, see StackedMLP._linear
+            losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
+        self.net.zero_grad()
+        losses.sum().backward()  # member j's parameters get d loss_j: no other loss involves them
+        return StepOutput(losses.detach(), (logits.detach().argmax(-1) == y).sum(1))
 
-    def finish(m: Member, status: str, final_stats: Optional[Dict] = None, nonfinite_step: Optional[int] = None,
-               signal: Optional[int] = None) -> None:
-        """As the end of train.py's loop, for one member (the members' modules are up to date);
-        `final_stats` are evaluate_member's, when it already ran."""
-        ended = loop_end or time.perf_counter()  # when the step loop ended (for this member)
-        loop_seconds = ended - started - eval_seconds  # the step loop alone
-        if status == "interrupted":
-            final_stats = {}
-            checkpoint(m, ended)
-        else:
-            if final_stats is None:
-                final_stats = evaluate_member(m)
-            if status == "completed":
-                checkpoint(m, ended)
-        m.summary = finish_run(
-            m.cfg, m.run_dir, m.writer, status=status, step=step, start_step=0, metrics=m.metrics,
-            init_stats=m.init_stats, final_stats=final_stats, steps_per_epoch=steps_per_epoch,
-            wall_time_s=time.perf_counter() - started, loop_seconds=loop_seconds,
-            device=device, data_source=data.source, nonfinite_step=nonfinite_step, signal=signal,
-            extra={"fused_group_size": len(members)}, print_table=False)
-        acc = m.summary["metrics"]["test/acc"]
-        log.info("%s: %s after %d steps, test acc %s", m.run_dir.name, status, step, "n/a" if acc is None else f"{acc:.4f}")
+    def update(self, out: StepOutput, step: int, logging: bool) -> None:
+        stats = self.monitor.before_step(self.activations) if self.activations is not None else None
+        self.net.step()
+        if stats is not None:
+            out.stats = Future()
+            out.stats.set_result(self.monitor.after_step(stats))
+        self.activations = None
 
-    def stop_diverged(losses: torch.Tensor) -> None:
-        """Finish each member still training whose entry of `losses` (stack order) is not finite."""
-        finite = torch.isfinite(losses).tolist()
-        failed = [m for j, m in enumerate(order) if not finite[j] and m in alive]
-        if failed:
-            inputs.rewind()  # their final probe draws from their generators
-            net.write_back()
-            for m in failed:
-                log.warning("%s: non-finite training loss at step %d: stopping this member (status diverged); "
-                            "the others go on", m.run_dir.name, step - 1)
-                finish(m, "diverged", nonfinite_step=step - 1)
-                alive.remove(m)
+    def stats_to_host(self, stats: Dict, scalars: Dict) -> List[tuple]:
+        return self.monitor.to_host(stats, scalars)
 
-    # closing: a group that raises still stops the worker thread that makes its inputs (close() is idempotent)
-    with contextlib.closing(inputs), TrainProgress(total_steps, steps_per_epoch, enabled=t.progress) as progress:
-        while step < total_steps and alive and not stop.requested:
-            for _ in range(step % steps_per_epoch, steps_per_epoch):
-                if stop.requested:
-                    break
-                # -- work due at this boundary, on the weights after `step` updates (as train.py)
-                checkpoint_due = step > 0 and t.checkpoint_every and step % t.checkpoint_every == 0
-                eval_due = step > 0 and step % eval_every == 0
-                if checkpoint_due or eval_due:
-                    paused = time.perf_counter()
-                    net.write_back()
-                    for m in alive:
-                        if checkpoint_due:
-                            checkpoint(m, paused)
-                        if eval_due:
-                            m.metrics.update(evaluate(m.model, data.test_x, data.test_y, first.data.eval_batch_size, "test"))
-                            m.writer.scalars(step, {k: m.metrics[k] for k in ("test/loss", "test/acc")})
-                            if m.last_stats:
-                                m.writer.depth_plot(step, m.last_stats, "latest")
-                    if eval_due:
-                        progress.update(step, _mean_of([m.metrics for m in alive]))
-                        eval_seconds += time.perf_counter() - paused
-                    clock += time.perf_counter() - paused
+    def sync(self) -> None:
+        self.inputs.rewind()  # each member's generator as after the steps trained
+        self.net.write_back()
 
-                # -- one training step of every member
-                x, y, masks = inputs.take(step)
-                logging_step = step % t.log_every == 0
-                with_stats = logging_step and t.layer_stats
-                activations = [] if with_stats else None
-                with autocast:
-                    logits = net.forward(x, masks, activations)
-                    # classes on dim 1 ((M, classes, B): the head's own layout, see _linear): CPU's log_softmax
-                    # over a last dim of 10 classes took ~0.3 ms for 2,048 rows, this ~0.03 ms
-                    losses = F.cross_entropy(logits.transpose(1, 2), y, reduction="none").mean(1)
-                net.zero_grad()
-                losses.sum().backward()  # member j's parameters get d loss_j: no other loss involves them
-                stats = {}
-                if with_stats:  # every member's per-layer statistics at once, as its solo monitor computes them
-                    stats = monitor.before_step(activations)
-                net.step()
-                loss_sum += losses.detach().float()
-                correct_sum += (logits.detach().argmax(-1) == y).sum(1).float()
-                steps_since_log += 1
+    def save(self, member: Member, state: Dict) -> None:
+        self.net.write_back_optimizer_state(member)
+        super().save(member, state)
 
-                if logging_step:  # train.write_log for every member, from one transfer
-                    seconds = time.perf_counter() - clock
-                    rows = monitor.to_host(monitor.after_step(stats) if with_stats else {}, {
-                        "train/loss": loss_sum / steps_since_log, "train/acc": correct_sum / (steps_since_log * batch_size)})
-                    shown = []
-                    for m, (layer_stats, values) in zip(order, rows):
-                        if m in alive:
-                            m.last_stats, values = write_log(m.writer, step, layer_stats, values, seconds=seconds,
-                                                             samples=steps_since_log * batch_size,
-                                                             lr=m.optimizer.param_groups[0]["lr"])
-                            if step == 0 and with_stats:
-                                m.init_stats = m.last_stats
-                            shown.append(values)
-                    progress.update(step, _mean_of(shown))
-                    loss_sum.zero_(), correct_sum.zero_()
-                    steps_since_log, clock = 0, time.perf_counter()
-                step += 1
-                progress.advance_to(step)
+    def summary_extra(self) -> Dict:
+        return {"fused_group_size": len(self.members)}
 
-                # -- a member whose loss is non-finite is finished now; the others go on. Without a
-                # check every step (CUDA), at logging steps, whose host copy has synchronized already
-                if each_step or logging_step:
-                    stop_diverged(losses.detach())
-                    if not alive:
-                        break
-                if step >= total_steps:
-                    break
-        if not each_step and steps_since_log and alive and not stop.requested:
-            stop_diverged(loss_sum)  # the steps after the last logging step, which no log has checked
-
-        inputs.close()  # the generators as after the last step trained
-        net.write_back()
-        loop_end = time.perf_counter()
-        signum = stop.signum if stop.requested else None
-        # Every member's probe and evaluation first, then the writing: the helper process draws each
-        # member's final depth figure (nrexp/figures.py) while the next members are evaluated.
-        final = {m: evaluate_member(m) if signum is None else {} for m in alive}
-        for m in list(alive):
-            finish(m, "completed" if signum is None else "interrupted", final[m], signal=signum)
-    log.info("fused group of %d: set up in %.1f s, %d steps in %.1f s (%.1f s of them evaluating), results "
-             "written in %.1f s", len(members), started - set_up, step, loop_end - started, eval_seconds,
-             time.perf_counter() - loop_end)
-    if stop.requested:
-        log.warning("stopped by signal %d at step %d; every member wrote a checkpoint. Continue one with: "
-                    "nrexp train resume=<its dir>", stop.signum, step)
-    return [m.summary for m in members]
+    def close(self) -> None:
+        self.inputs.close()
 
 
 def keep_freed_memory() -> None:
-    """Have glibc's malloc keep freed memory for the next allocations instead of handing it back to the
-    kernel: heap trimming only beyond 1 GiB free (M_TRIM_THRESHOLD), and blocks up to 32 MiB (glibc's
-    documented maximum for M_MMAP_THRESHOLD on 64-bit) from the heap rather than each mapped anew.
-
-    Why: each step of a group frees and allocates tensors of megabytes (the first layer's weight gradient
-    of 16 members of a 3 x 100 MLP is 5 MB). With glibc's defaults that memory went back to the kernel,
-    and the next step faulted it in again, page by page, zeroed. Measured on `nrexp bench --fused`'s
-    16-job sweep (3 x 100 MLP), one thread, this project's 2-core CPU, without and with this call
-    alternating: at batch 32 the whole fused sweep 8.9 -> 8.6 s (median of 3; each of 6 pairs faster),
-    at batch 128 no measurable change; the same settings through the environment left the basic
-    launcher's loops (tensors 16 times smaller) unchanged. The cost: the process keeps its peak memory
-    until it ends. Not glibc (macOS, musl): nothing happens."""
+    """Have glibc's malloc keep freed memory for the next allocations (heap trimming only beyond 1 GiB;
+    blocks up to 32 MiB from the heap rather than mapped anew): a group's steps free and allocate
+    megabytes each, which glibc's defaults otherwise hand back to the kernel and fault in again, zeroed.
+    The cost: the process keeps its peak memory. Not glibc: nothing happens (docs/speed.md)."""
     try:
         libc = ctypes.CDLL(None)
         if libc.gnu_get_libc_version:  # glibc only: musl has a mallopt that ignores these
@@ -736,9 +394,3 @@ def keep_freed_memory() -> None:
             libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
-
-
-def _mean_of(values: List[Dict[str, float]]) -> Dict[str, float]:
-    """The group's mean of each shown value, for the one progress line of the group."""
-    keys = {k for v in values for k in v if isinstance(v.get(k), (int, float)) and math.isfinite(v[k])}
-    return {k: sum(v[k] for v in values if k in v) / sum(1 for v in values if k in v) for k in keys}

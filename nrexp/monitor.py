@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -393,3 +393,57 @@ def activation_norms(activations: List[torch.Tensor]) -> torch.Tensor:
     """
     rows = [torch.linalg.vector_norm(a.flatten(1), dim=1, dtype=torch.float32) for a in activations]
     return torch.stack(rows).mean(dim=1)
+
+
+class StackedMonitor:
+    """LayerMonitor's statistics for every member of a fused group (nrexp/fused.py), computed on its stacks:
+    each statistic of a layer is one reduction over the member axis, and every member's numbers reach
+    the host in one transfer. Only the order in which a norm's floats are summed differs from a solo run."""
+
+    def __init__(self, net, member):
+        module_name = {module: name for name, module in member.model.named_modules()}
+        self.net = net
+        self.layer_names = member.monitor.names
+        self.weight_names = [f"{module_name[module]}.weight" for module in member.monitor.modules]
+        assert len(self.weight_names) == len(self.layer_names)  # one Linear per named layer: the MLP's blocks
+        with torch.no_grad():
+            self.init = [net.params[name].clone() for name in self.weight_names]
+        self.init_norms = self._norms(self.init)
+        self._before_step: Optional[List[torch.Tensor]] = None
+
+    @staticmethod
+    def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """(layers, M): the Frobenius norm of each member's slice of each stacked tensor."""
+        return torch.stack([torch.linalg.vector_norm(t.flatten(1), dim=1) for t in tensors])
+
+    @torch.no_grad()
+    def before_step(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """LayerMonitor.before_step for all members: each statistic (layers, M). Call after backward."""
+        weights = [self.net.params[name] for name in self.weight_names]
+        weight_norm = self._norms(weights)
+        stats = {
+            "act_norm": torch.stack([torch.linalg.vector_norm(a.detach().flatten(2).float(), dim=2).mean(1)
+                                     for a in activations]),
+            "grad_norm": self._norms([self.net.params[name].grad for name in self.weight_names]),
+            "weight_norm": weight_norm,
+            "weight_change": self._norms(torch._foreach_sub(weights, self.init)) / self.init_norms,
+        }
+        self._before_step = [w.clone() for w in weights]
+        return stats
+
+    @torch.no_grad()
+    def after_step(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Add each member's update ratio ||W_after - W_before|| / ||W_before|| of the step just taken."""
+        after = [self.net.params[name] for name in self.weight_names]
+        stats["update_ratio"] = self._norms(torch._foreach_sub(after, self._before_step)) / stats["weight_norm"]
+        self._before_step = None
+        return stats
+
+    def to_host(self, stats: Dict[str, torch.Tensor], scalars: Dict[str, torch.Tensor]) -> List[tuple]:
+        """For each member in stack order, LayerMonitor.to_host's ({metric: {layer: value}}, {tag: value});
+        `scalars` hold one value per member. One device->host copy for the whole group."""
+        n = len(self.layer_names)
+        rows = [stats[k].float() for k in stats] + [v.detach().float().reshape(1, -1) for v in scalars.values()]
+        per_member = torch.cat(rows).T.tolist()
+        return [({k: dict(zip(self.layer_names, flat[i * n:(i + 1) * n])) for i, k in enumerate(stats)},
+                 dict(zip(scalars, flat[len(stats) * n:]))) for flat in per_member]

@@ -1,16 +1,11 @@
-"""`nrexp report <dir>`: read runs back (summary.json + TensorBoard events), compare settings.
+"""`nrexp report <dir>`: compare the settings of a sweep, reading its runs through nrexp/runs.py.
 
-A *setting* is one combination of the swept keys: the config keys whose values differ across the runs
-found, seed excluded, so the seeds of one setting are aggregated (mean ± sample std over its completed
-runs) in the table, the CSV/Markdown files and every figure.
-
-Per setting: status counts, final train loss, test accuracy, generalization gap (train acc - test acc,
-both full-split evaluations from summary.json) and the ratio of the activation norm of the LAST HIDDEN
-BLOCK to that of the first hidden block, at init and at the end. The head is left out of the ratio on
-purpose: its output is the logits, whose norm grows as training makes the net confident, which would
-mix that up with how the signal grows or shrinks through depth (what the ratio is meant to show).
-
-Reads files only: no torch import (events through tensorboard's EventAccumulator).
+A setting is one combination of the swept keys (config keys whose values differ across the runs, seed
+excluded); its seeds are aggregated over its completed runs: the table and report.md show mean ± the
+half-width of the 95% t-interval of the mean (nrexp/stats.py; one seed: the mean alone), report.csv each
+metric's mean, sample std and that half-width (`_ci95`), and the figures mean ± std. The activation ratio (last hidden block over the first) leaves the
+head out: its norm is that of the logits, which grows as the net gets confident, not with depth.
+No torch import: `nrexp report` stays fast.
 """
 from __future__ import annotations
 
@@ -18,13 +13,19 @@ import csv
 import json
 import math
 import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any
+
+from nrexp import figures
+from nrexp.errors import ConfigError
+from nrexp.runs import Run, read_run, read_runs, run_dirs
+from nrexp.stats import mean_interval
 
 # Keys that never define a setting: seed (aggregated over) and where things were read from/written to.
 NOT_SETTING_KEYS = {"seed", "data.root", "trainer.progress", "data.eval_batch_size"}
-# The per-setting numbers: column name -> what it is (in the CSV/JSON each gets _mean and _std).
+# The per-setting numbers: column name -> what it is (in the CSV/JSON each gets _mean, _std and _ci95).
 METRICS = {
     "train_loss": "final train loss (full training set)",
     "train_acc": "final train accuracy (full training set)",
@@ -37,103 +38,48 @@ TABLE_METRICS = ("train_loss", "test_acc", "gen_gap", "act_ratio_init", "act_rat
 CURVE_TAGS = ("train/loss", "test/acc")
 
 
-class ReportError(ValueError):
-    """Bad input (no such dir, no runs, unknown key): one line, exit code 2."""
+class ReportError(ConfigError):
+    """Bad input (no runs, unknown key, bad option): one line, exit code 2."""
 
 
 # ------------------------------------------------------------------------------------------------
-# Reading runs back
+# Runs and their numbers
 
 
-def find_job_dirs(root: Path) -> List[Path]:
-    """Every run dir under `root` (or `root` itself): one with summary.json, or a Hydra job dir
-    (.hydra/config.yaml) whose job never wrote one (killed, crashed, still running)."""
-    root = Path(root)
-    dirs = {p.parent for p in root.rglob("summary.json")}
-    dirs |= {p.parent.parent for p in root.rglob("config.yaml") if p.parent.name == ".hydra"}
-    return sorted(dirs, key=lambda d: str(d.relative_to(root)))
+def find_job_dirs(root: Path) -> list[Path]:
+    """Kept for nrexp/sweep.py: runs.run_dirs."""
+    return run_dirs(root)
 
 
-def read_job(run_dir: Path, root: Optional[Path] = None) -> Dict:
-    """summary.json of a run dir (with its `name`: the dir relative to root, as TensorBoard names it)."""
-    run_dir = Path(run_dir)
-    name = str(run_dir.relative_to(root)) if root and run_dir != Path(root) else run_dir.name
-    path = run_dir / "summary.json"
-    if not path.is_file():  # its composed config still says which setting it belongs to
-        import yaml
-
-        config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {}
-        return {"name": name, "dir": str(run_dir), "status": "no summary", "metrics": {}, "config": config}
-    summary = json.loads(path.read_text())
-    summary.setdefault("metrics", {})
-    return {**summary, "name": name, "dir": str(run_dir)}
+def read_job(run_dir: Path, root: Path | None = None) -> dict:
+    """Kept for nrexp/sweep.py: the run's summary.json as a dict, with its `name`, `dir` and `status`."""
+    run = read_run(run_dir, root)
+    return {**run.summary, "metrics": run.metrics, "config": run.config, "status": run.status,
+            "name": run.name, "dir": str(run.dir)}
 
 
-def flatten(config: Mapping, prefix: str = "") -> Dict[str, Any]:
-    """Nested config -> {dotted key: value}. A group's `name` is shown as the group itself
-    (`norm: batch`, as typed on the command line: norm=batch); lists become their text."""
-    flat: Dict[str, Any] = {}
-    for key, value in config.items():
-        path = prefix + str(key)
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, path + "."))
-        else:
-            flat[prefix[:-1] if key == "name" and prefix else path] = (
-                str(value) if isinstance(value, (list, tuple)) else value)
-    return flat
-
-
-@dataclass
-class Run:
-    name: str
-    dir: Path
-    status: str
-    config: Dict[str, Any]  # flattened
-    numbers: Dict[str, float]  # METRICS of this run (nan where unknown)
-    layers: Dict[str, Dict[str, Dict[str, float]]]  # init|final -> metric -> layer -> value
-    error: str = ""
-
-
-def activation_ratio(stats: Mapping[str, Mapping[str, float]]) -> float:
+def activation_ratio(act: Mapping[str, float]) -> float:
     """act_norm of the last hidden block / the first (the head excluded: see the module doc)."""
-    act = stats.get("act_norm") or {}
     hidden = [layer for layer in act if layer != "head"]
     if not hidden or not act[hidden[0]]:
         return math.nan
     return act[hidden[-1]] / act[hidden[0]]
 
 
-def run_numbers(summary: Mapping) -> Dict[str, float]:
-    m = summary.get("metrics", {})
-    get = lambda key: float(m[key]) if m.get(key) is not None else math.nan  # noqa: E731
-    layers = summary.get("layers") or {}
+def run_numbers(run: Run) -> dict[str, float]:
+    """The METRICS of one run (NaN where unknown)."""
     return {
-        "train_loss": get("train/loss"),
-        "train_acc": get("train/acc"),
-        "test_acc": get("test/acc"),
-        "gen_gap": get("train/acc") - get("test/acc"),
-        "act_ratio_init": activation_ratio(layers.get("init") or {}),
-        "act_ratio_final": activation_ratio(layers.get("final") or {}),
+        "train_loss": run.metric("train/loss"),
+        "train_acc": run.metric("train/acc"),
+        "test_acc": run.metric("test/acc"),
+        "gen_gap": run.metric("train/acc") - run.metric("test/acc"),
+        "act_ratio_init": activation_ratio(run.layers("init", "act_norm")),
+        "act_ratio_final": activation_ratio(run.layers("final", "act_norm")),
     }
 
 
-def nan_for_null(value):
-    """Nested dicts of numbers with None (JSON null) read back as NaN, so that arithmetic propagates it."""
-    if isinstance(value, dict):
-        return {k: nan_for_null(v) for k, v in value.items()}
-    return math.nan if value is None else value
-
-
-def load_runs(root: Path) -> List[Run]:
-    root = Path(root)
-    if not root.is_dir():
-        raise ReportError(f"no such directory: {root}")
-    runs = []
-    for run_dir in find_job_dirs(root):
-        job = read_job(run_dir, root)
-        layers = nan_for_null(job.get("layers") or {})  # summary.json stores a diverged run's NaN/inf as null
-        runs.append(Run(name=job["name"], dir=run_dir, status=job["status"], config=flatten(job["config"]),
-                        numbers=run_numbers({**job, "layers": layers}), layers=layers, error=job.get("error", "")))
+def load_runs(root: Path) -> list[Run]:
+    runs = read_runs(root)
     if not runs:
         raise ReportError(f"no runs in {root} (no summary.json or .hydra/ below it). "
                           "Fix: pass a run dir or a sweep dir, e.g. outputs/multirun/<date>/<time>")
@@ -154,27 +100,27 @@ def matches(value: Any, wanted: str) -> bool:
         return str(value) == wanted
 
 
-def apply_filters(runs: List[Run], filters: Sequence[str]) -> List[Run]:
+def apply_filters(runs: list[Run], filters: Sequence[str]) -> list[Run]:
     for spec in filters:
         key, sep, wanted = spec.partition("=")
         if not sep:
             raise ReportError(f"--filter {spec!r} is invalid: expected key=value. Fix: e.g. --filter norm=batch")
-        known = set().union(*(r.config for r in runs))
+        known = set().union(*(r.flat_config for r in runs))
         if key not in known:
             raise ReportError(f"--filter key {key!r} is not a config key of these runs. "
                               f"Fix: use one of {', '.join(sorted(known)) or '(none)'}")
-        runs = [r for r in runs if matches(r.config.get(key), wanted)]
+        runs = [r for r in runs if matches(r.flat_config.get(key), wanted)]
     return runs
 
 
-def swept_keys(runs: Sequence[Run]) -> List[str]:
+def swept_keys(runs: Sequence[Run]) -> list[str]:
     """Config keys whose values differ across the runs (seed and bookkeeping keys excluded).
     Failed-before-start jobs count too: their config is as much the sweep's as the others'."""
-    keys = sorted(set().union(*(r.config for r in runs)) - NOT_SETTING_KEYS)
-    return [k for k in keys if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1]
+    keys = sorted(set().union(*(r.flat_config for r in runs)) - NOT_SETTING_KEYS)
+    return [k for k in keys if len({json.dumps(r.flat_config.get(k), sort_keys=True) for r in runs}) > 1]
 
 
-def _order(value: Any) -> Tuple:
+def _order(value: Any) -> tuple:
     """Sort numbers numerically, then strings; None last."""
     if value is None:
         return (2, 0, "")
@@ -185,59 +131,67 @@ def _order(value: Any) -> Tuple:
 
 @dataclass
 class Setting:
-    values: Dict[str, Any]  # swept key -> value
-    runs: List[Run] = field(default_factory=list)
+    values: dict[str, Any]  # swept key -> value
+    runs: list[Run] = field(default_factory=list)
 
     @property
     def label(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.values.items()) or "all runs"
 
     @property
-    def completed(self) -> List[Run]:
+    def completed(self) -> list[Run]:
         return [r for r in self.runs if r.status == "completed"]
 
     def status(self) -> str:
-        counts: Dict[str, int] = {}
+        counts: dict[str, int] = {}
         for r in self.runs:
             counts[r.status] = counts.get(r.status, 0) + 1
         return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
 
-    def stat(self, metric: str) -> Tuple[float, float]:
+    def stat(self, metric: str) -> tuple[float, float]:
         """Mean and sample std over the completed runs with a finite value (std 0 for one run)."""
-        values = [r.numbers[metric] for r in self.completed if math.isfinite(r.numbers[metric])]
+        values = [v for v in (run_numbers(r)[metric] for r in self.completed) if math.isfinite(v)]
         if not values:
             return math.nan, math.nan
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
-    def layer_means(self, when: str, metric: str) -> Dict[str, float]:
+    def interval(self, metric: str) -> tuple[float, float, int]:
+        """Mean, half-width of its 95% t-interval (NaN for fewer than 2 values) and the number of completed
+        runs with a finite value."""
+        iv = mean_interval(run_numbers(r)[metric] for r in self.completed)
+        return iv.mean, iv.half, iv.n
+
+    def layer_means(self, when: str, metric: str) -> dict[str, float]:
         """Per-layer mean over the completed runs of `layers[when][metric]` (layer order kept)."""
-        per_run = [r.layers.get(when, {}).get(metric, {}) for r in self.completed]
+        per_run = [r.layers(when, metric) for r in self.completed]
         per_run = [p for p in per_run if p]
         if not per_run:
             return {}
         return {layer: statistics.fmean(p[layer] for p in per_run if layer in p) for layer in per_run[0]}
 
 
-def group_settings(runs: Sequence[Run], keys: Sequence[str]) -> List[Setting]:
-    settings: Dict[Tuple, Setting] = {}
+def group_settings(runs: Sequence[Run], keys: Sequence[str]) -> list[Setting]:
+    settings: dict[tuple, Setting] = {}
     for run in runs:
-        values = {k: run.config.get(k) for k in keys}
+        values = {k: run.flat_config.get(k) for k in keys}
         settings.setdefault(tuple(json.dumps(v) for v in values.values()), Setting(values)).runs.append(run)
     return sorted(settings.values(), key=lambda s: [_order(v) for v in s.values.values()])
 
 
-def rows_of(settings: Sequence[Setting]) -> List[Dict[str, Any]]:
-    """One flat dict per setting: swept keys, n, status, <metric>_mean, <metric>_std."""
+def rows_of(settings: Sequence[Setting]) -> list[dict[str, Any]]:
+    """One flat dict per setting: swept keys, n, status, <metric>_mean, <metric>_std, <metric>_ci95 (the half-width
+    of the 95% t-interval of the mean over seeds)."""
     rows = []
     for s in settings:
-        row: Dict[str, Any] = {**s.values, "n": len(s.runs), "status": s.status()}
+        row: dict[str, Any] = {**s.values, "n": len(s.runs), "status": s.status()}
         for metric in METRICS:
             row[f"{metric}_mean"], row[f"{metric}_std"] = s.stat(metric)
+            row[f"{metric}_ci95"] = s.interval(metric)[1]
         rows.append(row)
     return rows
 
 
-def sort_settings(settings: List[Setting], keys: Sequence[str], spec: Optional[str]) -> List[Setting]:
+def sort_settings(settings: list[Setting], keys: Sequence[str], spec: str | None) -> list[Setting]:
     """--sort KEY (ascending) or -KEY (descending); KEY is a swept key, runs (n), status or a metric."""
     if not spec:
         return settings
@@ -266,11 +220,12 @@ def _missing(value: Any) -> bool:
 # Output: table, CSV, Markdown, JSON
 
 
-def fmt(mean: float, std: float, n: int) -> str:
+def fmt(mean: float, half: float, n: int) -> str:
+    """`mean ± half` (half: the 95% interval's half-width), the mean alone for one seed."""
     if math.isnan(mean):
         return "—"
     digits = 4 if abs(mean) < 100 else 1
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "")
+    return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if n > 1 and math.isfinite(half) else "")
 
 
 def _short(value: Any) -> str:
@@ -278,13 +233,12 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def table_cells(settings: Sequence[Setting], keys: Sequence[str]) -> Tuple[List[str], List[List[str]]]:
+def table_cells(settings: Sequence[Setting], keys: Sequence[str]) -> tuple[list[str], list[list[str]]]:
     header = [*keys, "runs", "status", *TABLE_METRICS]
     body = []
     for s in settings:
-        n = len(s.completed)
         body.append([_short(s.values[k]) for k in keys] + [str(len(s.runs)), s.status()]
-                    + [fmt(*s.stat(m), n) for m in TABLE_METRICS])
+                    + [fmt(*s.interval(m)) for m in TABLE_METRICS])
     return header, body
 
 
@@ -292,7 +246,8 @@ def rich_table(root: Path, settings: Sequence[Setting], keys: Sequence[str], n_r
     from rich.table import Table
 
     header, body = table_cells(settings, keys)
-    table = Table(title=f"nrexp report: {root} ({n_runs} runs, {len(settings)} settings; mean ± std over seeds)",
+    table = Table(title=f"nrexp report: {root} ({n_runs} runs, {len(settings)} settings; mean ± 95% interval "
+                        "over seeds)",
                   header_style="bold")
     for i, column in enumerate(header):
         table.add_column(column, justify="left" if i < len(keys) + 2 else "right")
@@ -323,8 +278,8 @@ def write_markdown(path: Path, root: Path, settings: Sequence[Setting], keys: Se
     header, body = table_cells(settings, keys)
     kept = f" (the runs with {', '.join(filters)})" if filters else ""
     lines = [f"# nrexp report: {root}", "",
-             f"{n_runs} runs{kept}, {len(settings)} settings; numbers are mean ± sample std over the completed runs "
-             "(seeds) of a setting.", "",
+             (f"{n_runs} runs{kept}, {len(settings)} settings; numbers are mean ± the half-width of the 95% "
+              "t-interval of the mean over the completed runs (seeds) of a setting (one seed: the mean alone)."), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     lines += ["", "Columns: " + "; ".join(f"`{m}` {METRICS[m]}" for m in TABLE_METRICS) + ".", ""]
@@ -341,7 +296,7 @@ def json_report(root: Path, keys: Sequence[str], settings: Sequence[Setting]) ->
         "swept_keys": list(keys),
         "settings": [{k: clean(v) for k, v in row.items()} for row in rows_of(settings)],
         "runs": [{"name": r.name, "status": r.status, "error": r.error, "setting": s.values,
-                  "seed": r.config.get("seed"), **{k: clean(v) for k, v in r.numbers.items()}}
+                  "seed": r.flat_config.get("seed"), **{k: clean(v) for k, v in run_numbers(r).items()}}
                  for s in settings for r in s.runs],
     }, indent=2)
 
@@ -350,16 +305,7 @@ def json_report(root: Path, keys: Sequence[str], settings: Sequence[Setting]) ->
 # Figures (matplotlib, no display)
 
 
-def read_curves(run_dir: Path, tags: Iterable[str] = CURVE_TAGS) -> Dict[str, Dict[int, float]]:
-    """tag -> {step: value} from the run's TensorBoard events (a repeated step keeps its last value)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 1, "tensors": 1}).Reload()
-    present = set(events.Tags().get("scalars", []))
-    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in tags if tag in present}
-
-
-def mean_curve(curves: Sequence[Mapping[int, float]]) -> Tuple[List[int], List[float]]:
+def mean_curve(curves: Sequence[Mapping[int, float]]) -> tuple[list[int], list[float]]:
     """Mean over seeds at the steps every seed logged."""
     curves = [c for c in curves if c]
     if not curves:
@@ -368,104 +314,91 @@ def mean_curve(curves: Sequence[Mapping[int, float]]) -> Tuple[List[int], List[f
     return steps, [statistics.fmean(c[s] for c in curves) for s in steps]
 
 
-def _figure(ncols: int, title: str):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5 * ncols, 4.2), dpi=100)
-    axes = fig.subplots(1, ncols, squeeze=False)[0]
-    fig.suptitle(title)
-    return fig, axes
-
-
-def _save(fig, path: Path, axes) -> Path:
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    for ax in axes:
-        if ax.get_yscale() == "log":  # plain numbers (0.3, 6) rather than 3x10^-1
-            low, high = ax.get_ylim()
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            # within one decade there may be no major tick at all: label the minor ones then
-            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if high / low < 10 else NullFormatter())
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
-
-
-def depth_figure(settings: Sequence[Setting], metric: str, ylabel: str, path: Path) -> Optional[Path]:
-    fig, axes = _figure(2, f"{ylabel} vs layer depth (mean over seeds)")
-    plotted = False
+def depth_figure(settings: Sequence[Setting], metric: str, ylabel: str, path: Path) -> Path | None:
+    fig, axes = figures.new_figure(2, f"{ylabel} vs layer depth (mean over seeds)")
+    drawn = False
     for ax, when in zip(axes, ("init", "final")):
-        for s in settings:
-            per_layer = s.layer_means(when, metric)
-            if per_layer:
-                ax.plot(range(len(per_layer)), list(per_layer.values()), marker="o", label=s.label)
-                ax.set_xticks(range(len(per_layer)), list(per_layer), rotation=45, fontsize="small")
-                plotted = True
-        ax.set_yscale("log")
+        drawn |= figures.depth_lines(ax, {s.label: s.layer_means(when, metric) for s in settings}, ylabel)
         ax.set_title("at init (step 0)" if when == "init" else "at the end of training")
-        ax.set_xlabel("layer (depth order; head = output layer)")
-        ax.set_ylabel(ylabel + " (log scale)")
-    return _save(fig, path, axes) if plotted else None
+    return figures.save(fig, path) if drawn else None
 
 
-def curves_figure(settings: Sequence[Setting], path: Path) -> Optional[Path]:
-    fig, axes = _figure(2, "training curves (mean over seeds)")
-    plotted = False
-    curves = {r.dir: read_curves(r.dir) for s in settings for r in s.completed}
+def curves_figure(settings: Sequence[Setting], path: Path) -> Path | None:
+    fig, axes = figures.new_figure(2, "training curves (mean over seeds)")
+    drawn = False
     for ax, tag, ylabel in zip(axes, CURVE_TAGS, ("train loss (running mean between logs)", "test accuracy")):
-        for s in settings:
-            steps, values = mean_curve([curves[r.dir].get(tag, {}) for r in s.completed])
-            if steps:
-                ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=s.label)
-                plotted = True
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(ylabel)
-        if tag == "train/loss":
-            ax.set_yscale("log")
-    return _save(fig, path, axes) if plotted else None
+        series = {s.label: list(zip(*mean_curve([dict(r.scalars(tag)) for r in s.completed]))) for s in settings}
+        drawn |= figures.curve_lines(ax, series, "optimizer step", ylabel, logy=tag == "train/loss")
+    return figures.save(fig, path) if drawn else None
 
 
-def metric_vs_key_figure(settings: Sequence[Setting], keys: Sequence[str], key: str, path: Path) -> Optional[Path]:
+def metric_vs_key_figure(settings: Sequence[Setting], keys: Sequence[str], key: str, path: Path) -> Path | None:
     """Final test accuracy and generalization gap against one numeric swept key, one line per
     combination of the other swept keys; error bars are the std over seeds."""
     others = [k for k in keys if k != key]
-    lines: Dict[str, List[Setting]] = {}
+    lines: dict[str, list[Setting]] = {}
     for s in settings:
         lines.setdefault(", ".join(f"{k}={s.values[k]}" for k in others) or "all", []).append(s)
     scatter = all(len(group) == 1 for group in lines.values()) and len(lines) > 1
     if scatter:  # a random/Optuna search: no two settings share the other keys, so no lines to draw
         lines = {"each point: one setting": list(settings)}
-    fig, axes = _figure(2, f"final metrics vs {key} (mean ± std over seeds)")
+    fig, axes = figures.new_figure(2, f"final metrics vs {key} (mean ± std over seeds)")
     plotted = False
-    for ax, metric, ylabel in zip(axes, ("test_acc", "gen_gap"), ("final test accuracy",
-                                                                  "generalization gap (train acc - test acc)")):
+    for ax, metric, ylabel in zip(
+        axes, ("test_acc", "gen_gap"), ("final test accuracy", "generalization gap (train acc - test acc)")
+    ):
         for label, group in lines.items():
-            points = sorted((s.values[key], *s.stat(metric)) for s in group
-                            if isinstance(s.values[key], (int, float)) and math.isfinite(s.stat(metric)[0]))
+            points = sorted(
+                (s.values[key], *s.stat(metric))
+                for s in group
+                if isinstance(s.values[key], (int, float)) and math.isfinite(s.stat(metric)[0])
+            )
             if points:
                 x, y, err = zip(*points)
-                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label, linestyle="none" if scatter else "-")
+                style = {"linestyle": "none"} if scatter else {}  # else the axes' cycle: 40 lines look different
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label, **style)
                 plotted = True
         values = [s.values[key] for s in settings]
         if min(values) > 0 and max(values) / min(values) > 100:  # e.g. weight decay 1e-6 .. 1e-2
             ax.set_xscale("log")
         ax.set_xlabel(key)
         ax.set_ylabel(ylabel)
-    return _save(fig, path, axes) if plotted else None
+    return figures.save(fig, path) if plotted else None
 
 
-def numeric_keys(settings: Sequence[Setting], keys: Sequence[str]) -> List[str]:
-    return [k for k in keys if all(isinstance(s.values[k], (int, float)) and not isinstance(s.values[k], bool)
-                                   for s in settings)]
+# Keys a final_vs_<key> figure is drawn for (themselves or their group): what a run computes, not how it is
+# logged, checkpointed or where its data comes from (trainer.log_every, data.source, seed, ...).
+SCIENCE_KEYS = (
+    "norm",
+    "dropout",
+    "optim",
+    "init",
+    "model",
+    "data.batch_size",
+    "data.train_size",
+    "data.augment",
+    "trainer.epochs",
+    "trainer.max_steps",
+    "trainer.precision",
+)
 
 
-def write_figures(settings: Sequence[Setting], keys: Sequence[str], out: Path) -> List[Path]:
-    import matplotlib
+def is_science_key(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in SCIENCE_KEYS)
 
-    matplotlib.use("Agg")
+
+def numeric_keys(settings: Sequence[Setting], keys: Sequence[str]) -> list[str]:
+    """The swept science keys with numeric values, taking two values or more: those worth a final_vs_<key> figure."""
+    return [
+        k
+        for k in keys
+        if is_science_key(k)
+        and len({s.values[k] for s in settings}) > 1
+        and all(isinstance(s.values[k], (int, float)) and not isinstance(s.values[k], bool) for s in settings)
+    ]
+
+
+def write_figures(settings: Sequence[Setting], keys: Sequence[str], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     made = [
         depth_figure(settings, "act_norm", "activation norm", out / "act_norm_vs_depth.png"),
@@ -479,9 +412,32 @@ def write_figures(settings: Sequence[Setting], keys: Sequence[str], out: Path) -
 # ------------------------------------------------------------------------------------------------
 
 
-def report(root: Path, sort: Optional[str] = None, filters: Sequence[str] = (), as_json: bool = False,
-           out: Optional[Path] = None) -> int:
-    """`nrexp report`: print the table (or JSON), write report.csv, report.md and figures/ into `out`."""
+def write_curves(runs: Sequence[Run], path: Path, tags: Sequence[str] | None = None) -> int:
+    """curves.csv: every logged scalar of these runs, one row per point (run, step, tag, layer, value), as
+    nrexp.runs.curves returns them. Returns the number of rows."""
+    from nrexp.runs import curve_rows
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "step", "tag", "layer", "value"])
+        count = 0
+        for run in runs:
+            rows = curve_rows(run, tags)
+            writer.writerows(rows)
+            count += len(rows)
+    return count
+
+
+def report(
+    root: Path,
+    sort: str | None = None,
+    filters: Sequence[str] = (),
+    as_json: bool = False,
+    out: Path | None = None,
+    curves: bool = False,
+) -> int:
+    """`nrexp report`: print the table (or JSON), write report.csv, report.md and figures/ into `out`, and with
+    `curves` also curves.csv (write_curves)."""
     root, out_given = Path(root), out is not None
     runs = load_runs(root)
     runs = apply_filters(runs, filters)
@@ -494,13 +450,18 @@ def report(root: Path, sort: Optional[str] = None, filters: Sequence[str] = (), 
     if filters and not out_given:  # the sweep's own full report stays; this one goes beside it, named
         out = out / ("report-" + ",".join(filters).replace("/", "-"))
     out.mkdir(parents=True, exist_ok=True)
-    figures = write_figures(settings, keys, out / "figures")
+    made = write_figures(settings, keys, out / "figures")
     write_csv(out / "report.csv", rows_of(settings))
-    write_markdown(out / "report.md", root, settings, keys, len(runs), figures, filters)
+    write_markdown(out / "report.md", root, settings, keys, len(runs), made, filters)
+    if curves:
+        write_curves(runs, out / "curves.csv")
     if as_json:
         print(json_report(root, keys, settings))
     else:
         console = wide_console()
         console.print(rich_table(root, settings, keys, len(runs)))
-        console.print(f"wrote {out / 'report.csv'}, {out / 'report.md'} and {len(figures)} figures in {out / 'figures'}")
+        also = f", {out / 'curves.csv'}" if curves else ""
+        console.print(
+            f"wrote {out / 'report.csv'}, {out / 'report.md'}{also} and {len(made)} figures in {out / 'figures'}"
+        )
     return 0

@@ -6,8 +6,6 @@
   error line, so the sweep goes on and `nrexp report` sees the failure instead of a missing dir.
 - `gpu_for_job` / `claim_gpu`: jobs running side by side on a machine with several GPUs take turns
   over them (job.num % device_count).
-- `derive_config`: a job's config derived from an already composed job's, when they differ only in
-  plain values (Hydra's compose of each job is most of a tiny job's overhead).
 - `SweepStatusTable`: a Hydra callback (registered in configs/train.yaml under hydra.callbacks) that
   prints one row per job and its status when the sweep ends.
 
@@ -21,7 +19,7 @@ import logging
 import re
 import traceback
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
@@ -55,7 +53,7 @@ def job_dir_name(override_dirname: str) -> str:
 OmegaConf.register_new_resolver("nrexp.job_dir", job_dir_name, replace=True)
 
 
-def record_failure(cfg: Any, run_dir: Path, error: BaseException) -> Dict:
+def record_failure(cfg: Any, run_dir: Path, error: BaseException) -> dict:
     """Write summary.json for a job that raised, with the error's last line, and log the traceback."""
     from nrexp.writers import write_summary
 
@@ -73,19 +71,19 @@ def record_failure(cfg: Any, run_dir: Path, error: BaseException) -> Dict:
     return summary
 
 
-def _plain_config(cfg: Any) -> Dict:
+def _plain_config(cfg: Any) -> dict:
     try:
         return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    except Exception:  # an interpolation that cannot resolve may be the very error being recorded
+    except Exception:  # noqa: BLE001 - an interpolation that cannot resolve may be the very error recorded
         return OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
 
 
-def gpu_for_job(job_num: int, device_count: int) -> Optional[int]:
+def gpu_for_job(job_num: int, device_count: int) -> int | None:
     """The GPU index job `job_num` of a sweep uses: round robin, so parallel jobs spread evenly."""
     return job_num % device_count if device_count > 1 else None
 
 
-def claim_gpu(requested_device: str, job_num: int) -> Optional[int]:
+def claim_gpu(requested_device: str, job_num: int) -> int | None:
     """Make GPU `gpu_for_job(...)` the current CUDA device of this job's process, for
     trainer.device=auto|cuda on a machine with more than one GPU; return its index (None: unchanged).
 
@@ -108,10 +106,10 @@ def claim_gpu(requested_device: str, job_num: int) -> Optional[int]:
 
 # The jobs of the sweep that ended last in this process, as its table lists them: `nrexp train -m`
 # exits with 1 when one of them failed (nrexp/cli.py).
-finished_jobs: List[Dict] = []
+finished_jobs: list[dict] = []
 
 
-def _job_stamps(sweep_dir: Path) -> Dict[str, int]:
+def _job_stamps(sweep_dir: Path) -> dict[str, int]:
     """Each job dir of a sweep dir with the time its summary (or, before one, its config) was written."""
     from nrexp.report import find_job_dirs
 
@@ -140,10 +138,11 @@ class SweepStatusTable(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         jobs = [read_job(d, sweep_dir) for d in find_job_dirs(sweep_dir)]
         before, now = getattr(self, "before", {}), _job_stamps(sweep_dir)
-        finished_jobs[:] = [job for job in jobs if job["dir"] not in before or before[job["dir"]] != now.get(job["dir"])]
+        finished_jobs[:] = [job for job in jobs
+                            if job["dir"] not in before or before[job["dir"]] != now.get(job["dir"])]
         # name jobs by what differs between them: overrides shared by every job only add width
         shared = set.intersection(*(set(job["name"].split(",")) for job in jobs)) if len(jobs) > 1 else set()
-        counts: Dict[str, int] = {}
+        counts: dict[str, int] = {}
         for job in jobs:
             counts[job["status"]] = counts.get(job["status"], 0) + 1
         title = f"sweep {sweep_dir}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
@@ -154,80 +153,11 @@ class SweepStatusTable(Callback):
         style = {"completed": "green", "failed": "red", "diverged": "yellow"}
         for job in jobs:
             acc = job["metrics"].get("test/acc")
-            table.add_row(",".join(p for p in job["name"].split(",") if p not in shared) or job["name"], f"[{style.get(job['status'], 'magenta')}]{job['status']}",
+            name = ",".join(p for p in job["name"].split(",") if p not in shared) or job["name"]
+            table.add_row(name, f"[{style.get(job['status'], 'magenta')}]{job['status']}",
                           "" if acc is None else f"{acc:.4f}", str(job.get("steps", "")),
                           "" if job.get("wall_time_s") is None else f"{job['wall_time_s']:.1f}",
                           job.get("error", ""))
         if shared:
             table.caption = "every job also has: " + ",".join(sorted(shared))
         wide_console().print(table)
-
-
-def derive_config(reference, overrides: List[str]):
-    """The config Hydra would compose for a job whose overrides are the reference job's but for plain
-    values, derived from the reference's composed config; None when it can't be (Hydra composes it).
-
-    `reference` is (overrides, composed config) of a job Hydra composed. A compose costs ~0.1-0.2 s (it
-    reads and merges every config file again), half of what a job of a sweep of tiny runs costs beyond
-    its training. For overrides that only change plain values (`seed=3`, `optim.lr=0.1`), what Hydra does
-    after merging the files is `OmegaConf.update(cfg, key, value, merge=True)` per override, then it
-    records the task overrides and `hydra.job.override_dirname` (hydra/_internal/config_loader_impl.py,
-    Hydra 1.3). This does those steps on a copy of the reference's config. A changed key must name an
-    existing plain value of the config; anything else (a config group, +key, ~key, a value of the wrong
-    type) returns None. tests/test_sweep.py checks the result against Hydra's own compose, key for key,
-    hydra's keys included.
-    """
-    import copy
-
-    from hydra._internal.config_loader_impl import get_overrides_dirname
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import OverrideType
-    from omegaconf import open_dict, read_write
-
-    ref_overrides, ref_config = reference
-    parser = OverridesParser.create()
-    try:
-        old, new = parser.parse_overrides(ref_overrides), parser.parse_overrides(overrides)
-    except Exception:  # noqa: BLE001 - Hydra's own compose reports it
-        return None
-    if len(old) != len(new):
-        return None
-    changed = []
-    for a, b in zip(old, new):
-        if a.input_line == b.input_line:
-            continue
-        simple = all(o.type == OverrideType.CHANGE and o.package is None and not o.is_sweep_override() for o in (a, b))
-        if not simple or a.key_or_group != b.key_or_group:
-            return None
-        if not is_plain_value(ref_config, b.key_or_group):
-            return None
-        changed.append(b)
-    cfg = copy.deepcopy(ref_config)
-    try:
-        for o in changed:
-            OmegaConf.update(cfg, o.key_or_group, o.value(), merge=True)
-    except Exception:  # noqa: BLE001 - e.g. a value of the wrong type, a read-only hydra key: Hydra's compose words it
-        return None
-    task = [o for o in new if not o.is_hydra_override()]
-    job = cfg.hydra.job
-    with read_write(cfg.hydra), open_dict(cfg.hydra):
-        cfg.hydra.overrides.task = [o.input_line for o in task]
-        job.override_dirname = get_overrides_dirname(overrides=task, kv_sep=job.config.override_dirname.kv_sep,
-                                                      item_sep=job.config.override_dirname.item_sep,
-                                                      exclude_keys=job.config.override_dirname.exclude_keys)
-    return cfg
-
-
-def is_plain_value(cfg, key: str) -> bool:
-    """Whether `key` names an existing plain value of `cfg`: not a new key, not a config group
-    (norm=batch selects a node), not a list (Hydra merges lists by its own rules). `experiment` is
-    both: a string in the config (the preset's name) and a group of configs/ (the presets), which
-    `experiment=x` would select if it were in the defaults list, and Hydra rejects without a +."""
-    import nrexp
-
-    node = OmegaConf.select(cfg, key, default=_MISSING, throw_on_missing=False)
-    return (node is not _MISSING and not OmegaConf.is_config(node)
-            and not (Path(nrexp.config_dir()) / key.replace(".", "/")).is_dir())
-
-
-_MISSING = object()

@@ -1,17 +1,16 @@
 """The training loop: build -> step -> statistics -> eval -> checkpoint -> summary.
 
-Read top-down. `train(cfg, run_dir)` is everything one run does; the helpers below it are small.
+`run_loop` is the one step loop. It drives a `Trainee`: M >= 1 members trained together, each a run
+with its own run dir. A solo run (`SoloRun`, below) is one member; a fused group (nrexp/fused.py) is
+many members computed as one stacked model. The loop owns the schedule (named predicates: `Every`),
+the running sums and clocks (one `LoopState`), logging, divergence, signals and the end of each run;
+a trainee owns only how a step is computed and how a member's state is read out.
 
-Per-layer statistics are gathered every `trainer.log_every` steps and at step 0 (the network at init):
-on those steps the forward pass also returns each layer's activation, and after the backward pass the
-monitor captures W, dL/dW and the activations and computes all norms on the device (on CPU on a
-worker thread, while the next step runs: see monitor.py), copied to the host once. The logging step is
-written when they are in, at the latest before the next optimizer step. Other steps run bare.
-
-`step` counts optimizer updates done. Each loop iteration first does the work due at this step
-boundary (checkpoint, then evaluation: both describe the weights after `step` updates), then one
-training step whose logged statistics are tagged with `step` too. A resumed run therefore restarts at a
-boundary and re-logs from there, and TensorBoard drops anything the old run logged at or after it.
+`step` counts optimizer updates done. Each iteration first does the work due at this step boundary
+(checkpoint, then evaluation: both see the weights after `step` updates), then one training step,
+whose logged statistics are tagged `step` too: step 0 is the network at init. A logging step's
+statistics are finished while the next step's forward and backward run, and written before its
+update changes the weights they read.
 """
 from __future__ import annotations
 
@@ -21,9 +20,9 @@ import platform
 import sys
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +31,11 @@ from omegaconf import OmegaConf
 import nrexp
 from nrexp import preact
 from nrexp.checkpoint import CHECKPOINT, load_for_resume, save_checkpoint
-from nrexp.config import ConfigError, validate
+from nrexp.config import validate
 from nrexp.console import TrainProgress, print_summary
-from nrexp.data import Dataset, TrainBatches, eval_batches, load_dataset
+from nrexp.data import Dataset, TrainBatches, load_dataset
+from nrexp.errors import ConfigError
+from nrexp.evaluate import evaluate
 from nrexp.init import init_weights
 from nrexp.models import build_model
 from nrexp.monitor import LayerMonitor, keeping_denormal_mode, set_flush_denormal
@@ -49,17 +50,6 @@ class Diverged(RuntimeError):
     """Raised instead of stopping quietly when trainer.on_nonfinite=raise."""
 
 
-@dataclass
-class PendingLog:
-    """A logging step not written yet: its per-layer statistics may still be computed (see write_log)."""
-    step: int
-    stats: Optional[Future]  # monitor.Capture.statistics(), or None without per-layer statistics
-    scalars: Dict[str, torch.Tensor]  # train/loss and train/acc since the last log, on the device
-    samples: int
-    seconds: float  # training time since the last log: throughput
-    lr: float
-
-
 def train(cfg, run_dir: Path, resume: bool = False) -> Dict:
     """Train one network as `cfg` says, writing events, checkpoint and summary.json into `run_dir`.
 
@@ -67,181 +57,447 @@ def train(cfg, run_dir: Path, resume: bool = False) -> Dict:
     SIGINT/SIGTERM from here on stop the run cleanly at the next step boundary.
     """
     with GracefulStop() as stop, keeping_denormal_mode():
-        return _train(cfg, Path(run_dir), resume, stop)
-
-
-def _train(cfg, run_dir: Path, resume: bool, stop: GracefulStop) -> Dict:
-    validate(cfg)
-    t = OmegaConf.to_object(cfg.trainer)  # a plain TrainerConfig: the loop reads it every step (~8 us per DictConfig read)
-    device = resolve_device(str(getattr(t.device, "value", t.device)))
-    set_flush_denormal(t.flush_denormal, device)  # before any thread starts: they inherit it
-    torch.manual_seed(cfg.seed)
-
-    # ---- build: data on the device, model, optimizer, monitor
-    data = load_dataset(cfg.data, device)
-    log.info("device %s | data %s (%s): %d train / %d test examples", device, data.name, data.source,
-             len(data.train_x), len(data.test_x))
-    model, optimizer, monitor = build(cfg, data, device)
-    batches = TrainBatches(data.train_x, data.train_y, cfg.data.batch_size, cfg.seed, augment=cfg.data.augment)
-    total_steps = t.max_steps or t.epochs * batches.steps_per_epoch
-    eval_every = t.eval_every or batches.steps_per_epoch
-    forward = CompiledForward(model, device) if t.compile else model  # trainer.compile: see CompiledForward
-
-    # Everything a resumed run needs to continue exactly where it stopped (see checkpoint.py).
-    state = {"step": 0, "loss_sum": 0.0, "correct_sum": 0.0, "steps_since_log": 0, "seconds_since_log": 0.0,
-             "init_stats": {}, "metrics": {}, "elapsed_s": 0.0}
-    if resume:
-        state = load_for_resume(run_dir / CHECKPOINT, model, optimizer, monitor, device)
-        log.info("resuming %s at step %d of %d", run_dir, state["step"], total_steps)
-    step = start_step = state["step"]
-    writer = TensorBoardWriter(run_dir, monitor.names, purge_step=step if resume else None)
-    if not resume:
-        writer.text("run/config", "```\n" + OmegaConf.to_yaml(cfg, resolve=True) + "```")
-        writer.text("run/data_source", f"{data.name} from {data.source} on {device}")
-
-    def checkpoint() -> None:
-        save_checkpoint(run_dir / CHECKPOINT, model, optimizer, monitor, cfg, {
-            **state, "step": step, "loss_sum": loss_sum, "correct_sum": correct_sum,  # to floats in there
-            "steps_since_log": steps_since_log, "seconds_since_log": (loop_end or time.perf_counter()) - clock,
-            "elapsed_s": state["elapsed_s"] + time.perf_counter() - started})
-
-    # ---- the loop
-    started, loop_end = time.perf_counter(), None  # loop_end: set when the step loop is over
-    status, stop_signal, nonfinite_step = "completed", None, None
-    loss_sum = torch.tensor(state["loss_sum"], device=device)  # summed on the device between logs: no sync
-    correct_sum = torch.tensor(state["correct_sum"], device=device)
-    # The throughput logged next covers the steps since the last log, some of them maybe taken before the
-    # checkpoint this run resumes from: its clock starts as far back as those steps took. (Checkpoints
-    # written before 2026-12-01 hold no seconds_since_log: that one window's figure is then too high.)
-    steps_since_log, eval_seconds = state["steps_since_log"], 0.0
-    clock = time.perf_counter() - state.get("seconds_since_log", 0.0)
-    metrics, last_stats = state["metrics"], {}
-    pending_log: Optional[PendingLog] = None
-    each_step = checks_every_step(device)  # else the logging steps' host copies check the loss
-    # bf16 autocast of the training forward only; weights, optimizer state and statistics stay fp32
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16")
-    with TrainProgress(total_steps, batches.steps_per_epoch, enabled=t.progress) as progress:
-
-        def write_pending_log() -> bool:
-            """Write the last logging step: wait for its statistics (usually in by now), one host copy.
-            That copy is where CUDA runs see a non-finite loss: the mean since the previous log is one.
-            Returns whether the run has diverged (then no further step is taken)."""
-            nonlocal pending_log, last_stats, nonfinite_step
-            if pending_log is None:
-                return nonfinite_step is not None
-            entry, pending_log = pending_log, None
-            layer_stats, values = monitor.to_host(entry.stats.result() if entry.stats is not None else {}, entry.scalars)
-            last_stats, values = write_log(writer, entry.step, layer_stats, values, samples=entry.samples,
-                                           seconds=entry.seconds, lr=entry.lr)
-            progress.update(entry.step, values)
-            if nonfinite_step is None and not math.isfinite(values["train/loss"]):
-                nonfinite_step = entry.step
-            if entry.step == 0 and entry.stats is not None:
-                state["init_stats"] = last_stats
-            return nonfinite_step is not None
-
-        progress.advance_to(step)
-        while step < total_steps:
-            epoch = step // batches.steps_per_epoch
-            for x, y in batches.epoch(epoch, start_step=step % batches.steps_per_epoch):
-                if stop.requested:  # SIGINT/SIGTERM: stop at this boundary (checkpointed below)
-                    break
-                # -- work due at this boundary, on the weights after `step` updates
-                if step > start_step and t.checkpoint_every and step % t.checkpoint_every == 0:
-                    if write_pending_log():
-                        break
-                    checkpoint()
-                if step > 0 and step % eval_every == 0:
-                    if write_pending_log():
-                        break
-                    paused = time.perf_counter()
-                    metrics.update(evaluate(model, data.test_x, data.test_y, cfg.data.eval_batch_size, "test"))
-                    writer.scalars(step, {k: metrics[k] for k in ("test/loss", "test/acc")})
-                    progress.update(step, metrics)
-                    if last_stats:
-                        writer.depth_plot(step, last_stats, "latest")
-                    clock += time.perf_counter() - paused  # throughput counts training time only
-                    eval_seconds += time.perf_counter() - paused
-
-                # -- one training step
-                logging_step = step % t.log_every == 0
-                with_stats = logging_step and t.layer_stats
-                activations = [] if with_stats else None
-                armed = preact.arm(model, logging_step and t.preact_percentiles)  # preact/ percentiles
-                with autocast:
-                    # steps that record activations or pre-activations run eagerly (same weights)
-                    logits = model(x, activations) if with_stats or armed else forward(x)
-                    loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if write_pending_log():  # before W changes (its statistics read W); diverged: no step taken
-                    break
-                if with_stats:
-                    captured = monitor.capture(activations)  # W, dL/dW, activations as this step found them
-                optimizer.step()
-                loss_sum += loss.detach()
-                correct_sum += (logits.detach().argmax(1) == y).sum()
-                steps_since_log += 1
-
-                if logging_step:  # written by write_pending_log, at the latest after the next backward
-                    pending_log = PendingLog(step, captured.statistics() if with_stats else None, {
-                        "train/loss": loss_sum / steps_since_log, "train/acc": correct_sum / (steps_since_log * len(y))},
-                        samples=steps_since_log * len(y), seconds=time.perf_counter() - clock,
-                        lr=optimizer.param_groups[0]["lr"])
-                    writer.scalars(step, preact.collect(armed))
-                    loss_sum.zero_(), correct_sum.zero_()
-                    steps_since_log, clock = 0, time.perf_counter()
-                step += 1
-                progress.advance_to(step)  # a no-op unless a live bar is shown
-
-                # -- a non-finite loss ends the run here (see checks_every_step)
-                if each_step and not math.isfinite(loss.item()):
-                    nonfinite_step = step - 1
-                    break
-                if step >= total_steps:
-                    break
-            if nonfinite_step is not None or stop.requested:
-                break
-        write_pending_log()
-        if nonfinite_step is None and not each_step and steps_since_log:
-            # the steps after the last logging step, which no log has checked: one host copy at the end
-            _, tail = monitor.to_host({}, {"loss_sum": loss_sum})
-            if not math.isfinite(tail["loss_sum"]):
-                nonfinite_step = step - 1
-        stop_signal = stop.signum
-        loop_end = time.perf_counter()
-
-        if nonfinite_step is not None:
-            status = "diverged"
-            log.warning("non-finite training loss at step %d: stopping (status diverged)", nonfinite_step)
-        elif stop_signal is not None:
-            status = "interrupted"
-            checkpoint()  # at a step boundary, so that `resume=` continues exactly from here
-            log.warning("stopped by signal %d at step %d; checkpoint written. Continue with: nrexp train resume=%s",
-                        stop_signal, step, run_dir)
-
-        # ---- the end: statistics of the trained net, final evaluation, summary
-        loop_seconds = loop_end - started - eval_seconds
-        final_stats = {}
-        if status != "interrupted":
-            final_stats = final_evaluation(model, monitor, writer, data, cfg, step, metrics)
-            progress.advance_to(step)
-            if status == "completed":
-                checkpoint()
-
-    summary = finish_run(cfg, run_dir, writer, status=status, step=step, start_step=start_step, metrics=metrics,
-                         init_stats=state["init_stats"], final_stats=final_stats,
-                         steps_per_epoch=batches.steps_per_epoch,
-                         wall_time_s=state["elapsed_s"] + time.perf_counter() - started, loop_seconds=loop_seconds,
-                         device=device, data_source=data.source, nonfinite_step=nonfinite_step, signal=stop_signal,
-                         extra={"compile": forward.status} if t.compile else None)  # whether compiling really ran
-    if status == "diverged" and t.on_nonfinite == "raise":
-        raise Diverged(f"non-finite training loss at step {nonfinite_step} (trainer.on_nonfinite=raise)")
+        validate(cfg)
+        (summary,) = run_loop(SoloRun(cfg, Path(run_dir), resume), stop)
+    if summary["status"] == "diverged" and cfg.trainer.on_nonfinite == "raise":
+        raise Diverged(f"non-finite training loss at step {summary['diverged_at_step']} (trainer.on_nonfinite=raise)")
     return summary
 
 
 # ------------------------------------------------------------------------------------------------
-# the pieces of a run, shared with nrexp/fused.py (which trains many runs at once)
+# the loop
+
+
+def run_loop(trainee: Trainee, stop: GracefulStop) -> List[Dict]:
+    """Train every member of `trainee` until the schedule ends, it diverges or a signal stops the run;
+    write each member's summary. Returns the summaries, in member order."""
+    sched, t = trainee.schedule, trainee.trainer
+    with_layer_stats, each_step = t.layer_stats, checks_every_step(trainee.device)
+    try:
+        s = trainee.start()
+        s.stop, alive = stop, list(trainee.members)
+        with TrainProgress(sched.total_steps, sched.steps_per_epoch, enabled=t.progress) as progress:
+            progress.advance_to(s.step)
+            while alive and sched.until(s.step) and not stop.requested:
+                alive = boundary_work(trainee, s, alive, progress)  # checkpoint, evaluation
+                if not alive:
+                    break
+                # -- one training step of every member
+                logging = sched.log(s.step)
+                out = trainee.forward_backward(s.step, logging and with_layer_stats, logging)
+                alive = write_pending_log(trainee, s, alive, progress)  # before the update changes W
+                if not alive:
+                    break
+                trainee.update(out, s.step, logging)
+                s.add(out)
+                if logging:
+                    s.take_log(out.stats, trainee.batch_size)
+                s.step += 1
+                progress.advance_to(s.step)
+                if each_step:  # see checks_every_step
+                    alive = stop_nonfinite(trainee, s, alive, out.losses, s.step - 1)
+
+            alive = write_pending_log(trainee, s, alive, progress)
+            if alive and not each_step and s.steps_since_log:  # the steps after the last log: checked once
+                alive = stop_nonfinite(trainee, s, alive, s.loss_sum, s.step - 1)
+            s.loop_end = time.perf_counter()
+            trainee.sync()
+            for m in alive:
+                finish(trainee, s, m, "interrupted" if stop.requested else "completed", signal=stop.signum)
+            progress.advance_to(s.step)
+    finally:
+        trainee.close()
+    if stop.requested:
+        where = trainee.members[0].run_dir if len(trainee.members) == 1 else "<its run dir>"
+        log.warning("stopped by signal %d at step %d; checkpoint written. Continue with: nrexp train resume=%s",
+                    stop.signum, s.step, where)
+    return [m.summary for m in trainee.members]
+
+
+def boundary_work(trainee: Trainee, s: LoopState, alive: List[Member], progress: TrainProgress) -> List[Member]:
+    """The checkpoint, then the test evaluation, when due at this step boundary. Neither counts as
+    training time. Returns the members still training."""
+    checkpoint_due = s.step > s.start_step and trainee.schedule.checkpoint(s.step)
+    evaluation_due = s.step > 0 and trainee.schedule.evaluate(s.step)
+    if not (checkpoint_due or evaluation_due):
+        return alive
+    alive = write_pending_log(trainee, s, alive, progress)
+    trainee.sync()
+    if checkpoint_due:
+        paused = time.perf_counter()
+        for m in alive:
+            trainee.save(m, s.checkpoint_state(trainee.members.index(m), m, paused))
+        s.paused(paused, evaluating=False)
+    if evaluation_due and alive:
+        paused = time.perf_counter()
+        for m in alive:
+            m.metrics.update(evaluate(m.model, trainee.data.test_x, trainee.data.test_y,
+                                      m.cfg.data.eval_batch_size, "test"))
+            m.writer.scalars(s.step, {k: m.metrics[k] for k in ("test/loss", "test/acc")})
+            if m.last_stats:
+                m.writer.depth_plot(s.step, m.last_stats, "latest")
+        progress.update(s.step, mean_of([m.metrics for m in alive]))
+        s.paused(paused, evaluating=True)
+    return alive
+
+
+def write_pending_log(trainee: Trainee, s: LoopState, alive: List[Member], progress: TrainProgress) -> List[Member]:
+    """Write the pending logging step for every member still training, from one host copy. That copy is
+    where a run without a per-step check finds a non-finite loss (the mean since the previous log):
+    such a member has diverged and is finished here. Returns the members still training."""
+    p, s.pending = s.pending, None
+    if p is None:
+        return alive
+    stats = p.stats.result() if p.stats is not None else {}
+    rows = trainee.stats_to_host(stats, {"train/loss": p.loss, "train/acc": p.acc})
+    shown, diverged = [], []
+    for m, (layer_stats, values) in zip(trainee.members, rows):
+        if m not in alive:
+            continue
+        m.last_stats, values = write_log(m.writer, p.step, layer_stats, values, samples=p.samples,
+                                         seconds=p.seconds, lr=m.optimizer.param_groups[0]["lr"])
+        if p.step == 0 and p.stats is not None:
+            m.init_stats = m.last_stats
+        shown.append(values)
+        if not math.isfinite(values["train/loss"]):
+            diverged.append(m)
+    progress.update(p.step, mean_of(shown))
+    return stop_diverged(trainee, s, alive, diverged, p.step)
+
+
+def stop_nonfinite(trainee: Trainee, s: LoopState, alive: List[Member], losses: torch.Tensor,
+                   step: int) -> List[Member]:
+    """Finish the members whose entry of `losses` (M,) is not finite (one host copy); the others go on."""
+    finite = torch.isfinite(losses).tolist()
+    return stop_diverged(trainee, s, alive, [m for j, m in enumerate(trainee.members) if not finite[j]], step)
+
+
+def stop_diverged(trainee: Trainee, s: LoopState, alive: List[Member], diverged: List[Member],
+                  step: int) -> List[Member]:
+    diverged = [m for m in diverged if m in alive]
+    if not diverged:
+        return alive
+    trainee.sync()
+    for m in diverged:
+        log.warning("%s: non-finite training loss at step %d: stopping (status diverged)", m.run_dir.name, step)
+        finish(trainee, s, m, "diverged", nonfinite_step=step)
+    return [m for m in alive if m not in diverged]
+
+
+def finish(trainee: Trainee, s: LoopState, m: Member, status: str, nonfinite_step: Optional[int] = None,
+           signal: Optional[int] = None) -> None:
+    """End member m's run (its modules up to date) and write its summary.json. A run that did not
+    diverge first writes the checkpoint to resume from, at this step boundary; a run not interrupted is
+    then evaluated (test and training sets, final per-layer statistics). Every status is true: a
+    non-finite final evaluation is `diverged`, a signal during it `interrupted` (the checkpoint stands)."""
+    ended = s.loop_end or time.perf_counter()
+    if status != "diverged":
+        trainee.save(m, s.checkpoint_state(trainee.members.index(m), m, ended))
+    final_stats: Dict = {}
+    if status != "interrupted":
+        final_stats = final_evaluation_of(trainee, m, s.step)
+        if s.stop is not None and s.stop.requested and status == "completed":
+            status, signal = "interrupted", s.stop.signum
+        elif status == "completed" and not all(math.isfinite(v) for v in m.metrics.values()):
+            status, nonfinite_step = "diverged", s.step - 1
+            log.warning("%s: non-finite loss in the final evaluation: status diverged", m.run_dir.name)
+    m.summary = finish_run(
+        m.cfg, m.run_dir, m.writer, status=status, step=s.step, start_step=s.start_step, metrics=m.metrics,
+        init_stats=m.init_stats, final_stats=final_stats, steps_per_epoch=trainee.schedule.steps_per_epoch,
+        wall_time_s=s.elapsed_before + time.perf_counter() - s.started, loop_seconds=ended - s.started - s.eval_seconds,
+        device=trainee.device, data_source=trainee.data.source, nonfinite_step=nonfinite_step, signal=signal,
+        extra=trainee.summary_extra(), print_table=len(trainee.members) == 1)
+    if len(trainee.members) > 1:
+        acc = m.summary["metrics"]["test/acc"]
+        log.info("%s: %s after %d steps, test acc %s", m.run_dir.name, status, s.step,
+                 "n/a" if acc is None else f"{acc:.4f}")
+
+
+def final_evaluation_of(trainee: Trainee, m: Member, step: int) -> Dict:
+    """final_evaluation for member m; the probe's dropout draws from the member's own stream, as alone."""
+    with torch.random.fork_rng(devices=[trainee.device] if trainee.device.type == "cuda" else []):
+        if m.rng is not None:
+            set_global_rng_state(m.rng.get_state(), trainee.device)
+        return final_evaluation(m.model, m.monitor, m.writer, trainee.data, m.cfg, step, m.metrics)
+
+
+def set_global_rng_state(state: torch.Tensor, device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def mean_of(values: List[Dict[str, float]]) -> Dict[str, float]:
+    """The members' mean of each finite value, for the one progress line of a group."""
+    keys = {k for v in values for k in v if isinstance(v.get(k), (int, float)) and math.isfinite(v[k])}
+    return {k: sum(v[k] for v in values if k in v) / sum(1 for v in values if k in v) for k in keys}
+
+# ------------------------------------------------------------------------------------------------
+# the schedule and the loop's state
+
+
+@dataclass(frozen=True)
+class Every:
+    """True every `n` steps, from step 0 (never when n is 0)."""
+
+    n: int
+
+    def __call__(self, step: int) -> bool:
+        return self.n > 0 and step % self.n == 0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    total_steps: int
+    steps_per_epoch: int
+    log: Every  # per-layer statistics and the training scalars
+    evaluate: Every  # test loss and accuracy
+    checkpoint: Every
+
+    def until(self, step: int) -> bool:
+        return step < self.total_steps
+
+
+@dataclass
+class StepOutput:
+    """One training step of every member: losses and correct counts (M,) on the device, and the
+    per-layer statistics when asked for (a Future: finished at the latest by the next update)."""
+
+    losses: torch.Tensor
+    correct: torch.Tensor
+    stats: Optional[Future] = None
+
+
+@dataclass
+class PendingLog:
+    """A logging step not written yet (see run_loop)."""
+
+    step: int
+    stats: Optional[Future]
+    loss: torch.Tensor  # (M,) mean training loss since the previous log, on the device
+    acc: torch.Tensor
+    samples: int
+    seconds: float  # training time since the previous log: throughput
+
+
+@dataclass
+class LoopState:
+    """Everything the loop counts: the step, the sums since the last log (per member, on the device:
+    no host sync per step) and the clocks. A checkpoint stores it; a resumed run starts from it."""
+
+    step: int
+    loss_sum: torch.Tensor
+    correct_sum: torch.Tensor
+    steps_since_log: int
+    clock: float  # start of the current log window's training time (pauses for evaluation excluded)
+    elapsed_before: float = 0.0  # wall time of the processes before this one (resume)
+    start_step: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    eval_seconds: float = 0.0
+    loop_end: Optional[float] = None
+    pending: Optional[PendingLog] = None
+    stop: Optional[GracefulStop] = None  # the signals that end the run (a signal during the end too)
+
+    @classmethod
+    def fresh(cls, members: int, device: torch.device, saved: Optional[Dict] = None) -> "LoopState":
+        saved = saved or {}
+        now = time.perf_counter()
+        return cls(step=saved.get("step", 0), start_step=saved.get("step", 0),
+                   loss_sum=torch.full((members,), float(saved.get("loss_sum", 0.0)), device=device),
+                   correct_sum=torch.full((members,), float(saved.get("correct_sum", 0.0)), device=device),
+                   steps_since_log=saved.get("steps_since_log", 0), elapsed_before=saved.get("elapsed_s", 0.0),
+                   # a log window may have begun before the checkpoint this run resumes from: its clock too
+                   clock=now - saved.get("seconds_since_log", 0.0), started=now)
+
+    def add(self, out: StepOutput) -> None:
+        self.loss_sum += out.losses.float()
+        self.correct_sum += out.correct.float()
+        self.steps_since_log += 1
+
+    def take_log(self, stats: Optional[Future], batch_size: int) -> None:
+        """Close the log window at this step: the means since the last log become a PendingLog."""
+        now = time.perf_counter()
+        self.pending = PendingLog(self.step, stats, self.loss_sum / self.steps_since_log,
+                                  self.correct_sum / (self.steps_since_log * batch_size),
+                                  samples=self.steps_since_log * batch_size, seconds=now - self.clock)
+        self.loss_sum, self.correct_sum = torch.zeros_like(self.loss_sum), torch.zeros_like(self.correct_sum)
+        self.steps_since_log, self.clock = 0, now
+
+    def paused(self, since: float, evaluating: bool) -> None:
+        """Training paused from `since` until now: not counted as training time."""
+        pause = time.perf_counter() - since
+        self.clock += pause
+        self.eval_seconds += pause if evaluating else 0.0
+
+    def checkpoint_state(self, row: int, member: "Member", now: float) -> Dict:
+        return {"step": self.step, "loss_sum": self.loss_sum[row], "correct_sum": self.correct_sum[row],
+                "steps_since_log": self.steps_since_log, "seconds_since_log": now - self.clock,
+                "init_stats": member.init_stats, "metrics": member.metrics,
+                "elapsed_s": self.elapsed_before + time.perf_counter() - self.started}
+
+
+# ------------------------------------------------------------------------------------------------
+# what the loop trains
+
+
+class Member:
+    """One run: its model, optimizer, monitor and data order, its writer, and what it has measured."""
+
+    def __init__(self, cfg, run_dir: Path, data: Dataset, device: torch.device):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        torch.manual_seed(cfg.seed)  # init draws from the global stream; so does dropout afterwards
+        self.model, self.optimizer, self.monitor = build(cfg, data, device)
+        self.batches = TrainBatches(data.train_x, data.train_y, cfg.data.batch_size, cfg.seed, augment=cfg.data.augment)
+        self.rng: Optional[torch.Generator] = None  # a fused member's own dropout stream (None: the global one)
+        self.writer: Optional[TensorBoardWriter] = None
+        self.metrics: Dict[str, float] = {}
+        self.init_stats: Dict = {}
+        self.last_stats: Dict = {}
+        self.summary: Optional[Dict] = None
+
+    def open_writer(self, data: Dataset, device: torch.device, purge_step: Optional[int] = None, note: str = "") -> None:
+        """The run's TensorBoard writer; a new run also records its config and data source."""
+        self.writer = TensorBoardWriter(self.run_dir, self.monitor.names, purge_step=purge_step)
+        if purge_step is None:
+            self.writer.text("run/config", "```\n" + OmegaConf.to_yaml(self.cfg, resolve=True) + "```")
+            self.writer.text("run/data_source", f"{data.name} from {data.source} on {device}{note}")
+
+
+class Trainee:
+    """What run_loop trains: `members` (row j of every per-member tensor is members[j]) computed together.
+
+    A step is split where the loop must act in between: `forward_backward` computes every member's loss
+    and gradients, `update` applies them. Reading a member's state (checkpoint, evaluation, the end)
+    goes through `sync` first, which brings each member's own modules up to date."""
+
+    members: List[Member]
+    schedule: Schedule
+
+    def __init__(self, cfg, what: str):
+        """The device, the data on it and the step's precision, as `cfg` (shared by the members) says."""
+        self.trainer = OmegaConf.to_object(cfg.trainer)  # plain TrainerConfig: DictConfig reads are slow
+        self.device = resolve_device(str(getattr(self.trainer.device, "value", self.trainer.device)))
+        set_flush_denormal(self.trainer.flush_denormal, self.device)  # before any thread starts: inherited
+        self.data = load_dataset(cfg.data, self.device)
+        log.info("%s | device %s | data %s (%s): %d train / %d test examples", what, self.device, self.data.name,
+                 self.data.source, len(self.data.train_x), len(self.data.test_x))
+        self.batch_size = cfg.data.batch_size
+        bf16 = self.trainer.precision == "bf16"  # autocast of the training forward; weights stay float32
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def start(self) -> LoopState:
+        return LoopState.fresh(len(self.members), self.device)
+
+    def forward_backward(self, step: int, with_stats: bool, logging: bool) -> StepOutput:
+        raise NotImplementedError
+
+    def update(self, out: StepOutput, step: int, logging: bool) -> None:
+        raise NotImplementedError
+
+    def stats_to_host(self, stats: Dict, scalars: Dict) -> List[tuple]:
+        """Per member, ({metric: {layer: value}}, {tag: value}) from one device->host copy."""
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        """Bring each member's own model (and random stream) up to date with the training state."""
+
+    def save(self, member: Member, state: Dict) -> None:
+        save_checkpoint(member.run_dir / CHECKPOINT, member.model, member.optimizer, member.monitor, member.cfg,
+                        state, rng=member_rng_state(member))
+
+    def summary_extra(self) -> Dict:
+        """What summary.json adds for this kind of trainee."""
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class SoloRun(Trainee):
+    """One run: a single member, trained through its own modules (what `nrexp train` does)."""
+
+    def __init__(self, cfg, run_dir: Path, resume: bool = False):
+        super().__init__(cfg, "one run")
+        self.member = Member(cfg, run_dir, self.data, self.device)
+        self.members, self.resume = [self.member], resume
+        self.schedule = make_schedule(self.trainer, self.member.batches.steps_per_epoch, self.batch_size)
+        compiled = self.trainer.compile  # trainer.compile: see CompiledForward
+        self.forward = CompiledForward(self.member.model, self.device) if compiled else self.member.model
+        self.inflight: Optional[Future] = None  # the last logging step's statistics, maybe still computing
+        self.batches = None  # the stream of minibatches, from the step the run starts at
+
+    def start(self) -> LoopState:
+        m = self.member
+        saved = None
+        if self.resume:
+            saved = load_for_resume(m.run_dir / CHECKPOINT, m.model, m.optimizer, m.monitor, self.device)
+            m.init_stats, m.metrics = saved["init_stats"], saved["metrics"]
+            log.info("resuming %s at step %d of %d", m.run_dir, saved["step"], self.schedule.total_steps)
+        state = LoopState.fresh(1, self.device, saved)
+        m.open_writer(self.data, self.device, purge_step=state.step if self.resume else None)
+        self.batches = minibatches(m.batches, state.step)
+        return state
+
+    def forward_backward(self, step: int, with_stats: bool, logging: bool) -> StepOutput:
+        model = self.member.model
+        x, y = next(self.batches)
+        self.activations = [] if with_stats else None
+        self.armed = preact.arm(model, logging and self.trainer.preact_percentiles)  # preact/ percentiles
+        with self.autocast:  # steps that record activations or pre-activations run eagerly (same weights)
+            logits = model(x, self.activations) if with_stats or self.armed else self.forward(x)
+            loss = F.cross_entropy(logits, y)
+        self.member.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return StepOutput(loss.detach().reshape(1), (logits.detach().argmax(1) == y).sum().reshape(1))
+
+    def update(self, out: StepOutput, step: int, logging: bool) -> None:
+        m = self.member
+        if self.inflight is not None:  # the previous statistics read W, which this update changes
+            self.inflight.result()
+        captured = m.monitor.capture(self.activations) if self.activations is not None else None
+        m.optimizer.step()
+        if captured is not None:  # computed on a spare core while the next step runs (monitor.py)
+            out.stats = self.inflight = captured.statistics()
+        if logging:
+            m.writer.scalars(step, preact.collect(self.armed))
+
+    def stats_to_host(self, stats: Dict, scalars: Dict) -> List[tuple]:
+        return [self.member.monitor.to_host(stats, scalars)]
+
+    def summary_extra(self) -> Dict:
+        return {"compile": self.forward.status} if isinstance(self.forward, CompiledForward) else {}
+
+
+def make_schedule(t, steps_per_epoch: int, batch_size: int) -> Schedule:
+    """The schedule trainer config `t` asks for; an epoch is `steps_per_epoch` steps of `batch_size` examples.
+    Its length: t.max_steps, else ceil(t.max_examples / batch_size) (a budget in examples seen), else
+    t.epochs epochs."""
+    total = t.max_steps or t.epochs * steps_per_epoch
+    if t.max_examples:
+        total = math.ceil(t.max_examples / batch_size)
+    return Schedule(total_steps=total, steps_per_epoch=steps_per_epoch,
+                    log=Every(t.log_every), evaluate=Every(t.eval_every or steps_per_epoch),
+                    checkpoint=Every(t.checkpoint_every))
+
+
+def minibatches(batches: TrainBatches, step: int):
+    """Every minibatch from training step `step` on, epoch after epoch."""
+    epoch, start = divmod(step, batches.steps_per_epoch)
+    while True:
+        yield from batches.epoch(epoch, start_step=start)
+        epoch, start = epoch + 1, 0
+
+
+def member_rng_state(member: Member) -> Optional[Dict]:
+    """The random state a checkpoint stores: a fused member's own stream, in the slot its solo run uses."""
+    if member.rng is None:
+        return None
+    return {"torch": member.rng.get_state()} if member.rng.device.type == "cpu" else {"cuda": [member.rng.get_state()]}
+
+
+# ------------------------------------------------------------------------------------------------
+# the pieces of a run
 
 
 def build(cfg, data: Dataset, device: torch.device):
@@ -307,7 +563,7 @@ def finish_run(cfg, run_dir: Path, writer: TensorBoardWriter, *, status: str, st
         summary["signal"] = signal
     summary = finite_or_none(summary)
     write_summary(run_dir, summary)
-    writer.hparams(step, summary["config"], summary["metrics"])  # the run's row in TensorBoard's HParams tab
+    writer.hparams(step, summary["config"], summary["metrics"], summary=summary)  # the run's row in TensorBoard's HParams tab
     writer.close()
     if print_table:
         print_summary(summary)
@@ -378,22 +634,6 @@ def check_compile_available(device: torch.device) -> None:
             raise ConfigError(f"trainer.compile=true is invalid here: torch.compile on CPU builds C++ kernels with "
                               f"{cxx!r} ($CXX, default g++), which is not on PATH. Fix: install g++ (apt-get install "
                               "g++) or set CXX, or use trainer.compile=false")
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, prefix: str) -> Dict[str, float]:
-    """Loss and accuracy over a whole split in eval mode (BatchNorm uses its running statistics)."""
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device)
-    for xb, yb in eval_batches(x, y, batch_size):
-        logits = model(xb)
-        loss_sum += F.cross_entropy(logits, yb, reduction="sum")
-        correct += (logits.argmax(1) == yb).sum()
-    model.train(was_training)
-    loss, acc = (torch.stack([loss_sum, correct.float()]) / len(x)).tolist()
-    return {f"{prefix}/loss": loss, f"{prefix}/acc": acc}
 
 
 def probe(model, monitor: LayerMonitor, data: Dataset, batch_size: int) -> Dict[str, Dict[str, float]]:

@@ -12,9 +12,10 @@ import torch
 from conftest import REPO, cli_env, compose
 
 
+@pytest.mark.slow
 def test_bench_tiny_writes_json_with_all_arms(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--tiny", "--models", "mlp-3x256",
+    proc = subprocess.run([sys.executable, "-m", "nrexp", "bench", "--tiny", "--models", "mlp-3x256",
                            "--batches", "128", "--json", str(out), "--markdown", str(tmp_path / "bench.md")],
                           cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -112,8 +113,9 @@ def test_cached_dataset_still_checks_the_batch_size():
 
 def _strict_step_loop(monkeypatch, strict_on, strict_off):
     """Make train.py's progress context (the step loop, and the end of the run inside it) strict, save in
-    what may read from the device: the logging step's one host copy (LayerMonitor.to_host), evaluation,
-    the final probe and checkpoints (which copy the weights)."""
+    what may read from the device: the logging step's one host copy (LayerMonitor.to_host), the loss
+    check (stop_nonfinite: every step on CPU, else once after the last log), evaluation, the final probe
+    and checkpoints (which copy the weights)."""
     import nrexp.train as train_mod
     from nrexp.monitor import LayerMonitor
 
@@ -137,7 +139,7 @@ def _strict_step_loop(monkeypatch, strict_on, strict_off):
 
     monkeypatch.setattr(train_mod, "TrainProgress", StrictProgress)
     monkeypatch.setattr(LayerMonitor, "to_host", allowed(LayerMonitor.to_host))
-    for name in ("evaluate", "probe", "save_checkpoint"):
+    for name in ("evaluate", "probe", "save_checkpoint", "stop_nonfinite"):
         monkeypatch.setattr(train_mod, name, allowed(getattr(train_mod, name)))
     return train_mod
 
@@ -193,6 +195,7 @@ def test_nrexp_reads_nothing_back_in_the_step_loop_without_a_per_step_check(tmp_
     assert not calls, calls
 
 
+@pytest.mark.slow
 def test_fused_sweeps_run_on_both_workloads_and_report_each(tmp_path):
     """`--fused` end to end, tiny: each workload's 16-job sweep under both launchers, read back from the JSON.
     The MNIST-like one trains on the bench's own data (data.source=local), one epoch."""
@@ -218,6 +221,7 @@ def test_fused_sweeps_run_on_both_workloads_and_report_each(tmp_path):
     assert "fused sweep on 1 epoch of the bench's MNIST-like data" in markdown
 
 
+@pytest.mark.slow
 def test_gpu_check_script_says_in_one_line_that_it_needs_a_gpu(tmp_path):
     """scripts/gpu_check.sh (the checks for a lent GPU) on a machine without one: one line, exit 2, no output dir."""
     if torch.cuda.is_available():

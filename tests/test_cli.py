@@ -15,8 +15,10 @@ LAYER_METRICS = ("act_norm", "grad_norm", "weight_norm", "weight_change", "updat
 
 
 def test_help_lists_commands_without_importing_torch(tmp_path):
-    code = "import sys; from nrexp.cli import main; main(['--help']); assert 'torch' not in sys.modules, 'torch imported'"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True)
+    code = ("import sys; from nrexp.cli import main; main(['--help']); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr
     assert "train" in proc.stdout and "usage: nrexp" in proc.stdout
 
@@ -24,32 +26,35 @@ def test_help_lists_commands_without_importing_torch(tmp_path):
 def test_cfg_job_composes_without_importing_torch(tmp_path):
     code = ("import sys; from nrexp.cli import main; main(['train', '--cfg', 'job', 'norm=batch', 'dropout.p=0.2']);"
             "assert 'torch' not in sys.modules, 'torch imported'")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr
     assert "name: batch" in proc.stdout and "p: 0.2" in proc.stdout
     assert not (tmp_path / "outputs").exists()  # printing the config runs nothing
 
 
-def test_fast_exit_keeps_exit_code_output_threads_and_atexit(tmp_path):
-    # entry() leaves with os._exit once torch is imported: everything Python's own exit does that
-    # matters must still happen: a worker thread finishes its file, atexit handlers run, unflushed
-    # output (no newline, stdout a pipe) arrives, and main()'s exit code is the process's.
+@pytest.mark.slow
+def test_entry_exits_as_python_does_after_main(tmp_path):
+    # entry() is main() then a plain exit: a worker thread finishes its file, atexit handlers run,
+    # unflushed output (no newline, stdout a pipe) arrives, and main()'s exit code is the process's.
     code = ("import atexit, threading, time, torch, nrexp.cli as cli\n"
             "atexit.register(lambda: open('atexit.txt', 'w').write('ran'))\n"
             "def slow_writer():\n    time.sleep(0.5); open('thread.txt', 'w').write('done')\n"
             "threading.Thread(target=slow_writer).start()\n"
-            "cli.main = lambda: (print('last words', end=''), 7)[1]\n"
+            "cli._main = lambda argv: (print('last words', end=''), 7)[1]\n"
             "cli.entry()\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
+                          text=True)
     assert proc.returncode == 7, proc.stderr
     assert proc.stdout == "last words"
     assert (tmp_path / "atexit.txt").read_text() == "ran"
     assert (tmp_path / "thread.txt").read_text() == "done"
 
 
-def test_fast_exit_into_a_closed_pipe_is_quiet(tmp_path):
-    # output still buffered when main() returns meets a pipe whose reader left: exit 141, no traceback
-    code = "import torch, nrexp.cli as cli; cli.main = lambda: (print('x' * 10, end=''), 0)[1]; cli.entry()"
+@pytest.mark.slow
+def test_exit_into_a_closed_pipe_is_quiet(tmp_path):
+    # output still buffered when the command returns meets a pipe whose reader left: exit 141, no traceback
+    code = "import nrexp.cli as cli; cli._main = lambda argv: (print('x' * 10, end=''), 0)[1]; cli.entry()"
     env = {k: v for k, v in cli_env(tmp_path).items() if k != "PYTHONUNBUFFERED"}  # keep stdout buffered
     read_end, write_end = os.pipe()
     os.close(read_end)
@@ -75,9 +80,11 @@ def test_train_help_shows_groups_and_every_knob(tmp_path):
 def test_unknown_command_is_one_clear_line(tmp_path):
     proc = run_cli(["trian"], cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["nrexp: error: unknown command 'trian'. Fix: run `nrexp --help` for the list of commands"]
+    assert proc.stderr.strip().splitlines() == [
+        "nrexp: error: unknown command 'trian'. Fix: run `nrexp --help` for the list of commands"]
 
 
+@pytest.mark.slow
 def test_train_end_to_end_writes_events_summary_checkpoint(tiny_run):
     proc, run_dir = tiny_run("norm=batch", "dropout.p=0.2")
     assert "completed" in proc.stdout
@@ -121,16 +128,19 @@ def test_train_end_to_end_writes_events_summary_checkpoint(tiny_run):
         (record,) = events.Images(tag)
         picture = Image.open(io.BytesIO(record.encoded_image_string))
         assert picture.format == "PNG" and picture.size == (record.width, record.height) == (800, 320)
-        assert len(picture.convert("L").getcolors(maxcolors=256 * 256) or ()) > 20, tag  # text, lines and markers, not one color
+        # text, lines and markers, not one color
+        assert len(picture.convert("L").getcolors(maxcolors=256 * 256) or ()) > 20, tag
     # the custom-scalars layout (one chart per per-layer metric) and the run's config and data source
     from tensorboard.plugins.custom_scalar import layout_pb2
 
-    assert {"custom_scalars__config__", "run/config/text_summary", "run/data_source/text_summary"} <= set(events.Tags()["tensors"])
+    tensors = set(events.Tags()["tensors"])
+    assert {"custom_scalars__config__", "run/config/text_summary", "run/data_source/text_summary"} <= tensors
     layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     charts = {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
     assert charts["act_norm"] == ["^act_norm/"] and charts["grad_norm"] == ["^grad_norm/"]
 
 
+@pytest.mark.slow
 def test_weight_change_is_zero_at_init_and_grows(tiny_run):
     _, run_dir = tiny_run()
     events = EventAccumulator(str(run_dir)).Reload()
@@ -138,6 +148,7 @@ def test_weight_change_is_zero_at_init_and_grows(tiny_run):
     assert change[0].value == 0.0 and change[-1].value > 0
 
 
+@pytest.mark.slow
 def test_installed_wheel_finds_its_configs(tmp_path):
     """Build the wheel, install it into a bare target dir, run from elsewhere: configs ship inside."""
     wheel_dir, target, elsewhere = tmp_path / "dist", tmp_path / "site", tmp_path / "elsewhere"
@@ -177,6 +188,12 @@ def test_readme_starts_with_the_two_setup_commands_and_ci_runs_the_same_tests():
     test_command = commands[1]
     ci = (REPO / ".ci" / "run").read_text()
     assert test_command in ci.splitlines(), f"{test_command!r} is not a line of .ci/run"
+    # two tiers: bare `python -m pytest -q` deselects the slow tests (pyproject's addopts); the README's command
+    # gives its own -m, which replaces that one, so that it and CI run the slow tier too
+    addopts = next(line for line in (REPO / "pyproject.toml").read_text().splitlines() if line.startswith("addopts"))
+    assert "not slow" in addopts and "not reproduce" in addopts, addopts
+    assert test_command == 'python -m pytest -q -m "not reproduce"', test_command
+    assert ci.index("ruff check .") < ci.index("ruff format --check .") < ci.index(test_command)
 
 
 def test_tab_completion_through_the_train_subcommand(tmp_path):
@@ -207,6 +224,7 @@ def test_bf16_autocast_changes_the_arithmetic_not_the_bookkeeping(tmp_path):
     assert bf16["layers"]["init"]["act_norm"].keys() == fp32["layers"]["init"]["act_norm"].keys()
 
 
+@pytest.mark.slow
 def test_bf16_rms_norm_run_prints_no_torch_kernel_warning(tmp_path):
     """Under bf16, torch's RMSNorm warns once per process that it cannot use its fused kernel (bf16 input,
     float32 gain): torch's business, not the user's (nrexp/norms.py filters it). A fresh process, since
@@ -228,7 +246,8 @@ def test_compile_computes_what_eager_does_and_keeps_every_statistic(tmp_path):
     from nrexp.train import train
 
     if shutil.which(os.environ.get("CXX", "g++")) is None:
-        pytest.skip("no C++ compiler here: torch.compile cannot build CPU kernels (the error path is tested in test_faults)")
+        pytest.skip("no C++ compiler here: torch.compile cannot build CPU kernels (the error path is tested in "
+                    "test_faults)")
     runs = {}
     for compiled in ("false", "true"):
         cfg = compose([*TINY, "norm=batch", f"trainer.compile={compiled}", "trainer.progress=false"])
@@ -240,15 +259,18 @@ def test_compile_computes_what_eager_does_and_keeps_every_statistic(tmp_path):
         assert math.isclose(fast["metrics"][key], value, rel_tol=1e-4, abs_tol=1e-6), key
     curves = {name: EventAccumulator(str(tmp_path / name)).Reload() for name in runs}
     losses = {name: [e.value for e in acc.Scalars("train/loss")] for name, acc in curves.items()}
-    assert len(losses["true"]) == len(losses["false"]) == 4 and all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(losses["true"], losses["false"]))
+    assert len(losses["true"]) == len(losses["false"]) == 4
+    assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in zip(losses["true"], losses["false"]))
     for when in ("init", "final"):  # every layer's statistics, at init and of the trained net
         for metric, per_layer in eager["layers"][when].items():
             assert per_layer.keys() == fast["layers"][when][metric].keys()
             for layer, value in per_layer.items():
-                assert math.isclose(fast["layers"][when][metric][layer], value, rel_tol=1e-3, abs_tol=1e-6), (when, metric, layer)
+                got = fast["layers"][when][metric][layer]
+                assert math.isclose(got, value, rel_tol=1e-3, abs_tol=1e-6), (when, metric, layer)
     assert set(curves["true"].Tags()["scalars"]) == set(curves["false"].Tags()["scalars"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["train", "--help"], ["report", "sweep", "--json"]])
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path, command):
     """`nrexp train --help | head -1`, `nrexp report DIR --json | head`: the reader is gone before nrexp writes;

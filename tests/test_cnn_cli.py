@@ -1,6 +1,7 @@
 """The convnet and the cnn_norms preset end to end, through the real `nrexp` CLI."""
 import math
 
+import pytest
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -16,6 +17,7 @@ SMALL_CNN = ["model=cnn", "model.channels=[4,8]", "model.blocks_per_stage=1", "n
              "data.batch_size=10", "trainer.max_steps=4", "trainer.log_every=2", "trainer.eval_every=2"]
 
 
+@pytest.mark.slow
 def test_cnn_on_cifar10_files_end_to_end(tmp_path):
     """Real loading code on generated CIFAR-10 batches, augmentation on, every per-layer tag per block."""
     make_cifar10(tmp_path / "cifar")

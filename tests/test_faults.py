@@ -163,6 +163,7 @@ def run_main(cwd, monkeypatch, argv):
         return exit.code
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source,words", [("local", ["data.source=local", "no MNIST files", "data.source=bundled"]),
                                           ("download", ["data.source=download", "could not download"])])
 def test_missing_data_is_one_clear_line(tmp_path, source, words):
@@ -174,6 +175,7 @@ def test_missing_data_is_one_clear_line(tmp_path, source, words):
     assert len(line) == 1 and all(w in line[0] for w in words), proc.stderr
 
 
+@pytest.mark.slow
 def test_corrupt_data_file_is_one_clear_line(tmp_path):
     raw = tmp_path / "data" / "MNIST" / "raw"
     raw.mkdir(parents=True)
@@ -185,6 +187,7 @@ def test_corrupt_data_file_is_one_clear_line(tmp_path):
     assert len(line) == 1 and "corrupt" in line[0] and "data.source=bundled" in line[0], proc.stderr
 
 
+@pytest.mark.slow
 def test_divergence_stops_at_once_and_is_a_result(tiny_run):
     proc, run_dir = tiny_run("optim.lr=1e4", "trainer.max_steps=50")
     summary = read_summary(run_dir)
@@ -214,6 +217,7 @@ def test_divergence_without_a_per_step_check_stops_after_the_next_log(tmp_path, 
     assert late["status"] == "diverged" and late["diverged_at_step"] == late["steps"] - 1 == first_bad + 2
 
 
+@pytest.mark.slow
 def test_divergence_can_be_an_error(tmp_path):
     proc = run_cli(["train", *TINY, "optim.lr=1e4", "trainer.max_steps=50", "trainer.on_nonfinite=raise"], cwd=tmp_path)
     assert proc.returncode == 1
@@ -255,6 +259,7 @@ def uninterrupted(tmp_path_factory):
     return run_dirs(tmp)[-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_checkpoints_and_resume_is_exact(tmp_path, uninterrupted, sig, code):
     proc = _start(tmp_path, RESUMABLE)
@@ -276,6 +281,7 @@ def test_signal_checkpoints_and_resume_is_exact(tmp_path, uninterrupted, sig, co
         assert _scalars(run_dir, tag) == _scalars(uninterrupted, tag), tag  # no gaps, no duplicates
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_a_loadable_checkpoint_and_resume_purges_later_events(tmp_path, uninterrupted):
     proc = _start(tmp_path, RESUMABLE)
     run_dir = _wait_for(tmp_path, "step 60/")  # past the checkpoint at step 48, events up to 60 written
@@ -291,6 +297,7 @@ def test_kill_9_leaves_a_loadable_checkpoint_and_resume_purges_later_events(tmp_
     assert _scalars(run_dir, "train/loss") == _scalars(uninterrupted, "train/loss")
 
 
+@pytest.mark.slow
 def test_resume_can_extend_training_but_not_change_the_model(tmp_path):
     proc = run_cli(["train", *TINY], cwd=tmp_path)
     assert proc.returncode == 0
@@ -322,6 +329,7 @@ def _unchanged(run_dir, before):
     return after.pop("train.log (prefix)").startswith(log_before) and after == before
 
 
+@pytest.mark.slow
 def test_corrupt_or_foreign_checkpoint_is_refused_and_nothing_changes(tmp_path):
     import torch
 
@@ -349,6 +357,7 @@ def test_corrupt_or_foreign_checkpoint_is_refused_and_nothing_changes(tmp_path):
     assert _unchanged(run_dir, before)  # nothing overwritten: not the checkpoint, not the events, not the summary
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path):
     for seed in (0, 0, 1):
         assert run_cli(["train", *TINY, "dropout.p=0.2", f"seed={seed}"], cwd=tmp_path).returncode == 0
@@ -357,6 +366,7 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tmp_path):
     assert a != c
 
 
+@pytest.mark.slow
 def test_run_dirs_are_never_reused(tmp_path):
     from nrexp.config import fresh_dir
 

@@ -2,7 +2,6 @@
 divergence, solo-resumable checkpoints, and the launcher end to end through the real CLI."""
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,7 @@ def _close(a, b, rel=2e-4, abs_=2e-5):
 
 
 def test_plan_groups_by_shape_and_keeps_unfusable_jobs_alone():
-    from nrexp.fused import plan
+    from nrexp.grouping import plan
 
     cfgs = [compose(["seed=0"]), compose(["seed=1", "optim.lr=0.1", "dropout.p=0.5"]), compose(["norm=batch"]),
             compose(["model=resmlp"]), compose(["seed=2", "init.scale=3", "optim.weight_decay=1e-4"]),
@@ -54,10 +53,10 @@ def _group(tmp_path: Path, cfgs):
     import torch
 
     from nrexp.data import load_dataset
-    from nrexp.fused import Member, StackedMLP
+    from nrexp.fused import FusedMember, StackedMLP
 
     data = load_dataset(cfgs[0].data, torch.device("cpu"))
-    return StackedMLP([Member(i, c, tmp_path / f"m{i}", data, torch.device("cpu")) for i, c in enumerate(cfgs)]), data
+    return StackedMLP([FusedMember(c, tmp_path / f"m{i}", data, torch.device("cpu")) for i, c in enumerate(cfgs)]), data
 
 
 def test_inputs_made_ahead_are_the_inputs_made_when_taken(tmp_path):
@@ -250,8 +249,8 @@ def test_a_diverging_member_stops_alone(tmp_path, monkeypatch, inputs_ahead, eac
     from nrexp.fused import train_group
     from nrexp.train import train
 
-    for module in (nrexp.train, nrexp.fused):  # False: CUDA's way (no per-step host sync), run on the CPU
-        monkeypatch.setattr(module, "checks_every_step", lambda device: each_step)
+    # False: CUDA's way (no per-step host sync), run on the CPU; the one loop (train.run_loop) decides for both
+    monkeypatch.setattr(nrexp.train, "checks_every_step", lambda device: each_step)
     cfgs = [compose(BASE + ["optim.lr=1e4"]), compose(BASE + ["seed=1"])]  # lr 1e4: NaN within a few steps
     fused = train_group(cfgs, [tmp_path / "f0", tmp_path / "f1"])
     solo = [train(cfg, tmp_path / f"s{i}") for i, cfg in enumerate(cfgs)]
@@ -275,7 +274,7 @@ def test_member_checkpoint_resumes_as_a_solo_run(tmp_path, monkeypatch, inputs_a
     group's next step was being made ahead."""
     import shutil
 
-    import nrexp.fused
+    import nrexp.train
     from nrexp.fused import train_group
     from nrexp.train import train
 
@@ -285,8 +284,8 @@ def test_member_checkpoint_resumes_as_a_solo_run(tmp_path, monkeypatch, inputs_a
             (tmp_path / "mid").mkdir()
             shutil.copy(path, tmp_path / "mid" / path.name)
 
-    save_checkpoint = nrexp.fused.save_checkpoint
-    monkeypatch.setattr(nrexp.fused, "save_checkpoint", save_and_keep_step_6)
+    save_checkpoint = nrexp.train.save_checkpoint
+    monkeypatch.setattr(nrexp.train, "save_checkpoint", save_and_keep_step_6)
     cfgs = [compose(BASE + [f"optim={optim}"] + m) for m in MEMBERS[1:]]
     train_group(cfgs, [tmp_path / "f0", tmp_path / "f1"])
     longer = compose(BASE + [f"optim={optim}"] + MEMBERS[2] + ["trainer.max_steps=20"])
@@ -313,6 +312,7 @@ def test_a_member_resumed_alone_logs_the_throughput_of_the_steps_before_its_chec
     assert _scalars(tmp_path / "f1", "throughput/samples_per_s") == [(0, 16.0), (20, 16.0), (40, 16.0)]
     assert _scalars(tmp_path / "f0", "throughput/samples_per_s") == [(0, 16.0), (20, 16.0)]
 
+@pytest.mark.slow
 def test_fused_launcher_end_to_end(tmp_path):
     """The same sweep under the basic and the fused launcher: same job dirs, same files, same .hydra
     configs, same metrics; an unfusable job runs alone and the output says why; nrexp report reads both."""
@@ -321,7 +321,7 @@ def test_fused_launcher_end_to_end(tmp_path):
     fused = run_cli([*sweep, "hydra/launcher=fused", "hydra.sweep.dir=fused"], cwd=tmp_path)
     assert basic.returncode == 0 and fused.returncode == 0, fused.stdout + fused.stderr
     out = fused.stdout + fused.stderr
-    assert "8 jobs (2 composed by Hydra, the others derived from them) in 5 group(s): 4 x mlp 2x32 norm=none batch 64" in out
+    assert "8 jobs in 5 group(s): 4 x mlp 2x32 norm=none batch 64" in out
     assert out.count("alone (model=resmlp: only mlp is fused)") == 4
     assert "8 completed" in out  # the status table at the end of the sweep
     jobs = sorted(p.name for p in (tmp_path / "basic").iterdir() if p.is_dir())
@@ -353,6 +353,7 @@ def test_fused_launcher_end_to_end(tmp_path):
     assert len(run_dirs(tmp_path / "fused")) == 8
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_every_member_and_each_resumes_alone(tmp_path, monkeypatch):
     """SIGINT in a fused group: every member checkpointed with status interrupted, exit 130; resumed alone,
     a member ends with the metrics of its uninterrupted solo run (to float rounding); a member with dropout
@@ -410,6 +411,7 @@ def test_ctrl_c_checkpoints_every_member_and_each_resumes_alone(tmp_path, monkey
         assert _close(final["metrics"][key], value, **tolerance), (key, final["metrics"][key], value)
 
 
+@pytest.mark.slow
 def test_a_group_that_fails_is_recorded_and_the_sweep_goes_on(tmp_path):
     """data.train_size beyond the data fails when the group loads it: every member says so, exit 1."""
     proc = run_cli(["train", "-m", *BASE, "seed=0,1", "data.train_size=5000", "hydra/launcher=fused",
@@ -437,6 +439,7 @@ for step in range(4):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="keep_freed_memory tunes glibc's malloc")
 def test_keep_freed_memory_keeps_what_a_step_frees_for_the_next_step(tmp_path):
     """A group frees and allocates megabytes every step; glibc's defaults hand freed blocks of that size

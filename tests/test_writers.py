@@ -1,4 +1,5 @@
 """TensorBoardWriter's events, read back with TensorBoard's own reader."""
+
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -8,8 +9,10 @@ LAYERS = ["block00", "block01", "head"]
 
 
 def stats(offset: float, layers=LAYERS):
-    return {metric: {layer: offset + 10 * m + i for i, layer in enumerate(layers)}
-            for m, metric in enumerate(("act_norm", "grad_norm", "update_ratio"))}
+    return {
+        metric: {layer: offset + 10 * m + i for i, layer in enumerate(layers)}
+        for m, metric in enumerate(("act_norm", "grad_norm", "update_ratio"))
+    }
 
 
 def test_layer_stats_are_read_back_as_written_at_every_step(tmp_path):
@@ -34,3 +37,208 @@ def test_layer_stats_are_read_back_as_written_at_every_step(tmp_path):
                 expected.append((4, 100.0 + 10 * m + 1))
             assert got == [(s, pytest.approx(v)) for s, v in expected], (metric, layer)
     assert [(e.step, e.value) for e in events.Scalars("weight_norm/head")] == [(3, 9.0)]
+
+
+def depth_stats(layers):
+    return {
+        metric: {layer: (m + 1) * 10.0**i for i, layer in enumerate(layers)}
+        for m, metric in enumerate(("act_norm", "grad_norm", "weight_norm", "weight_change", "update_ratio"))
+    }
+
+
+def test_depth_profiles_are_scalars_whose_step_is_the_layer_index(tmp_path):
+    layers = [f"block{i:02d}" for i in range(4)] + ["head"]
+    writer = TensorBoardWriter(tmp_path, layers)
+    writer.depth_plot(0, depth_stats(layers), "init")
+    writer.depth_plot(4, depth_stats(layers), "latest")  # an image only
+    final = {m: {k: 2 * v for k, v in per.items()} for m, per in depth_stats(layers).items()}
+    writer.depth_plot(8, final, "final")
+    writer.close()
+
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0}).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {t for t in tags if t.startswith("depth_")} == {
+        "depth_init/act_norm",
+        "depth_init/grad_norm",
+        "depth_init/weight_norm",
+        "depth_init/update_ratio",
+        "depth_final/act_norm",
+        "depth_final/grad_norm",
+        "depth_final/weight_norm",
+        "depth_final/weight_change",
+    }  # no weight_change at init (nothing has changed yet), no update_ratio at the end (the probe takes no step)
+    for when, stats in (("init", depth_stats(layers)), ("final", final)):
+        got = [(e.step, e.value) for e in events.Scalars(f"depth_{when}/grad_norm")]
+        assert got == [(i, pytest.approx(stats["grad_norm"][layer])) for i, layer in enumerate(layers)]
+    assert set(events.Tags()["images"]) == {"depth/init", "depth/latest", "depth/final"}
+
+
+def read_layout(run_dir):
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+
+    events = EventAccumulator(str(run_dir), size_guidance={"tensors": 0}).Reload()
+    (event,) = events.Tensors(metadata.CONFIG_SUMMARY_TAG)
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    return {c.title: {chart.title: list(chart.multiline.tag) for chart in c.chart} for c in layout.category}
+
+
+def test_the_layout_shows_depth_charts_then_first_middle_last_block_and_head(tmp_path):
+    layers = [f"block{i:02d}" for i in range(10)] + ["head"]
+    TensorBoardWriter(tmp_path, layers).close()
+    layout = read_layout(tmp_path)
+    titles = list(layout)
+    assert titles[0].startswith("depth profile") and titles[-1] == "training"
+    assert sorted(t for tags in layout[titles[0]].values() for t in tags) == sorted(
+        f"^depth_{when}/{m}$" for m in ("act_norm", "grad_norm") for when in ("init", "final")
+    )
+    act = layout["act_norm: first, middle, last block and head (all runs)"]
+    # one tag per chart: each chart overlays that layer of every run, not every layer of every run
+    assert act == {
+        "act_norm/block00 (first block)": ["^act_norm/block00$"],
+        "act_norm/block05 (middle block)": ["^act_norm/block05$"],
+        "act_norm/block09 (last block)": ["^act_norm/block09$"],
+        "act_norm/head (head)": ["^act_norm/head$"],
+    }
+    assert len(titles) == 1 + 5 + 1  # depth, the five per-layer metrics, training
+
+
+def hydra_job(sweep, name, task, job_overrides):
+    """A run dir as a Hydra sweep job leaves it: multirun.yaml in the sweep dir, .hydra/ in the job's."""
+    import yaml
+
+    sweep.mkdir(exist_ok=True)
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": task}}}))
+    job = sweep / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"mode": "MULTIRUN"}}))
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(job_overrides))
+    return job
+
+
+def read_hparams(run_dir):
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
+    content = events.PluginTagToContent("hparams")
+    data = {k.rsplit("/", 1)[1]: plugin_data_pb2.HParamsPluginData.FromString(v) for k, v in content.items()}
+    final = {t: events.Scalars(t)[-1].value for t in events.Tags()["scalars"] if t.startswith("final/")}
+    return (
+        data["experiment"].experiment,
+        data["session_start_info"].session_start_info,
+        data["session_end_info"].session_end_info,
+        final,
+    )
+
+
+def config(norm="batch", depth=3, scale=2.0, seed=1):
+    return {
+        "norm": {"name": norm},
+        "model": {"name": "mlp", "depth": depth},
+        "init": {"name": "normal", "scale": scale},
+        "optim": {"lr": 0.1},
+        "dropout": {"p": 0.0},
+        "seed": seed,
+    }
+
+
+def test_hparams_are_the_swept_keys_and_a_documented_few_with_the_science_metrics(tmp_path):
+    from tensorboard.plugins.hparams import api_pb2
+
+    from nrexp.writers import ALWAYS_HPARAMS, HPARAM_METRICS, write_summary
+
+    layers = ["block00", "block01", "block02", "head"]
+    job = hydra_job(
+        tmp_path / "sweep",
+        "init.scale=2,norm=batch",
+        ["model.depth=3", "init.scale=1,2", "norm=none,batch", "seed=0,1"],
+        ["model.depth=3", "init.scale=2", "norm=batch", "seed=1"],
+    )
+    act = {
+        "init": {"block00": 2.0, "block01": 20.0, "block02": 200.0, "head": 1.0},
+        "final": {"block00": 4.0, "block01": 4.0, "block02": 0.4, "head": 9.0},
+    }
+    write_summary(
+        job,
+        {
+            "status": "completed",
+            "config": config(),
+            "steps": 8,
+            "metrics": {"train/acc": 0.75, "test/acc": 0.5, "train/loss": 1.0, "test/loss": 2.0},
+            "layers": {when: {"act_norm": v} for when, v in act.items()},
+        },
+    )
+    writer = TensorBoardWriter(job, layers)
+    writer.hparams(8, {}, {})  # the numbers from the run's summary.json
+    writer.close()
+
+    experiment, start, end, final = read_hparams(job)
+    assert ALWAYS_HPARAMS == ("norm", "model.depth", "seed")
+    # the swept keys in the command line's order, then the few; only the swept ones marked as differing
+    assert [(h.name, h.differs) for h in experiment.hparam_infos] == [
+        ("init.scale", True),
+        ("norm", True),
+        ("model.depth", False),
+        ("seed", True),
+    ]
+    assert [m.name.tag for m in experiment.metric_infos] == list(HPARAM_METRICS)
+    assert {k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()} == {
+        "init.scale": 2.0,
+        "norm": "batch",
+        "model.depth": 3,
+        "seed": 1,
+    }
+    assert start.group_name == "init.scale=2.0,norm=batch,model.depth=3"  # the seeds of a setting: one row
+    assert end.status == api_pb2.STATUS_SUCCESS
+    assert final == pytest.approx(
+        {
+            "final/test_acc": 0.5,
+            "final/train_acc": 0.75,
+            "final/gen_gap": 0.25,
+            "final/log10_act_ratio_init": 2.0,
+            "final/log10_act_ratio_final": -1.0,
+            "final/diverged": 0.0,
+            "final/steps": 8.0,
+        }
+    )
+
+
+def test_a_diverged_run_and_a_run_without_hydra(tmp_path):
+    from tensorboard.plugins.hparams import api_pb2
+
+    from nrexp.writers import DEFAULT_SWEPT, write_summary
+
+    write_summary(
+        tmp_path,
+        {
+            "status": "diverged",
+            "config": config(),
+            "steps": 5,
+            "metrics": {"test/acc": None},
+            "layers": {"init": {"act_norm": {"block00": 1.0, "block01": 10.0, "head": 1.0}}},
+        },
+    )
+    writer = TensorBoardWriter(tmp_path, LAYERS)
+    writer.hparams(5, {}, {})
+    writer.close()
+    experiment, _, end, final = read_hparams(tmp_path)
+    assert [h.name for h in experiment.hparam_infos] == [*DEFAULT_SWEPT, "model.depth", "seed"]
+    assert end.status == api_pb2.STATUS_FAILURE
+    # unknown numbers are left out (an empty cell), diverged and steps are always there
+    assert final == pytest.approx({"final/diverged": 1.0, "final/steps": 5.0, "final/log10_act_ratio_init": 1.0})
+
+
+def test_a_run_resumed_before_step_L_keeps_its_depth_profile_at_init(tmp_path):
+    """TensorBoard purges the steps >= the resumed step of every tag: the depth profile (steps 0..L) too. The
+    resumed writer writes it again from the summary the interrupted attempt left."""
+    from nrexp.writers import write_summary
+
+    layers = [f"block{i:02d}" for i in range(4)] + ["head"]
+    writer = TensorBoardWriter(tmp_path, layers)
+    writer.depth_plot(0, depth_stats(layers), "init")
+    writer.layer_stats(0, depth_stats(layers))
+    writer.close()
+    write_summary(tmp_path, {"status": "interrupted", "layers": {"init": depth_stats(layers)}})
+    TensorBoardWriter(tmp_path, layers, purge_step=2).close()
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0}).Reload()
+    got = [(e.step, e.value) for e in events.Scalars("depth_init/act_norm")]
+    assert got == [(i, pytest.approx(depth_stats(layers)["act_norm"][layer])) for i, layer in enumerate(layers)]

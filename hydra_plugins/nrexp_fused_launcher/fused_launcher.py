@@ -3,10 +3,10 @@
     nrexp train -m seed=0,1,2,3 optim.weight_decay=0,1e-4,1e-3 dropout.p=0,0.2 hydra/launcher=fused
 
 The launcher composes every job's config as Hydra's basic launcher does, then groups the jobs whose
-configs are equal except for the keys a member may vary (nrexp.fused.FREE_KEYS: seed, optim.lr,
+configs are equal except for the keys a member may vary (nrexp.grouping.FREE_KEYS: seed, optim.lr,
 optim.weight_decay, dropout.p, dropout.input_p, init.scale) and trains each group of two or more as one
 vectorized model (nrexp/fused.py). Groups run one after another, in the order of their first job.
-A job that is alone in its group, or whose settings cannot be vectorized (nrexp.fused.unfusable_reason:
+A job that is alone in its group, or whose settings cannot be vectorized (nrexp.grouping.unfusable_reason:
 model other than mlp, resume, ...), runs as an ordinary job through Hydra's `run_job`, exactly as under
 the basic launcher, and the log says why.
 
@@ -23,9 +23,9 @@ it imports neither torch nor nrexp.fused at its top.
 import copy
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -55,41 +55,33 @@ class FusedLauncher(Launcher):
         if max_members < 1:
             raise ValueError(f"hydra.launcher.max_members={max_members} must be >= 1")
         self.max_members = max_members
-        self.config: Optional[DictConfig] = None
-        self.task_function: Optional[TaskFunction] = None
-        self.hydra_context: Optional[HydraContext] = None
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from nrexp import fused  # torch is imported here, once jobs are really launched
+        from nrexp import grouping
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
 
-        # In `nrexp train -m` Hydra's load_sweep_config derives a job's config from an already composed
-        # one when they differ only in plain values (nrexp.cli.derive_job_configs_that_differ_in_plain_values);
-        # its `composed` list counts Hydra's own composes.
-        load_sweep_config = self.hydra_context.config_loader.load_sweep_config
-        composed = getattr(load_sweep_config, "composed", None)
-        composed_before = len(composed) if composed is not None else 0
         configs = []
         for num, overrides in enumerate(job_overrides, start=initial_job_idx):
-            sweep_config = load_sweep_config(self.config, list(overrides))
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             with open_dict(sweep_config):
                 sweep_config.hydra.job.id = sweep_config.hydra.job.num = num
             configs.append(sweep_config)
-        n_composed = len(composed) - composed_before if composed is not None else len(configs)
 
         task_configs = [_task_config(c) for c in configs]
-        groups = fused.plan(task_configs, self.max_members)
-        log.info("fused launcher: %d jobs (%d composed by Hydra, the others derived from them) in %d group(s): %s",
-                 len(configs), n_composed, len(groups),
+        groups = grouping.plan(task_configs, self.max_members)
+        log.info("fused launcher: %d jobs in %d group(s): %s", len(configs), len(groups),
                  "; ".join(f"{len(g.jobs)} x {g.label}" if g.fused else f"1 alone ({g.label})" for g in groups))
-        returns: List[Optional[JobReturn]] = [None] * len(configs)
+        returns: list[JobReturn | None] = [None] * len(configs)
         for group in groups:
             for i in group.jobs:
                 log.info("\t#%d : %s", initial_job_idx + i, " ".join(filter_overrides(list(job_overrides[i]))))
@@ -104,7 +96,7 @@ class FusedLauncher(Launcher):
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return returns
 
-    def _run_group(self, configs: List[DictConfig], task_configs: List[DictConfig]) -> List[JobReturn]:
+    def _run_group(self, configs: list[DictConfig], task_configs: list[DictConfig]) -> list[JobReturn]:
         """Set up every member as `run_job` sets up a job, train them together, then end each job."""
         from nrexp import fused, sweep
 
@@ -169,7 +161,7 @@ def _task_config(config: DictConfig) -> DictConfig:
     return task_cfg
 
 
-def _add_log_files(run_dirs: Sequence[Path], name: str) -> List[logging.Handler]:
+def _add_log_files(run_dirs: Sequence[Path], name: str) -> list[logging.Handler]:
     """A file handler per member like the one Hydra's job_logging gave the first member (same format)."""
     root = logging.getLogger()
     template = next((h for h in root.handlers if isinstance(h, logging.FileHandler)), None)
