@@ -44,6 +44,7 @@ def test_steps_and_state_are_torchs_own(name):
     assert str(ours.state_dict()) == str(theirs.state_dict())
 
 
+@pytest.mark.slow
 def test_a_run_imports_no_dynamo_unless_it_compiles(tmp_path):
     """Building, stepping, zeroing, saving and loading nrexp's optimizer leave torch._dynamo unimported
     (torch's wrappers import it on their first call, ~2 s of a 1-step run); once something imports it,
