@@ -1,54 +1,19 @@
-"""Per-layer statistics, computed on the device and brought to the host in one transfer.
+"""Per-layer statistics as device tensors: act_norm, grad_norm, weight_norm, weight_change, update_ratio.
 
-For each monitored layer (a block's weights and its output activation):
-- act_norm:      mean over the batch of each example's L2 norm of the layer's output activation
-- grad_norm:     Frobenius norm of dLoss/dW
-- weight_norm:   ||W||_F
-- weight_change: ||W - W_init|| / ||W_init||  (how far training moved the weights from their init)
-- update_ratio:  ||dW|| / ||W|| of the optimizer step just taken
-
-W is the weight the layer computes with. A residual block holds two Linear layers; its W is both
-taken together (the Frobenius norm of all its weight entries), so every model reports one number per
-block. When any weight is parametrized, the monitor reads `.weight` through the layer modules on every
-call: under weight normalization `.weight` is recomputed from g and v on each access, and a tensor
-stored once would go stale. Plain weights are Parameters that the optimizer updates in place (as do
-resuming and the fused launcher's write-back), so those are kept.
-
-Weight normalization (w = g v/||v|| per output unit) leaves no gradient on W itself: autograd fills
-dL/dg and dL/dv. The chain rule gives them back exactly, per output unit, with u = v/||v||:
-    dL/dv = (g/||v||) (I - u u^T) dL/dW   and   dL/dg = u . dL/dW,
-so  dL/dW = (dL/dg) u + (||v||/g) dL/dv.
-grad_norm is therefore ||dL/dW|| of the effective weight for every norm, comparable across them.
-
-All norms of a kind are computed with one fused `torch._foreach_norm` over the layers, and everything
-is stacked into one tensor so that a logging step costs a single device-to-host copy (never one
-`.item()` per layer, which would sync the GPU dozens of times).
-
-The trainer uses `capture`: at a logging step it copies W before the optimizer step and keeps dL/dW
-and the activations; the statistics are then computed from those, on CPU on a worker thread while
-the main thread goes on to the next step (the trainer writes them before the next optimizer step).
-That worker runs only where the training leaves a core idle (`torch.get_num_threads()` below the
-machine's CPUs, e.g. one thread on a 2-core machine). It hides part of the statistics' cost, not all:
-its many small ops hold the GIL the main thread needs between its own. `trainer.log_every=1` at batch
-128, one thread, old and new trainer alternating in one process on this project's 2-core CPU: speed
-relative to no statistics 0.63 -> 0.66 (3 x 256 MLP) and 0.70 -> 0.75 (50 x 100). The numbers are the
-same either way: the same ops on the same tensors (tests/test_monitor.py).
-
-Cost (measured by `nrexp bench`): a logging step reads the weights about ten times (norms of W, dL/dW,
-W - W_init, W - W_before, and the copy of W_before). `_foreach_*` ops are fused kernels on CUDA, but
-on CPU PyTorch runs them as a loop over the tensors, so a 51-layer net pays for a few hundred small
-ops per logging step: with trainer.log_every=1 at batch 128 that is ~0.3 of a training step on CPU;
-at the default log_every it is noise. On the main thread, what is left is mostly Python per layer:
-timers around each part of the 51-layer net's step (log_every=1, batch 128, one thread) found the
-capture at 0.9 ms and writing the log at 0.6 ms, most of it reading `.weight` and `.grad` through the
-modules, allocating the copy of W, and building 255 tagged TensorBoard values. Keeping the plain
-weights' Parameters, copying into reused buffers and filling one reused Summary (writers.py) brought
-them to 0.5 and 0.35 ms, and d/c from 0.69-0.73 to 0.77 (3 x 256: 0.74-0.75 to 0.78-0.80).
+act_norm is the batch mean of each example's L2 norm of the layer's output; grad_norm ||dL/dW||;
+weight_norm ||W||; weight_change ||W - W_init|| / ||W_init||; update_ratio ||ΔW|| / ||W|| of the step
+just taken. W is the weight the layer computes with (a residual block's two Linear layers together;
+under weight normalization, g v/||v||, whose dL/dW `weight_grad` rebuilds from dL/dg and dL/dv).
+Why this shape: the statistics cost memory traffic, not arithmetic. The weights' norms are a few
+multi-tensor kernels over all layers (`torch._foreach_*`) on flat buffers allocated once, each
+activation's row norms one kernel that reads it once, and everything reaches the host in one copy; on
+CPU, when a core is idle, they run on a second thread while training goes on (docs/speed.md).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -62,7 +27,12 @@ LAYER_METRICS = ("act_norm", "grad_norm", "weight_norm", "weight_change", "updat
 
 
 def weight_grad(layer: nn.Module) -> torch.Tensor:
-    """dLoss/dW of the weight `layer` computes with (zeros before any backward pass)."""
+    """dLoss/dW of the weight `layer` computes with (zeros before any backward pass).
+
+    Under weight normalization (w = g v/||v|| per output unit) autograd fills dL/dg and dL/dv only; with
+    u = v/||v||, dL/dv = (g/||v||)(I - u u^T) dL/dW and dL/dg = u . dL/dW, so dL/dW = (dL/dg) u +
+    (||v||/g) dL/dv: grad_norm is ||dL/dW|| of the effective weight for every norm, comparable across them.
+    """
     if not parametrize.is_parametrized(layer, "weight"):
         w = layer.weight
         return w.grad if w.grad is not None else torch.zeros_like(w)
@@ -76,6 +46,8 @@ def weight_grad(layer: nn.Module) -> torch.Tensor:
 
 
 class LayerMonitor:
+    """The statistics of the layers `layers` (name -> module, in forward order; see models.py)."""
+
     def __init__(self, layers: Mapping[str, nn.Module]):
         self.names: List[str] = list(layers)
         groups = [weight_layers(entry) for entry in layers.values()]
@@ -84,21 +56,32 @@ class LayerMonitor:
         # which named layer each weight belongs to; None when it is one weight per name (mlp, cnn)
         owner = [i for i, group in enumerate(groups) for _ in group]
         self._owner = torch.tensor(owner, device=device) if len(owner) != len(self.names) else None
-        # Plain weights are Parameters updated in place: kept, not looked up through 51 modules' __getattr__
-        # twice a logging step (~0.3 ms of the 51-layer net's statistics step on CPU). A parametrized
-        # weight (weight normalization) is recomputed on each access, so then every read goes through
-        # the modules (see the module docstring).
+        # Plain weights are Parameters the optimizer updates in place (as do resuming and the fused
+        # launcher's write-back): kept. A parametrized weight (weight normalization) is recomputed on
+        # each access, so then every read goes through the modules.
         plain = not any(parametrize.is_parametrized(m, "weight") for m in self.modules)
         self._params: Optional[List[torch.Tensor]] = [m.weight for m in self.modules] if plain else None
-        self._copies: Optional[List[torch.Tensor]] = None  # capture's copy of W, reused (see capture)
-        self.reset_init(self.weights())
-        self._before_step: Optional[List[torch.Tensor]] = None
+        weights = self.weights()
+        # W_init, W as captured before the optimizer step, and W - W_init: one flat buffer each,
+        # allocated once (a fresh buffer per logging step costs its page faults on CPU), seen per layer
+        # through views shaped like the weights
+        self._init_flat, self.init_weights = _flat_views(weights)
+        self._before_flat, self._before = _flat_views(weights)
+        self._change_flat, self._change = _flat_views(weights)
+        self.reset_init(weights)
+        self._pending: Optional[Capture] = None  # before_step's, for after_step
+        # Statistics every step: W after one logging step's optimizer step is W before the next one's,
+        # so the statistics thread copies it into the buffer then (while the main thread runs the next
+        # forward and backward), and the next capture skips its copy if nothing changed W since: no
+        # optimizer step (a process-wide count) and no in-place write (each tensor's version counter;
+        # torch's fused optimizer steps do not bump it, hence the count). Plain weights only.
+        self._snapshot: Optional[tuple] = None  # (optimizer steps, weight versions) when copied; None: stale
+        self._last_capture = -2  # the optimizer step count at the last capture
+        _count_optimizer_steps()
 
     def weights(self) -> List[torch.Tensor]:
-        """The current effective weights, read afresh (see the module docstring). Plain weights come as
-        their Parameters, not detached: every caller reads them under torch.no_grad(), and 51 `.detach()`
-        calls are 51 releases of the GIL, each a chance for the statistics thread to take it (see
-        activation_norms)."""
+        """The current effective weights, read afresh. Plain weights come as their Parameters, not
+        detached: every caller reads them under torch.no_grad()."""
         if self._params is not None:
             return list(self._params)
         return [m.weight.detach() for m in self.modules]
@@ -109,130 +92,223 @@ class LayerMonitor:
             return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         return [weight_grad(m) for m in self.modules]
 
+    @torch.no_grad()
     def reset_init(self, init_weights: List[torch.Tensor]) -> None:
         """Use these as W_init (when resuming, the run's true init comes from the checkpoint)."""
-        self.init_weights = [w.detach().clone() for w in init_weights]
+        torch._foreach_copy_(self.init_weights, [w.detach() for w in init_weights])
         (self.init_norms,) = self._norms(self.init_weights)
 
     def _norms(self, *groups: List[torch.Tensor]) -> torch.Tensor:
-        """One Frobenius norm per named layer, over all of that layer's weight tensors together, for
-        each group of per-weight tensors: shape (groups, layers). All groups go through one
-        `_foreach_norm` and one stack: on CPU each such call has a fixed cost on top of its per-tensor work."""
-        tensors = [t for group in groups for t in group]
-        norms = torch.stack(torch._foreach_norm(tensors)).view(len(groups), -1)
+        """One Frobenius norm per named layer for each group of per-weight tensors: (groups, layers)."""
+        return self._per_layer(torch._foreach_norm([t for group in groups for t in group]), len(groups))
+
+    def _per_layer(self, norms: List[torch.Tensor], groups: int) -> torch.Tensor:
+        """Per-weight norms, `groups` runs of one per weight -> (groups, layers): the weights of one layer
+        (a residual block's two) make one Frobenius norm, over all of their entries together."""
+        stacked = torch.stack(norms).view(groups, -1)
         if self._owner is None:
-            return norms
-        squares = torch.zeros(len(groups), len(self.names), device=norms.device, dtype=norms.dtype)
-        return squares.index_add_(1, self._owner, norms.square()).sqrt()
-
-    @torch.no_grad()
-    def before_step(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Statistics of the current weights, activations and gradients (call after backward), and a copy
-        of W for after_step's update ratio."""
-        self._before_step = torch._foreach_mul(self.weights(), 1.0)  # copies of W in one fused call, not one per layer
-        return self.current_statistics(activations)
-
-    @torch.no_grad()
-    def current_statistics(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Statistics of the current weights, activations and gradients, without the update ratio
-        (no step follows: the final probe)."""
-        return self._statistics(self.weights(), self.grads(), activations)
-
-    @torch.no_grad()
-    def after_step(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Add the update ratio ||W_after - W_before|| / ||W_before|| of the step just taken."""
-        stats = self._with_update_ratio(stats, self._before_step, self.weights())
-        self._before_step = None
-        return stats
+            return stacked
+        squares = torch.zeros(groups, len(self.names), device=stacked.device, dtype=stacked.dtype)
+        return squares.index_add_(1, self._owner, stacked.square()).sqrt()
 
     @torch.no_grad()
     def capture(self, activations: List[torch.Tensor]) -> "Capture":
-        """before_step and after_step in two halves (see the module docstring): call after backward,
-        then `.statistics()` on the result after the optimizer step, and wait for that before the next
-        optimizer step changes the weights it reads, and before the next capture, which copies W
-        into the same buffers (allocating them anew each logging step cost more than the copy)."""
+        """Call after backward, before the optimizer step: copies W into a buffer (reused by every
+        capture) and starts on the statistics of W, dL/dW and the activations. Call `.statistics()` on
+        the result after the optimizer step, and have its result before the next capture or step."""
+        return Capture(self, activations)
+
+    @torch.no_grad()
+    def before_step(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """`capture`'s statistics in two calls, computed here: this one after backward (all but the
+        update ratio)..."""
+        self._pending = Capture(self, activations, worker=False)
+        return dict(self._pending.first.result())
+
+    @torch.no_grad()
+    def after_step(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """...and this one after the optimizer step: adds the update ratio ||W_after - W_before|| / ||W_before||."""
+        pending, self._pending = self._pending, None
+        return {**stats, "update_ratio": pending.statistics().result()["update_ratio"]}
+
+    @torch.no_grad()
+    def current_statistics(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Statistics of the current weights, activations and gradients, without the update ratio (no
+        step follows: the final probe). Leaves the buffers of a capture in progress alone."""
         weights = self.weights()
-        if self._copies is None:
-            self._copies = torch._foreach_mul(weights, 1.0)
-        else:
-            torch._foreach_copy_(self._copies, weights)
-        return Capture(self, self._copies, self.grads(), activations)
+        norms = self._norms(weights, self.grads(), torch._foreach_sub(weights, self.init_weights))
+        return self._stats(norms, activations)
 
-    def _statistics(self, weights: List[torch.Tensor], grads: List[torch.Tensor], activations: List[torch.Tensor],
-                    after: Optional[List[torch.Tensor]] = None):
-        """The statistics of `weights` (W before the step), their gradients and the activations; with `after`
-        (W after the step) also the update ratio, in the same calls: W - W_init and W_after - W in one
-        `_foreach_sub`, all four norms in one `_foreach_norm` (each call is a GIL release that the
-        statistics thread makes the main thread pay for, see activation_norms). The same numbers as
-        _with_update_ratio's (tests/test_monitor.py compares them bit for bit)."""
-        minuends, subtrahends = [*weights], [*self.init_weights]  # W - W_init
-        if after:
-            minuends, subtrahends = minuends + [*after], subtrahends + [*weights]  # and W_after - W
-        differences = torch._foreach_sub(minuends, subtrahends)
-        n = len(weights)
-        norms = self._norms(weights, grads, *(differences[i:i + n] for i in range(0, len(differences), n))).unbind()
-        stats = {
-            "act_norm": activation_norms(activations),
-            "grad_norm": norms[1],
-            "weight_norm": norms[0],
-            "weight_change": norms[2] / self.init_norms,
-        }
-        if after:
-            stats["update_ratio"] = norms[3] / norms[0]
-        return stats
+    def _stats(self, norms: torch.Tensor, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The statistics from the norms of W, dL/dW and W - W_init (3 x layers) and the activations."""
+        return {"act_norm": activation_norms(activations), "grad_norm": norms[1], "weight_norm": norms[0],
+                "weight_change": norms[2] / self.init_norms}
 
-    def _with_update_ratio(self, stats: Dict[str, torch.Tensor], before: List[torch.Tensor], after: List[torch.Tensor]):
-        (delta,) = self._norms(torch._foreach_sub(after, before))
-        stats["update_ratio"] = delta / stats["weight_norm"]
-        return stats
+    def _copy_before(self) -> bool:
+        """Copy W into the buffer of W before the step, unless the statistics thread did already (see
+        __init__); return whether the next logging step follows right after this one (then the
+        statistics thread copies W after this step for it)."""
+        steps = _optimizer_steps[0]
+        snapshot, self._snapshot = self._snapshot, None
+        if snapshot is None or self._params is None or snapshot != (steps, [p._version for p in self._params]):
+            torch._foreach_copy_(self._before, self.weights())
+        consecutive = steps == self._last_capture + 1
+        self._last_capture = steps
+        return consecutive and self._params is not None
+
+    def _keep_after(self, after: List[torch.Tensor]) -> None:
+        """Copy W after the step into the buffer for the next capture (see __init__)."""
+        self._snapshot = (_optimizer_steps[0], [p._version for p in after])
+        torch._foreach_copy_(self._before, after)
+
+    def host_copy(self, stats: Optional[Future], scalars: Dict[str, torch.Tensor]) -> "HostCopy":
+        """to_host(stats.result(), scalars), started now and finished by the result's `.result()`.
+
+        For the trainer to call as soon as a logging step's scalars exist, and `.result()` when it
+        writes the step. On CUDA the floats leave the device by an asynchronous copy into pinned memory
+        queued now, right behind the kernels that compute them: `.result()` then waits for those alone,
+        where a copy made at write time (to_host) waits for every step queued since. Elsewhere it is
+        to_host, at `.result()`."""
+        return HostCopy(self, stats, scalars)
 
     def to_host(self, layer_stats: Dict[str, torch.Tensor], scalars: Dict[str, torch.Tensor]):
         """One device->host copy of all that is logged this step.
 
         Returns ({metric: {layer: value}}, {tag: value}) as Python floats.
         """
-        tensors = [layer_stats[k].float() for k in layer_stats] + [v.detach().float().reshape(1) for v in scalars.values()]
+        if isinstance(layer_stats, HostStats):  # already read on the statistics thread (CPU)
+            return layer_stats.host, {k: v.item() for k, v in scalars.items()}
+        tensors = ([layer_stats[k].float() for k in layer_stats]
+                   + [v.detach().float().reshape(1) for v in scalars.values()])
         flat = torch.cat(tensors).cpu().tolist() if tensors else []
         n = len(self.names)
         layers = {k: dict(zip(self.names, flat[i * n:(i + 1) * n])) for i, k in enumerate(layer_stats)}
         return layers, dict(zip(scalars, flat[len(layer_stats) * n:]))
 
 
+class HostCopy:
+    """LayerMonitor.host_copy's result."""
+
+    def __init__(self, monitor: LayerMonitor, stats: Optional[Future], scalars: Dict[str, torch.Tensor]):
+        self.monitor, self.stats, self.scalars = monitor, stats, scalars
+        self.pinned = self.event = None
+        device = monitor._before_flat.device
+        if device.type == "cuda":  # stats computed where they were asked for (no statistics thread): done
+            layer_stats = stats.result() if stats is not None else {}
+            self.keys = list(layer_stats)
+            flat = torch.cat([layer_stats[k].float() for k in self.keys]
+                             + [v.detach().float().reshape(1) for v in scalars.values()])
+            self.pinned = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self.pinned.copy_(flat, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def result(self):
+        """({metric: {layer: value}}, {tag: value}) as Python floats, as to_host gives them."""
+        if self.event is None:
+            return self.monitor.to_host(self.stats.result() if self.stats is not None else {}, self.scalars)
+        self.event.synchronize()
+        flat, names = self.pinned.tolist(), self.monitor.names
+        n = len(names)
+        layers = {k: dict(zip(names, flat[i * n:(i + 1) * n])) for i, k in enumerate(self.keys)}
+        return layers, dict(zip(self.scalars, flat[len(self.keys) * n:]))
+
+
+def _flat_views(like: List[torch.Tensor]):
+    """A flat buffer with room for every tensor of `like`, and views of it shaped like each of them."""
+    flat = torch.empty(sum(t.numel() for t in like), dtype=like[0].dtype, device=like[0].device)
+    views, offset = [], 0
+    for t in like:
+        views.append(flat[offset:offset + t.numel()].view(t.shape))
+        offset += t.numel()
+    return flat, views
+
+
 class Capture:
-    """A logging step's W (copied before the optimizer step), dL/dW and activations (see LayerMonitor.capture)."""
-
-    def __init__(self, monitor: LayerMonitor, weights: List[torch.Tensor], grads: List[torch.Tensor],
-                 activations: List[torch.Tensor]):
-        self.monitor, self.weights, self.grads, self.activations = monitor, weights, grads, activations
-
-    def statistics(self) -> "Future[Dict[str, torch.Tensor]]":
-        """Call after the optimizer step: before_step's and after_step's statistics, on the worker thread
-        when there is a spare core (CPU), else computed here. W after the step is read now: the next
-        optimizer step must wait for the result."""
-        after = self.monitor.weights()
-        worker = _worker_thread(self.weights[0].device)
-        if worker is not None:
-            return worker.submit(self._compute_in_mode, after, _flush_denormal)
-        done: Future = Future()
-        done.set_result(self._compute(after))
-        return done
-
-    def _compute_in_mode(self, after: List[torch.Tensor], flush_denormal: Optional[bool]) -> Dict[str, torch.Tensor]:
-        """_compute on the worker thread, in the run's denormal mode (a per-thread CPU setting: the thread
-        outlives the run that started it, see set_flush_denormal)."""
-        if flush_denormal is not None:
-            torch.set_flush_denormal(flush_denormal)
-        return self._compute(after)
+    """One logging step's statistics, in two halves: what W before the optimizer step (copied by
+    LayerMonitor.capture), dL/dW and the activations give, started at once; and the update ratio, from
+    W after the step (`statistics`). Each half runs on the statistics thread where the training leaves
+    a core idle (CPU, see spare_core), the two in order, else where it is called. The first only reads
+    what the optimizer step leaves alone (the copy of W, dL/dW), so it may run during the step."""
 
     @torch.no_grad()
-    def _compute(self, after: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def __init__(self, monitor: LayerMonitor, activations: List[torch.Tensor], worker: bool = True):
+        self.keep_after = monitor._copy_before()
+        self.monitor, self.grads, self.activations = monitor, monitor.grads(), activations
+        self.worker = _worker_thread(monitor._before_flat.device) if worker else None
+        self.first = self._run(self._before_step)
+
+    def statistics(self) -> "Future[Dict[str, torch.Tensor]]":
+        """Call after the optimizer step: every statistic of the step, as a Future (see the class)."""
+        return self._run(self._after_step, self.monitor.weights())
+
+    def _run(self, fn, *args) -> Future:
+        if self.worker is not None:
+            return self.worker.submit(_in_mode, fn, _flush_denormal, *args)
+        done: Future = Future()
+        done.set_result(fn(*args))
+        return done
+
+    @torch.no_grad()
+    def _before_step(self) -> Dict[str, torch.Tensor]:
+        """act_norm, grad_norm, weight_norm and weight_change: W_before - W_init into its buffer, then the
+        norms of W_before, dL/dW and that in one call."""
         m = self.monitor
-        stats = m._statistics(self.weights, self.grads, self.activations, after)
-        # Let go of this step's gradients and activations now, not when the trainer drops this object at
-        # its next logging step: held through the steps between, they kept a few MB more in use, which
-        # slowed every step in between (~0.1 ms a step for the 51-layer net at batch 128).
+        torch.sub(m._before_flat, m._init_flat, out=m._change_flat)
+        norms = m._per_layer(torch._foreach_norm(m._before + self.grads + m._change), 3)
+        stats = m._stats(norms, self.activations)
+        # let go of this step's gradients and activations now: held through the steps up to the next
+        # logging step, they kept memory in use that slowed every step in between
         self.grads = self.activations = []
         return stats
+
+    @torch.no_grad()
+    def _after_step(self, after: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """All statistics: the first half's and the update ratio, from W_before - W_after computed in place
+        (the negation of W_after - W_before, exactly: the same norm)."""
+        m = self.monitor
+        stats = dict(self.first.result())  # done: the same thread ran it first
+        torch._foreach_sub_(m._before, after)
+        stats["update_ratio"] = m._per_layer(torch._foreach_norm(m._before), 1)[0] / stats["weight_norm"]
+        if self.keep_after:
+            m._keep_after(after)
+        if self.worker is None:
+            return stats
+        # on the statistics thread (CPU): the floats for to_host too
+        flat = torch.cat([v.float() for v in stats.values()]).tolist()
+        n = len(m.names)
+        return HostStats(stats, {k: dict(zip(m.names, flat[i * n:(i + 1) * n])) for i, k in enumerate(stats)})
+
+
+class HostStats(dict):
+    """A step's statistics (metric -> tensor) with their floats already read: `host` (to_host's first half)."""
+
+    def __init__(self, stats: Dict[str, torch.Tensor], host: Dict[str, Dict[str, float]]):
+        super().__init__(stats)
+        self.host = host
+
+
+_optimizer_steps = [0]  # optimizer steps taken in this process (counted once _count_optimizer_steps ran)
+_counting: List[object] = []  # the hook's handle, once registered
+
+
+def _count_optimizer_steps() -> None:
+    """Count every torch.optim optimizer step of the process in _optimizer_steps (see LayerMonitor.__init__)."""
+    if not _counting:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        def count(optimizer, args, kwargs) -> None:
+            _optimizer_steps[0] += 1
+
+        _counting.append(register_optimizer_step_post_hook(count))
+
+
+def _in_mode(fn, flush_denormal: Optional[bool], *args):
+    """fn(*args) on the statistics thread, in the run's denormal mode (a per-thread CPU setting: the
+    thread outlives the run that started it, see set_flush_denormal)."""
+    if flush_denormal is not None:
+        torch.set_flush_denormal(flush_denormal)
+    return fn(*args)
 
 
 _worker: Optional[ThreadPoolExecutor] = None
@@ -244,12 +320,8 @@ def set_flush_denormal(on: bool, device: torch.device) -> None:
     read and written as zero (x86 DAZ/FTZ, ARM FZ) or, with `on=False`, computed as IEEE says.
 
     Why: CPUs compute with denormals 10-100x slower than with other floats, and a run that fits its
-    data makes many. Measured on this project's 2-core CPU, one thread, one epoch of a 60,000-digit
-    MNIST at batch 32, 16 runs of a 3 x 100 MLP (`nrexp bench --fused`'s sweep): 5-30% of the momentum
-    buffer entries of each run without weight decay ended denormal; flushing took the 16 step loops,
-    one by one, from 34.0 and 33.3 s to 30.9 and 31.1 s, and the fused group's loop from 13.3 and 13.2 s
-    to 10.4 and 10.7 s (off and on alternating). Values that small weigh nothing next to the others:
-    the default `nrexp train` on that data ends with the same loss and accuracy to the last bit either way.
+    data makes many (momentum buffers without weight decay, above all); values that small weigh nothing
+    next to the others (docs/speed.md).
 
     The mode is a per-thread CPU setting. This sets it for the calling thread, for the run
     (`keeping_denormal_mode` puts it back after); threads started later (torch's intra-op threads, the
@@ -289,10 +361,40 @@ def spare_core(device: torch.device) -> bool:
     return device.type == "cpu" and torch.get_num_threads() < (os.cpu_count() or 1)
 
 
+def idle_core() -> bool:
+    """Whether a core is idle now for a second thread of ours: the tasks the kernel counts as runnable
+    this instant (/proc/loadavg, this thread among them), plus torch's other intra-op threads and the
+    statistics thread, fit the CPUs. On a machine busy with other work a second thread gains no core: it
+    takes turns with the main thread, which waits for the GIL whenever the OS stops that thread holding
+    it. Where there is no such count, the 1-minute load average stands in. Read at most every 50 ms
+    (a read costs ~30 us: 1% of a small net's step, were it read every logging step)."""
+    now = time.monotonic()
+    if now - _idle[0] < 0.05:
+        return _idle[1]
+    _idle[:] = [now, _idle_core_now()]
+    return _idle[1]
+
+
+_idle = [float("-inf"), True]  # (when idle_core last looked, what it saw)
+
+
+def _idle_core_now() -> bool:
+    cpus, threads = os.cpu_count() or 1, torch.get_num_threads()
+    try:
+        with open("/proc/loadavg") as f:
+            runnable = int(f.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0] < cpus - threads + 1
+        except OSError:
+            return True
+    return runnable + threads <= cpus
+
+
 def _worker_thread(device: torch.device) -> Optional[ThreadPoolExecutor]:
-    """The process's statistics thread, when there is a spare core for it."""
+    """The process's statistics thread, when there is a spare core for it, idle now."""
     global _worker
-    if not spare_core(device):
+    if not (spare_core(device) and idle_core()):
         return None
     if _worker is None:
         threads = torch.get_num_threads()
@@ -304,35 +406,13 @@ def _worker_thread(device: torch.device) -> Optional[ThreadPoolExecutor]:
 
 @torch.no_grad()
 def activation_norms(activations: List[torch.Tensor]) -> torch.Tensor:
-    """Mean over the batch of each example's L2 norm, for each activation, in order.
+    """Mean over the batch of each example's L2 norm (in float32), for each activation, in order.
 
-    Activations of the same shape (all hidden blocks of an MLP) are stacked and reduced together: a
-    handful of kernels for a 50-layer net instead of four per layer, which matters on small nets
-    where each kernel launch costs more than its arithmetic.
-
-    Few calls matter on the statistics thread too: each torch call releases the GIL and takes it back,
-    and each time the main thread, running the next step's small ops, may have to wait for it. A
-    thread making tiny torch calls nonstop slowed a main loop of small ops 3x; one copying 32 MB per
-    call, 3% (this project's 2-core CPU). So no per-layer calls here (no `.detach()`: no_grad instead,
-    no split into per-layer tensors and restack), and the groups joined with one cat.
+    One row-norm kernel per activation, reading it once: stacking same-shaped activations first to
+    reduce them in one call copies them, which costs more memory traffic than the calls cost.
     """
-    groups: Dict[tuple, List[int]] = {}
-    for i, a in enumerate(activations):
-        groups.setdefault((tuple(a.shape), a.dtype), []).append(i)
-    parts, order = [], []
-    for indices in groups.values():
-        stacked = torch.stack([activations[i] for i in indices])  # (L, B, ...)
-        if stacked.dim() > 3:  # conv feature maps: each example's values as one vector
-            stacked = stacked.flatten(2)
-        if stacked.dtype != torch.float32:  # bf16 activations: the norm in float32
-            stacked = stacked.float()
-        parts.append(torch.linalg.vector_norm(stacked, dim=2).mean(dim=1))
-        order += indices
-    norms = torch.cat(parts) if len(parts) > 1 else parts[0]
-    if order != sorted(order):  # groups interleave (e.g. a CNN's pooled maps between conv blocks): put back
-        position = {layer: k for k, layer in enumerate(order)}
-        norms = norms[torch.tensor([position[i] for i in range(len(order))], device=norms.device)]
-    return norms
+    rows = [torch.linalg.vector_norm(a.flatten(1), dim=1, dtype=torch.float32) for a in activations]
+    return torch.stack(rows).mean(dim=1)
 
 
 class StackedMonitor:

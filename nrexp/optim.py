@@ -1,8 +1,9 @@
 """Optimizers, with weight decay applied only where it means something.
 
 Weight decay lambda regularizes weight *matrices* (parameters with 2 or more dimensions). Biases and the
-gains/shifts of normalization layers (and the gains g of weight norm) are left undecayed unless `optim.decay_norm_and_bias=true`:
-decaying a norm's gain fights the normalization itself (the usual practice, as in nanoGPT).
+gains/shifts of normalization layers (and the gains g of weight norm) are left undecayed unless
+`optim.decay_norm_and_bias=true`: decaying a norm's gain fights the normalization itself (the usual
+practice, as in nanoGPT).
 
 Semantics are PyTorch's own:
 - sgd, adam: coupled L2. The gradient becomes g + lambda*W, so plain SGD (no momentum) takes
@@ -15,7 +16,9 @@ The lr is optim.lr, scaled with the batch size when optim.lr_scaling asks (`lr_f
 """
 from __future__ import annotations
 
+import inspect
 import math
+import sys
 
 import torch
 from torch import nn
@@ -49,19 +52,17 @@ def make_optimizer(groups: list[dict], cfg, batch_size: int | None = None) -> to
 
     `fused=True`: one kernel per param group that reads and writes each tensor once, on CPU as on
     CUDA, where the foreach implementation makes a pass over memory per elementwise op (momentum,
-    decay, update...). Measured on this project's 2-core CPU, one thread, 16 x (784x100, 100x100,
-    100x100, 100x10) tensors: SGD with momentum 4.6 -> 1.5 ms per step with identical results, AdamW
-    10.1 -> 2.6 ms per step, results within 1.5e-8.
+    decay, update...): about 3x faster steps, the same results (docs/speed.md).
     """
     factor = lr_factor(cfg, batch_size)
     groups = [{**g, "lr": g["lr"] * factor} if "lr" in g else g for g in groups]
     lr = cfg.lr * factor
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=True)
+        return without_dynamo_import(torch.optim.SGD)(groups, lr=lr, momentum=cfg.momentum, fused=True)
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=lr, betas=tuple(cfg.betas), fused=True)
+        return without_dynamo_import(torch.optim.Adam)(groups, lr=lr, betas=tuple(cfg.betas), fused=True)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), fused=True)
+        return without_dynamo_import(torch.optim.AdamW)(groups, lr=lr, betas=tuple(cfg.betas), fused=True)
     raise ValueError(f"unknown optimizer {cfg.name!r}")  # config.validate() rejects this earlier
 
 
@@ -95,3 +96,54 @@ def _composed_batch_size(cfg) -> int:
     if root is None or root is cfg or "data" not in root:
         raise ValueError("optim.lr_scaling needs the batch size: pass batch_size, or the optim node of a whole config")
     return int(root.data.batch_size)
+
+
+# Methods of torch.optim.Optimizer that import torch._dynamo when first called (torch._disable_dynamo)
+_DYNAMO_GUARDED = ("add_param_group", "zero_grad", "state_dict", "load_state_dict")
+_classes: dict[type, type] = {}
+
+
+def without_dynamo_import(cls: type) -> type:
+    """`cls` (a torch.optim optimizer), less its import of torch._dynamo while nothing else imported it.
+
+    torch wraps an optimizer's step and a few of its methods so that torch.compile does not trace
+    them; the wrappers import torch._dynamo on their first call, which costs about as much as
+    importing torch itself (docs/speed.md), in every run, for the sake of a compiler nrexp does not
+    point at the optimizer. Until some code imports torch._dynamo (trainer.compile does), nothing
+    can be compiling, and the wrappers would only pass the call on: the subclass calls the methods
+    themselves then, and torch's wrappers from then on. The arithmetic is torch's own, unchanged.
+    Where torch's optimizers are not built as this expects (another torch version), `cls` itself.
+    """
+    if cls in _classes:
+        return _classes[cls]
+    try:
+        from torch.optim.optimizer import _use_grad_for_differentiable
+
+        raw_step = inspect.unwrap(cls.step)
+        guarded = {name: getattr(cls, name) for name in _DYNAMO_GUARDED}
+        raw = {name: inspect.unwrap(method) for name, method in guarded.items()}
+        if raw_step is cls.step or any(raw[name] is guarded[name] for name in raw):
+            raise AttributeError("not wrapped as expected")
+    except (ImportError, AttributeError, ValueError):
+        _classes[cls] = cls
+        return cls
+    torch_step = _use_grad_for_differentiable(raw_step)  # torch's wrapper of the step, with its graph breaks
+
+    def step(self, closure=None):
+        if "torch._dynamo" in sys.modules:
+            return torch_step(self, closure)
+        with torch.set_grad_enabled(self.defaults["differentiable"]):  # what torch's wrapper does, less dynamo
+            return raw_step(self, closure)
+
+    def passing(name: str):
+        def method(self, *args, **kwargs):
+            chosen = guarded[name] if "torch._dynamo" in sys.modules else raw[name]
+            return chosen(self, *args, **kwargs)
+        method.__name__ = method.__qualname__ = name
+        method.__doc__ = guarded[name].__doc__
+        return method
+
+    namespace = {"step": step, "__module__": cls.__module__, "__doc__": cls.__doc__,
+                 **{name: passing(name) for name in _DYNAMO_GUARDED}}
+    _classes[cls] = type(cls.__name__, (cls,), namespace)
+    return _classes[cls]

@@ -7,7 +7,8 @@
 # 1. the tests that behave differently on CUDA, verbosely (every test's name and outcome is in the log
 #    as it happens, so a run cut short still says which failed);
 # 2. the default `nrexp train` (trainer.device=auto picks the GPU), with its peak RSS;
-# 3. `nrexp bench --device cuda`: the arms, then the fused sweeps;
+# 3. `nrexp bench --device cuda`: the arms (h, the hand-written statistics, among them) and the start-up,
+#    then the fused sweeps;
 # 4. the whole suite on the GPU, with the time that is left (pytest-xdist's -n when it is installed).
 # nrexp's dependencies must be importable; this checkout's nrexp is used (PYTHONPATH is set here).
 set -u
@@ -34,7 +35,8 @@ nvidia-smi -L 2>/dev/null
 
 step "tests that behave differently on CUDA"
 timeout 150 "$PY" -m pytest -p no:cacheprovider -v --tb=short $parallel \
-    tests/test_bench.py tests/test_fused.py tests/test_faults.py tests/test_layers.py -k "cuda or sync or reads_nothing or fused or divergence or diverging or dropout or members or resume" \
+    tests/test_bench.py tests/test_fused.py tests/test_faults.py tests/test_layers.py tests/test_monitor.py tests/test_optim.py \
+    -k "cuda or sync or reads_nothing or fused or divergence or diverging or dropout or members or resume or monitor or capture or dynamo" \
     > "$OUT/tests_cuda.log" 2>&1
 grep -E "(PASSED|FAILED|ERROR)|passed|failed" "$OUT/tests_cuda.log" | grep -v PASSED | tail -20
 
@@ -45,7 +47,8 @@ mkdir -p "$OUT/train" && (cd "$OUT/train" && timeout 90 /usr/bin/time -v "$PY" -
 step "bench arms on the GPU"
 # --samples 8192 (the CPU default is 32768): the naive arms a0/a2 run on the CPU whatever the device and
 # take most of the time; 8192 fitted 180 s on the H200 of 2026-11-30
-timeout $(( $(left) > 400 ? 180 : $(left) / 3 )) "$PY" -m nrexp bench --device cuda --samples 8192 --json "$OUT/bench_arms.json" \
+timeout $(( $(left) > 400 ? 180 : $(left) / 3 )) "$PY" -m nrexp bench --device cuda --samples 8192 --startup-repeats 3 \
+    --json "$OUT/bench_arms.json" \
     --markdown "$OUT/bench_arms.md" 2>&1 | tail -12
 
 step "fused sweeps on the GPU"

@@ -40,13 +40,13 @@ def test_monitor_matches_plain_forward_and_grad():
         init = monitor.init_weights[i]
         assert host["weight_change"][name] == pytest_approx(((weights_before[i] - init).norm() / init.norm()).item())
         assert host["weight_change"][name] > 0
-        assert host["update_ratio"][name] == pytest_approx(((w - weights_before[i]).norm() / weights_before[i].norm()).item())
+        before = weights_before[i]
+        assert host["update_ratio"][name] == pytest_approx(((w - before).norm() / before.norm()).item())
 
 
 def test_activation_norms_keep_layer_order_across_interleaved_shapes_and_dtypes():
-    """activation_norms reduces same-shaped activations together; the result is still one value per
-    activation in the order given: each example's L2 norm over all its values, averaged over the batch,
-    in float32 (conv maps flattened, bf16 upcast), as computed one activation at a time."""
+    """One value per activation in the order given: each example's L2 norm over all its values, averaged
+    over the batch, in float32 (conv maps flattened, bf16 upcast)."""
     from nrexp.monitor import activation_norms
 
     torch.manual_seed(0)
@@ -76,53 +76,97 @@ def pytest_approx(value):
     return pytest.approx(value, rel=1e-4, abs=1e-7)
 
 
-def test_capture_gives_the_numbers_of_before_and_after_step_on_the_worker_thread():
-    """The trainer's path (capture, optimizer step, statistics computed on the monitor's worker thread
-    while the caller goes on) gives exactly before_step's and after_step's numbers, at each of three
-    logging steps in a row (from the second on, capture copies W into the buffers of the one before)."""
-    import copy
-    import os
+def expected_statistics(layers, init, before, grads, activations, after):
+    """The five statistics of one step, computed plainly layer by layer (one weight per layer: mlp)."""
+    return {
+        "act_norm": [a.flatten(1).float().norm(dim=1).mean() for a in activations],
+        "grad_norm": [g.norm() for g in grads],
+        "weight_norm": [w.norm() for w in before],
+        "weight_change": [(w - w0).norm() / w0.norm() for w, w0 in zip(before, init)],
+        "update_ratio": [(a - w).norm() / w.norm() for a, w in zip(after, before)],
+    }
 
+
+# logging steps in a row (W after one is W before the next: the statistics thread copies it for the
+# next capture), apart (plain steps between), and in a row with the weights written in place between
+SCHEDULE = ["log", "log", "log", "plain", "plain", "log", "log", "reload", "log", "log"]
+
+
+def run_schedule(threaded: bool, monkeypatch):
+    """The trainer's way through SCHEDULE (capture after backward, optimizer step, `.statistics()`, its
+    result after the next backward); returns [(statistics, expected)] for each logging step."""
     from nrexp import monitor as monitor_module
 
+    monkeypatch.setattr(monitor_module, "spare_core", lambda device: threaded)
+    monkeypatch.setattr(monitor_module, "idle_core", lambda: threaded)
+    torch.manual_seed(0)
+    cfg = compose(["model.depth=3", "model.width=40", "norm=layer"])
+    model = build_model(cfg, (1, 28, 28), 10)
+    opt = build_optimizer(model, cfg.optim)
+    monitor = LayerMonitor(model.monitored_layers())
+    layers = list(model.monitored_layers().values())
+    init = [layer.weight.detach().clone() for layer in layers]
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
+    results, pending = [], None
+    for what in SCHEDULE:
+        if what == "reload":  # W changes in place, with no optimizer step (after the statistics reading it)
+            results.append((pending[0].result(), pending[1]))
+            pending = None
+            model.load_state_dict(saved)
+            continue
+        activations = [] if what == "log" else None
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x, activations), y).backward()
+        if pending is not None:  # as the trainer: the last logging step's result, before W changes
+            results.append((pending[0].result(), pending[1]))
+            pending = None
+        if what == "log":
+            before = [layer.weight.detach().clone() for layer in layers]
+            grads = [layer.weight.grad.clone() for layer in layers]
+            acts = [a.detach().clone() for a in activations]
+            captured = monitor.capture(activations)
+        opt.step()
+        if what == "log":
+            after = [layer.weight.detach().clone() for layer in layers]
+            pending = (captured.statistics(), expected_statistics(layers, init, before, grads, acts, after))
+    results.append((pending[0].result(), pending[1]))
+    return monitor_module, results
+
+
+def test_capture_gives_the_numbers_of_an_independent_computation_threaded_or_not(monkeypatch):
+    """The trainer's path (capture, optimizer step, statistics computed on the statistics thread or
+    where called, read after the next backward) gives each step's numbers as computed plainly, layer by
+    layer, whether logging steps come in a row or apart, and whether the weights changed in place
+    between two of them; the statistics thread and the caller's thread give the same floats."""
+    from nrexp.monitor import LayerMonitor as Monitor
+
+    kept = []
+    monkeypatch.setattr(Monitor, "_keep_after", lambda self, after, keep=Monitor._keep_after: (
+        kept.append(1), keep(self, after))[1])
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # leaves a core idle on a multi-core machine: the worker thread is used
+    torch.set_num_threads(1)
     try:
-        torch.manual_seed(0)
-        cfg = compose(["model.depth=3", "model.width=40", "norm=layer"])
-        model = build_model(cfg, (1, 28, 28), 10)
-        twin = copy.deepcopy(model)
-        x, y = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
-        results = []
-        for net, use_capture in ((model, False), (twin, True)):
-            opt = build_optimizer(net, cfg.optim)
-            monitor = LayerMonitor(net.monitored_layers())
-            results.append([])
-            for _ in range(3):
-                activations = steps_then_backward(net, opt, x, y, steps=2)  # momentum and a moved W: no trivial statistic
-                if use_capture:
-                    captured = monitor.capture(activations)
-                    opt.step()
-                    future = captured.statistics()
-                    opt.zero_grad(set_to_none=True)  # the next step's forward and backward meanwhile, as the trainer
-                    F.cross_entropy(net(x), y).backward()  # runs them (new gradient tensors, W not yet changed)
-                    stats = future.result()
-                else:
-                    stats = monitor.before_step(activations)
-                    opt.step()
-                    stats = monitor.after_step(stats)
-                results[-1].append(stats)
-        if (os.cpu_count() or 1) > 1:
-            assert monitor_module._worker is not None, "the statistics were not computed on the worker thread"
-        for plain, captured in zip(*results):
-            assert plain.keys() == captured.keys() == {"act_norm", "grad_norm", "weight_norm", "weight_change",
-                                                       "update_ratio"}
-            for key in plain:
-                assert torch.equal(plain[key], captured[key]), key
-                assert (plain[key] > 0).all(), key
-        assert not torch.equal(results[0][0]["weight_norm"], results[0][2]["weight_norm"])  # the steps moved W
+        runs = {}
+        for threaded in (False, True):
+            monitor_module, runs[threaded] = run_schedule(threaded, monkeypatch)
+            if threaded:
+                assert monitor_module._worker is not None, "the statistics were not computed on the worker thread"
     finally:
         torch.set_num_threads(threads)
+    assert kept, "W after a step was never kept for the next capture"
+    assert len(runs[True]) == SCHEDULE.count("log")
+    for i, ((got, expected), (inline, _)) in enumerate(zip(runs[True], runs[False])):
+        assert list(got) == ["act_norm", "grad_norm", "weight_norm", "weight_change", "update_ratio"]
+        for key, values in expected.items():
+            assert torch.allclose(got[key], torch.stack(values), rtol=1e-5, atol=0), (i, key)
+            assert torch.equal(got[key], inline[key]), key
+            assert ((got[key] > 0) | (torch.stack(values) == 0)).all(), (i, key)  # 0: weight_change at init
+    host, scalars = monitor_module.LayerMonitor.to_host(
+        type("M", (), {"names": ["block00", "block01", "block02", "head"]})(), runs[True][-1][0],
+        {"train/loss": torch.tensor(1.5)})
+    assert scalars == {"train/loss": 1.5}
+    assert host["update_ratio"]["head"] == runs[True][-1][0]["update_ratio"][3].item()
 
 
 def test_flush_denormal_holds_for_the_run_on_its_thread_and_the_statistics_thread(tmp_path, monkeypatch):
@@ -135,6 +179,7 @@ def test_flush_denormal_holds_for_the_run_on_its_thread_and_the_statistics_threa
     from nrexp import train as train_module
     from nrexp.monitor import denormals_flushed
 
+    monkeypatch.setattr(monitor_module, "idle_core", lambda: True)  # whatever else runs on this machine
     during, build = [], train_module.build
     monkeypatch.setattr(train_module, "build", lambda *args: (during.append(denormals_flushed()), build(*args))[1])
     threads = torch.get_num_threads()
@@ -151,3 +196,20 @@ def test_flush_denormal_holds_for_the_run_on_its_thread_and_the_statistics_threa
     finally:
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)  # torch's default, as a process starts
+
+
+def test_host_copy_gives_to_hosts_floats():
+    """host_copy (started when a logging step's scalars exist, finished when it is written) gives what
+    to_host gives, with and without per-layer statistics."""
+    torch.manual_seed(0)
+    cfg = compose(["model.depth=2", "model.width=16"])
+    model = build_model(cfg, (1, 28, 28), 10)
+    opt = build_optimizer(model, cfg.optim)
+    monitor = LayerMonitor(model.monitored_layers())
+    activations = steps_then_backward(model, opt, torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)), steps=1)
+    captured = monitor.capture(activations)
+    opt.step()
+    future = captured.statistics()
+    scalars = {"train/loss": torch.tensor(0.25), "train/acc": torch.tensor(0.5)}
+    assert monitor.host_copy(future, scalars).result() == monitor.to_host(dict(future.result()), scalars)
+    assert monitor.host_copy(None, scalars).result() == ({}, {"train/loss": 0.25, "train/acc": 0.5})
