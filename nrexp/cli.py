@@ -113,7 +113,7 @@ def take_sweep_resume(args: list[str], multirun: bool) -> tuple[list[str], bool]
             rest.append(a)
     if value and not multirun:
         raise ConfigError("sweep.resume=true finishes a sweep: it needs -m. Fix: nrexp train -m <the sweep's "
-                          "overrides> hydra.sweep.dir=<its dir> sweep.resume=true; one run resumes with resume=<run dir>")
+                          "overrides> hydra.sweep.dir=<its dir> sweep.resume=true; a single run: resume=<run dir>")
     return rest, value
 
 
@@ -229,7 +229,7 @@ def run_task(cfg, existing: Path, plan: dict | None = None) -> float:
         except Diverged as err:  # trainer.on_nonfinite=raise: the summary is written; fail the command
             sys.exit(error(str(err), code=1))
         except Exception as err:  # noqa: BLE001 - any error of the run: one line, its traceback in train.log
-            summary = sweep.record_failure(cfg, run_dir, err)
+            summary = sweep.record_failure(cfg, run_dir, err, console=False)
             sys.exit(error(summary["error"], code=1))
     if summary.get("signal"):  # Ctrl-C / SIGTERM ends a sweep too, after this job's checkpoint
         sys.exit(128 + summary["signal"])  # 130 for Ctrl-C, 143 for SIGTERM, as shells report them

@@ -57,14 +57,18 @@ def job_dir_name(override_dirname: str) -> str:
 OmegaConf.register_new_resolver("nrexp.job_dir", job_dir_name, replace=True)
 
 
-def record_failure(cfg: Any, run_dir: Path, error: BaseException) -> dict:
+def record_failure(cfg: Any, run_dir: Path, error: BaseException, console: bool = True) -> dict:
     """Write summary.json for a run that raised, with its one line (`failure_line`); the traceback goes
-    to the run's train.log only, the line to the console too. A summary that cannot be written (the
-    disk is full) is said in the log; the line is what matters."""
+    to the run's train.log only, the line to the console too (`console`: a sweep's job; a single run's
+    command prints it as its error line). A summary that cannot be written (the disk is full) is said
+    in the log; the line is what matters."""
     from nrexp.writers import write_summary
 
     line = failure_line(error, cfg)
-    log.error("run failed: %s", line)
+    if console:
+        log.error("run failed: %s", line)
+    else:
+        log_to_files_only(f"run failed: {line}")
     log_to_files_only("traceback of the failure above:\n" + "".join(traceback.format_exception(error)))
     summary = {
         "status": "failed",
@@ -110,23 +114,51 @@ def failure_line(error: BaseException, cfg: Any = None) -> str:
 
 
 def out_of_memory_line(text: str, cfg: Any = None) -> str:
-    tried = re.search(r"tried to allocate ([0-9.]+ ?[KMGT]?i?B|\d+ bytes)", text, re.IGNORECASE)
+    """Out of memory, with the size it tried and a width (or batch) that fits this machine's memory."""
+    tried = (re.search(r"tried to allocate (\d+) bytes", text)
+             or re.search(r"[Tt]ried to allocate ([0-9.]+ ?[KMGT]i?B)", text))
     amount = tried.group(1) if tried else None
-    if amount and amount.endswith("bytes"):
-        amount = _size(int(amount.split()[0]))
-    where = "GPU" if "cuda" in text.lower() else "host"
+    if amount and amount.isdigit():
+        amount = _size(int(amount))
+    gpu = "cuda" in text.lower()
     sizes, fix = "", "a smaller model or data.batch_size"
     model = _get(cfg, "model.name")
-    width, batch = _get(cfg, "model.width"), _get(cfg, "data.batch_size")
+    width, batch, depth = _get(cfg, "model.width"), _get(cfg, "data.batch_size"), _get(cfg, "model.depth") or 1
     if model in ("mlp", "resmlp") and width:
         sizes = f" for model.width={width}, data.batch_size={batch}"
-        fix = (f"a smaller width or batch, e.g. model.width={max(1, width // 8)} or "
+        fitting = width_that_fits(width, depth, _memory_bytes(gpu))
+        fix = (f"a smaller width or batch, e.g. model.width={fitting} or "
                f"data.batch_size={max(2, (batch or 2) // 4)}")
     elif model == "cnn":
         sizes = f" for model.channels={list(_get(cfg, 'model.channels') or [])}, data.batch_size={batch}"
         fix = f"fewer channels or a smaller batch, e.g. data.batch_size={max(2, (batch or 2) // 4)}"
     tried_text = f"tried to allocate {amount}" if amount else "an allocation failed"
-    return f"out of {where} memory: {tried_text}{sizes}. Fix: use {fix}"
+    return f"out of {'GPU' if gpu else 'host'} memory: {tried_text}{sizes}. Fix: use {fix}"
+
+
+def width_that_fits(width: int, depth: int, memory: int | None, inputs: int = 3072) -> int:
+    """The largest power of two below `width` whose MLP (inputs x w, depth - 1 times w x w; weights, gradients,
+    optimizer state and the monitor's copy: 16 bytes a parameter) takes at most half of `memory` (None: width / 8)."""
+    if not memory:
+        return max(1, width // 8)
+    w = 1
+    while w * 2 < width and 16 * (inputs * w * 2 + (depth - 1) * (w * 2) ** 2) <= memory / 2:
+        w *= 2
+    return w
+
+
+def _memory_bytes(gpu: bool) -> int | None:
+    """The GPU's total memory, or the host's available memory; None if unknown."""
+    import os
+
+    try:
+        if gpu:
+            import torch
+
+            return torch.cuda.mem_get_info()[1]
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except Exception:  # noqa: BLE001 - only a hint in a message
+        return None
 
 
 def _get(cfg: Any, dotted: str) -> Any:
