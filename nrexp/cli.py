@@ -217,9 +217,10 @@ def run_task(cfg, existing: Path, plan: dict | None = None) -> float:
                         summary = train(cfg, run_dir)
                     elif (run_dir / "checkpoint.pt").is_file():
                         summary = train(resume_config(cfg, list(hc.overrides.task)), run_dir, resume=True)
-                    else:  # stopped during its start-up, before its first checkpoint: from step 0
+                    else:  # stopped or failed before its first checkpoint: from step 0
+                        again = resume_config(cfg, list(hc.overrides.task))
                         rundir.clear_partial_run(run_dir)
-                        summary = train(resume_config(cfg, list(hc.overrides.task)), run_dir)
+                        summary = train(again, run_dir)
         except StartupInterrupted as stop:
             sys.exit(interrupted_before_the_loop(cfg, run_dir, existing, stop))
         except ConfigError as err:
@@ -659,8 +660,8 @@ def check_resumable(run_dir: Path) -> None:
     from nrexp.runs import read_summary
 
     summary = read_summary(run_dir)
-    if summary.get("status") == "interrupted" and summary.get("steps") == 0 and isinstance(summary.get("config"), dict):
-        return  # stopped during its start-up: resume= starts it again from step 0
+    if summary.get("status") in ("interrupted", "failed") and isinstance(summary.get("config"), dict):
+        return  # stopped or failed before its first checkpoint: resume= starts it again from step 0
     if not (run_dir / "checkpoint.pt").is_file():
         raise ConfigError(f"resume={str(run_dir)!r}: no checkpoint.pt there. Fix: pass the directory of a run "
                           "that wrote a checkpoint (see `ls outputs/*/*/checkpoint.pt`)")

@@ -215,7 +215,7 @@ def recorded_jobs(sweep_dir: Path) -> dict[tuple, str]:
         except (OSError, yaml.YAMLError):
             continue
         if isinstance(overrides, list):
-            jobs.setdefault(job_key(overrides), str(record.parent.parent))
+            jobs.setdefault(job_key(overrides), str(record.parent.parent.resolve()))
     return jobs
 
 
@@ -304,7 +304,7 @@ class SweepStatusTable(Callback):
                             if job["dir"] not in before or before[job["dir"]] != now.get(job["dir"])]
         resuming = plan["resume"]
         for job in jobs:  # sweep.resume=true: what this command did with each job
-            job["action"] = plan.get("actions", {}).get(job["dir"], RUN)
+            job["action"] = plan.get("actions", {}).get(str(Path(job["dir"]).resolve()), RUN)
         # name jobs by what differs between them: overrides shared by every job only add width
         shared = set.intersection(*(set(job["name"].split(",")) for job in jobs)) if len(jobs) > 1 else set()
         counts: dict[str, int] = {}
