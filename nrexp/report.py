@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import statistics
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +20,10 @@ from typing import Any
 
 from nrexp import figures
 from nrexp.errors import ConfigError
-from nrexp.runs import Run, read_run, read_runs, run_dirs
+from nrexp.runs import BOOKKEEPING_KEYS, Run, read_run, read_runs, run_dirs
 
 # Keys that never define a setting: seed (aggregated over) and where things were read from/written to.
-NOT_SETTING_KEYS = {"seed", "data.root", "trainer.progress", "data.eval_batch_size"}
+NOT_SETTING_KEYS = {"seed"} | BOOKKEEPING_KEYS  # resume, output and progress knobs: never a setting
 # The per-setting numbers: column name -> what it is (in the CSV/JSON each gets _mean and _std).
 METRICS = {
     "train_loss": "final train loss (full training set)",
@@ -77,7 +78,10 @@ def run_numbers(run: Run) -> dict[str, float]:
 
 
 def load_runs(root: Path) -> list[Run]:
-    runs = read_runs(root)
+    skipped: list = []
+    runs = read_runs(root, skipped)
+    for run_dir, why in skipped:  # a truncated or foreign summary: said, and the other runs reported
+        print(f"nrexp: warning: skipped {run_dir}: {why}", file=sys.stderr)
     if not runs:
         raise ReportError(f"no runs in {root} (no summary.json or .hydra/ below it). "
                           "Fix: pass a run dir or a sweep dir, e.g. outputs/multirun/<date>/<time>")
