@@ -47,6 +47,11 @@ examples:
 
 def train_app(args: list[str]) -> int:
     """Run the Hydra app for `nrexp train` with `args` as its command line."""
+    with interrupts_before_the_loop():
+        return _train_app(args)
+
+
+def _train_app(args: list[str]) -> int:
     import hydra
 
     import nrexp
@@ -82,20 +87,34 @@ def train_app(args: list[str]) -> int:
     if plan is not None:
         sweep.plan.clear()
         sweep.plan.update(plan)
-    if existing is None:  # --help, --cfg, completion: nothing runs
-        _train()
-        return 0
-    with interrupts_before_the_loop():
-        try:
+    try:
+        if existing is None:  # --help, --cfg, completion: nothing runs
             _train()
-        except StartupInterrupted as stop:  # in Hydra's own start-up, before the task function
-            return stop.code
+            return 0
+        stop_if_interrupted()
+        _train()
+    except StartupInterrupted as stop:
+        run_dir = _hydra_output_dir()
+        if run_dir is not None and not resume and not multirun:
+            remove_if_empty_run_dir(run_dir, existing)
+        return error(f"stopped by signal {stop.signum} during start-up, before the run began"
+                     + ("" if run_dir is None or not run_dir.exists() else f" (in {run_dir})"), code=stop.code)
     failed = [job for job in sweep.finished_jobs if job["status"] == "failed"]
     if multirun and failed:  # the table above names them; a script or CI step must see it too
         return error(f"{len(failed)} of {len(sweep.finished_jobs)} jobs of the sweep failed (status failed in the "
                      "table above; each one's error is in its summary.json and train.log). Fix: correct what the "
                      "error says and rerun those jobs", code=1)
     return 0
+
+
+def _hydra_output_dir() -> Path | None:
+    """The run dir Hydra set up in this process, if it got that far."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return Path(str(HydraConfig.instance().cfg.hydra.runtime.output_dir))
+    except Exception:  # noqa: BLE001 - not set up yet
+        return None
 
 
 def take_sweep_resume(args: list[str], multirun: bool) -> tuple[list[str], bool]:
@@ -211,7 +230,8 @@ def run_task(cfg, existing: Path, plan: dict | None = None) -> float:
             if hc.mode == RunMode.MULTIRUN:
                 summary = sweep_job(cfg, run_dir, hc, plan or {"resume": False, "jobs": {}})
             else:
-                with contextlib.nullcontext() if rundir.held_by_this_process(run_dir) else rundir.RunLock(run_dir):
+                lock = contextlib.nullcontext() if rundir.held_by_this_process(run_dir) else rundir.RunLock(run_dir)
+                with lock, the_loop_runs():
                     rundir.remove_stale_temp_files(run_dir)
                     if not cfg.resume:
                         summary = train(cfg, run_dir)
@@ -268,12 +288,15 @@ def sweep_job(cfg, run_dir: Path, hc, plan: dict) -> dict:
             sweep.claim_gpu(str(getattr(cfg.trainer.device, "value", cfg.trainer.device)), hc.job.num)
             if action == sweep.RESUMED:
                 log.info("sweep.resume: %s continues from its checkpoint", run_dir.name)
-                return train(config_to_resume(run_dir, []), run_dir, resume=True)
+                resumed = config_to_resume(run_dir, [])
+                with the_loop_runs():
+                    return train(resumed, run_dir, resume=True)
             cleared = rundir.clear_partial_run(run_dir)
             if cleared:
                 log.info("sweep.resume: %s had no checkpoint: runs again from step 0 (removed %s)", run_dir.name,
                          ", ".join(p.name for p in cleared))
-            return train(cfg, run_dir)
+            with the_loop_runs():
+                return train(cfg, run_dir)
     except Diverged:  # trainer.on_nonfinite=raise: its summary (diverged) is already written
         return {"status": "diverged"}
     except StartupInterrupted:
@@ -295,26 +318,61 @@ class StartupInterrupted(BaseException):
         self.signum, self.code = signum, 128 + signum
 
 
-@contextlib.contextmanager
-def interrupts_before_the_loop():
-    """While active, SIGINT and SIGTERM raise StartupInterrupted (SIGTERM would otherwise end the process
-    with nothing said and nothing written). The loop's GracefulStop replaces these handlers while it runs."""
+# A signal before the run's loop (start-up: imports, data, model) is noted here and acted on at the next safe
+# point (`stop_if_interrupted`): raised inside `import torch` it would leave torch half-imported.
+_startup: dict = {"signum": None, "in_run": False, "installed": False}
+
+
+def _startup_handler(signum, frame) -> None:
     import signal
 
-    def handler(signum, frame):
-        raise StartupInterrupted(signum)
+    if _startup["in_run"] or _startup["signum"] is not None:
+        # a second signal, or one after the loop's GracefulStop handed the signals back while it stops: now
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    _startup["signum"] = signum
 
-    if threading.current_thread() is not threading.main_thread():
+
+def stop_if_interrupted() -> None:
+    """Raise StartupInterrupted if a signal came during start-up."""
+    if _startup["signum"] is not None:
+        raise StartupInterrupted(_startup["signum"])
+
+
+@contextlib.contextmanager
+def interrupts_before_the_loop():
+    """While active, SIGINT and SIGTERM before the training loop are noted and end the command at the next
+    safe point (SIGTERM would otherwise end the process with nothing said). The loop's GracefulStop
+    replaces these handlers while it runs."""
+    import signal
+
+    if _startup["installed"] or threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _startup.update(signum=None, in_run=False, installed=True)
     for sig in previous:
-        signal.signal(sig, handler)
+        signal.signal(sig, _startup_handler)
     try:
         yield
     finally:
+        _startup["installed"] = False
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def the_loop_runs():
+    """Around train(): the loop's own GracefulStop handles signals; one reaching ours is a second one: abort."""
+    stop_if_interrupted()
+    _startup["in_run"] = True
+    try:
+        yield
+    finally:
+        _startup["in_run"] = False
 
 
 def interrupted_before_the_loop(cfg, run_dir: Path, existing: Path, stop: StartupInterrupted) -> int:
