@@ -284,6 +284,14 @@ def _job_stamps(sweep_dir: Path) -> dict[str, int]:
     return stamps
 
 
+def _log_stamps(sweep_dir: Path) -> dict[str, int]:
+    """Each job dir's train.log with the time it was last written: a skipped job's log says it was skipped."""
+    from nrexp.report import find_job_dirs
+
+    dirs = find_job_dirs(sweep_dir) if sweep_dir.is_dir() else []
+    return {str(d): (d / "train.log").stat().st_mtime_ns for d in dirs if (d / "train.log").is_file()}
+
+
 class SweepStatusTable(Callback):
     """At the end of a sweep, one row per job: its dir, status, test accuracy, steps, time, error."""
 
@@ -291,6 +299,7 @@ class SweepStatusTable(Callback):
         # a sweep dir given again (hydra.sweep.dir=...) holds the jobs of earlier commands: the table
         # lists them all, but the exit code is this command's (finished_jobs)
         self.before = _job_stamps(Path(str(config.hydra.sweep.dir)))
+        self.logs_before = _log_stamps(Path(str(config.hydra.sweep.dir)))
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         from rich.table import Table
@@ -303,8 +312,11 @@ class SweepStatusTable(Callback):
         finished_jobs[:] = [job for job in jobs
                             if job["dir"] not in before or before[job["dir"]] != now.get(job["dir"])]
         resuming = plan["resume"]
-        for job in jobs:  # sweep.resume=true: what this command did with each job
-            job["action"] = plan.get("actions", {}).get(str(Path(job["dir"]).resolve()), RUN)
+        logs_before, logs_now = getattr(self, "logs_before", {}), _log_stamps(sweep_dir)
+        for job in jobs:  # sweep.resume=true: what this command did with each job ("" for one it did not run)
+            touched = (job["dir"] not in before or before[job["dir"]] != now.get(job["dir"])
+                       or logs_before.get(job["dir"]) != logs_now.get(job["dir"]))
+            job["action"] = plan.get("actions", {}).get(str(Path(job["dir"]).resolve()), RUN) if touched else ""
         # name jobs by what differs between them: overrides shared by every job only add width
         shared = set.intersection(*(set(job["name"].split(",")) for job in jobs)) if len(jobs) > 1 else set()
         counts: dict[str, int] = {}
