@@ -36,6 +36,7 @@ examples:
   nrexp train -m norm=none,layer,batch init=normal init.scale=1,2,3
   nrexp train -m norm=none,batch seed=0,1,2 hydra/launcher=joblib hydra.launcher.n_jobs=4
   nrexp train resume=outputs/2026-11-21/10-00-00     # continue an interrupted run
+  nrexp train -m seed=0,1,2 hydra.sweep.dir=<its dir> sweep.resume=true   # finish a killed sweep
   nrexp report outputs/multirun/<date>/<time> --sort=-test_acc
   tensorboard --logdir outputs
 """

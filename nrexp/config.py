@@ -442,6 +442,8 @@ def help_text() -> str:
         "basic (default: one job after another) | fused (nrexp: jobs that differ only in " + ", ".join(FUSED_FREE_KEYS),
         "  train together as one vectorized model; hydra.launcher.max_members, default 64) | joblib (hydra.launcher.n_jobs)",
         "  | submitit_local | submitit_slurm | slurm_gpu (a SLURM preset). Sweeper: hydra/sweeper=optuna_wd_dropout",
+        "  A killed sweep: the same command + hydra.sweep.dir=<its dir> sweep.resume=true (completed jobs skipped,",
+        "  the others resumed from their checkpoint or run again; docs/faults.md)",
         "",
         "== Knobs (key  default  meaning) ==",
         knobs,
