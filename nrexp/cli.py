@@ -276,38 +276,39 @@ def sweep_job(cfg, run_dir: Path, hc, plan: dict) -> dict:
         remove_if_empty_run_dir(run_dir, run_dir.parent)
         run_dir = Path(recorded)
     try:
-        with rundir.RunLock(run_dir):
-            if recorded is None and rundir.holds_a_run(run_dir):
-                raise ConfigError(f"{run_dir} holds another job's run; a job never writes into it. Fix: give the sweep "
-                                  "a new hydra.sweep.dir")
-            rundir.remove_stale_temp_files(run_dir)
-            action = sweep.job_action(run_dir) if recorded is not None else sweep.RUN
-            if action == sweep.SKIPPED:
-                summary = read_summary(run_dir)
-                log.info("sweep.resume: %s is a result already (%s): skipped", run_dir.name, summary.get("status"))
-                return summary
-            sweep.claim_gpu(str(getattr(cfg.trainer.device, "value", cfg.trainer.device)), hc.job.num)
-            if action == sweep.RESUMED:
-                log.info("sweep.resume: %s continues from its checkpoint", run_dir.name)
-                resumed = config_to_resume(run_dir, [])
-                with the_loop_runs():
-                    return train(resumed, run_dir, resume=True)
-            cleared = rundir.clear_partial_run(run_dir)
-            if cleared:
-                log.info("sweep.resume: %s had no checkpoint: runs again from step 0 (removed %s)", run_dir.name,
-                         ", ".join(p.name for p in cleared))
+        lock = rundir.RunLock(run_dir).__enter__()
+    except ConfigError as err:  # another process writes this job: nothing is written into it
+        log.error("job refused: %s", err)
+        return {"status": "failed", "error": str(err)}
+    try:
+        if recorded is None and rundir.holds_a_run(run_dir):
+            log.error("job refused: %s holds another job's run; a job never writes into it. Fix: give the sweep "
+                      "a new hydra.sweep.dir", run_dir)
+            return {"status": "failed", "error": f"{run_dir} holds another job's run"}
+        rundir.remove_stale_temp_files(run_dir)
+        action = sweep.job_action(run_dir) if recorded is not None else sweep.RUN
+        if action == sweep.SKIPPED:
+            summary = read_summary(run_dir)
+            log.info("sweep.resume: %s is a result already (%s): skipped", run_dir.name, summary.get("status"))
+            return summary
+        sweep.claim_gpu(str(getattr(cfg.trainer.device, "value", cfg.trainer.device)), hc.job.num)
+        if action == sweep.RESUMED:
+            log.info("sweep.resume: %s continues from its checkpoint", run_dir.name)
+            resumed = config_to_resume(run_dir, [])
             with the_loop_runs():
-                return train(cfg, run_dir)
+                return train(resumed, run_dir, resume=True)
+        cleared = rundir.clear_partial_run(run_dir)
+        if cleared:
+            log.info("sweep.resume: %s had no checkpoint: runs again from step 0 (removed %s)", run_dir.name,
+                     ", ".join(p.name for p in cleared))
+        with the_loop_runs():
+            return train(cfg, run_dir)
     except Diverged:  # trainer.on_nonfinite=raise: its summary (diverged) is already written
         return {"status": "diverged"}
-    except StartupInterrupted:
-        raise
     except Exception as err:  # noqa: BLE001 - any error of one job; Ctrl-C still stops them all
-        if rundir.holds_a_run(run_dir) and not (run_dir / "checkpoint.pt").exists() and recorded is None \
-                and isinstance(err, ConfigError):
-            log.error("job refused: %s", err)  # another job's run: nothing is written into it
-            return {"status": "failed", "error": str(err)}
         return sweep.record_failure(cfg, run_dir, err)
+    finally:
+        lock.__exit__(None, None, None)
 
 
 class StartupInterrupted(BaseException):
