@@ -233,6 +233,8 @@ def run_task(cfg, existing: Path, plan: dict | None = None) -> float:
             else:
                 lock = contextlib.nullcontext() if rundir.held_by_this_process(run_dir) else rundir.RunLock(run_dir)
                 with lock, the_loop_runs():
+                    if not cfg.resume:  # preflight checked a literal hydra.run.dir; this is for any other
+                        rundir.check_new_run_dir(run_dir)
                     rundir.remove_stale_temp_files(run_dir)
                     if not cfg.resume:
                         summary = train(cfg, run_dir)
