@@ -329,10 +329,12 @@ def test_resume_can_extend_training_but_not_change_the_model(tmp_path):
 
 
 def _digest(run_dir):
-    """Hashes of every file in the run dir but the log, which may only grow (checked separately)."""
+    """Hashes of every file in the run dir but the log, which may only grow (checked separately), and the
+    lock file, which names the last process that took the run's lock (a refused resume too)."""
     log = (run_dir / "train.log").read_text()
     return {"train.log (prefix)": log, **{p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-                                          for p in sorted(run_dir.iterdir()) if p.is_file() and p.name != "train.log"}}
+                                          for p in sorted(run_dir.iterdir())
+                                          if p.is_file() and p.name not in ("train.log", ".nrexp.lock")}}
 
 
 def _unchanged(run_dir, before):
