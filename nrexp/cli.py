@@ -73,6 +73,7 @@ def _train_app(args: list[str]) -> int:
     if existing is not None and resume:  # continue in the run's own directory, its recorded config untouched
         run_dir = Path(_unquote(resume)).resolve()
         args = [*args, quote_path_override(f"hydra.run.dir={run_dir}"), "hydra.output_subdir=null"]
+    args += sweep.naming_overrides(overrides, multirun)  # a sweep's job dirs: named by what varies
     if existing is not None and not multirun:
         try:  # the run's one writer from here on, before Hydra writes .hydra/ or train.log into it
             lock_run_dir(Path(_unquote(resume)) if resume else explicit_dir(overrides, "hydra.run.dir"), bool(resume))

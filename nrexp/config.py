@@ -29,6 +29,7 @@ DATASETS = ("mnist", "fashion_mnist", "cifar10")
 # What members of one fused group (hydra/launcher=fused, nrexp/fused.py) may differ in: no tensor shape depends on them.
 FUSED_FREE_KEYS = ("seed", "optim.lr", "optim.weight_decay", "dropout.p", "dropout.input_p", "init.scale")
 MAX_SEED = 2**40  # seed * 100_003 + epoch + (stream << 40) stays within the 64 bits torch seeds with
+LR_SCALINGS = ("none", "linear", "sqrt")  # optim.lr_scaling (nrexp/optim.py: scaled_lr)
 BUNDLED_DATASETS = ("mnist",)  # the only dataset with a sample shipped inside the package
 
 
@@ -110,6 +111,11 @@ class OptimConfig:
         "(1 - lr*lambda) each step, apart from the adaptive update (decoupled)",
     )
     decay_norm_and_bias: bool = knob(False, "also decay biases and norm gains/shifts (default: only weights)")
+    lr_scaling: str = knob(
+        "none", "scale optim.lr with the batch size B relative to optim.ref_batch_size: none | linear "
+        "(lr * B/ref, Goyal et al. 2017; Wu & He's GroupNorm setting) | sqrt (lr * sqrt(B/ref)); the lr used is "
+        "logged as `lr`")
+    ref_batch_size: int = knob(32, "the batch size at which optim.lr is the lr used (optim.lr_scaling); >= 1")
 
 
 @dataclass
@@ -164,8 +170,11 @@ class ModelConfig:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = knob(5, "passes over the training set; >= 1 (ignored when max_steps is set)")
+    epochs: int = knob(5, "passes over the training set; >= 1 (ignored when max_steps or max_examples is set)")
     max_steps: Optional[int] = knob(None, "stop after this many optimizer steps (null = use epochs)")
+    max_examples: Optional[int] = knob(
+        None, "a budget in training examples seen: ceil(max_examples / data.batch_size) optimizer steps, so runs "
+        "at different batch sizes see as many examples (null = max_steps, else epochs); >= 1, not with max_steps")
     device: Device = knob(Device.auto, "auto (CUDA when available, else CPU) | cpu | cuda")
     log_every: int = knob(20, "steps between per-layer statistics (also logged at step 0 and the end); >= 1")
     layer_stats: bool = knob(True, "gather per-layer statistics (false: only loss/accuracy are logged)")
@@ -252,6 +261,10 @@ def validate(cfg: Any) -> None:
     _check(math.isfinite(o.weight_decay) and o.weight_decay >= 0, "optim.weight_decay", o.weight_decay,
            "must be a finite number >= 0", "e.g. optim.weight_decay=5e-4")
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)", "e.g. optim.momentum=0.9")
+    _check(o.lr_scaling in LR_SCALINGS, "optim.lr_scaling", o.lr_scaling, "one of " + ", ".join(LR_SCALINGS),
+           "e.g. optim.lr_scaling=linear optim.ref_batch_size=32")
+    _check(o.ref_batch_size >= 1, "optim.ref_batch_size", o.ref_batch_size, "must be >= 1",
+           "e.g. optim.ref_batch_size=32")
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas),
            "must be two numbers in [0, 1)", "e.g. optim.betas=[0.9,0.999]")
     _check(math.isfinite(i.scale) and i.scale > 0, "init.scale", i.scale, "must be a finite number > 0",
@@ -273,6 +286,10 @@ def validate(cfg: Any) -> None:
     _check(t.epochs >= 1, "trainer.epochs", t.epochs, "must be >= 1", "e.g. trainer.epochs=5")
     _check(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be >= 1 or null",
            "e.g. trainer.max_steps=500")
+    _check(t.max_examples is None or t.max_examples >= 1, "trainer.max_examples", t.max_examples,
+           "must be >= 1 or null", "e.g. trainer.max_examples=10000")
+    _check(t.max_examples is None or t.max_steps is None, "trainer.max_examples", t.max_examples,
+           f"and trainer.max_steps={t.max_steps} both set the length of the run", "drop one of them (max_steps=null)")
     _check(not t.preact_percentiles or m.name == "mlp", "trainer.preact_percentiles", True,
            f"is implemented for model=mlp only, not model={m.name}", "use model=mlp or trainer.preact_percentiles=false")
     _check(t.log_every >= 1, "trainer.log_every", t.log_every, "must be >= 1", "e.g. trainer.log_every=20")
@@ -365,6 +382,9 @@ def unused_knobs(keys: Any, base: Any, variants: List[Any]) -> List[str]:
         if key == "trainer.epochs" and "None" not in values("trainer.max_steps"):
             lines.append("trainer.epochs has no effect: trainer.max_steps is set, and it decides how long the run "
                          "trains. Fix: drop one of them")
+        elif key == "trainer.epochs" and "None" not in values("trainer.max_examples"):
+            lines.append("trainer.epochs has no effect: trainer.max_examples is set, and it decides how long the run "
+                         "trains. Fix: drop one of them")
         if key in APPLIES_WITH:
             decider, used_with = APPLIES_WITH[key]
             found, group = values(decider), decider.split(".")[0]
@@ -454,14 +474,16 @@ def help_text() -> str:
     ])
 
 
-def fresh_dir(path: str) -> str:
-    """`path`, or `path_1`, `path_2`... whichever is new, created now so no other run can take it.
+def fresh_dir(path: str, suffix: str = "") -> str:
+    """`path` + `suffix`, or `path_1` + `suffix`, `path_2` + `suffix`... whichever is new, created now so no
+    other run can take it (`outputs/<day>/12-00-00_1_norm=batch`: the count follows the time, so that it
+    never reads as part of a value).
 
     Registered as the `nrexp.fresh_dir` resolver for hydra.run.dir: two runs started in the same second
     (or a clock that repeats) never share or overwrite a run directory. OmegaConf caches the result per
     config, so one run resolves to one directory however often Hydra reads it.
     """
-    candidate, n = Path(path), 0
+    candidate, n = Path(path + suffix), 0
     candidate.parent.mkdir(parents=True, exist_ok=True)
     while True:
         try:
@@ -469,7 +491,7 @@ def fresh_dir(path: str) -> str:
             return str(candidate)
         except FileExistsError:
             n += 1
-            candidate = Path(f"{path}_{n}")
+            candidate = Path(f"{path}_{n}{suffix}")
 
 
 def register() -> None:

@@ -360,7 +360,7 @@ def result(future: Future, layer_names: Sequence[str], stats: Stats, title: str)
 
 def shutdown() -> None:
     """Stop the helper (after it drew what was submitted). Python's exit does this too, through
-    threading's exit hooks, and so does nrexp's fast exit (cli.entry); tests call it to start afresh."""
+    threading's exit hooks; tests call it to start afresh."""
     global _helper
     if _helper is not None:
         _helper.shutdown(wait=True)

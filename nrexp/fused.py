@@ -335,7 +335,7 @@ class FusedGroup(Trainee):
         self.net = StackedMLP(self.given)
         self.members = self.net.members
         self.monitor = StackedMonitor(self.net, self.given[0])
-        self.schedule = make_schedule(self.trainer, self.given[0].batches.steps_per_epoch)
+        self.schedule = make_schedule(self.trainer, self.given[0].batches.steps_per_epoch, self.batch_size)
         self.inputs = StepInputs(self.net, self.data, self.batch_size, self.schedule.steps_per_epoch,
                                  self.schedule.total_steps, ahead=spare_core(self.device))
         self.activations: Optional[List[torch.Tensor]] = None

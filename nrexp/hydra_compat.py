@@ -1,9 +1,10 @@
 """The one place nrexp changes Hydra's behaviour through its internals, on the Hydra versions it was checked on.
 
-`nrexp train -m` composes and validates each swept value before the sweep starts (cli.preflight), so the
-basic sweeper's own check, a compose of every job before its launcher composes that job again, finds nothing
-new: it is skipped. Other sweepers (optuna) keep theirs: preflight cannot list the values they sample.
-Measured: `nrexp train -m 'seed=range(32)' trainer.max_steps=1 data.source=bundled`, 2-core CPU: 60 ms per job.
+Hydra's basic sweeper composes every job's config to check it, then its launcher composes each again to run
+it. `nrexp train -m` has already composed and validated each swept value (cli.preflight), so the sweeper's
+check is skipped; a composition error that only a combination of swept values causes stops the sweep at that
+job instead. Other sweepers (optuna) keep their check: preflight cannot list the values they sample.
+Measured (2-core CPU), `nrexp train -m 'seed=range(32)' trainer.max_steps=1 data.source=bundled`: 8.7 s CPU -> 6.6 s.
 """
 from __future__ import annotations
 

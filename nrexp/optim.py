@@ -9,16 +9,19 @@ Semantics are PyTorch's own:
   W <- (1 - lr*lambda) W - lr*g, the lecture's shrink-by-(1 - alpha*lambda) rule. For adam the decay
   term is then rescaled by the adaptive denominator like the rest of the gradient.
 - adamw: decoupled (Loshchilov & Hutter). W <- (1 - lr*lambda) W, then the Adam update of g alone.
+
+The lr is optim.lr, scaled with the batch size when optim.lr_scaling asks (`lr_factor`): linear
+(lr x B/ref, the rule of Goyal et al. 2017 that Wu & He's GroupNorm comparisons use) or sqrt.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+import math
 
 import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> List[Dict]:
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool) -> list[dict]:
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     decay = [p for name, p in params if p.ndim >= 2 and not _is_weight_norm_gain(name)]
     other = [p for name, p in params if p.ndim < 2 or _is_weight_norm_gain(name)]
@@ -34,12 +37,15 @@ def _is_weight_norm_gain(name: str) -> bool:
     return name.endswith("parametrizations.weight.original0")
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    return make_optimizer(param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias), cfg)
+def build_optimizer(model: nn.Module, cfg, batch_size: int | None = None) -> torch.optim.Optimizer:
+    return make_optimizer(param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias), cfg, batch_size)
 
 
-def make_optimizer(groups: List[Dict], cfg) -> torch.optim.Optimizer:
+def make_optimizer(groups: list[dict], cfg, batch_size: int | None = None) -> torch.optim.Optimizer:
     """The optimizer `cfg.name` over these param groups (nrexp/fused.py passes stacked tensors).
+
+    The lr is optim.lr scaled by optim.lr_scaling (`lr_factor`), for the optimizer's default and for any
+    group that carries its own lr (a fused stack's): the same factor, as the batch size is shared.
 
     `fused=True`: one kernel per param group that reads and writes each tensor once, on CPU as on
     CUDA, where the foreach implementation makes a pass over memory per elementwise op (momentum,
@@ -47,10 +53,45 @@ def make_optimizer(groups: List[Dict], cfg) -> torch.optim.Optimizer:
     100x100, 100x10) tensors: SGD with momentum 4.6 -> 1.5 ms per step with identical results, AdamW
     10.1 -> 2.6 ms per step, results within 1.5e-8.
     """
+    factor = lr_factor(cfg, batch_size)
+    groups = [{**g, "lr": g["lr"] * factor} if "lr" in g else g for g in groups]
+    lr = cfg.lr * factor
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, fused=True)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, fused=True)
     if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
+        return torch.optim.Adam(groups, lr=lr, betas=tuple(cfg.betas), fused=True)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), fused=True)
     raise ValueError(f"unknown optimizer {cfg.name!r}")  # config.validate() rejects this earlier
+
+
+def lr_factor(cfg, batch_size: int | None = None) -> float:
+    """What optim.lr is multiplied by at batch size B (optim.lr_scaling, relative to optim.ref_batch_size):
+    none 1, linear B/ref, sqrt sqrt(B/ref). `cfg` is the optim node; B is `batch_size`, else the composed
+    config's data.batch_size, read through the node's parent (so every caller of build_optimizer and
+    make_optimizer, solo or fused, scales the same way without passing B)."""
+    scaling = str(getattr(cfg, "lr_scaling", "none"))
+    if scaling == "none":
+        return 1.0
+    if batch_size is None:
+        batch_size = _composed_batch_size(cfg)
+    ratio = batch_size / cfg.ref_batch_size
+    if scaling == "linear":
+        return ratio
+    if scaling == "sqrt":
+        return math.sqrt(ratio)
+    raise ValueError(f"unknown optim.lr_scaling {scaling!r}")  # config.validate() rejects this earlier
+
+
+def scaled_lr(cfg, batch_size: int | None = None) -> float:
+    """The learning rate used: optim.lr x lr_factor."""
+    return cfg.lr * lr_factor(cfg, batch_size)
+
+
+def _composed_batch_size(cfg) -> int:
+    from omegaconf import DictConfig
+
+    root = cfg._get_root() if isinstance(cfg, DictConfig) else None
+    if root is None or root is cfg or "data" not in root:
+        raise ValueError("optim.lr_scaling needs the batch size: pass batch_size, or the optim node of a whole config")
+    return int(root.data.batch_size)

@@ -1,8 +1,9 @@
 """`nrexp report <dir>`: compare the settings of a sweep, reading its runs through nrexp/runs.py.
 
 A setting is one combination of the swept keys (config keys whose values differ across the runs, seed
-excluded); its seeds are aggregated (mean ± sample std over its completed runs) in the table, the
-CSV/Markdown files and every figure. The activation ratio (last hidden block over the first) leaves the
+excluded); its seeds are aggregated over its completed runs: the table and report.md show mean ± the
+half-width of the 95% t-interval of the mean (nrexp/stats.py; one seed: the mean alone), report.csv each
+metric's mean, sample std and that half-width (`_ci95`), and the figures mean ± std. The activation ratio (last hidden block over the first) leaves the
 head out: its norm is that of the logits, which grows as the net gets confident, not with depth.
 No torch import: `nrexp report` stays fast.
 """
@@ -21,10 +22,11 @@ from typing import Any
 from nrexp import figures
 from nrexp.errors import ConfigError
 from nrexp.runs import BOOKKEEPING_KEYS, Run, read_run, read_runs, run_dirs
+from nrexp.stats import mean_interval
 
 # Keys that never define a setting: seed (aggregated over) and where things were read from/written to.
 NOT_SETTING_KEYS = {"seed"} | BOOKKEEPING_KEYS  # resume, output and progress knobs: never a setting
-# The per-setting numbers: column name -> what it is (in the CSV/JSON each gets _mean and _std).
+# The per-setting numbers: column name -> what it is (in the CSV/JSON each gets _mean, _std and _ci95).
 METRICS = {
     "train_loss": "final train loss (full training set)",
     "train_acc": "final train accuracy (full training set)",
@@ -157,6 +159,12 @@ class Setting:
             return math.nan, math.nan
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
+    def interval(self, metric: str) -> tuple[float, float, int]:
+        """Mean, half-width of its 95% t-interval (NaN for fewer than 2 values) and the number of completed
+        runs with a finite value."""
+        iv = mean_interval(run_numbers(r)[metric] for r in self.completed)
+        return iv.mean, iv.half, iv.n
+
     def layer_means(self, when: str, metric: str) -> dict[str, float]:
         """Per-layer mean over the completed runs of `layers[when][metric]` (layer order kept)."""
         per_run = [r.layers(when, metric) for r in self.completed]
@@ -175,12 +183,14 @@ def group_settings(runs: Sequence[Run], keys: Sequence[str]) -> list[Setting]:
 
 
 def rows_of(settings: Sequence[Setting]) -> list[dict[str, Any]]:
-    """One flat dict per setting: swept keys, n, status, <metric>_mean, <metric>_std."""
+    """One flat dict per setting: swept keys, n, status, <metric>_mean, <metric>_std, <metric>_ci95 (the half-width
+    of the 95% t-interval of the mean over seeds)."""
     rows = []
     for s in settings:
         row: dict[str, Any] = {**s.values, "n": len(s.runs), "status": s.status()}
         for metric in METRICS:
             row[f"{metric}_mean"], row[f"{metric}_std"] = s.stat(metric)
+            row[f"{metric}_ci95"] = s.interval(metric)[1]
         rows.append(row)
     return rows
 
@@ -214,11 +224,12 @@ def _missing(value: Any) -> bool:
 # Output: table, CSV, Markdown, JSON
 
 
-def fmt(mean: float, std: float, n: int) -> str:
+def fmt(mean: float, half: float, n: int) -> str:
+    """`mean ± half` (half: the 95% interval's half-width), the mean alone for one seed."""
     if math.isnan(mean):
         return "—"
     digits = 4 if abs(mean) < 100 else 1
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "")
+    return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if n > 1 and math.isfinite(half) else "")
 
 
 def _short(value: Any) -> str:
@@ -230,9 +241,8 @@ def table_cells(settings: Sequence[Setting], keys: Sequence[str]) -> tuple[list[
     header = [*keys, "runs", "status", *TABLE_METRICS]
     body = []
     for s in settings:
-        n = len(s.completed)
         body.append([_short(s.values[k]) for k in keys] + [str(len(s.runs)), s.status()]
-                    + [fmt(*s.stat(m), n) for m in TABLE_METRICS])
+                    + [fmt(*s.interval(m)) for m in TABLE_METRICS])
     return header, body
 
 
@@ -240,7 +250,8 @@ def rich_table(root: Path, settings: Sequence[Setting], keys: Sequence[str], n_r
     from rich.table import Table
 
     header, body = table_cells(settings, keys)
-    table = Table(title=f"nrexp report: {root} ({n_runs} runs, {len(settings)} settings; mean ± std over seeds)",
+    table = Table(title=f"nrexp report: {root} ({n_runs} runs, {len(settings)} settings; mean ± 95% interval "
+                        "over seeds)",
                   header_style="bold")
     for i, column in enumerate(header):
         table.add_column(column, justify="left" if i < len(keys) + 2 else "right")
@@ -271,8 +282,8 @@ def write_markdown(path: Path, root: Path, settings: Sequence[Setting], keys: Se
     header, body = table_cells(settings, keys)
     kept = f" (the runs with {', '.join(filters)})" if filters else ""
     lines = [f"# nrexp report: {root}", "",
-             (f"{n_runs} runs{kept}, {len(settings)} settings; numbers are mean ± sample std over the completed "
-              "runs (seeds) of a setting."), "",
+             (f"{n_runs} runs{kept}, {len(settings)} settings; numbers are mean ± the half-width of the 95% "
+              "t-interval of the mean over the completed runs (seeds) of a setting (one seed: the mean alone)."), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     lines += ["", "Columns: " + "; ".join(f"`{m}` {METRICS[m]}" for m in TABLE_METRICS) + ".", ""]

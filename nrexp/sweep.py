@@ -22,6 +22,7 @@ import hashlib
 import logging
 import re
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,29 +33,95 @@ log = logging.getLogger("nrexp")
 
 # Linux allows 255 bytes per path component; a long list of overrides is cut and made unique by a hash.
 MAX_DIR_NAME = 200
+# What nrexp adds to hydra.job.config.override_dirname.exclude_keys for a sweep: the keys the command line
+# holds constant (naming_overrides), so that a job dir is named by what differs between the jobs.
+EXCLUDE_KEYS = "hydra.job.config.override_dirname.exclude_keys"
 
 
-def job_dir_name(override_dirname: str) -> str:
-    """`norm=batch,dropout.p=0.2` stays as it is. Also:
-    - no overrides at all (`nrexp train -m`) -> `defaults`, not the sweep dir itself (which would
-      mix the job's files with multirun.yaml);
+def override_key(line: str) -> str:
+    """The key an override sets, as Hydra's exclude_keys match it (Override.key_or_group): `norm` of
+    `norm=batch`, `experiment` of `+experiment=x`, `db` of `db@pkg=mysql`, `seed` of `~seed`."""
+    return str(line).split("=", 1)[0].lstrip("+~").split("@", 1)[0]
+
+
+def clean_dir_name(name: str) -> str:
+    """`name` as one safe path component:
     - `+experiment=x` -> `experiment=x`: the `+` says how Hydra merges a key, not what the run is;
-    - `/` in a value (a nested group option, a path) would make nested dirs: it becomes `-`;
-    - names too long for the file system keep their start and get a short hash of the whole.
-    """
-    name = re.sub(r"(^|,)\++", r"\1", override_dirname).replace("/", "-")
-    if not name:
-        return "defaults"
+    - `/` in a value (a nested group option, a path) would make nested dirs: it becomes `-`; so do
+      control characters;
+    - names too long for the file system keep their start and get a short hash of the whole, so cut
+      names stay distinct."""
+    name = re.sub(r"(^|,)[+~]+", r"\1", name)
+    name = re.sub(r"[/\x00-\x1f\x7f]", "-", name)
     if len(name.encode()) > MAX_DIR_NAME:
         digest = hashlib.sha1(name.encode()).hexdigest()[:10]
         name = name.encode()[: MAX_DIR_NAME - 12].decode(errors="ignore") + "~" + digest
     return name
 
 
+def named_overrides(task: Sequence[str], exclude_keys: Sequence[str] = (), sweeper_params: Any = None) -> list[str]:
+    """The overrides of a job (`task`: hydra.overrides.task) that name its dir: those whose key is not in
+    `exclude_keys`, the command line's first, in its order, then those of hydra.sweeper.params (an
+    experiment preset's sweep), in the preset's order."""
+    excluded = {str(k).lstrip("+~") for k in exclude_keys or ()}
+    kept = [str(o) for o in task or () if override_key(o) not in excluded]
+    params = [str(k) for k in (sweeper_params or {})]
+    from_params = sorted((o for o in kept if override_key(o) in params), key=lambda o: params.index(override_key(o)))
+    return [o for o in kept if override_key(o) not in params] + from_params
+
+
+def job_dir_name(task: Sequence[str], exclude_keys: Sequence[str] = (), sweeper_params: Any = None) -> str:
+    """A sweep job's dir (hence its TensorBoard run name): the overrides that vary across the sweep, in
+    command-line order (`norm=batch,init.scale=2`; nrexp excludes the constant ones, naming_overrides).
+    A job of a sweep that varies nothing (one job) is named by all its overrides but the bookkeeping ones,
+    and one with no overrides `defaults`, not the sweep dir itself (which would mix its files with
+    multirun.yaml). Made safe by clean_dir_name."""
+    name = ",".join(named_overrides(task, exclude_keys, sweeper_params))
+    if not name:
+        from nrexp.runs import BOOKKEEPING_KEYS
+
+        name = ",".join(named_overrides(task, sorted(BOOKKEEPING_KEYS)))
+    return clean_dir_name(name) or "defaults"
+
+
+def run_name_suffix(task: Sequence[str], exclude_keys: Sequence[str] = ()) -> str:
+    """What follows the time in a single run's dir: `_` and its command-line overrides in their order
+    (`_norm=batch,dropout.p=0.2`), or nothing for a run of the defaults."""
+    name = clean_dir_name(",".join(named_overrides(task, exclude_keys)))
+    return "_" + name if name else ""
+
+
+def naming_overrides(overrides: Sequence[str], multirun: bool) -> list[str]:
+    """The Hydra override that makes a sweep's job dirs carry only what varies: the command line's
+    constant keys added to hydra.job.config.override_dirname.exclude_keys (to the list the command line
+    gives, else to configs/train.yaml's). [] for a single run, or a command line that holds nothing constant."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not multirun:
+        return []
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    given = next((o for o in parsed if o.key_or_group == EXCLUDE_KEYS), None)
+    constants = [o.key_or_group for o in parsed if not o.key_or_group.startswith("hydra") and not o.is_sweep_override()]
+    if not constants:
+        return []
+    keys = list(given.value()) if given is not None else default_exclude_keys()
+    keys = list(dict.fromkeys([*map(str, keys), *constants]))
+    return [f"{EXCLUDE_KEYS}=[" + ",".join(keys) + "]"]
+
+
+def default_exclude_keys() -> list[str]:
+    """hydra.job.config.override_dirname.exclude_keys of configs/train.yaml: the knobs that never name a dir."""
+    import nrexp
+
+    cfg = OmegaConf.load(Path(nrexp.config_dir()) / "train.yaml")
+    return [str(k) for k in OmegaConf.select(cfg, EXCLUDE_KEYS, default=[])]
+
+
 # Registered when this module is imported: Hydra resolves hydra.sweep.subdir in the process that runs
 # the job (a joblib worker, a submitit job), and that process unpickles the callback below, so it has
 # imported this module by then.
 OmegaConf.register_new_resolver("nrexp.job_dir", job_dir_name, replace=True)
+OmegaConf.register_new_resolver("nrexp.run_name", run_name_suffix, replace=True)
 
 
 def record_failure(cfg: Any, run_dir: Path, error: BaseException, console: bool = True) -> dict:
@@ -264,6 +331,105 @@ def claim_gpu(requested_device: str, job_num: int) -> int | None:
         torch.cuda.set_device(index)
         log.info("sweep job %d runs on cuda:%d", job_num, index)
     return index
+
+
+# ------------------------------------------------------------------------------------------------
+# <sweep dir>/sweep.yaml: what a sweep varies (its job dirs' names) and what it holds constant
+
+SWEEP_FILE = "sweep.yaml"
+SWEEP_FILE_HEADER = """\
+# Written by `nrexp train -m`, one entry per command run into this sweep dir. Each job dir (a run in
+# TensorBoard) is named by the keys the command varies, in this order; the constants are the same for
+# every job of the command and are left out of the names. Hydra's full record: multirun.yaml, and each
+# job's .hydra/overrides.yaml.
+"""
+
+
+def sweep_entry(config: Any) -> dict:
+    """What a sweep's command varies and holds constant, from Hydra's record of it (the sweep's config):
+    {started, command, varies: [key...], sweeps: {key: values as typed}, constants: [key=value...]}.
+    `varies`: the command line's swept keys in its order, then those of hydra.sweeper.params (an
+    experiment preset's sweep, an Optuna search space) that the command line does not set."""
+    import datetime
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = [str(o) for o in config.hydra.overrides.task]
+    parsed = OverridesParser.create().parse_overrides(task)
+    sweeps = {o.key_or_group: o.input_line.split("=", 1)[1] for o in parsed if o.is_sweep_override()}
+    constants = [o.input_line for o in parsed if not o.is_sweep_override()]
+    given = {o.key_or_group for o in parsed}
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    sweeps.update({str(k): str(v) for k, v in params.items() if str(k) not in given})
+    hydra_args = [str(o) for o in config.hydra.overrides.hydra
+                  if not str(o).startswith(("hydra.mode=", EXCLUDE_KEYS + "="))]
+    return {
+        "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(["nrexp train -m", *map(shlex.quote, [*task, *hydra_args])]),
+        "varies": list(sweeps),
+        "sweeps": sweeps,
+        "constants": constants,
+    }
+
+
+def read_sweep_file(sweep_dir: Path) -> list[dict]:
+    """The entries of a sweep dir's sweep.yaml, oldest first ([] if it has none)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((Path(sweep_dir) / SWEEP_FILE).read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    commands = data.get("commands") if isinstance(data, dict) else None
+    return [c for c in commands if isinstance(c, dict)] if isinstance(commands, list) else []
+
+
+def write_sweep_file(config: Any) -> Path:
+    """Add this command's entry (sweep_entry) to <sweep dir>/sweep.yaml; return the file's path."""
+    import os
+
+    import yaml
+
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    commands = [*read_sweep_file(sweep_dir), sweep_entry(config)]
+    text = SWEEP_FILE_HEADER + yaml.safe_dump({"commands": commands}, sort_keys=False, width=1000)
+    path, tmp = sweep_dir / SWEEP_FILE, sweep_dir / f".{SWEEP_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a reader sees the old file or the new one (no torch here: nrexp.writers imports it)
+    return path
+
+
+class SweepRecord(Callback):
+    """A Hydra callback: writes <sweep dir>/sweep.yaml (write_sweep_file) when a sweep starts."""
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        write_sweep_file(config)
+
+
+def run_text(run_dir: Path) -> str:
+    """The run's name and what it shares with the other runs of its sweep, as Markdown for its TensorBoard
+    text tab: a sweep job's varying keys, the sweep's constants and command (from sweep.yaml); a single
+    run's command-line overrides (from .hydra/overrides.yaml)."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    entries = read_sweep_file(run_dir.parent)
+    if entries:
+        entry = entries[-1]
+        return "\n".join([
+            f"**{run_dir.name}**: a run of the sweep `{run_dir.parent}`",
+            "",
+            "- varies across the sweep (the run names): " + (", ".join(f"`{k}`" for k in entry["varies"]) or "nothing"),
+            "- the same in every run: " + (", ".join(f"`{c}`" for c in entry["constants"]) or "no overrides"),
+            f"- command: `{entry['command']}`",
+        ])
+    try:
+        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    except (OSError, yaml.YAMLError):
+        overrides = []
+    return f"**{run_dir.name}**: " + (", ".join(f"`{o}`" for o in overrides) or "the default config")
 
 
 # The jobs of the sweep that ended last in this process, as its table lists them: `nrexp train -m`

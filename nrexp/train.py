@@ -41,6 +41,7 @@ from nrexp.models import build_model
 from nrexp.monitor import LayerMonitor, keeping_denormal_mode, set_flush_denormal
 from nrexp.optim import build_optimizer
 from nrexp.signals import GracefulStop
+from nrexp.sweep import run_text
 from nrexp.writers import TensorBoardWriter, finite_or_none, write_summary
 
 log = logging.getLogger("nrexp")
@@ -62,264 +63,6 @@ def train(cfg, run_dir: Path, resume: bool = False) -> Dict:
     if summary["status"] == "diverged" and cfg.trainer.on_nonfinite == "raise":
         raise Diverged(f"non-finite training loss at step {summary['diverged_at_step']} (trainer.on_nonfinite=raise)")
     return summary
-
-
-# ------------------------------------------------------------------------------------------------
-# the schedule and the loop's state
-
-
-@dataclass(frozen=True)
-class Every:
-    """True every `n` steps, from step 0 (never when n is 0)."""
-
-    n: int
-
-    def __call__(self, step: int) -> bool:
-        return self.n > 0 and step % self.n == 0
-
-
-@dataclass(frozen=True)
-class Schedule:
-    total_steps: int
-    steps_per_epoch: int
-    log: Every  # per-layer statistics and the training scalars
-    evaluate: Every  # test loss and accuracy
-    checkpoint: Every
-
-    def until(self, step: int) -> bool:
-        return step < self.total_steps
-
-
-@dataclass
-class StepOutput:
-    """One training step of every member: losses and correct counts (M,) on the device, and the
-    per-layer statistics when asked for (a Future: finished at the latest by the next update)."""
-
-    losses: torch.Tensor
-    correct: torch.Tensor
-    stats: Optional[Future] = None
-
-
-@dataclass
-class PendingLog:
-    """A logging step not written yet (see run_loop)."""
-
-    step: int
-    stats: Optional[Future]
-    loss: torch.Tensor  # (M,) mean training loss since the previous log, on the device
-    acc: torch.Tensor
-    samples: int
-    seconds: float  # training time since the previous log: throughput
-
-
-@dataclass
-class LoopState:
-    """Everything the loop counts: the step, the sums since the last log (per member, on the device:
-    no host sync per step) and the clocks. A checkpoint stores it; a resumed run starts from it."""
-
-    step: int
-    loss_sum: torch.Tensor
-    correct_sum: torch.Tensor
-    steps_since_log: int
-    clock: float  # start of the current log window's training time (pauses for evaluation excluded)
-    elapsed_before: float = 0.0  # wall time of the processes before this one (resume)
-    start_step: int = 0
-    started: float = field(default_factory=time.perf_counter)
-    eval_seconds: float = 0.0
-    loop_end: Optional[float] = None
-    pending: Optional[PendingLog] = None
-    stop: Optional[GracefulStop] = None  # the signals that end the run (a signal during the end too)
-
-    @classmethod
-    def fresh(cls, members: int, device: torch.device, saved: Optional[Dict] = None) -> "LoopState":
-        saved = saved or {}
-        now = time.perf_counter()
-        return cls(step=saved.get("step", 0), start_step=saved.get("step", 0),
-                   loss_sum=torch.full((members,), float(saved.get("loss_sum", 0.0)), device=device),
-                   correct_sum=torch.full((members,), float(saved.get("correct_sum", 0.0)), device=device),
-                   steps_since_log=saved.get("steps_since_log", 0), elapsed_before=saved.get("elapsed_s", 0.0),
-                   # a log window may have begun before the checkpoint this run resumes from: its clock too
-                   clock=now - saved.get("seconds_since_log", 0.0), started=now)
-
-    def add(self, out: StepOutput) -> None:
-        self.loss_sum += out.losses.float()
-        self.correct_sum += out.correct.float()
-        self.steps_since_log += 1
-
-    def take_log(self, stats: Optional[Future], batch_size: int) -> None:
-        """Close the log window at this step: the means since the last log become a PendingLog."""
-        now = time.perf_counter()
-        self.pending = PendingLog(self.step, stats, self.loss_sum / self.steps_since_log,
-                                  self.correct_sum / (self.steps_since_log * batch_size),
-                                  samples=self.steps_since_log * batch_size, seconds=now - self.clock)
-        self.loss_sum, self.correct_sum = torch.zeros_like(self.loss_sum), torch.zeros_like(self.correct_sum)
-        self.steps_since_log, self.clock = 0, now
-
-    def paused(self, since: float, evaluating: bool) -> None:
-        """Training paused from `since` until now: not counted as training time."""
-        pause = time.perf_counter() - since
-        self.clock += pause
-        self.eval_seconds += pause if evaluating else 0.0
-
-    def checkpoint_state(self, row: int, member: "Member", now: float) -> Dict:
-        return {"step": self.step, "loss_sum": self.loss_sum[row], "correct_sum": self.correct_sum[row],
-                "steps_since_log": self.steps_since_log, "seconds_since_log": now - self.clock,
-                "init_stats": member.init_stats, "metrics": member.metrics,
-                "elapsed_s": self.elapsed_before + time.perf_counter() - self.started}
-
-
-# ------------------------------------------------------------------------------------------------
-# what the loop trains
-
-
-class Member:
-    """One run: its model, optimizer, monitor and data order, its writer, and what it has measured."""
-
-    def __init__(self, cfg, run_dir: Path, data: Dataset, device: torch.device):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        torch.manual_seed(cfg.seed)  # init draws from the global stream; so does dropout afterwards
-        self.model, self.optimizer, self.monitor = build(cfg, data, device)
-        self.batches = TrainBatches(data.train_x, data.train_y, cfg.data.batch_size, cfg.seed, augment=cfg.data.augment)
-        self.rng: Optional[torch.Generator] = None  # a fused member's own dropout stream (None: the global one)
-        self.writer: Optional[TensorBoardWriter] = None
-        self.metrics: Dict[str, float] = {}
-        self.init_stats: Dict = {}
-        self.last_stats: Dict = {}
-        self.summary: Optional[Dict] = None
-
-    def open_writer(self, data: Dataset, device: torch.device, purge_step: Optional[int] = None, note: str = "") -> None:
-        """The run's TensorBoard writer; a new run also records its config and data source."""
-        self.writer = TensorBoardWriter(self.run_dir, self.monitor.names, purge_step=purge_step)
-        if purge_step is None:
-            self.writer.text("run/config", "```\n" + OmegaConf.to_yaml(self.cfg, resolve=True) + "```")
-            self.writer.text("run/data_source", f"{data.name} from {data.source} on {device}{note}")
-
-
-class Trainee:
-    """What run_loop trains: `members` (row j of every per-member tensor is members[j]) computed together.
-
-    A step is split where the loop must act in between: `forward_backward` computes every member's loss
-    and gradients, `update` applies them. Reading a member's state (checkpoint, evaluation, the end)
-    goes through `sync` first, which brings each member's own modules up to date."""
-
-    members: List[Member]
-    schedule: Schedule
-
-    def __init__(self, cfg, what: str):
-        """The device, the data on it and the step's precision, as `cfg` (shared by the members) says."""
-        self.trainer = OmegaConf.to_object(cfg.trainer)  # plain TrainerConfig: DictConfig reads are slow
-        self.device = resolve_device(str(getattr(self.trainer.device, "value", self.trainer.device)))
-        set_flush_denormal(self.trainer.flush_denormal, self.device)  # before any thread starts: inherited
-        self.data = load_dataset(cfg.data, self.device)
-        log.info("%s | device %s | data %s (%s): %d train / %d test examples", what, self.device, self.data.name,
-                 self.data.source, len(self.data.train_x), len(self.data.test_x))
-        self.batch_size = cfg.data.batch_size
-        bf16 = self.trainer.precision == "bf16"  # autocast of the training forward; weights stay float32
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    def start(self) -> LoopState:
-        return LoopState.fresh(len(self.members), self.device)
-
-    def forward_backward(self, step: int, with_stats: bool, logging: bool) -> StepOutput:
-        raise NotImplementedError
-
-    def update(self, out: StepOutput, step: int, logging: bool) -> None:
-        raise NotImplementedError
-
-    def stats_to_host(self, stats: Dict, scalars: Dict) -> List[tuple]:
-        """Per member, ({metric: {layer: value}}, {tag: value}) from one device->host copy."""
-        raise NotImplementedError
-
-    def sync(self) -> None:
-        """Bring each member's own model (and random stream) up to date with the training state."""
-
-    def save(self, member: Member, state: Dict) -> None:
-        save_checkpoint(member.run_dir / CHECKPOINT, member.model, member.optimizer, member.monitor, member.cfg,
-                        state, rng=member_rng_state(member))
-
-    def summary_extra(self) -> Dict:
-        """What summary.json adds for this kind of trainee."""
-        return {}
-
-    def close(self) -> None:
-        pass
-
-
-class SoloRun(Trainee):
-    """One run: a single member, trained through its own modules (what `nrexp train` does)."""
-
-    def __init__(self, cfg, run_dir: Path, resume: bool = False):
-        super().__init__(cfg, "one run")
-        self.member = Member(cfg, run_dir, self.data, self.device)
-        self.members, self.resume = [self.member], resume
-        self.schedule = make_schedule(self.trainer, self.member.batches.steps_per_epoch)
-        compiled = self.trainer.compile  # trainer.compile: see CompiledForward
-        self.forward = CompiledForward(self.member.model, self.device) if compiled else self.member.model
-        self.inflight: Optional[Future] = None  # the last logging step's statistics, maybe still computing
-        self.batches = None  # the stream of minibatches, from the step the run starts at
-
-    def start(self) -> LoopState:
-        m = self.member
-        saved = None
-        if self.resume:
-            saved = load_for_resume(m.run_dir / CHECKPOINT, m.model, m.optimizer, m.monitor, self.device)
-            m.init_stats, m.metrics = saved["init_stats"], saved["metrics"]
-            log.info("resuming %s at step %d of %d", m.run_dir, saved["step"], self.schedule.total_steps)
-        state = LoopState.fresh(1, self.device, saved)
-        m.open_writer(self.data, self.device, purge_step=state.step if self.resume else None)
-        self.batches = minibatches(m.batches, state.step)
-        return state
-
-    def forward_backward(self, step: int, with_stats: bool, logging: bool) -> StepOutput:
-        model = self.member.model
-        x, y = next(self.batches)
-        self.activations = [] if with_stats else None
-        self.armed = preact.arm(model, logging and self.trainer.preact_percentiles)  # preact/ percentiles
-        with self.autocast:  # steps that record activations or pre-activations run eagerly (same weights)
-            logits = model(x, self.activations) if with_stats or self.armed else self.forward(x)
-            loss = F.cross_entropy(logits, y)
-        self.member.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        return StepOutput(loss.detach().reshape(1), (logits.detach().argmax(1) == y).sum().reshape(1))
-
-    def update(self, out: StepOutput, step: int, logging: bool) -> None:
-        m = self.member
-        if self.inflight is not None:  # the previous statistics read W, which this update changes
-            self.inflight.result()
-        captured = m.monitor.capture(self.activations) if self.activations is not None else None
-        m.optimizer.step()
-        if captured is not None:  # computed on a spare core while the next step runs (monitor.py)
-            out.stats = self.inflight = captured.statistics()
-        if logging:
-            m.writer.scalars(step, preact.collect(self.armed))
-
-    def stats_to_host(self, stats: Dict, scalars: Dict) -> List[tuple]:
-        return [self.member.monitor.to_host(stats, scalars)]
-
-    def summary_extra(self) -> Dict:
-        return {"compile": self.forward.status} if isinstance(self.forward, CompiledForward) else {}
-
-
-def make_schedule(t, steps_per_epoch: int) -> Schedule:
-    """The schedule trainer config `t` asks for; an epoch is `steps_per_epoch` steps."""
-    return Schedule(total_steps=t.max_steps or t.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
-                    log=Every(t.log_every), evaluate=Every(t.eval_every or steps_per_epoch),
-                    checkpoint=Every(t.checkpoint_every))
-
-
-def minibatches(batches: TrainBatches, step: int):
-    """Every minibatch from training step `step` on, epoch after epoch."""
-    epoch, start = divmod(step, batches.steps_per_epoch)
-    while True:
-        yield from batches.epoch(epoch, start_step=start)
-        epoch, start = epoch + 1, 0
-
-
-def member_rng_state(member: Member) -> Optional[Dict]:
-    """The random state a checkpoint stores: a fused member's own stream, in the slot its solo run uses."""
-    if member.rng is None:
-        return None
-    return {"torch": member.rng.get_state()} if member.rng.device.type == "cpu" else {"cuda": [member.rng.get_state()]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -490,6 +233,270 @@ def mean_of(values: List[Dict[str, float]]) -> Dict[str, float]:
     """The members' mean of each finite value, for the one progress line of a group."""
     keys = {k for v in values for k in v if isinstance(v.get(k), (int, float)) and math.isfinite(v[k])}
     return {k: sum(v[k] for v in values if k in v) / sum(1 for v in values if k in v) for k in keys}
+
+# ------------------------------------------------------------------------------------------------
+# the schedule and the loop's state
+
+
+@dataclass(frozen=True)
+class Every:
+    """True every `n` steps, from step 0 (never when n is 0)."""
+
+    n: int
+
+    def __call__(self, step: int) -> bool:
+        return self.n > 0 and step % self.n == 0
+
+
+@dataclass(frozen=True)
+class Schedule:
+    total_steps: int
+    steps_per_epoch: int
+    log: Every  # per-layer statistics and the training scalars
+    evaluate: Every  # test loss and accuracy
+    checkpoint: Every
+
+    def until(self, step: int) -> bool:
+        return step < self.total_steps
+
+
+@dataclass
+class StepOutput:
+    """One training step of every member: losses and correct counts (M,) on the device, and the
+    per-layer statistics when asked for (a Future: finished at the latest by the next update)."""
+
+    losses: torch.Tensor
+    correct: torch.Tensor
+    stats: Optional[Future] = None
+
+
+@dataclass
+class PendingLog:
+    """A logging step not written yet (see run_loop)."""
+
+    step: int
+    stats: Optional[Future]
+    loss: torch.Tensor  # (M,) mean training loss since the previous log, on the device
+    acc: torch.Tensor
+    samples: int
+    seconds: float  # training time since the previous log: throughput
+
+
+@dataclass
+class LoopState:
+    """Everything the loop counts: the step, the sums since the last log (per member, on the device:
+    no host sync per step) and the clocks. A checkpoint stores it; a resumed run starts from it."""
+
+    step: int
+    loss_sum: torch.Tensor
+    correct_sum: torch.Tensor
+    steps_since_log: int
+    clock: float  # start of the current log window's training time (pauses for evaluation excluded)
+    elapsed_before: float = 0.0  # wall time of the processes before this one (resume)
+    start_step: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    eval_seconds: float = 0.0
+    loop_end: Optional[float] = None
+    pending: Optional[PendingLog] = None
+    stop: Optional[GracefulStop] = None  # the signals that end the run (a signal during the end too)
+
+    @classmethod
+    def fresh(cls, members: int, device: torch.device, saved: Optional[Dict] = None) -> "LoopState":
+        saved = saved or {}
+        now = time.perf_counter()
+        return cls(step=saved.get("step", 0), start_step=saved.get("step", 0),
+                   loss_sum=torch.full((members,), float(saved.get("loss_sum", 0.0)), device=device),
+                   correct_sum=torch.full((members,), float(saved.get("correct_sum", 0.0)), device=device),
+                   steps_since_log=saved.get("steps_since_log", 0), elapsed_before=saved.get("elapsed_s", 0.0),
+                   # a log window may have begun before the checkpoint this run resumes from: its clock too
+                   clock=now - saved.get("seconds_since_log", 0.0), started=now)
+
+    def add(self, out: StepOutput) -> None:
+        self.loss_sum += out.losses.float()
+        self.correct_sum += out.correct.float()
+        self.steps_since_log += 1
+
+    def take_log(self, stats: Optional[Future], batch_size: int) -> None:
+        """Close the log window at this step: the means since the last log become a PendingLog."""
+        now = time.perf_counter()
+        self.pending = PendingLog(self.step, stats, self.loss_sum / self.steps_since_log,
+                                  self.correct_sum / (self.steps_since_log * batch_size),
+                                  samples=self.steps_since_log * batch_size, seconds=now - self.clock)
+        self.loss_sum, self.correct_sum = torch.zeros_like(self.loss_sum), torch.zeros_like(self.correct_sum)
+        self.steps_since_log, self.clock = 0, now
+
+    def paused(self, since: float, evaluating: bool) -> None:
+        """Training paused from `since` until now: not counted as training time."""
+        pause = time.perf_counter() - since
+        self.clock += pause
+        self.eval_seconds += pause if evaluating else 0.0
+
+    def checkpoint_state(self, row: int, member: "Member", now: float) -> Dict:
+        return {"step": self.step, "loss_sum": self.loss_sum[row], "correct_sum": self.correct_sum[row],
+                "steps_since_log": self.steps_since_log, "seconds_since_log": now - self.clock,
+                "init_stats": member.init_stats, "metrics": member.metrics,
+                "elapsed_s": self.elapsed_before + time.perf_counter() - self.started}
+
+
+# ------------------------------------------------------------------------------------------------
+# what the loop trains
+
+
+class Member:
+    """One run: its model, optimizer, monitor and data order, its writer, and what it has measured."""
+
+    def __init__(self, cfg, run_dir: Path, data: Dataset, device: torch.device):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        torch.manual_seed(cfg.seed)  # init draws from the global stream; so does dropout afterwards
+        self.model, self.optimizer, self.monitor = build(cfg, data, device)
+        self.batches = TrainBatches(data.train_x, data.train_y, cfg.data.batch_size, cfg.seed, augment=cfg.data.augment)
+        self.rng: Optional[torch.Generator] = None  # a fused member's own dropout stream (None: the global one)
+        self.writer: Optional[TensorBoardWriter] = None
+        self.metrics: Dict[str, float] = {}
+        self.init_stats: Dict = {}
+        self.last_stats: Dict = {}
+        self.summary: Optional[Dict] = None
+
+    def open_writer(self, data: Dataset, device: torch.device, purge_step: Optional[int] = None, note: str = "") -> None:
+        """The run's TensorBoard writer; a new run also records its config and data source."""
+        self.writer = TensorBoardWriter(self.run_dir, self.monitor.names, purge_step=purge_step)
+        if purge_step is None:
+            self.writer.text("run/config", "```\n" + OmegaConf.to_yaml(self.cfg, resolve=True) + "```")
+            self.writer.text("run/data_source", f"{data.name} from {data.source} on {device}{note}")
+            self.writer.text("run/name", run_text(self.run_dir))  # what differs, what its sweep holds constant
+
+
+class Trainee:
+    """What run_loop trains: `members` (row j of every per-member tensor is members[j]) computed together.
+
+    A step is split where the loop must act in between: `forward_backward` computes every member's loss
+    and gradients, `update` applies them. Reading a member's state (checkpoint, evaluation, the end)
+    goes through `sync` first, which brings each member's own modules up to date."""
+
+    members: List[Member]
+    schedule: Schedule
+
+    def __init__(self, cfg, what: str):
+        """The device, the data on it and the step's precision, as `cfg` (shared by the members) says."""
+        self.trainer = OmegaConf.to_object(cfg.trainer)  # plain TrainerConfig: DictConfig reads are slow
+        self.device = resolve_device(str(getattr(self.trainer.device, "value", self.trainer.device)))
+        set_flush_denormal(self.trainer.flush_denormal, self.device)  # before any thread starts: inherited
+        self.data = load_dataset(cfg.data, self.device)
+        log.info("%s | device %s | data %s (%s): %d train / %d test examples", what, self.device, self.data.name,
+                 self.data.source, len(self.data.train_x), len(self.data.test_x))
+        self.batch_size = cfg.data.batch_size
+        bf16 = self.trainer.precision == "bf16"  # autocast of the training forward; weights stay float32
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def start(self) -> LoopState:
+        return LoopState.fresh(len(self.members), self.device)
+
+    def forward_backward(self, step: int, with_stats: bool, logging: bool) -> StepOutput:
+        raise NotImplementedError
+
+    def update(self, out: StepOutput, step: int, logging: bool) -> None:
+        raise NotImplementedError
+
+    def stats_to_host(self, stats: Dict, scalars: Dict) -> List[tuple]:
+        """Per member, ({metric: {layer: value}}, {tag: value}) from one device->host copy."""
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        """Bring each member's own model (and random stream) up to date with the training state."""
+
+    def save(self, member: Member, state: Dict) -> None:
+        save_checkpoint(member.run_dir / CHECKPOINT, member.model, member.optimizer, member.monitor, member.cfg,
+                        state, rng=member_rng_state(member))
+
+    def summary_extra(self) -> Dict:
+        """What summary.json adds for this kind of trainee."""
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+class SoloRun(Trainee):
+    """One run: a single member, trained through its own modules (what `nrexp train` does)."""
+
+    def __init__(self, cfg, run_dir: Path, resume: bool = False):
+        super().__init__(cfg, "one run")
+        self.member = Member(cfg, run_dir, self.data, self.device)
+        self.members, self.resume = [self.member], resume
+        self.schedule = make_schedule(self.trainer, self.member.batches.steps_per_epoch, self.batch_size)
+        compiled = self.trainer.compile  # trainer.compile: see CompiledForward
+        self.forward = CompiledForward(self.member.model, self.device) if compiled else self.member.model
+        self.inflight: Optional[Future] = None  # the last logging step's statistics, maybe still computing
+        self.batches = None  # the stream of minibatches, from the step the run starts at
+
+    def start(self) -> LoopState:
+        m = self.member
+        saved = None
+        if self.resume:
+            saved = load_for_resume(m.run_dir / CHECKPOINT, m.model, m.optimizer, m.monitor, self.device)
+            m.init_stats, m.metrics = saved["init_stats"], saved["metrics"]
+            log.info("resuming %s at step %d of %d", m.run_dir, saved["step"], self.schedule.total_steps)
+        state = LoopState.fresh(1, self.device, saved)
+        m.open_writer(self.data, self.device, purge_step=state.step if self.resume else None)
+        self.batches = minibatches(m.batches, state.step)
+        return state
+
+    def forward_backward(self, step: int, with_stats: bool, logging: bool) -> StepOutput:
+        model = self.member.model
+        x, y = next(self.batches)
+        self.activations = [] if with_stats else None
+        self.armed = preact.arm(model, logging and self.trainer.preact_percentiles)  # preact/ percentiles
+        with self.autocast:  # steps that record activations or pre-activations run eagerly (same weights)
+            logits = model(x, self.activations) if with_stats or self.armed else self.forward(x)
+            loss = F.cross_entropy(logits, y)
+        self.member.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return StepOutput(loss.detach().reshape(1), (logits.detach().argmax(1) == y).sum().reshape(1))
+
+    def update(self, out: StepOutput, step: int, logging: bool) -> None:
+        m = self.member
+        if self.inflight is not None:  # the previous statistics read W, which this update changes
+            self.inflight.result()
+        captured = m.monitor.capture(self.activations) if self.activations is not None else None
+        m.optimizer.step()
+        if captured is not None:  # computed on a spare core while the next step runs (monitor.py)
+            out.stats = self.inflight = captured.statistics()
+        if logging:
+            m.writer.scalars(step, preact.collect(self.armed))
+
+    def stats_to_host(self, stats: Dict, scalars: Dict) -> List[tuple]:
+        return [self.member.monitor.to_host(stats, scalars)]
+
+    def summary_extra(self) -> Dict:
+        return {"compile": self.forward.status} if isinstance(self.forward, CompiledForward) else {}
+
+
+def make_schedule(t, steps_per_epoch: int, batch_size: int) -> Schedule:
+    """The schedule trainer config `t` asks for; an epoch is `steps_per_epoch` steps of `batch_size` examples.
+    Its length: t.max_steps, else ceil(t.max_examples / batch_size) (a budget in examples seen), else
+    t.epochs epochs."""
+    total = t.max_steps or t.epochs * steps_per_epoch
+    if t.max_examples:
+        total = math.ceil(t.max_examples / batch_size)
+    return Schedule(total_steps=total, steps_per_epoch=steps_per_epoch,
+                    log=Every(t.log_every), evaluate=Every(t.eval_every or steps_per_epoch),
+                    checkpoint=Every(t.checkpoint_every))
+
+
+def minibatches(batches: TrainBatches, step: int):
+    """Every minibatch from training step `step` on, epoch after epoch."""
+    epoch, start = divmod(step, batches.steps_per_epoch)
+    while True:
+        yield from batches.epoch(epoch, start_step=start)
+        epoch, start = epoch + 1, 0
+
+
+def member_rng_state(member: Member) -> Optional[Dict]:
+    """The random state a checkpoint stores: a fused member's own stream, in the slot its solo run uses."""
+    if member.rng is None:
+        return None
+    return {"torch": member.rng.get_state()} if member.rng.device.type == "cpu" else {"cuda": [member.rng.get_state()]}
+
 
 # ------------------------------------------------------------------------------------------------
 # the pieces of a run

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -88,6 +89,9 @@ def test_unknown_command_is_one_clear_line(tmp_path):
 def test_train_end_to_end_writes_events_summary_checkpoint(tiny_run):
     proc, run_dir = tiny_run("norm=batch", "dropout.p=0.2")
     assert "completed" in proc.stdout
+    # outputs/<day>/<time>_<the command line's overrides, in its order>, printed when the run starts
+    assert re.fullmatch(r"\d\d-\d\d-\d\d_" + re.escape(",".join([*TINY, "norm=batch", "dropout.p=0.2"])), run_dir.name)
+    assert proc.stdout.splitlines()[0] == f"run dir: outputs/{run_dir.parent.name}/{run_dir.name}"
     # the run dir holds the composed config, a log, events, summary and a checkpoint
     for name in (".hydra/config.yaml", "train.log", "summary.json", "checkpoint.pt"):
         assert (run_dir / name).is_file(), name
@@ -127,7 +131,8 @@ def test_train_end_to_end_writes_events_summary_checkpoint(tiny_run):
     for tag in ("depth/init", "depth/final"):  # each a PNG of the whole figure, drawn (not blank)
         (record,) = events.Images(tag)
         picture = Image.open(io.BytesIO(record.encoded_image_string))
-        assert picture.format == "PNG" and picture.size == (record.width, record.height) == (800, 320)
+        assert picture.format == "PNG" and picture.size == (record.width, record.height)
+        assert record.width == 800 and record.height in (320, 360)  # the title: the run's name on 1 or 2 lines
         # text, lines and markers, not one color
         assert len(picture.convert("L").getcolors(maxcolors=256 * 256) or ()) > 20, tag
     # the custom-scalars layout (one chart per per-layer metric) and the run's config and data source
@@ -137,7 +142,10 @@ def test_train_end_to_end_writes_events_summary_checkpoint(tiny_run):
     assert {"custom_scalars__config__", "run/config/text_summary", "run/data_source/text_summary"} <= tensors
     layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     charts = {chart.title: list(chart.multiline.tag) for cat in layout.category for chart in cat.chart}
-    assert charts["act_norm"] == ["^act_norm/"] and charts["grad_norm"] == ["^grad_norm/"]
+    # depth charts first (a metric against the layer index), then one chart per picked layer, all runs overlaid
+    assert charts["act_norm vs depth, at init"] == ["^depth_init/act_norm$"]
+    assert charts["act_norm/block00 (first block)"] == ["^act_norm/block00$"]
+    assert charts["grad_norm/head (head)"] == ["^grad_norm/head$"]
 
 
 @pytest.mark.slow

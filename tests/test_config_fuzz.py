@@ -24,6 +24,8 @@ KNOBS = {  # valid values and invalid ones, for every kind of knob
     "optim.momentum": st.floats(-0.5, 1.5),
     "optim.weight_decay": st.one_of(st.floats(0, 0.1), st.sampled_from(["-1", "nan", "[1,2]"])),
     "optim.decay_norm_and_bias": st.sampled_from(["true", "false"]),
+    "optim.lr_scaling": st.sampled_from(["none", "linear", "sqrt", "cubic"]),
+    "optim.ref_batch_size": st.integers(-1, 300),
     "init": st.sampled_from(["kaiming", "xavier", "normal", "uniform", "orthogonal", "default", "he"]),
     "init.scale": st.one_of(st.floats(-1, 4), st.just("inf")),
     "data.batch_size": st.integers(-2, 4100),
@@ -32,6 +34,7 @@ KNOBS = {  # valid values and invalid ones, for every kind of knob
     "model.width": st.integers(-1, 48),
     "model.activation": st.sampled_from(["relu", "tanh", "sigmoid", "gelu", "swish"]),
     "trainer.log_every": st.integers(-1, 3),
+    "trainer.max_examples": st.one_of(st.integers(-1, 300), st.just("null")),  # beside max_steps=2: one line
     "trainer.eval_every": st.integers(-1, 3),
     "trainer.checkpoint_every": st.integers(-1, 3),
     "seed": st.integers(0, 2**31 - 1),

@@ -2,28 +2,72 @@
 launcher/sweeper plugins (joblib, submitit_local, optuna) running real jobs."""
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import TINY, read_summary, run_cli, run_dirs
-from nrexp.sweep import MAX_DIR_NAME, gpu_for_job, job_dir_name
+from nrexp.sweep import EXCLUDE_KEYS, MAX_DIR_NAME, gpu_for_job, job_dir_name, naming_overrides, run_name_suffix
 
 # A 2-job sweep for the launcher tests: as small as a real run gets.
 LAUNCHER_TINY = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.eval_every"))] + [
     "trainer.max_steps=2", "trainer.eval_every=2", "trainer.progress=false"]
 
 
-def test_job_dir_names():
-    assert job_dir_name("dropout.p=0.2,norm=batch") == "dropout.p=0.2,norm=batch"
-    assert job_dir_name("") == "defaults"  # a job with no overrides: not the sweep dir itself
-    assert job_dir_name("+experiment=deep,norm=batch") == "experiment=deep,norm=batch"
-    assert job_dir_name("++optim.lr=0.1,+x=1") == "optim.lr=0.1,x=1"
-    assert job_dir_name("experiment=paper/fig1,seed=0") == "experiment=paper-fig1,seed=0"  # no nested dirs
-    long_a, long_b = "a=" + "1" * 300, "a=" + "1" * 299 + "2"
+def test_job_dir_names_carry_what_varies_in_command_line_order():
+    task = ["data.source=bundled", "norm=batch", "init=normal", "init.scale=2", "trainer.progress=false"]
+    constants = ["trainer.progress", "data.root", "data.source", "init"]  # what naming_overrides excludes
+    assert job_dir_name(task, constants) == "norm=batch,init.scale=2"  # not alphabetical: as typed
+    # a preset's sweep (hydra.sweeper.params) follows the command line's, in the preset's order
+    assert job_dir_name(["model.depth=50", "+experiment=x", "seed=1"], ["experiment"],
+                        {"model.depth": "10,50"}) == "seed=1,model.depth=50"
+    # a sweep that varies nothing (one job): named by its overrides but the bookkeeping ones; none: `defaults`
+    assert job_dir_name(["norm=batch", "trainer.progress=false"], ["trainer.progress", "norm"]) == "norm=batch"
+    assert job_dir_name([]) == "defaults"  # not the sweep dir itself
+    assert job_dir_name(["+experiment=deep", "norm=batch"]) == "experiment=deep,norm=batch"
+    assert job_dir_name(["++optim.lr=0.1", "+x=1"]) == "optim.lr=0.1,x=1"
+    assert job_dir_name(["experiment=paper/fig1", "seed=0"]) == "experiment=paper-fig1,seed=0"  # no nested dirs
+    long_a, long_b = ["a=" + "1" * 300], ["a=" + "1" * 299 + "2"]
     assert len(job_dir_name(long_a).encode()) <= MAX_DIR_NAME
     assert job_dir_name(long_a) != job_dir_name(long_b)  # cut names stay distinct (hash of the whole)
+
+
+def test_naming_overrides_exclude_the_constant_keys_of_a_sweep():
+    line = naming_overrides(["norm=none,batch", "+experiment=x", "init.scale=1,2", "seed=0", "hydra.sweep.dir=s",
+                             "hydra/launcher=joblib"], multirun=True)
+    assert line == [f"{EXCLUDE_KEYS}=[trainer.progress,data.root,data.eval_batch_size,experiment,seed]"]
+    given = naming_overrides([f"{EXCLUDE_KEYS}=[seed]", "norm=none,batch", "init=normal"], multirun=True)
+    assert given == [f"{EXCLUDE_KEYS}=[seed,init]"]  # added to the list the command line gives
+    assert naming_overrides(["norm=batch"], multirun=False) == []  # a single run: named by all its overrides
+    assert naming_overrides(["norm=none,batch"], multirun=True) == []  # nothing constant
+
+
+def test_single_run_dir_is_the_time_and_the_overrides_and_never_reused(tmp_path):
+    from nrexp.config import fresh_dir
+
+    suffix = run_name_suffix(["norm=batch", "dropout.p=0.2", "trainer.progress=false"], ["trainer.progress"])
+    assert suffix == "_norm=batch,dropout.p=0.2"
+    assert run_name_suffix([], ["trainer.progress"]) == ""
+    base = str(tmp_path / "day" / "12-00-00")
+    names = [Path(fresh_dir(base, suffix)).name for _ in range(2)] + [Path(fresh_dir(base, "")).name]
+    # the count follows the time, so it never reads as part of a value (dropout.p=0.2_1)
+    assert names == ["12-00-00_norm=batch,dropout.p=0.2", "12-00-00_1_norm=batch,dropout.p=0.2", "12-00-00"]
+
+
+def test_a_finished_job_is_one_line():
+    from nrexp.console import job_line
+
+    done = {"status": "completed", "metrics": {"test/acc": 0.91234}, "wall_time_s": 12.34}
+    line = job_line("norm=batch,init.scale=2", done, 3)
+    assert line == "#3 norm=batch,init.scale=2  completed  test acc 0.9123  12.3 s"
+    error = "nrexp.errors.ConfigError: data.train_size=5000 is invalid"
+    failed = {"status": "failed", "error": error, "metrics": {}}
+    assert job_line("norm=none", failed, 0) == f"#0 norm=none  failed  {error}"
+    diverged = {"status": "diverged", "metrics": {"test/acc": None}, "wall_time_s": 1.0}
+    assert job_line("optim.lr=10", diverged) == "optim.lr=10  diverged  test acc -  1.0 s"
 
 
 def test_gpu_for_job_round_robin():
@@ -52,7 +96,8 @@ def test_launcher_and_sweeper_presets_compose():
     optuna = _hydra_cfg(["hydra/sweeper=optuna_wd_dropout"]).sweeper
     assert optuna.direction == "maximize" and set(optuna.params) == {"optim.weight_decay", "dropout.p"}
     hydra = _hydra_cfg([])
-    assert [c._target_ for c in hydra.callbacks.values()] == ["nrexp.sweep.SweepStatusTable"]
+    assert [c._target_ for c in hydra.callbacks.values()] == [
+        "nrexp.console.RunConsole", "nrexp.sweep.SweepRecord", "nrexp.sweep.SweepStatusTable"]
 
 
 @pytest.mark.slow
@@ -60,10 +105,9 @@ def test_sweep_one_dir_per_job_failures_recorded_and_status_table(tiny_sweep):
     proc, sweep = tiny_sweep
     jobs = sorted(p.name for p in sweep.iterdir() if (p / ".hydra").is_dir())
     assert len(jobs) == 12
-    # named by the job's overrides; excluded keys (trainer.progress) do not name dirs
-    assert any(name.startswith("data.batch_size=64,") and ",data.train_size=512," in name
-               and ",norm=batch,seed=1," in name for name in jobs)
-    assert not any("trainer.progress" in name for name in jobs)
+    # named by the keys the sweep varies, in command-line order: not its constants (data.batch_size=64, ...)
+    assert "norm=batch,data.train_size=512,seed=1" in jobs
+    assert all(re.fullmatch(r"norm=(none|batch),data\.train_size=(256|512|5000),seed=[01]", name) for name in jobs)
     statuses = {}
     for job in jobs:
         summary = read_summary(sweep / job)
@@ -79,7 +123,39 @@ def test_sweep_one_dir_per_job_failures_recorded_and_status_table(tiny_sweep):
     assert sorted(statuses.values()).count("failed") == 4
     # the end-of-sweep table: every job with its status, named by what differs between jobs
     assert "8 completed, 4 failed" in proc.stdout
-    assert "data.train_size=5000,norm=none,seed=1" in proc.stdout and "4000 examples" in proc.stdout
+    assert "norm=none,data.train_size=5000,seed=1" in proc.stdout and "4000 examples" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_sweep_names_jobs_by_what_varies_and_records_its_constants(tmp_path):
+    """Through the CLI: job dirs (TensorBoard's run names) carry only the swept keys, in the command line's
+    order (norm before init.scale, not alphabetical); sweep.yaml and each run's text tab list the constants;
+    the terminal shows the sweep dir first, one line per finished job, no per-job table, then the table."""
+    constants = [*LAUNCHER_TINY, "init=normal"]
+    proc = run_cli(["train", "-m", "norm=none,batch", *constants, "init.scale=1,2", "hydra.sweep.dir=sweep"],
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sweep = tmp_path / "sweep"
+    names = [f"norm={n},init.scale={s}" for n in ("none", "batch") for s in (1, 2)]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == sorted(names)
+
+    (entry,) = yaml.safe_load((sweep / "sweep.yaml").read_text())["commands"]
+    assert entry["varies"] == ["norm", "init.scale"]
+    assert entry["constants"] == constants
+    assert entry["command"].startswith("nrexp train -m norm=none,batch data.source=bundled")
+    assert entry["command"].endswith("init.scale=1,2 hydra.sweep.dir=sweep")
+    events = EventAccumulator(str(sweep / names[-1])).Reload()
+    text = events.Tensors("run/name/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert f"**{names[-1]}**" in text and "`init=normal`" in text and "`model.depth=2`" in text
+
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "sweep dir: sweep"
+    finished = [line for line in lines if re.match(r"#\d ", line)]
+    assert [line.split()[1] for line in finished] == names  # in the order the jobs ran
+    assert all(re.fullmatch(r"#\d \S+  completed  test acc \d\.\d{4}  \d+\.\d s", line) for line in finished), finished
+    assert "nrexp run:" not in proc.stdout  # the per-job summary table of a single run
+    assert "sweep sweep: 4 completed" in proc.stdout
+    assert proc.stdout.index(finished[-1]) < proc.stdout.index("4 completed")
 
 
 @pytest.mark.slow
