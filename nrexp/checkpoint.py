@@ -10,11 +10,12 @@ previous complete checkpoint in place and loadable.
 """
 from __future__ import annotations
 
+import errno
 import io
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -30,8 +31,8 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be resumed from: one clear line, exit code 2, nothing overwritten."""
 
 
-def save_checkpoint(path: Path, model, optimizer, monitor, cfg, state: Dict[str, Any],
-                    rng: Optional[Dict[str, Any]] = None) -> None:
+def save_checkpoint(path: Path, model, optimizer, monitor, cfg, state: dict[str, Any],
+                    rng: dict[str, Any] | None = None) -> None:
     """`rng` replaces entries of the random state stored (default: this process's CPU and CUDA streams);
     a member of a fused group stores its own dropout stream in the slot its solo run would use. Tensors
     in `state` (the trainer's running sums, on the device) are stored as floats: read here, where the
@@ -50,10 +51,16 @@ def save_checkpoint(path: Path, model, optimizer, monitor, cfg, state: Dict[str,
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    atomic_write(path, buffer.getvalue())
+    data = buffer.getvalue()
+    try:
+        atomic_write(path, data)
+    except OSError as err:  # a full disk: the one-line error names the file and the space it needs
+        if err.errno == errno.ENOSPC:
+            err.nrexp_path, err.nrexp_bytes = str(path), len(data)
+        raise
 
 
-def read_checkpoint(path: Path) -> Dict[str, Any]:
+def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint file, turning every way it can be broken into one CheckpointError line."""
     path = Path(path)
     if not path.is_file():
@@ -70,7 +77,7 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
     return payload
 
 
-def load_for_resume(path: Path, model, optimizer, monitor, device: torch.device) -> Dict[str, Any]:
+def load_for_resume(path: Path, model, optimizer, monitor, device: torch.device) -> dict[str, Any]:
     """Restore model, optimizer, RNG and monitor from `path`; return the saved run state."""
     payload = read_checkpoint(path)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

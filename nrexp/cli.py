@@ -10,13 +10,16 @@ swept override, is composed against the typed schema and validated.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from nrexp.errors import ConfigError, error
+from nrexp.rundir import LOCK
 
 USAGE = """\
 usage: nrexp <command> [args]
@@ -33,6 +36,7 @@ examples:
   nrexp train -m norm=none,layer,batch init=normal init.scale=1,2,3
   nrexp train -m norm=none,batch seed=0,1,2 hydra/launcher=joblib hydra.launcher.n_jobs=4
   nrexp train resume=outputs/2026-11-21/10-00-00     # continue an interrupted run
+  nrexp train -m seed=0,1,2 hydra.sweep.dir=<its dir> sweep.resume=true   # finish a killed sweep
   nrexp report outputs/multirun/<date>/<time> --sort=-test_acc
   tensorboard --logdir outputs
 """
@@ -44,6 +48,11 @@ examples:
 
 def train_app(args: list[str]) -> int:
     """Run the Hydra app for `nrexp train` with `args` as its command line."""
+    with interrupts_before_the_loop():
+        return _train_app(args)
+
+
+def _train_app(args: list[str]) -> int:
     import hydra
 
     import nrexp
@@ -51,11 +60,13 @@ def train_app(args: list[str]) -> int:
 
     config.register()
     args = [quote_path_override(a) for a in args]
-    overrides = [a for a in args if "=" in a and not a.startswith("-")]
     flags = [hydra_flag(a) for a in args if a.startswith("-")]
     multirun = any(a in ("-m", "--multirun") for a in flags)
     try:
+        args, sweep_resume = take_sweep_resume(args, multirun)
+        overrides = [a for a in args if "=" in a and not a.startswith("-")]
         existing = check_command_line(overrides, flags, multirun)
+        plan = sweep_plan(overrides, sweep_resume) if multirun and existing is not None else None
     except ConfigError as err:
         return error(str(err))
     resume = next((a.split("=", 1)[1] for a in overrides if a.startswith("resume=")), None)
@@ -63,20 +74,116 @@ def train_app(args: list[str]) -> int:
         run_dir = Path(_unquote(resume)).resolve()
         args = [*args, quote_path_override(f"hydra.run.dir={run_dir}"), "hydra.output_subdir=null"]
     args += sweep.naming_overrides(overrides, multirun)  # a sweep's job dirs: named by what varies
+    if existing is not None and not multirun:
+        try:  # the run's one writer from here on, before Hydra writes .hydra/ or train.log into it
+            lock_run_dir(Path(_unquote(resume)) if resume else explicit_dir(overrides, "hydra.run.dir"), bool(resume))
+        except ConfigError as err:
+            return error(str(err))
 
     @hydra.main(version_base="1.3", config_path=nrexp.config_dir(), config_name="train")
     def _train(cfg) -> float:
-        return run_task(cfg, existing or Path.cwd())
+        return run_task(cfg, existing or Path.cwd(), plan)
 
     sys.argv = [sys.argv[0], *args]
     sweep.finished_jobs.clear()  # filled by the sweep's status table when it ends
-    _train()
+    if plan is not None:
+        sweep.plan.clear()
+        sweep.plan.update(plan)
+    try:
+        if existing is None:  # --help, --cfg, completion: nothing runs
+            _train()
+            return 0
+        stop_if_interrupted()
+        _train()
+    except StartupInterrupted as stop:
+        run_dir = _hydra_output_dir()
+        if run_dir is not None and not resume and not multirun:
+            remove_if_empty_run_dir(run_dir, existing)
+        return error(f"stopped by signal {stop.signum} during start-up, before the run began"
+                     + ("" if run_dir is None or not run_dir.exists() else f" (in {run_dir})"), code=stop.code)
     failed = [job for job in sweep.finished_jobs if job["status"] == "failed"]
     if multirun and failed:  # the table above names them; a script or CI step must see it too
         return error(f"{len(failed)} of {len(sweep.finished_jobs)} jobs of the sweep failed (status failed in the "
                      "table above; each one's error is in its summary.json and train.log). Fix: correct what the "
                      "error says and rerun those jobs", code=1)
     return 0
+
+
+def _hydra_output_dir() -> Path | None:
+    """The run dir Hydra set up in this process, if it got that far."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return Path(str(HydraConfig.instance().cfg.hydra.runtime.output_dir))
+    except Exception:  # noqa: BLE001 - not set up yet
+        return None
+
+
+def take_sweep_resume(args: list[str], multirun: bool) -> tuple[list[str], bool]:
+    """`sweep.resume=true|false` is an option of the command, not of the runs: taken out of the command
+    line before Hydra sees it, so a finished sweep's jobs keep the overrides (and configs) they started with."""
+    rest, value = [], False
+    for a in args:
+        key, sep, given = a.partition("=")
+        if sep and key == "sweep.resume":
+            if given.lower() not in ("true", "false"):
+                raise ConfigError(f"sweep.resume={given!r} is invalid: must be true or false. Fix: sweep.resume=true "
+                                  "to finish the sweep in hydra.sweep.dir")
+            value = given.lower() == "true"
+        else:
+            rest.append(a)
+    if value and not multirun:
+        raise ConfigError("sweep.resume=true finishes a sweep: it needs -m. Fix: nrexp train -m <the sweep's "
+                          "overrides> hydra.sweep.dir=<its dir> sweep.resume=true; a single run: resume=<run dir>")
+    return rest, value
+
+
+def explicit_dir(overrides: list[str], key: str) -> Path | None:
+    """The dir `key=...` (hydra.run.dir, hydra.sweep.dir) names on the command line, when it is a literal path."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if o.key_or_group == key and not o.is_sweep_override():
+            value = str(o.value())
+            return None if "${" in value else Path(value).absolute()
+    return None
+
+
+def lock_run_dir(run_dir: Path | None, resuming: bool) -> None:
+    """Become `run_dir`'s one writer for the rest of this process (a new run in an explicit hydra.run.dir,
+    or a resume), then remove what a killed write left there. One line if another process holds it."""
+    from nrexp import rundir
+
+    if run_dir is None:
+        return
+    if not resuming and not run_dir.exists():
+        run_dir.mkdir(parents=True)  # Hydra would make it a moment later; the lock file lives in it
+    rundir.hold(run_dir)
+    if not resuming:  # checked again under the lock: a run that started since preflight holds it now
+        rundir.check_new_run_dir(run_dir)
+    rundir.remove_stale_temp_files(run_dir)
+
+
+def sweep_plan(overrides: list[str], resume: bool) -> dict:
+    """What `nrexp train -m` does with the jobs an earlier command left in hydra.sweep.dir: without
+    sweep.resume=true, a used sweep dir is refused; with it, each recorded job (found by its overrides)
+    is skipped, resumed or run again (sweep.job_action), and none may be another process's now."""
+    from nrexp import rundir, sweep
+
+    sweep_dir = explicit_dir(overrides, "hydra.sweep.dir")
+    if resume and sweep_dir is None:
+        raise ConfigError("sweep.resume=true needs the sweep's dir. Fix: add hydra.sweep.dir=<the sweep's dir> "
+                          "(e.g. outputs/multirun/<date>/<time>) to the sweep's own command line")
+    jobs = sweep.recorded_jobs(sweep_dir) if sweep_dir is not None else {}
+    if jobs and not resume:
+        raise ConfigError(f"{sweep_dir} already holds {len(jobs)} job(s) of a sweep; a new sweep never writes into "
+                          "it. Fix: finish that sweep with sweep.resume=true (its own overrides: completed jobs are "
+                          "skipped, the others resumed), or give this one a new hydra.sweep.dir")
+    for job_dir in jobs.values():  # a sweep being finished by another command: say so before any job starts
+        with rundir.RunLock(Path(job_dir)):
+            pass
+    return {"resume": resume, "jobs": jobs,
+            "actions": {job_dir: sweep.job_action(Path(job_dir)) for job_dir in jobs.values()}}
 
 
 def check_command_line(overrides: list[str], flags: list[str], multirun: bool) -> Path | None:
@@ -107,44 +214,189 @@ def check_command_line(overrides: list[str], flags: list[str], multirun: bool) -
     return existing
 
 
-def run_task(cfg, existing: Path) -> float:
+def run_task(cfg, existing: Path, plan: dict | None = None) -> float:
     """Hydra's task function: one run, or one job of a sweep; returns the test accuracy, what a Hydra
-    sweeper (e.g. optuna) optimizes. `existing`: the folder a rejected run must not remove."""
+    sweeper (e.g. optuna) optimizes. `existing`: the folder a rejected run must not remove; `plan`: what
+    cli.sweep_plan found in the sweep dir (joblib's workers get it with this function)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from nrexp import sweep
-    from nrexp.train import Diverged, train  # torch is imported here, once a run really starts
+    from nrexp import rundir, sweep
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    if hc.mode == RunMode.MULTIRUN:
-        # A sweep job: one failure must not stop the others. It is recorded in the job's summary.json
-        # and the job returns NaN, which Hydra's sweepers ignore and Optuna records as a failed trial.
+    with interrupts_before_the_loop():
         try:
-            sweep.claim_gpu(str(getattr(cfg.trainer.device, "value", cfg.trainer.device)), hc.job.num)
-            summary = train(cfg, run_dir)
-        except Diverged:  # trainer.on_nonfinite=raise: its summary (diverged) is already written
-            return float("nan")
-        except Exception as err:  # noqa: BLE001 - any error of one job; Ctrl-C still stops them all
-            sweep.record_failure(cfg, run_dir, err)
-            return float("nan")
-    else:
-        try:
-            if cfg.resume:
-                summary = train(resume_config(cfg, list(hc.overrides.task)), run_dir, resume=True)
+            from nrexp.train import Diverged, train  # torch is imported here, once a run really starts
+
+            if hc.mode == RunMode.MULTIRUN:
+                summary = sweep_job(cfg, run_dir, hc, plan or {"resume": False, "jobs": {}})
             else:
-                summary = train(cfg, run_dir)
+                lock = contextlib.nullcontext() if rundir.held_by_this_process(run_dir) else rundir.RunLock(run_dir)
+                with lock, the_loop_runs():
+                    if not cfg.resume:  # preflight checked a literal hydra.run.dir; this is for any other
+                        rundir.check_new_run_dir(run_dir)
+                    rundir.remove_stale_temp_files(run_dir)
+                    if not cfg.resume:
+                        summary = train(cfg, run_dir)
+                    elif (run_dir / "checkpoint.pt").is_file():
+                        summary = train(resume_config(cfg, list(hc.overrides.task)), run_dir, resume=True)
+                    else:  # stopped or failed before its first checkpoint: from step 0
+                        again = resume_config(cfg, list(hc.overrides.task))
+                        rundir.clear_partial_run(run_dir)
+                        summary = train(again, run_dir)
+        except StartupInterrupted as stop:
+            sys.exit(interrupted_before_the_loop(cfg, run_dir, existing, stop))
         except ConfigError as err:
-            if not cfg.resume:
+            if not cfg.resume and hc.mode != RunMode.MULTIRUN:
                 remove_if_empty_run_dir(run_dir, existing)
             sys.exit(error(str(err)))
         except Diverged as err:  # trainer.on_nonfinite=raise: the summary is written; fail the command
             sys.exit(error(str(err), code=1))
+        except Exception as err:  # noqa: BLE001 - any error of the run: one line, its traceback in train.log
+            summary = sweep.record_failure(cfg, run_dir, err, console=False)
+            sys.exit(error(summary["error"], code=1))
     if summary.get("signal"):  # Ctrl-C / SIGTERM ends a sweep too, after this job's checkpoint
         sys.exit(128 + summary["signal"])  # 130 for Ctrl-C, 143 for SIGTERM, as shells report them
-    test_acc = summary["metrics"]["test/acc"]
-    return float("nan") if test_acc is None else test_acc
+    test_acc = summary.get("metrics", {}).get("test/acc")
+    return float("nan") if test_acc is None or summary.get("status") == "failed" else test_acc
+
+
+def sweep_job(cfg, run_dir: Path, hc, plan: dict) -> dict:
+    """One job of a sweep: one failure must not stop the others. It is recorded in the job's summary.json
+    and the job returns NaN, which Hydra's sweepers ignore and Optuna records as a failed trial. When
+    finishing a sweep (sweep.resume=true) the job is found by its overrides and skipped, resumed or run."""
+    import logging
+
+    from nrexp import rundir, sweep
+    from nrexp.runs import read_summary
+    from nrexp.train import Diverged, train
+
+    log = logging.getLogger("nrexp")
+    recorded = plan["jobs"].get(sweep.job_key(hc.overrides.task))
+    if recorded is not None and Path(recorded).resolve() != run_dir.resolve():  # named otherwise before
+        log.info("this job's run is in %s (found by its overrides): it continues there", recorded)
+        remove_if_empty_run_dir(run_dir, run_dir.parent)
+        run_dir = Path(recorded)
+    try:
+        lock = rundir.RunLock(run_dir).__enter__()
+    except ConfigError as err:  # another process writes this job: nothing is written into it
+        log.error("job refused: %s", err)
+        return {"status": "failed", "error": str(err)}
+    try:
+        if recorded is None and rundir.holds_a_run(run_dir):
+            log.error("job refused: %s holds another job's run; a job never writes into it. Fix: give the sweep "
+                      "a new hydra.sweep.dir", run_dir)
+            return {"status": "failed", "error": f"{run_dir} holds another job's run"}
+        rundir.remove_stale_temp_files(run_dir)
+        action = sweep.job_action(run_dir) if recorded is not None else sweep.RUN
+        if action == sweep.SKIPPED:
+            summary = read_summary(run_dir)
+            log.info("sweep.resume: %s is a result already (%s): skipped", run_dir.name, summary.get("status"))
+            return summary
+        sweep.claim_gpu(str(getattr(cfg.trainer.device, "value", cfg.trainer.device)), hc.job.num)
+        if action == sweep.RESUMED:
+            log.info("sweep.resume: %s continues from its checkpoint", run_dir.name)
+            resumed = config_to_resume(run_dir, [])
+            with the_loop_runs():
+                return train(resumed, run_dir, resume=True)
+        cleared = rundir.clear_partial_run(run_dir)
+        if cleared:
+            log.info("sweep.resume: %s had no checkpoint: runs again from step 0 (removed %s)", run_dir.name,
+                     ", ".join(p.name for p in cleared))
+        with the_loop_runs():
+            return train(cfg, run_dir)
+    except Diverged:  # trainer.on_nonfinite=raise: its summary (diverged) is already written
+        return {"status": "diverged"}
+    except Exception as err:  # noqa: BLE001 - any error of one job; Ctrl-C still stops them all
+        return sweep.record_failure(cfg, run_dir, err)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+class StartupInterrupted(BaseException):
+    """Ctrl-C or SIGTERM before the training loop took over the signals (nrexp.signals.GracefulStop), or a
+    second one while it stops: the run stops now. BaseException: Hydra passes it on, as it does Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum, self.code = signum, 128 + signum
+
+
+# A signal before the run's loop (start-up: imports, data, model) is noted here and acted on at the next safe
+# point (`stop_if_interrupted`): raised inside `import torch` it would leave torch half-imported.
+_startup: dict = {"signum": None, "in_run": False, "installed": False}
+
+
+def _startup_handler(signum, frame) -> None:
+    import signal
+
+    if _startup["in_run"] or _startup["signum"] is not None:
+        # a second signal, or one after the loop's GracefulStop handed the signals back while it stops: now
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    _startup["signum"] = signum
+
+
+def stop_if_interrupted() -> None:
+    """Raise StartupInterrupted if a signal came during start-up."""
+    if _startup["signum"] is not None:
+        raise StartupInterrupted(_startup["signum"])
+
+
+@contextlib.contextmanager
+def interrupts_before_the_loop():
+    """While active, SIGINT and SIGTERM before the training loop are noted and end the command at the next
+    safe point (SIGTERM would otherwise end the process with nothing said). The loop's GracefulStop
+    replaces these handlers while it runs."""
+    import signal
+
+    if _startup["installed"] or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _startup.update(signum=None, in_run=False, installed=True)
+    for sig in previous:
+        signal.signal(sig, _startup_handler)
+    try:
+        yield
+    finally:
+        _startup["installed"] = False
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def the_loop_runs():
+    """Around train(): the loop's own GracefulStop handles signals; one reaching ours is a second one: abort."""
+    stop_if_interrupted()
+    _startup["in_run"] = True
+    try:
+        yield
+    finally:
+        _startup["in_run"] = False
+
+
+def interrupted_before_the_loop(cfg, run_dir: Path, existing: Path, stop: StartupInterrupted) -> int:
+    """A signal before the loop's first checkpoint leaves nothing (a new run's dir is removed), or a dir
+    whose summary says `interrupted` at step 0, which resume= starts again from step 0. A signal after a
+    checkpoint (a second Ctrl-C while the run stops) leaves that checkpoint to resume from."""
+    from nrexp import rundir
+    from nrexp.writers import write_summary
+
+    if not cfg.resume and not rundir.holds_a_run(run_dir):
+        remove_if_empty_run_dir(run_dir, existing)
+    if run_dir.is_dir() and not (run_dir / "checkpoint.pt").exists() and rundir.holds_a_run(run_dir):
+        from nrexp.sweep import _plain_config
+
+        write_summary(run_dir, {"status": "interrupted", "signal": stop.signum, "steps": 0,
+                                "config": _plain_config(cfg), "metrics": {}, "run_dir": str(run_dir)})
+    return error(f"stopped by signal {stop.signum} before the first checkpoint"
+                 + (f"; continue with: nrexp train resume={run_dir}" if run_dir.is_dir() else ": nothing was written"),
+                 code=stop.code)
 
 
 # Hydra's command-line modes: the flags of each (Hydra rejects two modes with a traceback)
@@ -213,6 +465,13 @@ def preflight(overrides: list[str], multirun: bool = False, printing: bool = Fal
         check_resume(resume, ours, multirun)
     # a resumed run writes into its own dir (checked above), not into a new one
     existing = Path.cwd() if printing or resume is not None else check_output_writable(parsed, multirun)
+    if not (printing or multirun or resume is not None):  # a run dir holds one run: never a second one
+        from nrexp.rundir import check_new_run_dir
+
+        run_dir = next((Path(str(o.value())).absolute() for o in parsed if o.key_or_group == "hydra.run.dir"
+                        and not o.is_sweep_override() and "${" not in str(o.value())), None)
+        if run_dir is not None:
+            check_new_run_dir(run_dir)
     # hydra/launcher=..., hydra/sweeper=...: composed too, so that a misspelt option is one line here
     fixed = [o.input_line for o in parsed
              if not o.is_sweep_override() and (o in ours or o.key_or_group.startswith("hydra/"))]
@@ -461,6 +720,11 @@ def resumed_config_for_warnings(run_dir: Path, parsed):
 
 
 def check_resumable(run_dir: Path) -> None:
+    from nrexp.runs import read_summary
+
+    summary = read_summary(run_dir)
+    if summary.get("status") in ("interrupted", "failed") and isinstance(summary.get("config"), dict):
+        return  # stopped or failed before its first checkpoint: resume= starts it again from step 0
     if not (run_dir / "checkpoint.pt").is_file():
         raise ConfigError(f"resume={str(run_dir)!r}: no checkpoint.pt there. Fix: pass the directory of a run "
                           "that wrote a checkpoint (see `ls outputs/*/*/checkpoint.pt`)")
@@ -468,14 +732,23 @@ def check_resumable(run_dir: Path) -> None:
 
 def resume_config(cfg, task_overrides: list[str]):
     """The config to resume with: the run's own, plus any trainer.* overrides from this command line."""
+    return config_to_resume(Path(cfg.resume).resolve(), task_overrides)
+
+
+def config_to_resume(run_dir: Path, task_overrides: list[str]):
+    """The run's own config (its checkpoint's; before one, its summary's) with this command's trainer.* overrides."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     from nrexp.checkpoint import read_checkpoint
     from nrexp.config import TrainConfig
+    from nrexp.runs import read_summary
 
-    run_dir = Path(cfg.resume).resolve()
-    saved = read_checkpoint(run_dir / "checkpoint.pt")["config"]
+    run_dir = Path(run_dir).resolve()
+    if (run_dir / "checkpoint.pt").is_file():
+        saved = read_checkpoint(run_dir / "checkpoint.pt")["config"]
+    else:
+        saved = read_summary(run_dir)["config"]
     resumed = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
     for o in OverridesParser.create().parse_overrides(task_overrides):
         key = o.key_or_group
@@ -489,7 +762,7 @@ def remove_if_empty_run_dir(run_dir: Path, existing: Path) -> None:
     """Remove a run dir that holds only what Hydra wrote before the run was rejected, and the folders
     above it that this run created (the day's, `outputs/` on a first run), up to `existing` (see
     check_output_writable): those that are empty now."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log", LOCK}:
         shutil.rmtree(run_dir, ignore_errors=True)
         for folder in run_dir.parents:
             if folder == existing or existing not in folder.parents:

@@ -28,6 +28,7 @@ MODELS = ("mlp", "resmlp", "cnn")
 DATASETS = ("mnist", "fashion_mnist", "cifar10")
 # What members of one fused group (hydra/launcher=fused, nrexp/fused.py) may differ in: no tensor shape depends on them.
 FUSED_FREE_KEYS = ("seed", "optim.lr", "optim.weight_decay", "dropout.p", "dropout.input_p", "init.scale")
+MAX_SEED = 2**40  # seed * 100_003 + epoch + (stream << 40) stays within the 64 bits torch seeds with
 LR_SCALINGS = ("none", "linear", "sqrt")  # optim.lr_scaling (nrexp/optim.py: scaled_lr)
 BUNDLED_DATASETS = ("mnist",)  # the only dataset with a sample shipped inside the package
 
@@ -243,6 +244,9 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"unknown key '{extra[0]}'. Fix: check its spelling; `nrexp train --help` lists every "
                           "key with its meaning")
     n, d, o, i, data, m, t = cfg.norm, cfg.dropout, cfg.optim, cfg.init, cfg.data, cfg.model, cfg.trainer
+    # torch seeds generators with 64-bit integers; data.epoch_generator seeds with seed * 100_003 + epoch
+    _check(0 <= cfg.seed < MAX_SEED, "seed", cfg.seed, f"must be an integer in [0, 2**40) = [0, {MAX_SEED})",
+           "e.g. seed=0 (a sweep: seed=0,1,2)")
     _check(n.name in NORMS, "norm", n.name, "one of " + ", ".join(NORMS), "choose e.g. norm=batch")
     _check(o.name in OPTIMIZERS, "optim", o.name, "one of " + ", ".join(OPTIMIZERS), "choose e.g. optim=adamw")
     _check(i.name in INITS, "init", i.name, "one of " + ", ".join(INITS), "choose e.g. init=kaiming")
@@ -458,6 +462,8 @@ def help_text() -> str:
         "basic (default: one job after another) | fused (nrexp: jobs that differ only in " + ", ".join(FUSED_FREE_KEYS),
         "  train together as one vectorized model; hydra.launcher.max_members, default 64) | joblib (hydra.launcher.n_jobs)",
         "  | submitit_local | submitit_slurm | slurm_gpu (a SLURM preset). Sweeper: hydra/sweeper=optuna_wd_dropout",
+        "  A killed sweep: the same command + hydra.sweep.dir=<its dir> sweep.resume=true (completed jobs skipped,",
+        "  the others resumed from their checkpoint or run again; docs/faults.md)",
         "",
         "== Knobs (key  default  meaning) ==",
         knobs,

@@ -146,9 +146,11 @@ def _local(name: str, root: Path) -> Raw:
         ) from None
     except (RuntimeError, ValueError, EOFError, OSError, KeyError, TypeError, AssertionError,
             pickle.UnpicklingError) as err:
-        raise DataError(f"data.source=local: {label} files under {root / folder} are unreadable or corrupt "
-                        f"({type(err).__name__}: {err}). Fix: delete {root / folder.split('/')[0]} and download "
-                        f"again, or {fallback}") from None
+        corrupt = DataError(f"data.source=local: {label} files under {root / folder} are unreadable or corrupt "
+                            f"({type(err).__name__}: {err}). Fix: delete {root / folder.split('/')[0]} and download "
+                            f"again, or {fallback}")
+        corrupt.corrupt = True
+        raise corrupt from None
 
 
 def _download(name: str, root: Path) -> Raw:
@@ -176,8 +178,9 @@ def _locate(name: str, source: str, root: Path) -> Tuple[str, Raw]:
         return "download", _download(name, root)
     try:
         return "local", _local(name, root)
-    except DataError:
-        pass
+    except DataError as err:
+        if getattr(err, "corrupt", False):  # files there but broken: say so (a download would read them too)
+            raise DataError(str(err).replace("data.source=local:", "data.source=auto:", 1)) from None
     try:
         return "download", _download(name, root)
     except DataError as err:

@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import statistics
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +21,11 @@ from typing import Any
 
 from nrexp import figures
 from nrexp.errors import ConfigError
-from nrexp.runs import Run, read_run, read_runs, run_dirs
+from nrexp.runs import BOOKKEEPING_KEYS, Run, read_run, read_runs, run_dirs
 from nrexp.stats import mean_interval
 
 # Keys that never define a setting: seed (aggregated over) and where things were read from/written to.
-NOT_SETTING_KEYS = {"seed", "data.root", "trainer.progress", "data.eval_batch_size"}
+NOT_SETTING_KEYS = {"seed"} | BOOKKEEPING_KEYS  # resume, output and progress knobs: never a setting
 # The per-setting numbers: column name -> what it is (in the CSV/JSON each gets _mean, _std and _ci95).
 METRICS = {
     "train_loss": "final train loss (full training set)",
@@ -79,7 +80,10 @@ def run_numbers(run: Run) -> dict[str, float]:
 
 
 def load_runs(root: Path) -> list[Run]:
-    runs = read_runs(root)
+    skipped: list = []
+    runs = read_runs(root, skipped)
+    for run_dir, why in skipped:  # a truncated or foreign summary: said, and the other runs reported
+        print(f"nrexp: warning: skipped {run_dir}: {why}", file=sys.stderr)
     if not runs:
         raise ReportError(f"no runs in {root} (no summary.json or .hydra/ below it). "
                           "Fix: pass a run dir or a sweep dir, e.g. outputs/multirun/<date>/<time>")

@@ -68,3 +68,35 @@ def remove_stale_temp_files(run_dir: Path) -> list[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+def held_by_this_process(run_dir: Path) -> bool:
+    """Whether this process already holds `run_dir`'s lock (cli takes it before Hydra starts)."""
+    return any(lock.path.parent == Path(run_dir).resolve() for lock in HELD)
+
+
+# the locks cli took before Hydra ran, held until the process ends (the run's one writer: this process)
+HELD: list[RunLock] = []
+
+
+def hold(run_dir: Path) -> RunLock:
+    """Take `run_dir`'s lock for the rest of this process (or raise the one line naming its holder)."""
+    lock = RunLock(Path(run_dir).resolve()).__enter__()
+    HELD.append(lock)
+    return lock
+
+
+def release_all() -> None:
+    while HELD:
+        HELD.pop().__exit__()
+
+
+def clear_partial_run(run_dir: Path) -> list[Path]:
+    """Remove what a run that will start again from step 0 left behind: its TensorBoard events, summary
+    and checkpoint temp files (its .hydra/ record and train.log stay), so the restarted run's curves do
+    not append to the old ones. Call holding its RunLock, only for a run with no checkpoint to resume."""
+    run_dir = Path(run_dir)
+    gone = sorted(run_dir.glob(EVENTS)) + [p for p in (run_dir / "summary.json",) if p.exists()]
+    for path in gone:
+        path.unlink(missing_ok=True)
+    return gone + remove_stale_temp_files(run_dir)

@@ -28,7 +28,7 @@ HYDRA_RECORD = Path(".hydra") / "hydra.yaml"  # the job's Hydra config: its mode
 HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"  # the job's own overrides (one value per key)
 MULTIRUN = "multirun.yaml"  # written by Hydra's basic sweeper in the sweep dir: the command line's overrides
 # Keys that never say what a run computes: where it reads and writes, how it shows progress, how it is resumed.
-BOOKKEEPING_KEYS = {"trainer.progress", "data.root", "data.eval_batch_size", "resume"}
+BOOKKEEPING_KEYS = {"trainer.progress", "data.root", "data.eval_batch_size", "resume", "trainer.checkpoint_every"}
 
 Points = list[tuple[int, float]]  # (step, value) in step order
 
@@ -61,9 +61,34 @@ def flatten(config: Mapping, prefix: str = "") -> dict[str, Any]:
             flat.update(flatten(value, path + "."))
         else:
             flat[prefix[:-1] if key == "name" and prefix else path] = (
-                str(value) if isinstance(value, (list, tuple)) else value
+                str(value) if isinstance(value, (list, tuple)) else _plus_zero(value)
             )
     return flat
+
+
+def _plus_zero(value: Any) -> Any:
+    """-0.0 as 0.0 (`dropout.p=-0.0` and `dropout.p=0` are one setting); anything else as it is."""
+    return 0.0 if isinstance(value, float) and value == 0.0 else value
+
+
+def summary_problem(run_dir: Path) -> str | None:
+    """Why the run's summary.json cannot be reported (None: it can, or the run has none yet): a file
+    that is not JSON (truncated, binary), or JSON that is not an nrexp summary (another tool's)."""
+    path = Path(run_dir) / SUMMARY
+    if not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return f"unreadable {SUMMARY} ({type(err).__name__}: {str(err).splitlines()[0][:80]})"
+    if not isinstance(summary, dict):
+        return f"{SUMMARY} is not an nrexp summary (a JSON {type(summary).__name__}, not an object)"
+    expected = {"status": str, "config": dict, "metrics": dict}
+    wrong = [k for k, kind in expected.items() if not isinstance(summary.get(k), kind)]
+    if wrong or not all(isinstance(v, (int, float, type(None))) for v in summary["metrics"].values()):
+        what = f"no {', '.join(wrong)} of the right type" if wrong else "metrics that are not numbers"
+        return f"{SUMMARY} is not an nrexp summary ({what})"
+    return None
 
 
 def _number(value: Any) -> float:
@@ -167,14 +192,22 @@ def read_run(run_dir: Path, root: Path | None = None) -> Run:
     return Run(run_dir, name=name)
 
 
-def read_runs(root: Path) -> list[Run]:
-    """Every run under `root` (a sweep dir, or one run's dir), in dir order; [] if there are none."""
+def read_runs(root: Path, skipped: list[tuple[Path, str]] | None = None) -> list[Run]:
+    """Every run under `root` (a sweep dir, or one run's dir), in dir order; [] if there are none. A run whose
+    summary.json cannot be read or is not nrexp's is left out, and added to `skipped` as (dir, why)."""
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(
             f"no such directory: {root}. Fix: pass a run dir or a sweep dir, e.g. outputs/multirun/<date>/<time>"
         )
-    return [read_run(d, root) for d in run_dirs(root)]
+    runs = []
+    for d in run_dirs(root):
+        problem = summary_problem(d)
+        if problem is None:
+            runs.append(read_run(d, root))
+        elif skipped is not None:
+            skipped.append((d, problem))
+    return runs
 
 
 # ------------------------------------------------------------------------------------------------

@@ -8,6 +8,10 @@
   over them (job.num % device_count).
 - `SweepStatusTable`: a Hydra callback (registered in configs/train.yaml under hydra.callbacks) that
   prints one row per job and its status when the sweep ends.
+- `recorded_jobs` / `job_key` / `job_action`: `nrexp train -m ... sweep.resume=true` finishes a sweep: each
+  job is found by its overrides (its `.hydra/overrides.yaml`, not its dir name) and is skipped (a result:
+  completed or diverged), resumed (from its checkpoint) or run (from step 0).
+- `failure_line`: any exception of a run as one line, with the fix for the known resource errors.
 
 No torch at module level: Hydra imports this module (through the callback) before any job starts,
 and for `nrexp train --cfg job` too.
@@ -120,12 +124,19 @@ OmegaConf.register_new_resolver("nrexp.job_dir", job_dir_name, replace=True)
 OmegaConf.register_new_resolver("nrexp.run_name", run_name_suffix, replace=True)
 
 
-def record_failure(cfg: Any, run_dir: Path, error: BaseException) -> dict:
-    """Write summary.json for a job that raised, with the error's last line, and log the traceback."""
+def record_failure(cfg: Any, run_dir: Path, error: BaseException, console: bool = True) -> dict:
+    """Write summary.json for a run that raised, with its one line (`failure_line`); the traceback goes
+    to the run's train.log only, the line to the console too (`console`: a sweep's job; a single run's
+    command prints it as its error line). A summary that cannot be written (the disk is full) is said
+    in the log; the line is what matters."""
     from nrexp.writers import write_summary
 
-    line = traceback.format_exception_only(type(error), error)[-1].strip()
-    log.error("job failed: %s\n%s", line, "".join(traceback.format_exception(error)))
+    line = failure_line(error, cfg)
+    if console:
+        log.error("run failed: %s", line)
+    else:
+        log_to_files_only(f"run failed: {line}")
+    log_to_files_only("traceback of the failure above:\n" + "".join(traceback.format_exception(error)))
     summary = {
         "status": "failed",
         "error": line,
@@ -133,9 +144,160 @@ def record_failure(cfg: Any, run_dir: Path, error: BaseException) -> dict:
         "metrics": {},
         "run_dir": str(run_dir),
     }
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    write_summary(Path(run_dir), summary)
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        write_summary(Path(run_dir), summary)
+    except OSError as err:
+        log.error("could not write %s/summary.json either: %s", run_dir, err)
     return summary
+
+
+def log_to_files_only(message: str) -> None:
+    """Log `message` to the run's train.log (the root logger's file handlers), not to the terminal."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def failure_line(error: BaseException, cfg: Any = None) -> str:
+    """One line for an exception a run raised: what happened and, for the resource errors one can fix
+    (out of memory, a full disk), the fix. Anything else: the exception's own last line."""
+    import errno
+
+    text = str(error)
+    lowered = text.lower()
+    if isinstance(error, MemoryError) or "out of memory" in lowered or "can't allocate memory" in lowered \
+            or type(error).__name__ == "OutOfMemoryError":
+        return out_of_memory_line(text, cfg)
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = getattr(error, "nrexp_path", None) or error.filename or "the run dir"
+        need = getattr(error, "nrexp_bytes", None)
+        need_text = f"; it needs {_size(need)} free there" if need else ""
+        return (f"disk full: no space left on the device writing {where}{need_text}. Fix: free space on that file "
+                "system (or write elsewhere: hydra.run.dir / hydra.sweep.dir), then continue the run with "
+                "resume=<run dir>")
+    return traceback.format_exception_only(type(error), error)[-1].strip()
+
+
+def out_of_memory_line(text: str, cfg: Any = None) -> str:
+    """Out of memory, with the size it tried and a width (or batch) that fits this machine's memory."""
+    tried = (re.search(r"tried to allocate (\d+) bytes", text)
+             or re.search(r"[Tt]ried to allocate ([0-9.]+ ?[KMGT]i?B)", text))
+    amount = tried.group(1) if tried else None
+    if amount and amount.isdigit():
+        amount = _size(int(amount))
+    gpu = "cuda" in text.lower()
+    sizes, fix = "", "a smaller model or data.batch_size"
+    model = _get(cfg, "model.name")
+    width, batch, depth = _get(cfg, "model.width"), _get(cfg, "data.batch_size"), _get(cfg, "model.depth") or 1
+    if model in ("mlp", "resmlp") and width:
+        sizes = f" for model.width={width}, data.batch_size={batch}"
+        fitting = width_that_fits(width, depth, _memory_bytes(gpu))
+        fix = (f"a smaller width or batch, e.g. model.width={fitting} or "
+               f"data.batch_size={max(2, (batch or 2) // 4)}")
+    elif model == "cnn":
+        sizes = f" for model.channels={list(_get(cfg, 'model.channels') or [])}, data.batch_size={batch}"
+        fix = f"fewer channels or a smaller batch, e.g. data.batch_size={max(2, (batch or 2) // 4)}"
+    tried_text = f"tried to allocate {amount}" if amount else "an allocation failed"
+    return f"out of {'GPU' if gpu else 'host'} memory: {tried_text}{sizes}. Fix: use {fix}"
+
+
+def width_that_fits(width: int, depth: int, memory: int | None, inputs: int = 3072) -> int:
+    """The largest power of two below `width` whose MLP (inputs x w, depth - 1 times w x w; weights, gradients,
+    optimizer state and the monitor's copy: 16 bytes a parameter) takes at most half of `memory` (None: width / 8)."""
+    if not memory:
+        return max(1, width // 8)
+    w = 1
+    while w * 2 < width and 16 * (inputs * w * 2 + (depth - 1) * (w * 2) ** 2) <= memory / 2:
+        w *= 2
+    return w
+
+
+def _memory_bytes(gpu: bool) -> int | None:
+    """The GPU's total memory, or the host's available memory; None if unknown."""
+    import os
+
+    try:
+        if gpu:
+            import torch
+
+            return torch.cuda.mem_get_info()[1]
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except Exception:  # noqa: BLE001 - only a hint in a message
+        return None
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        try:
+            node = node[part] if isinstance(node, dict) else getattr(node, part)
+        except (AttributeError, KeyError, TypeError):
+            return None
+    return getattr(node, "value", node)
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# ------------------------------------------------------------------------------------------------
+# finishing a sweep: sweep.resume=true
+
+# what a job's overrides may differ in and still be the same job: how it shows progress and where it reads
+IGNORED_IN_JOB_KEY = {"trainer.progress", "data.root", "data.eval_batch_size"}
+SKIPPED, RESUMED, RUN = "skipped", "resumed", "run"
+# the plan of the sweep this process launches (cli): {"resume": bool, "jobs": {job key: recorded job dir}}
+plan: dict = {"resume": False, "jobs": {}}
+
+
+def job_key(overrides: Any) -> tuple:
+    """A job's identity: its task overrides (as Hydra records them in .hydra/overrides.yaml), in any order,
+    bookkeeping keys left out. Dir names may change with nrexp's naming; the overrides do not."""
+    keys = []
+    for o in overrides or []:
+        o = str(o)
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key not in IGNORED_IN_JOB_KEY:
+            keys.append(o)
+    return tuple(sorted(keys))
+
+
+def recorded_jobs(sweep_dir: Path) -> dict[tuple, str]:
+    """{job key: job dir} of every job an earlier command ran in `sweep_dir` (a dir with .hydra/overrides.yaml)."""
+    import yaml
+
+    jobs: dict[tuple, str] = {}
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        return jobs
+    for record in sorted(sweep_dir.glob("**/.hydra/overrides.yaml")):
+        try:
+            overrides = yaml.safe_load(record.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(overrides, list):
+            jobs.setdefault(job_key(overrides), str(record.parent.parent.resolve()))
+    return jobs
+
+
+def job_action(run_dir: Path) -> str:
+    """What finishing the sweep does with this job dir: a result (completed, diverged) is skipped, a run
+    with a checkpoint is resumed, anything else (no dir, killed or failed before its first checkpoint)
+    is run from step 0."""
+    from nrexp.runs import read_summary
+
+    run_dir = Path(run_dir)
+    if read_summary(run_dir).get("status") in ("completed", "diverged"):
+        return SKIPPED
+    if (run_dir / "checkpoint.pt").is_file():
+        return RESUMED
+    return RUN
 
 
 def _plain_config(cfg: Any) -> dict:
@@ -288,6 +450,14 @@ def _job_stamps(sweep_dir: Path) -> dict[str, int]:
     return stamps
 
 
+def _log_stamps(sweep_dir: Path) -> dict[str, int]:
+    """Each job dir's train.log with the time it was last written: a skipped job's log says it was skipped."""
+    from nrexp.report import find_job_dirs
+
+    dirs = find_job_dirs(sweep_dir) if sweep_dir.is_dir() else []
+    return {str(d): (d / "train.log").stat().st_mtime_ns for d in dirs if (d / "train.log").is_file()}
+
+
 class SweepStatusTable(Callback):
     """At the end of a sweep, one row per job: its dir, status, test accuracy, steps, time, error."""
 
@@ -295,6 +465,7 @@ class SweepStatusTable(Callback):
         # a sweep dir given again (hydra.sweep.dir=...) holds the jobs of earlier commands: the table
         # lists them all, but the exit code is this command's (finished_jobs)
         self.before = _job_stamps(Path(str(config.hydra.sweep.dir)))
+        self.logs_before = _log_stamps(Path(str(config.hydra.sweep.dir)))
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         from rich.table import Table
@@ -306,15 +477,26 @@ class SweepStatusTable(Callback):
         before, now = getattr(self, "before", {}), _job_stamps(sweep_dir)
         finished_jobs[:] = [job for job in jobs
                             if job["dir"] not in before or before[job["dir"]] != now.get(job["dir"])]
+        resuming = plan["resume"]
+        logs_before, logs_now = getattr(self, "logs_before", {}), _log_stamps(sweep_dir)
+        for job in jobs:  # sweep.resume=true: what this command did with each job ("" for one it did not run)
+            touched = (job["dir"] not in before or before[job["dir"]] != now.get(job["dir"])
+                       or logs_before.get(job["dir"]) != logs_now.get(job["dir"]))
+            job["action"] = plan.get("actions", {}).get(str(Path(job["dir"]).resolve()), RUN) if touched else ""
         # name jobs by what differs between them: overrides shared by every job only add width
         shared = set.intersection(*(set(job["name"].split(",")) for job in jobs)) if len(jobs) > 1 else set()
         counts: dict[str, int] = {}
         for job in jobs:
             counts[job["status"]] = counts.get(job["status"], 0) + 1
         title = f"sweep {sweep_dir}: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        if resuming:
+            done = {a: sum(job["action"] == a for job in jobs) for a in (SKIPPED, RESUMED, RUN)}
+            title += " (this command: " + ", ".join(f"{n} {a}" for a, n in done.items()) + ")"
         table = Table(title=title, header_style="bold")
-        for column, justify in (("job", "left"), ("status", "left"), ("test acc", "right"),
-                                ("steps", "right"), ("time s", "right"), ("error", "left")):
+        columns = (("job", "left"), ("status", "left"), ("test acc", "right"),
+                   ("steps", "right"), ("time s", "right"), ("error", "left"))
+        columns += (("this command", "left"),) if resuming else ()
+        for column, justify in columns:
             table.add_column(column, justify=justify, overflow="fold")
         style = {"completed": "green", "failed": "red", "diverged": "yellow"}
         for job in jobs:
@@ -323,7 +505,7 @@ class SweepStatusTable(Callback):
             table.add_row(name, f"[{style.get(job['status'], 'magenta')}]{job['status']}",
                           "" if acc is None else f"{acc:.4f}", str(job.get("steps", "")),
                           "" if job.get("wall_time_s") is None else f"{job['wall_time_s']:.1f}",
-                          job.get("error", ""))
+                          job.get("error", ""), *((job["action"],) if resuming else ()))
         if shared:
             table.caption = "every job also has: " + ",".join(sorted(shared))
         wide_console().print(table)

@@ -190,16 +190,20 @@ def test_single_run_config_error_still_exits_2(tmp_path):
 
 @pytest.mark.slow
 def test_the_exit_code_of_a_sweep_into_a_used_dir_is_that_of_its_own_jobs(tmp_path):
-    """hydra.sweep.dir given again: the table lists every job there, but an earlier command's failed job
-    (here fixed by a rerun with another data.train_size) does not fail this command; a new failure does."""
+    """hydra.sweep.dir given again (with sweep.resume=true: without it, a used sweep dir is refused): the
+    table lists every job there, but an earlier command's failed job (here fixed by a rerun with another
+    data.train_size) does not fail this command; a new failure does. A completed job is skipped."""
     sweep = ["train", "-m", *TINY, "trainer.progress=false", "hydra.sweep.dir=sweep"]
     failing = run_cli([*sweep, "data.train_size=5000"], cwd=tmp_path)  # fails in the job, after preflight
     assert failing.returncode == 1 and "1 of 1 jobs of the sweep failed" in failing.stderr, failing.stderr
-    fixed = run_cli([*sweep, "data.train_size=256,512"], cwd=tmp_path)
+    refused = run_cli([*sweep, "data.train_size=256,512"], cwd=tmp_path)
+    assert refused.returncode == 2 and "sweep.resume=true" in refused.stderr, refused.stderr
+    fixed = run_cli([*sweep, "data.train_size=256,512", "sweep.resume=true"], cwd=tmp_path)
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert "1 failed" in fixed.stdout and "2 completed" in fixed.stdout  # the table: the whole dir
-    again = run_cli([*sweep, "data.train_size=5000,256"], cwd=tmp_path)  # both rerun: one fails anew
-    assert again.returncode == 1 and "1 of 2 jobs of the sweep failed" in again.stderr, again.stderr
+    again = run_cli([*sweep, "data.train_size=5000,256", "sweep.resume=true"], cwd=tmp_path)  # 256: skipped
+    assert again.returncode == 1 and "1 of 1 jobs of the sweep failed" in again.stderr, again.stderr
+    assert "(this command: 1 skipped, 0 resumed, 1 run)" in again.stdout, again.stdout
 
 
 @pytest.mark.slow  # reason: starts 2 loky worker processes that each import torch (~20 s on 2 cores)

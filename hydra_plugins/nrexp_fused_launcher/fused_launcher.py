@@ -20,6 +20,7 @@ This module is imported by Hydra's plugin discovery (without a sys.modules entry
 it imports neither torch nor nrexp.fused at its top.
 """
 
+import contextlib
 import copy
 import logging
 import os
@@ -63,8 +64,6 @@ class FusedLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from nrexp import grouping
-
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
@@ -78,7 +77,7 @@ class FusedLauncher(Launcher):
             configs.append(sweep_config)
 
         task_configs = [_task_config(c) for c in configs]
-        groups = grouping.plan(task_configs, self.max_members)
+        groups = _plan(configs, task_configs, self.max_members)
         log.info("fused launcher: %d jobs in %d group(s): %s", len(configs), len(groups),
                  "; ".join(f"{len(g.jobs)} x {g.label}" if g.fused else f"1 alone ({g.label})" for g in groups))
         returns: list[JobReturn | None] = [None] * len(configs)
@@ -98,14 +97,23 @@ class FusedLauncher(Launcher):
 
     def _run_group(self, configs: list[DictConfig], task_configs: list[DictConfig]) -> list[JobReturn]:
         """Set up every member as `run_job` sets up a job, train them together, then end each job."""
-        from nrexp import fused, sweep
+        from nrexp import rundir
 
         saved_hydra_config = HydraConfig.instance().cfg
         returns, run_dirs, extra_logs = [], [], []
+        with contextlib.ExitStack() as locks:  # each member's one writer: this process
+            for config in configs:
+                locks.enter_context(rundir.RunLock(Path(_output_dir(config))))
+            return self._train_group(configs, task_configs, saved_hydra_config, returns, run_dirs, extra_logs)
+
+    def _train_group(self, configs, task_configs, saved_hydra_config, returns, run_dirs, extra_logs) -> list[JobReturn]:
+        from nrexp import fused, rundir, sweep
+
         try:
             for config, task_config in zip(configs, task_configs):
                 returns.append(self._start_job(config, task_config))
                 run_dirs.append(Path(config.hydra.runtime.output_dir))
+                rundir.clear_partial_run(run_dirs[-1])  # sweep.resume: a member killed before its first checkpoint
             # the console and the first member's train.log as Hydra configures them; the others' logs added
             HydraConfig.instance().set_config(configs[0])
             configure_log(configs[0].hydra.job_logging, configs[0].hydra.verbose)
@@ -132,7 +140,7 @@ class FusedLauncher(Launcher):
 
     def _start_job(self, config: DictConfig, task_config: DictConfig) -> JobReturn:
         """What hydra.core.utils.run_job does before it calls the task function (Hydra 1.3)."""
-        output_dir = os.path.join(str(config.hydra.sweep.dir), str(OmegaConf.select(config, "hydra.sweep.subdir")))
+        output_dir = _output_dir(config)
         with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
             config.hydra.runtime.output_dir = os.path.abspath(output_dir)
         HydraConfig.instance().set_config(config)
@@ -151,6 +159,33 @@ class FusedLauncher(Launcher):
                 (hydra_output / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
         self.hydra_context.callbacks.on_job_start(config=config, task_function=self.task_function)
         return ret
+
+
+def _output_dir(config: DictConfig) -> str:
+    """The job's run dir: hydra.sweep.dir/hydra.sweep.subdir, as run_job makes it."""
+    return os.path.join(str(config.hydra.sweep.dir), str(OmegaConf.select(config, "hydra.sweep.subdir")))
+
+
+def _plan(configs: list[DictConfig], task_configs: list[DictConfig], max_members: int) -> list:
+    """grouping.plan, but when finishing a sweep (sweep.resume=true) a job with a run already (a result to
+    skip, a checkpoint to resume) runs alone, through the task function, which skips or resumes it."""
+    from nrexp import grouping, rundir, sweep
+
+    alone = {}
+    if sweep.plan.get("resume"):
+        for i, config in enumerate(configs):
+            recorded = sweep.plan["jobs"].get(sweep.job_key(config.hydra.overrides.task))
+            if recorded is not None and sweep.job_action(Path(recorded)) != sweep.RUN:
+                alone[i] = f"sweep.resume: {sweep.job_action(Path(recorded))}"
+            elif recorded is not None and Path(recorded).resolve() != Path(_output_dir(config)).resolve():
+                alone[i] = "sweep.resume: its run is in a dir of another name"
+            elif recorded is None and rundir.holds_a_run(Path(_output_dir(config))):
+                alone[i] = "its dir holds another job's run"
+    rest = [i for i in range(len(configs)) if i not in alone]
+    groups = [grouping.Group([i], False, reason) for i, reason in alone.items()]
+    for group in grouping.plan([task_configs[i] for i in rest], max_members):
+        groups.append(grouping.Group([rest[j] for j in group.jobs], group.fused, group.label))
+    return sorted(groups, key=lambda g: g.jobs[0])
 
 
 def _task_config(config: DictConfig) -> DictConfig:
