@@ -1,8 +1,12 @@
-"""Per-layer statistics as device tensors: act_norm, grad_norm, weight_norm, weight_change, update_ratio.
+"""Per-layer statistics as device tensors: act_norm, act_cos, grad_norm, weight_norm, weight_change, update_ratio.
 
-act_norm is the batch mean of each example's L2 norm of the layer's output; grad_norm ||dL/dW||;
-weight_norm ||W||; weight_change ||W - W_init|| / ||W_init||; update_ratio ||ΔW|| / ||W|| of the step
-just taken. W is the weight the layer computes with (a residual block's two Linear layers together;
+act_norm is the batch mean of each example's L2 norm of the layer's output; act_cos the mean pairwise
+cosine similarity of the examples' outputs (each flattened, over the B(B-1) pairs i != j: 1 when every
+example is mapped to one direction, the collapse of deep LayerNorm nets); grad_norm ||dL/dW||;
+weight_norm ||W||; weight_change ||W - W_init|| / ||W_init||, all at the logged forward/backward;
+update_ratio ||W_{t+1} - W_t|| / ||W_t||, where W_t is the weight of the logged forward/backward at step
+t and W_{t+1} the weight after the optimizer step taken right after it (so step 0's is the first update's,
+from the weights at init). W is the weight the layer computes with (a residual block's two Linear layers together;
 under weight normalization, g v/||v||, whose dL/dW `weight_grad` rebuilds from dL/dg and dL/dv).
 Why this shape: the statistics cost memory traffic, not arithmetic. The weights' norms are a few
 multi-tensor kernels over all layers (`torch._foreach_*`) on flat buffers allocated once, each
@@ -23,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from nrexp.models import weight_layers
 
-LAYER_METRICS = ("act_norm", "grad_norm", "weight_norm", "weight_change", "update_ratio")
+LAYER_METRICS = ("act_norm", "act_cos", "grad_norm", "weight_norm", "weight_change", "update_ratio")
 
 
 def weight_grad(layer: nn.Module) -> torch.Tensor:
@@ -127,7 +131,8 @@ class LayerMonitor:
 
     @torch.no_grad()
     def after_step(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """...and this one after the optimizer step: adds the update ratio ||W_after - W_before|| / ||W_before||."""
+        """...and this one after the optimizer step: adds the update ratio ||W_after - W_before|| / ||W_before||
+        (W_before: the weights before_step saw; W_after: after the step taken in between)."""
         pending, self._pending = self._pending, None
         return {**stats, "update_ratio": pending.statistics().result()["update_ratio"]}
 
@@ -141,7 +146,8 @@ class LayerMonitor:
 
     def _stats(self, norms: torch.Tensor, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The statistics from the norms of W, dL/dW and W - W_init (3 x layers) and the activations."""
-        return {"act_norm": activation_norms(activations), "grad_norm": norms[1], "weight_norm": norms[0],
+        act_norm, act_cos = activation_norms_and_cosines(activations)
+        return {"act_norm": act_norm, "act_cos": act_cos, "grad_norm": norms[1], "weight_norm": norms[0],
                 "weight_change": norms[2] / self.init_norms}
 
     def _copy_before(self) -> bool:
@@ -415,6 +421,44 @@ def activation_norms(activations: List[torch.Tensor]) -> torch.Tensor:
     return torch.stack(rows).mean(dim=1)
 
 
+@torch.no_grad()
+def activation_norms_and_cosines(activations: List[torch.Tensor]):
+    """(act_norm, act_cos), one value each per activation, in order, in float32.
+
+    act_norm: activation_norms. act_cos: the mean pairwise cosine similarity of the examples' activation
+    vectors (a[i] flattened) over the B(B-1) ordered pairs i != j. With unit rows u_i = a_i / ||a_i||,
+    sum_{i != j} u_i . u_j = ||sum_i u_i||^2 - sum_i ||u_i||^2, and sum_i u_i = a^T (1 / ||a_i||): one
+    matrix-vector product over the activation besides the row norms, no B x B matrix. An all-zero row
+    (a dead ReLU layer) counts as cosine 0 with every other. NaN for a batch of one (no pairs)."""
+    norms, cosines = [], []
+    for a in activations:
+        flat = a.detach().flatten(1)
+        rows = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32)
+        norms.append(rows.mean())
+        cosines.append(_mean_pairwise_cosine(flat, rows))
+    return torch.stack(norms), torch.stack(cosines)
+
+
+def _mean_pairwise_cosine(flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """flat (..., B, D) with its row norms rows (..., B), float32 -> the mean pairwise cosine (...)."""
+    batch = flat.shape[-2]
+    nonzero = rows > 0
+    inverse = torch.where(nonzero, 1.0 / rows, torch.zeros_like(rows))
+    unit_sum = (inverse.unsqueeze(-2) @ flat.float()).squeeze(-2)  # (..., D): the sum of the unit rows
+    pairs = unit_sum.square().sum(-1) - nonzero.sum(-1).float()
+    return pairs / (batch * (batch - 1)) if batch > 1 else torch.full_like(pairs, float("nan"))
+
+
+@torch.no_grad()
+def stacked_activation_cosines(activations: List[torch.Tensor]) -> torch.Tensor:
+    """act_cos of stacked activations (M, B, ...), one row per layer: (layers, M)."""
+    cosines = []
+    for a in activations:
+        flat = a.detach().flatten(2)
+        cosines.append(_mean_pairwise_cosine(flat, torch.linalg.vector_norm(flat, dim=2, dtype=torch.float32)))
+    return torch.stack(cosines)
+
+
 class StackedMonitor:
     """LayerMonitor's statistics for every member of a fused group (nrexp/fused.py), computed on its stacks:
     each statistic of a layer is one reduction over the member axis, and every member's numbers reach
@@ -444,6 +488,7 @@ class StackedMonitor:
         stats = {
             "act_norm": torch.stack([torch.linalg.vector_norm(a.detach().flatten(2).float(), dim=2).mean(1)
                                      for a in activations]),
+            "act_cos": stacked_activation_cosines(activations),
             "grad_norm": self._norms([self.net.params[name].grad for name in self.weight_names]),
             "weight_norm": weight_norm,
             "weight_change": self._norms(torch._foreach_sub(weights, self.init)) / self.init_norms,

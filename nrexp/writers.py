@@ -1,8 +1,11 @@
 """Everything a run writes for people and tools to read back (nrexp/runs.py): TensorBoard events and summary.json.
 
 TensorBoard tags (the contract `nrexp report` and users rely on; docs/tensorboard.md shows how to read them):
-  act_norm/<layer>, grad_norm/<layer>, weight_norm/<layer>, weight_change/<layer>, update_ratio/<layer>,
-  train/loss, train/acc, test/loss, test/acc, lr, throughput/samples_per_s; step 0 is the net at init.
+  act_norm/<layer>, act_cos/<layer>, grad_norm/<layer>, weight_norm/<layer>, weight_change/<layer>,
+  update_ratio/<layer>, train/loss, train/acc, test/loss, test/acc, lr, throughput/samples_per_s; step 0 is the
+  net at init. At a logging step t every per-layer tag describes the forward/backward of step t, with the
+  weights W_t it used, except update_ratio/<layer>: ||W_{t+1} - W_t|| / ||W_t||, the update the optimizer
+  took right after that forward/backward (at step 0: the first update, from the weights at init).
   depth_init/<metric>, depth_final/<metric>: the depth profile at init and at the end, as scalars whose
   step is the layer index (0 = block00 ... L = head), so TensorBoard's own scalar chart overlays a metric
   against depth for every run of a sweep.
@@ -106,8 +109,8 @@ HPARAM_METRICS = {  # in the order of the tab's columns; it shows the first five
 # The statistics written as depth profiles (depth_<when>/<metric>): weight_change is 0 everywhere at init, and
 # the final probe takes no optimizer step (no update_ratio).
 DEPTH_SCALARS = {
-    "init": ("act_norm", "grad_norm", "weight_norm", "update_ratio"),
-    "final": ("act_norm", "grad_norm", "weight_norm", "weight_change"),
+    "init": ("act_norm", "act_cos", "grad_norm", "weight_norm", "update_ratio"),
+    "final": ("act_norm", "act_cos", "grad_norm", "weight_norm", "weight_change"),
 }
 
 

@@ -42,7 +42,7 @@ def test_layer_stats_are_read_back_as_written_at_every_step(tmp_path):
 def depth_stats(layers):
     return {
         metric: {layer: (m + 1) * 10.0**i for i, layer in enumerate(layers)}
-        for m, metric in enumerate(("act_norm", "grad_norm", "weight_norm", "weight_change", "update_ratio"))
+        for m, metric in enumerate(("act_norm", "grad_norm", "weight_norm", "weight_change", "update_ratio", "act_cos"))
     }
 
 
@@ -59,10 +59,12 @@ def test_depth_profiles_are_scalars_whose_step_is_the_layer_index(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {t for t in tags if t.startswith("depth_")} == {
         "depth_init/act_norm",
+        "depth_init/act_cos",
         "depth_init/grad_norm",
         "depth_init/weight_norm",
         "depth_init/update_ratio",
         "depth_final/act_norm",
+        "depth_final/act_cos",
         "depth_final/grad_norm",
         "depth_final/weight_norm",
         "depth_final/weight_change",
@@ -99,7 +101,7 @@ def test_the_layout_shows_depth_charts_then_first_middle_last_block_and_head(tmp
         "act_norm/block09 (last block)": ["^act_norm/block09$"],
         "act_norm/head (head)": ["^act_norm/head$"],
     }
-    assert len(titles) == 1 + 5 + 1  # depth, the five per-layer metrics, training
+    assert len(titles) == 1 + 6 + 1  # depth, the six per-layer metrics, training
 
 
 def hydra_job(sweep, name, task, job_overrides):
