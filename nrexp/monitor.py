@@ -498,7 +498,8 @@ class StackedMonitor:
 
     @torch.no_grad()
     def after_step(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Add each member's update ratio ||W_after - W_before|| / ||W_before|| of the step just taken."""
+        """Add each member's update ratio ||W_after - W_before|| / ||W_before||: W_before the weights of the
+        logged forward/backward (before_step), W_after those after the optimizer step taken right after it."""
         after = [self.net.params[name] for name in self.weight_names]
         stats["update_ratio"] = self._norms(torch._foreach_sub(after, self._before_step)) / stats["weight_norm"]
         self._before_step = None

@@ -261,3 +261,27 @@ def test_host_copy_gives_to_hosts_floats():
     scalars = {"train/loss": torch.tensor(0.25), "train/acc": torch.tensor(0.5)}
     assert monitor.host_copy(future, scalars).result() == monitor.to_host(dict(future.result()), scalars)
     assert monitor.host_copy(None, scalars).result() == ({}, {"train/loss": 0.25, "train/acc": 0.5})
+
+
+def test_update_ratio_at_step_t_is_the_update_right_after_step_ts_forward_backward(tmp_path):
+    """By number, through a real run: with SGD without momentum or weight decay the update after step t's
+    backward is -lr * dL/dW_t, so update_ratio/<layer> at step t is lr * grad_norm / weight_norm of the
+    same logged step t (step 0 included: the first update, from the weights at init)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nrexp.train import train
+
+    train(compose(TINY + ["trainer.log_every=1", "trainer.max_steps=4", "optim.momentum=0", "optim.lr=0.1",
+                          "trainer.progress=false"]), tmp_path)
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0}).Reload()
+
+    def series(tag):
+        return {e.step: e.value for e in events.Scalars(tag)}
+
+    lr = series("lr")
+    assert set(lr) == {0, 1, 2, 3} and all(v == pytest_approx(0.1) for v in lr.values())
+    for layer in ("block00", "block01", "head"):
+        ratio, grad, weight = (series(f"{m}/{layer}") for m in ("update_ratio", "grad_norm", "weight_norm"))
+        assert set(ratio) == {0, 1, 2, 3}  # the final probe (step 4) takes no step: no update_ratio there
+        for step in ratio:
+            assert ratio[step] == pytest_approx(lr[step] * grad[step] / weight[step]), (layer, step)
