@@ -16,6 +16,7 @@ CPU, when a core is idle, they run on a second thread while training goes on (do
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -167,6 +168,17 @@ class LayerMonitor:
         self._snapshot = (_optimizer_steps[0], [p._version for p in after])
         torch._foreach_copy_(self._before, after)
 
+    @torch.no_grad()
+    def histograms(self, activations: List[torch.Tensor]) -> "Histograms":
+        """trainer.histograms: per named layer, histograms of its activation, dL/dW and W (a layer of several
+        weights: all their entries together) as they are now. Call after backward, before the optimizer
+        step, on a logging step. Counted on the device, read back by `.to_host()` in one copy."""
+        weights, grads = self.weights(), self.grads()
+        owner = self._owner.tolist() if self._owner is not None else list(range(len(self.names)))
+        per_layer = [[i for i, o in enumerate(owner) if o == layer] for layer in range(len(self.names))]
+        return Histograms(self.names, activations,
+                          [[grads[i] for i in idx] for idx in per_layer], [[weights[i] for i in idx] for idx in per_layer])
+
     def host_copy(self, stats: Optional[Future], scalars: Dict[str, torch.Tensor]) -> "HostCopy":
         """to_host(stats.result(), scalars), started now and finished by the result's `.result()`.
 
@@ -190,6 +202,62 @@ class LayerMonitor:
         n = len(self.names)
         layers = {k: dict(zip(self.names, flat[i * n:(i + 1) * n])) for i, k in enumerate(layer_stats)}
         return layers, dict(zip(scalars, flat[len(layer_stats) * n:]))
+
+
+HISTOGRAM_BINS = 64
+HISTOGRAM_KINDS = ("hist_act", "hist_grad", "hist_weight")  # tag prefixes: activations, dL/dW, W
+
+
+class Histograms:
+    """Histograms of tensors counted on the device: for each (kind, layer), HISTOGRAM_BINS equal bins between
+    the tensor's min and max (its last bin closed), and its min, max, sum and sum of squares, as
+    TensorBoard's histogram summary holds them. Nothing is read back until `to_host`, one copy in all.
+
+    `activations[l]` is layer l's output (examples on dim 0: flattened whole), `grads[l]` and `weights[l]`
+    lists of the tensors whose entries together make layer l's histogram."""
+
+    @torch.no_grad()
+    def __init__(self, names: Sequence[str], activations: Sequence[torch.Tensor],
+                 grads: Sequence[Sequence[torch.Tensor]], weights: Sequence[Sequence[torch.Tensor]]):
+        self.tags, self.numels, rows = [], [], []
+        for kind, groups in zip(HISTOGRAM_KINDS, ([[a] for a in activations], grads, weights)):
+            for name, group in zip(names, groups):
+                flat = torch.cat([t.detach().reshape(-1).float() for t in group]) if len(group) > 1 \
+                    else group[0].detach().reshape(-1).float()
+                self.tags.append(f"{kind}/{name}")
+                self.numels.append(flat.numel())
+                rows.append(_histogram_row(flat, HISTOGRAM_BINS))
+        self.rows = torch.stack(rows) if rows else None  # (tensors, 4 + bins): min, max, sum, sum of squares, counts
+
+    def to_host(self) -> Dict[str, dict]:
+        """{tag: add_histogram_raw's keyword arguments}: one device->host copy. A tensor holding NaN or inf (a
+        diverged run) has no histogram."""
+        if self.rows is None:
+            return {}
+        out = {}
+        for tag, numel, row in zip(self.tags, self.numels, self.rows.cpu().tolist()):
+            lo, hi, total, squares, counts = row[0], row[1], row[2], row[3], row[4:]
+            if not all(math.isfinite(v) for v in (lo, hi, total, squares)):
+                continue
+            span = (hi - lo) or max(abs(lo), 1.0) * 1e-6  # a constant tensor: one thin bin holds it all
+            out[tag] = dict(min=lo, max=hi, num=numel, sum=total, sum_squares=squares,
+                            bucket_limits=[lo + span * (k + 1) / len(counts) for k in range(len(counts))],
+                            bucket_counts=counts)
+        return out
+
+
+def _histogram_row(flat: torch.Tensor, bins: int) -> torch.Tensor:
+    """(min, max, sum, sum of squares, counts of `bins` equal bins over [min, max], the last closed) of a flat
+    float tensor, without a host sync on CUDA (torch.histc reads its range on the host)."""
+    lo, hi = torch.aminmax(flat)
+    if flat.device.type == "cpu":  # reading min and max costs no sync here: torch.histc's one pass
+        finite = math.isfinite(lo.item()) and math.isfinite(hi.item())
+        counts = torch.histc(flat, bins, 0, 0).double() if finite else torch.zeros(bins, dtype=torch.float64)
+    else:  # the bin of each entry from min and max on the device, counted by bincount: no host sync
+        scale = bins / (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
+        index = ((flat - lo) * scale).nan_to_num_(0.0).clamp_(0, bins - 1).long()
+        counts = torch.bincount(index, minlength=bins)[:bins].double()  # exact beyond float32's 2^24
+    return torch.cat([torch.stack([lo, hi, flat.sum(), flat.square().sum()]).double(), counts])
 
 
 class HostCopy:
