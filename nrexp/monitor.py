@@ -581,3 +581,134 @@ class StackedMonitor:
         per_member = torch.cat(rows).T.tolist()
         return [({k: dict(zip(self.layer_names, flat[i * n:(i + 1) * n])) for i, k in enumerate(stats)},
                  dict(zip(scalars, flat[len(stats) * n:]))) for flat in per_member]
+
+
+# ------------------------------------------------------------------------------------------------
+# your own model: the same statistics and tags for any nn.Module
+
+
+def watch(model: nn.Module, layers: Optional[Mapping[str, nn.Module]] = None, log_dir=None,
+          histograms: bool = False) -> "Watcher":
+    """Monitor any nn.Module as nrexp monitors its own nets: the per-layer statistics of LayerMonitor
+    (act_norm, act_cos, grad_norm, weight_norm, weight_change, update_ratio) and, with `log_dir`, the same
+    TensorBoard tags through the same TensorBoardWriter (`act_norm/<layer>`, depth profile at step 0,
+    custom layout; with `histograms=True` hist_act/hist_grad/hist_weight).
+
+    `layers`: {name: module}, in forward order; a module that is not itself a Linear/Conv2d (a residual
+    block, say) stands for all the Linear/Conv2d layers inside it, its output being the activation.
+    Default: every nn.Linear and nn.Conv2d of `model`, named by their path (`layer1.0.conv1`), in
+    registration order. Activations are recorded by forward hooks, only inside `Watcher.record`.
+
+        w = nrexp.monitor.watch(model, log_dir="runs/mine")
+        for step, (x, y) in enumerate(batches):
+            with w.record(step % 10 == 0):      # a logging step: keep each layer's output
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(); loss.backward()
+            w.before_step()                     # after backward, before the update
+            opt.step()
+            w.after_step(step, {"train/loss": loss.item()})   # statistics of step `step`, written
+        w.close()
+    """
+    return Watcher(model, layers, log_dir, histograms)
+
+
+class Watcher:
+    """`watch`'s result: forward hooks on the layers, a LayerMonitor, and optionally a TensorBoardWriter."""
+
+    def __init__(self, model: nn.Module, layers: Optional[Mapping[str, nn.Module]] = None, log_dir=None,
+                 histograms: bool = False):
+        if layers is None:
+            layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        layers = dict(layers)
+        if not layers:
+            raise ValueError("watch: no layers to monitor (the model has no nn.Linear or nn.Conv2d; pass layers=)")
+        empty = [name for name, m in layers.items() if not weight_layers(m)]
+        if empty:
+            raise ValueError(f"watch: {empty} hold no nn.Linear or nn.Conv2d weight to monitor; pass modules "
+                             "that are (or contain) one")
+        self.model, self.layers = model, layers
+        self.monitor = LayerMonitor(layers)
+        self.names = self.monitor.names
+        self.histograms = histograms
+        self.writer = None
+        if log_dir is not None:
+            from nrexp.writers import TensorBoardWriter
+
+            os.makedirs(log_dir, exist_ok=True)
+            self.writer = TensorBoardWriter(log_dir, self.names)
+        self._recording = False
+        self._outputs: Dict[str, tuple] = {}  # name -> (activation, its version when recorded)
+        self._stats: Optional[Dict[str, torch.Tensor]] = None
+        self._hist: Optional[Histograms] = None
+        self.last: Optional[Dict[str, Dict[str, float]]] = None  # the last logged step's {metric: {layer: value}}
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in layers.items()]
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            if self._recording:
+                out = output[0] if isinstance(output, (tuple, list)) else output
+                out = out.detach()
+                self._outputs[name] = (out, out._version)
+        return hook
+
+    @contextlib.contextmanager
+    def record(self, logging: bool = True):
+        """Inside, a forward pass keeps each monitored layer's output (when `logging`), for this step's statistics."""
+        self._outputs = {}
+        self._recording = logging
+        try:
+            yield self
+        finally:
+            self._recording = False
+
+    def activations(self) -> List[torch.Tensor]:
+        missing = [n for n in self.names if n not in self._outputs]
+        if missing:
+            raise RuntimeError(f"watch: no output recorded for {missing}: run the forward pass inside record(True)")
+        changed = [n for n in self.names if self._outputs[n][0]._version != self._outputs[n][1]]
+        if changed:
+            raise RuntimeError(f"watch: the outputs of {changed} were changed in place after the layer (an inplace "
+                               "op): monitor the module whose output is kept, e.g. the block around it")
+        return [self._outputs[n][0] for n in self.names]
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """After backward, before the optimizer step: starts this step's statistics (nothing unless recorded)."""
+        if not self._outputs:
+            self._stats = None
+            return
+        activations = self.activations()
+        self._stats = self.monitor.before_step(activations)
+        self._hist = self.monitor.histograms(activations) if self.histograms else None
+        self._outputs = {}
+
+    @torch.no_grad()
+    def after_step(self, step: int, scalars: Optional[Mapping[str, float]] = None):
+        """After the optimizer step: finishes the statistics of step `step` (update_ratio: this update), writes
+        them with `scalars` and returns {metric: {layer: value}} (None on a step not recorded)."""
+        if self._stats is None:
+            if self.writer is not None and scalars:
+                self.writer.scalars(step, {k: float(v) for k, v in scalars.items()})
+            return None
+        stats, self._stats = self.monitor.after_step(self._stats), None
+        layer_stats, _ = self.monitor.to_host(stats, {})
+        self.last = layer_stats
+        if self.writer is not None:
+            self.writer.layer_stats(step, layer_stats)
+            if scalars:
+                self.writer.scalars(step, {k: float(v) for k, v in scalars.items()})
+            if self._hist is not None:
+                self.writer.queue_histograms(step, self._hist)
+                self.writer.write_histograms()
+            if step == 0:
+                self.writer.depth_plot(0, layer_stats, "init")
+        self._hist = None
+        return layer_stats
+
+    def close(self) -> None:
+        """Remove the hooks and close the writer (its depth figures written)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self.writer is not None:
+            self.writer.close()
