@@ -192,6 +192,10 @@ class TrainerConfig:
     on_nonfinite: str = knob(
         "stop", "when the training loss is NaN/inf: stop (status diverged, exit 0) | raise (exit 1)")
     progress: bool = knob(True, "live rich progress bar on a terminal (plain log lines otherwise)")
+    histograms: bool = knob(
+        False, "on logging steps, also write per-layer histograms of the activations, the weight gradients and the "
+        "weights as hist_act/<layer>, hist_grad/<layer>, hist_weight/<layer> (64 equal bins between each tensor's "
+        "min and max, counted on the device; one host copy per logging step; cost: docs/speed.md)")
     preact_percentiles: bool = knob(
         False, "mlp: on logging steps, log the 15th/50th/85th percentiles over the batch of unit 0's input to the "
         "activation of the last hidden block as preact/<block>/p15|p50|p85 (the BatchNorm paper's Fig. 1)")

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from nrexp.config import validate
-from nrexp.monitor import StackedMonitor, keeping_denormal_mode, spare_core
+from nrexp.monitor import Histograms, StackedMonitor, keeping_denormal_mode, spare_core
 from nrexp.optim import make_optimizer, param_groups
 from nrexp.signals import GracefulStop
 from nrexp.train import LoopState, Member, StepOutput, Trainee, make_schedule, run_loop
@@ -358,6 +358,8 @@ class FusedGroup(Trainee):
 
     def update(self, out: StepOutput, step: int, logging: bool) -> None:
         stats = self.monitor.before_step(self.activations) if self.activations is not None else None
+        if logging and self.trainer.histograms and self.activations is not None:
+            self.queue_histograms(step)
         self.net.step()
         if stats is not None:
             out.stats = Future()
@@ -366,6 +368,15 @@ class FusedGroup(Trainee):
 
     def stats_to_host(self, stats: Dict, scalars: Dict) -> List[tuple]:
         return self.monitor.to_host(stats, scalars)
+
+    @torch.no_grad()
+    def queue_histograms(self, step: int) -> None:
+        """trainer.histograms: each member's histograms, from its slices of the stacks (as its solo run's)."""
+        params, names = self.net.params, self.monitor.weight_names
+        for j, m in enumerate(self.members):
+            m.writer.queue_histograms(step, Histograms(
+                self.monitor.layer_names, [a[j] for a in self.activations],
+                [[params[name].grad[j]] for name in names], [[params[name][j]] for name in names]))
 
     def sync(self) -> None:
         self.inputs.rewind()  # each member's generator as after the steps trained

@@ -1,8 +1,12 @@
-"""Per-layer statistics as device tensors: act_norm, grad_norm, weight_norm, weight_change, update_ratio.
+"""Per-layer statistics as device tensors: act_norm, act_cos, grad_norm, weight_norm, weight_change, update_ratio.
 
-act_norm is the batch mean of each example's L2 norm of the layer's output; grad_norm ||dL/dW||;
-weight_norm ||W||; weight_change ||W - W_init|| / ||W_init||; update_ratio ||ΔW|| / ||W|| of the step
-just taken. W is the weight the layer computes with (a residual block's two Linear layers together;
+act_norm is the batch mean of each example's L2 norm of the layer's output; act_cos the mean pairwise
+cosine similarity of the examples' outputs (each flattened, over the B(B-1) pairs i != j: 1 when every
+example is mapped to one direction, the collapse of deep LayerNorm nets); grad_norm ||dL/dW||;
+weight_norm ||W||; weight_change ||W - W_init|| / ||W_init||, all at the logged forward/backward;
+update_ratio ||W_{t+1} - W_t|| / ||W_t||, where W_t is the weight of the logged forward/backward at step
+t and W_{t+1} the weight after the optimizer step taken right after it (so step 0's is the first update's,
+from the weights at init). W is the weight the layer computes with (a residual block's two Linear layers together;
 under weight normalization, g v/||v||, whose dL/dW `weight_grad` rebuilds from dL/dg and dL/dv).
 Why this shape: the statistics cost memory traffic, not arithmetic. The weights' norms are a few
 multi-tensor kernels over all layers (`torch._foreach_*`) on flat buffers allocated once, each
@@ -12,6 +16,7 @@ CPU, when a core is idle, they run on a second thread while training goes on (do
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,7 +28,7 @@ from torch.nn.utils import parametrize
 
 from nrexp.models import weight_layers
 
-LAYER_METRICS = ("act_norm", "grad_norm", "weight_norm", "weight_change", "update_ratio")
+LAYER_METRICS = ("act_norm", "act_cos", "grad_norm", "weight_norm", "weight_change", "update_ratio")
 
 
 def weight_grad(layer: nn.Module) -> torch.Tensor:
@@ -127,7 +132,8 @@ class LayerMonitor:
 
     @torch.no_grad()
     def after_step(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """...and this one after the optimizer step: adds the update ratio ||W_after - W_before|| / ||W_before||."""
+        """...and this one after the optimizer step: adds the update ratio ||W_after - W_before|| / ||W_before||
+        (W_before: the weights before_step saw; W_after: after the step taken in between)."""
         pending, self._pending = self._pending, None
         return {**stats, "update_ratio": pending.statistics().result()["update_ratio"]}
 
@@ -141,7 +147,8 @@ class LayerMonitor:
 
     def _stats(self, norms: torch.Tensor, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The statistics from the norms of W, dL/dW and W - W_init (3 x layers) and the activations."""
-        return {"act_norm": activation_norms(activations), "grad_norm": norms[1], "weight_norm": norms[0],
+        act_norm, act_cos = activation_norms_and_cosines(activations)
+        return {"act_norm": act_norm, "act_cos": act_cos, "grad_norm": norms[1], "weight_norm": norms[0],
                 "weight_change": norms[2] / self.init_norms}
 
     def _copy_before(self) -> bool:
@@ -160,6 +167,17 @@ class LayerMonitor:
         """Copy W after the step into the buffer for the next capture (see __init__)."""
         self._snapshot = (_optimizer_steps[0], [p._version for p in after])
         torch._foreach_copy_(self._before, after)
+
+    @torch.no_grad()
+    def histograms(self, activations: List[torch.Tensor]) -> "Histograms":
+        """trainer.histograms: per named layer, histograms of its activation, dL/dW and W (a layer of several
+        weights: all their entries together) as they are now. Call after backward, before the optimizer
+        step, on a logging step. Counted on the device, read back by `.to_host()` in one copy."""
+        weights, grads = self.weights(), self.grads()
+        owner = self._owner.tolist() if self._owner is not None else list(range(len(self.names)))
+        per_layer = [[i for i, o in enumerate(owner) if o == layer] for layer in range(len(self.names))]
+        return Histograms(self.names, activations,
+                          [[grads[i] for i in idx] for idx in per_layer], [[weights[i] for i in idx] for idx in per_layer])
 
     def host_copy(self, stats: Optional[Future], scalars: Dict[str, torch.Tensor]) -> "HostCopy":
         """to_host(stats.result(), scalars), started now and finished by the result's `.result()`.
@@ -184,6 +202,62 @@ class LayerMonitor:
         n = len(self.names)
         layers = {k: dict(zip(self.names, flat[i * n:(i + 1) * n])) for i, k in enumerate(layer_stats)}
         return layers, dict(zip(scalars, flat[len(layer_stats) * n:]))
+
+
+HISTOGRAM_BINS = 64
+HISTOGRAM_KINDS = ("hist_act", "hist_grad", "hist_weight")  # tag prefixes: activations, dL/dW, W
+
+
+class Histograms:
+    """Histograms of tensors counted on the device: for each (kind, layer), HISTOGRAM_BINS equal bins between
+    the tensor's min and max (its last bin closed), and its min, max, sum and sum of squares, as
+    TensorBoard's histogram summary holds them. Nothing is read back until `to_host`, one copy in all.
+
+    `activations[l]` is layer l's output (examples on dim 0: flattened whole), `grads[l]` and `weights[l]`
+    lists of the tensors whose entries together make layer l's histogram."""
+
+    @torch.no_grad()
+    def __init__(self, names: Sequence[str], activations: Sequence[torch.Tensor],
+                 grads: Sequence[Sequence[torch.Tensor]], weights: Sequence[Sequence[torch.Tensor]]):
+        self.tags, self.numels, rows = [], [], []
+        for kind, groups in zip(HISTOGRAM_KINDS, ([[a] for a in activations], grads, weights)):
+            for name, group in zip(names, groups):
+                flat = torch.cat([t.detach().reshape(-1).float() for t in group]) if len(group) > 1 \
+                    else group[0].detach().reshape(-1).float()
+                self.tags.append(f"{kind}/{name}")
+                self.numels.append(flat.numel())
+                rows.append(_histogram_row(flat, HISTOGRAM_BINS))
+        self.rows = torch.stack(rows) if rows else None  # (tensors, 4 + bins): min, max, sum, sum of squares, counts
+
+    def to_host(self) -> Dict[str, dict]:
+        """{tag: add_histogram_raw's keyword arguments}: one device->host copy. A tensor holding NaN or inf (a
+        diverged run) has no histogram."""
+        if self.rows is None:
+            return {}
+        out = {}
+        for tag, numel, row in zip(self.tags, self.numels, self.rows.cpu().tolist()):
+            lo, hi, total, squares, counts = row[0], row[1], row[2], row[3], row[4:]
+            if not all(math.isfinite(v) for v in (lo, hi, total, squares)):
+                continue
+            span = (hi - lo) or max(abs(lo), 1.0) * 1e-6  # a constant tensor: one thin bin holds it all
+            out[tag] = dict(min=lo, max=hi, num=numel, sum=total, sum_squares=squares,
+                            bucket_limits=[lo + span * (k + 1) / len(counts) for k in range(len(counts))],
+                            bucket_counts=counts)
+        return out
+
+
+def _histogram_row(flat: torch.Tensor, bins: int) -> torch.Tensor:
+    """(min, max, sum, sum of squares, counts of `bins` equal bins over [min, max], the last closed) of a flat
+    float tensor, without a host sync on CUDA (torch.histc reads its range on the host)."""
+    lo, hi = torch.aminmax(flat)
+    if flat.device.type == "cpu":  # reading min and max costs no sync here: torch.histc's one pass
+        finite = math.isfinite(lo.item()) and math.isfinite(hi.item())
+        counts = torch.histc(flat, bins, 0, 0).double() if finite else torch.zeros(bins, dtype=torch.float64)
+    else:  # the bin of each entry from min and max on the device, counted by bincount: no host sync
+        scale = bins / (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
+        index = ((flat - lo) * scale).nan_to_num_(0.0).clamp_(0, bins - 1).long()
+        counts = torch.bincount(index, minlength=bins)[:bins].double()  # exact beyond float32's 2^24
+    return torch.cat([torch.stack([lo, hi, flat.sum(), flat.square().sum()]).double(), counts])
 
 
 class HostCopy:
@@ -415,6 +489,44 @@ def activation_norms(activations: List[torch.Tensor]) -> torch.Tensor:
     return torch.stack(rows).mean(dim=1)
 
 
+@torch.no_grad()
+def activation_norms_and_cosines(activations: List[torch.Tensor]):
+    """(act_norm, act_cos), one value each per activation, in order, in float32.
+
+    act_norm: activation_norms. act_cos: the mean pairwise cosine similarity of the examples' activation
+    vectors (a[i] flattened) over the B(B-1) ordered pairs i != j. With unit rows u_i = a_i / ||a_i||,
+    sum_{i != j} u_i . u_j = ||sum_i u_i||^2 - sum_i ||u_i||^2, and sum_i u_i = a^T (1 / ||a_i||): one
+    matrix-vector product over the activation besides the row norms, no B x B matrix. An all-zero row
+    (a dead ReLU layer) counts as cosine 0 with every other. NaN for a batch of one (no pairs)."""
+    norms, cosines = [], []
+    for a in activations:
+        flat = a.detach().flatten(1)
+        rows = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32)
+        norms.append(rows.mean())
+        cosines.append(_mean_pairwise_cosine(flat, rows))
+    return torch.stack(norms), torch.stack(cosines)
+
+
+def _mean_pairwise_cosine(flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """flat (..., B, D) with its row norms rows (..., B), float32 -> the mean pairwise cosine (...)."""
+    batch = flat.shape[-2]
+    nonzero = rows > 0
+    inverse = torch.where(nonzero, 1.0 / rows, torch.zeros_like(rows))
+    unit_sum = (inverse.unsqueeze(-2) @ flat.float()).squeeze(-2)  # (..., D): the sum of the unit rows
+    pairs = unit_sum.square().sum(-1) - nonzero.sum(-1).float()
+    return pairs / (batch * (batch - 1)) if batch > 1 else torch.full_like(pairs, float("nan"))
+
+
+@torch.no_grad()
+def stacked_activation_cosines(activations: List[torch.Tensor]) -> torch.Tensor:
+    """act_cos of stacked activations (M, B, ...), one row per layer: (layers, M)."""
+    cosines = []
+    for a in activations:
+        flat = a.detach().flatten(2)
+        cosines.append(_mean_pairwise_cosine(flat, torch.linalg.vector_norm(flat, dim=2, dtype=torch.float32)))
+    return torch.stack(cosines)
+
+
 class StackedMonitor:
     """LayerMonitor's statistics for every member of a fused group (nrexp/fused.py), computed on its stacks:
     each statistic of a layer is one reduction over the member axis, and every member's numbers reach
@@ -444,6 +556,7 @@ class StackedMonitor:
         stats = {
             "act_norm": torch.stack([torch.linalg.vector_norm(a.detach().flatten(2).float(), dim=2).mean(1)
                                      for a in activations]),
+            "act_cos": stacked_activation_cosines(activations),
             "grad_norm": self._norms([self.net.params[name].grad for name in self.weight_names]),
             "weight_norm": weight_norm,
             "weight_change": self._norms(torch._foreach_sub(weights, self.init)) / self.init_norms,
@@ -453,7 +566,8 @@ class StackedMonitor:
 
     @torch.no_grad()
     def after_step(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Add each member's update ratio ||W_after - W_before|| / ||W_before|| of the step just taken."""
+        """Add each member's update ratio ||W_after - W_before|| / ||W_before||: W_before the weights of the
+        logged forward/backward (before_step), W_after those after the optimizer step taken right after it."""
         after = [self.net.params[name] for name in self.weight_names]
         stats["update_ratio"] = self._norms(torch._foreach_sub(after, self._before_step)) / stats["weight_norm"]
         self._before_step = None
@@ -467,3 +581,134 @@ class StackedMonitor:
         per_member = torch.cat(rows).T.tolist()
         return [({k: dict(zip(self.layer_names, flat[i * n:(i + 1) * n])) for i, k in enumerate(stats)},
                  dict(zip(scalars, flat[len(stats) * n:]))) for flat in per_member]
+
+
+# ------------------------------------------------------------------------------------------------
+# your own model: the same statistics and tags for any nn.Module
+
+
+def watch(model: nn.Module, layers: Optional[Mapping[str, nn.Module]] = None, log_dir=None,
+          histograms: bool = False) -> "Watcher":
+    """Monitor any nn.Module as nrexp monitors its own nets: the per-layer statistics of LayerMonitor
+    (act_norm, act_cos, grad_norm, weight_norm, weight_change, update_ratio) and, with `log_dir`, the same
+    TensorBoard tags through the same TensorBoardWriter (`act_norm/<layer>`, depth profile at step 0,
+    custom layout; with `histograms=True` hist_act/hist_grad/hist_weight).
+
+    `layers`: {name: module}, in forward order; a module that is not itself a Linear/Conv2d (a residual
+    block, say) stands for all the Linear/Conv2d layers inside it, its output being the activation.
+    Default: every nn.Linear and nn.Conv2d of `model`, named by their path (`layer1.0.conv1`), in
+    registration order. Activations are recorded by forward hooks, only inside `Watcher.record`.
+
+        w = nrexp.monitor.watch(model, log_dir="runs/mine")
+        for step, (x, y) in enumerate(batches):
+            with w.record(step % 10 == 0):      # a logging step: keep each layer's output
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(); loss.backward()
+            w.before_step()                     # after backward, before the update
+            opt.step()
+            w.after_step(step, {"train/loss": loss.item()})   # statistics of step `step`, written
+        w.close()
+    """
+    return Watcher(model, layers, log_dir, histograms)
+
+
+class Watcher:
+    """`watch`'s result: forward hooks on the layers, a LayerMonitor, and optionally a TensorBoardWriter."""
+
+    def __init__(self, model: nn.Module, layers: Optional[Mapping[str, nn.Module]] = None, log_dir=None,
+                 histograms: bool = False):
+        if layers is None:
+            layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        layers = dict(layers)
+        if not layers:
+            raise ValueError("watch: no layers to monitor (the model has no nn.Linear or nn.Conv2d; pass layers=)")
+        empty = [name for name, m in layers.items() if not weight_layers(m)]
+        if empty:
+            raise ValueError(f"watch: {empty} hold no nn.Linear or nn.Conv2d weight to monitor; pass modules "
+                             "that are (or contain) one")
+        self.model, self.layers = model, layers
+        self.monitor = LayerMonitor(layers)
+        self.names = self.monitor.names
+        self.histograms = histograms
+        self.writer = None
+        if log_dir is not None:
+            from nrexp.writers import TensorBoardWriter
+
+            os.makedirs(log_dir, exist_ok=True)
+            self.writer = TensorBoardWriter(log_dir, self.names)
+        self._recording = False
+        self._outputs: Dict[str, tuple] = {}  # name -> (activation, its version when recorded)
+        self._stats: Optional[Dict[str, torch.Tensor]] = None
+        self._hist: Optional[Histograms] = None
+        self.last: Optional[Dict[str, Dict[str, float]]] = None  # the last logged step's {metric: {layer: value}}
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in layers.items()]
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            if self._recording:
+                out = output[0] if isinstance(output, (tuple, list)) else output
+                out = out.detach()
+                self._outputs[name] = (out, out._version)
+        return hook
+
+    @contextlib.contextmanager
+    def record(self, logging: bool = True):
+        """Inside, a forward pass keeps each monitored layer's output (when `logging`), for this step's statistics."""
+        self._outputs = {}
+        self._recording = logging
+        try:
+            yield self
+        finally:
+            self._recording = False
+
+    def activations(self) -> List[torch.Tensor]:
+        missing = [n for n in self.names if n not in self._outputs]
+        if missing:
+            raise RuntimeError(f"watch: no output recorded for {missing}: run the forward pass inside record(True)")
+        changed = [n for n in self.names if self._outputs[n][0]._version != self._outputs[n][1]]
+        if changed:
+            raise RuntimeError(f"watch: the outputs of {changed} were changed in place after the layer (an inplace "
+                               "op): monitor the module whose output is kept, e.g. the block around it")
+        return [self._outputs[n][0] for n in self.names]
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        """After backward, before the optimizer step: starts this step's statistics (nothing unless recorded)."""
+        if not self._outputs:
+            self._stats = None
+            return
+        activations = self.activations()
+        self._stats = self.monitor.before_step(activations)
+        self._hist = self.monitor.histograms(activations) if self.histograms else None
+        self._outputs = {}
+
+    @torch.no_grad()
+    def after_step(self, step: int, scalars: Optional[Mapping[str, float]] = None):
+        """After the optimizer step: finishes the statistics of step `step` (update_ratio: this update), writes
+        them with `scalars` and returns {metric: {layer: value}} (None on a step not recorded)."""
+        if self._stats is None:
+            if self.writer is not None and scalars:
+                self.writer.scalars(step, {k: float(v) for k, v in scalars.items()})
+            return None
+        stats, self._stats = self.monitor.after_step(self._stats), None
+        layer_stats, _ = self.monitor.to_host(stats, {})
+        self.last = layer_stats
+        if self.writer is not None:
+            self.writer.layer_stats(step, layer_stats)
+            if scalars:
+                self.writer.scalars(step, {k: float(v) for k, v in scalars.items()})
+            if self._hist is not None:
+                self.writer.queue_histograms(step, self._hist)
+                self.writer.write_histograms()
+            if step == 0:
+                self.writer.depth_plot(0, layer_stats, "init")
+        self._hist = None
+        return layer_stats
+
+    def close(self) -> None:
+        """Remove the hooks and close the writer (its depth figures written)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self.writer is not None:
+            self.writer.close()

@@ -457,6 +457,8 @@ class SoloRun(Trainee):
         m = self.member
         if self.inflight is not None:  # the previous statistics read W, which this update changes
             self.inflight.result()
+        if logging and self.trainer.histograms and self.activations is not None:  # before capture lets go of them
+            m.writer.queue_histograms(step, m.monitor.histograms(self.activations))
         captured = m.monitor.capture(self.activations) if self.activations is not None else None
         m.optimizer.step()
         if captured is not None:  # computed on a spare core while the next step runs (monitor.py)
@@ -519,6 +521,7 @@ def write_log(writer: TensorBoardWriter, step: int, layer_stats: Dict, values: D
     values["lr"] = lr
     writer.layer_stats(step, layer_stats)
     writer.scalars(step, values)
+    writer.write_histograms()  # trainer.histograms: those of this step, queued by the trainee's update
     if step == 0 and layer_stats:
         writer.depth_plot(0, layer_stats, "init")
     return layer_stats, values

@@ -1,11 +1,16 @@
 """Everything a run writes for people and tools to read back (nrexp/runs.py): TensorBoard events and summary.json.
 
 TensorBoard tags (the contract `nrexp report` and users rely on; docs/tensorboard.md shows how to read them):
-  act_norm/<layer>, grad_norm/<layer>, weight_norm/<layer>, weight_change/<layer>, update_ratio/<layer>,
-  train/loss, train/acc, test/loss, test/acc, lr, throughput/samples_per_s; step 0 is the net at init.
+  act_norm/<layer>, act_cos/<layer>, grad_norm/<layer>, weight_norm/<layer>, weight_change/<layer>,
+  update_ratio/<layer>, train/loss, train/acc, test/loss, test/acc, lr, throughput/samples_per_s; step 0 is the
+  net at init. At a logging step t every per-layer tag describes the forward/backward of step t, with the
+  weights W_t it used, except update_ratio/<layer>: ||W_{t+1} - W_t|| / ||W_t||, the update the optimizer
+  took right after that forward/backward (at step 0: the first update, from the weights at init).
   depth_init/<metric>, depth_final/<metric>: the depth profile at init and at the end, as scalars whose
   step is the layer index (0 = block00 ... L = head), so TensorBoard's own scalar chart overlays a metric
   against depth for every run of a sweep.
+  hist_act/<layer>, hist_grad/<layer>, hist_weight/<layer> (trainer.histograms=true): histograms of the layer's
+  activation, dL/dW and W at each logging step (monitor.Histograms).
   final/*: the numbers of the HParams tab (HPARAM_METRICS), at the last step.
 A custom-scalars layout (`custom_layout`) shows the depth charts, then per metric the first, middle and last
 hidden block and the head, all runs overlaid; `depth/<when>` images plot activation and gradient norm
@@ -106,8 +111,8 @@ HPARAM_METRICS = {  # in the order of the tab's columns; it shows the first five
 # The statistics written as depth profiles (depth_<when>/<metric>): weight_change is 0 everywhere at init, and
 # the final probe takes no optimizer step (no update_ratio).
 DEPTH_SCALARS = {
-    "init": ("act_norm", "grad_norm", "weight_norm", "update_ratio"),
-    "final": ("act_norm", "grad_norm", "weight_norm", "weight_change"),
+    "init": ("act_norm", "act_cos", "grad_norm", "weight_norm", "update_ratio"),
+    "final": ("act_norm", "act_cos", "grad_norm", "weight_norm", "weight_change"),
 }
 
 
@@ -210,6 +215,7 @@ class TensorBoardWriter:
         self.layer_names = layer_names
         self.pending_figures: list[tuple] = []  # (step, when, stats, title, Future), written by flush()/close()
         self._layer_summaries: dict[tuple, object] = {}  # metrics -> the Summary layer_stats fills (see there)
+        self.pending_histograms: list[tuple] = []  # (step, monitor.Histograms), written by write_histograms
         self.tb = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
         if purge_step is None:  # a resumed run already has its layout
             self.tb.add_custom_scalars(custom_layout(layer_names))
@@ -260,6 +266,18 @@ class TensorBoardWriter:
         for slot, value in zip(summary.value, (v for per_layer in stats.values() for v in per_layer.values())):
             slot.simple_value = float(value)
         self.tb._get_file_writer().add_summary(summary, step)  # serialized here, so the Summary can be reused
+
+    def queue_histograms(self, step: int, histograms) -> None:
+        """trainer.histograms: a logging step's histograms (monitor.Histograms, still on the device), written by
+        the next write_histograms (when the step is written: its host copy then waits only for its own kernels)."""
+        self.pending_histograms.append((step, histograms))
+
+    def write_histograms(self) -> None:
+        """Write the queued histograms as hist_act/<layer>, hist_grad/<layer>, hist_weight/<layer>."""
+        pending, self.pending_histograms = self.pending_histograms, []
+        for step, histograms in pending:
+            for tag, histogram in histograms.to_host().items():
+                self.tb.add_histogram_raw(tag, global_step=step, **histogram)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         self._add_scalars(step, values)
@@ -356,9 +374,11 @@ class TensorBoardWriter:
         self.tb.add_text(tag, text, 0)
 
     def flush(self) -> None:
+        self.write_histograms()
         self._write_pending()
         self.tb.flush()
 
     def close(self) -> None:
+        self.write_histograms()
         self._write_pending()
         self.tb.close()

@@ -182,7 +182,7 @@ def test_members_equal_solo_runs(tmp_path, monkeypatch, norm, ahead, optim):
                     assert _close(f["layers"][when][metric][layer], value, rel=1e-3), (i, when, metric, layer)
         # every per-layer metric of logging steps (fused.StackedMonitor computes them on the stacks), one layer each
         for tag in ("train/loss", "train/acc", "test/acc", "act_norm/block00", "grad_norm/head", "update_ratio/block01",
-                    "weight_norm/block01", "weight_change/head", "act_norm/head"):
+                    "weight_norm/block01", "weight_change/head", "act_norm/head", "act_cos/block00", "act_cos/head"):
             a, b = _scalars(tmp_path / f"fused{i}", tag), _scalars(tmp_path / f"solo{i}", tag)
             assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= 2, tag
             assert all(_close(x, y, rel=1e-3) for (_, x), (_, y) in zip(a, b)), (tag, a, b)

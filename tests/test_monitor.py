@@ -20,11 +20,13 @@ def test_monitor_matches_plain_forward_and_grad():
     stats = monitor.before_step(activations)
     # independent: a plain forward pass through the blocks, layer by layer
     h = x.flatten(1)
-    expected_act = {}
+    expected_act, expected_cos = {}, {}
     for name, block in model.blocks.items():
         h = block.dropout(block.act(block.norm(block.linear(h))))
         expected_act[name] = h.norm(dim=1).mean().item()
+        expected_cos[name] = pairwise_cosine_loop(h)
     expected_act["head"] = model.head(h).norm(dim=1).mean().item()
+    expected_cos["head"] = pairwise_cosine_loop(model.head(h))
 
     weights_before = [layer.weight.detach().clone() for layer in model.monitored_layers().values()]
     opt.step()
@@ -35,6 +37,7 @@ def test_monitor_matches_plain_forward_and_grad():
     for i, (name, layer) in enumerate(model.monitored_layers().items()):
         w = layer.weight.detach()
         assert host["act_norm"][name] == pytest_approx(expected_act[name])
+        assert host["act_cos"][name] == pytest_approx(expected_cos[name])
         assert host["grad_norm"][name] == pytest_approx(layer.weight.grad.norm().item())
         assert host["weight_norm"][name] == pytest_approx(weights_before[i].norm().item())
         init = monitor.init_weights[i]
@@ -56,6 +59,49 @@ def test_activation_norms_keep_layer_order_across_interleaved_shapes_and_dtypes(
     got = activation_norms(activations)
     assert got.dtype == torch.float32 and got.shape == (6,)
     assert torch.allclose(got, expected, rtol=1e-6), (got, expected)
+
+
+def pairwise_cosine_loop(a: torch.Tensor) -> float:
+    """The mean cosine similarity over the ordered pairs i != j of a's examples (each flattened), pair by
+    pair in float64: the independent computation of act_cos (an all-zero example has cosine 0)."""
+    rows = a.detach().flatten(1).double()
+    total, pairs = 0.0, 0
+    for i in range(len(rows)):
+        for j in range(len(rows)):
+            if i != j:
+                total += F.cosine_similarity(rows[i], rows[j], dim=0, eps=1e-300).item()
+                pairs += 1
+    return total / pairs
+
+
+def test_act_cos_is_the_mean_pairwise_cosine_of_an_explicit_loop():
+    """act_cos against pair-by-pair cosines, for a dense map, a conv map, bf16, a batch collapsed onto one
+    direction (1), one with opposite examples (-1/(B-1)) and one with an all-zero example; stacked
+    (fused groups: (M, B, ...)) equal to each member's own."""
+    from nrexp.monitor import activation_norms_and_cosines, stacked_activation_cosines
+
+    torch.manual_seed(0)
+    direction = torch.randn(1, 30)
+    with_zero = torch.relu(torch.randn(9, 12) + 0.5)
+    with_zero[3] = 0
+    activations = [torch.randn(16, 30) + 2.0, torch.relu(torch.randn(8, 3, 4, 4)),
+                   (torch.randn(8, 20) + 1).bfloat16(), direction * torch.rand(6, 1) + 0 * torch.randn(6, 30),
+                   torch.cat([direction, -direction]), with_zero]
+    norms, cosines = activation_norms_and_cosines(activations)
+    assert cosines.dtype == torch.float32 and cosines.shape == (6,)
+    expected = [pairwise_cosine_loop(a.float()) for a in activations]
+    assert cosines.tolist() == [pytest_approx(e) for e in expected]
+    assert expected[3] == pytest_approx(1.0) and expected[4] == pytest_approx(-1.0)
+    assert 0.3 < expected[0] < 1 and 0 < expected[5] < 1
+    assert torch.allclose(norms, torch.stack([a.flatten(1).float().norm(dim=1).mean() for a in activations]))
+    assert torch.isnan(activation_norms_and_cosines([torch.randn(1, 5)])[1]).all()  # one example: no pairs
+
+    stacked = [torch.randn(3, 8, 5) + 1, torch.relu(torch.randn(3, 8, 2, 3, 3))]
+    got = stacked_activation_cosines(stacked)
+    assert got.shape == (2, 3)
+    for layer, a in enumerate(stacked):
+        for member in range(3):
+            assert got[layer, member].item() == pytest_approx(pairwise_cosine_loop(a[member]))
 
 
 def steps_then_backward(model, opt, x, y, steps: int):
@@ -80,6 +126,7 @@ def expected_statistics(layers, init, before, grads, activations, after):
     """The five statistics of one step, computed plainly layer by layer (one weight per layer: mlp)."""
     return {
         "act_norm": [a.flatten(1).float().norm(dim=1).mean() for a in activations],
+        "act_cos": [torch.tensor(pairwise_cosine_loop(a), dtype=torch.float32) for a in activations],
         "grad_norm": [g.norm() for g in grads],
         "weight_norm": [w.norm() for w in before],
         "weight_change": [(w - w0).norm() / w0.norm() for w, w0 in zip(before, init)],
@@ -157,9 +204,10 @@ def test_capture_gives_the_numbers_of_an_independent_computation_threaded_or_not
     assert kept, "W after a step was never kept for the next capture"
     assert len(runs[True]) == SCHEDULE.count("log")
     for i, ((got, expected), (inline, _)) in enumerate(zip(runs[True], runs[False])):
-        assert list(got) == ["act_norm", "grad_norm", "weight_norm", "weight_change", "update_ratio"]
+        assert list(got) == ["act_norm", "act_cos", "grad_norm", "weight_norm", "weight_change", "update_ratio"]
         for key, values in expected.items():
-            assert torch.allclose(got[key], torch.stack(values), rtol=1e-5, atol=0), (i, key)
+            rtol, atol = (1e-4, 1e-6) if key == "act_cos" else (1e-5, 0)  # act_cos: a difference of sums of B^2 terms
+            assert torch.allclose(got[key], torch.stack(values), rtol=rtol, atol=atol), (i, key)
             assert torch.equal(got[key], inline[key]), key
             assert ((got[key] > 0) | (torch.stack(values) == 0)).all(), (i, key)  # 0: weight_change at init
     host, scalars = monitor_module.LayerMonitor.to_host(
@@ -213,3 +261,27 @@ def test_host_copy_gives_to_hosts_floats():
     scalars = {"train/loss": torch.tensor(0.25), "train/acc": torch.tensor(0.5)}
     assert monitor.host_copy(future, scalars).result() == monitor.to_host(dict(future.result()), scalars)
     assert monitor.host_copy(None, scalars).result() == ({}, {"train/loss": 0.25, "train/acc": 0.5})
+
+
+def test_update_ratio_at_step_t_is_the_update_right_after_step_ts_forward_backward(tmp_path):
+    """By number, through a real run: with SGD without momentum or weight decay the update after step t's
+    backward is -lr * dL/dW_t, so update_ratio/<layer> at step t is lr * grad_norm / weight_norm of the
+    same logged step t (step 0 included: the first update, from the weights at init)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nrexp.train import train
+
+    train(compose(TINY + ["trainer.log_every=1", "trainer.max_steps=4", "optim.momentum=0", "optim.lr=0.1",
+                          "trainer.progress=false"]), tmp_path)
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0}).Reload()
+
+    def series(tag):
+        return {e.step: e.value for e in events.Scalars(tag)}
+
+    lr = series("lr")
+    assert set(lr) == {0, 1, 2, 3} and all(v == pytest_approx(0.1) for v in lr.values())
+    for layer in ("block00", "block01", "head"):
+        ratio, grad, weight = (series(f"{m}/{layer}") for m in ("update_ratio", "grad_norm", "weight_norm"))
+        assert set(ratio) == {0, 1, 2, 3}  # the final probe (step 4) takes no step: no update_ratio there
+        for step in ratio:
+            assert ratio[step] == pytest_approx(lr[step] * grad[step] / weight[step]), (layer, step)

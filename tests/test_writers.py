@@ -42,7 +42,7 @@ def test_layer_stats_are_read_back_as_written_at_every_step(tmp_path):
 def depth_stats(layers):
     return {
         metric: {layer: (m + 1) * 10.0**i for i, layer in enumerate(layers)}
-        for m, metric in enumerate(("act_norm", "grad_norm", "weight_norm", "weight_change", "update_ratio"))
+        for m, metric in enumerate(("act_norm", "grad_norm", "weight_norm", "weight_change", "update_ratio", "act_cos"))
     }
 
 
@@ -59,10 +59,12 @@ def test_depth_profiles_are_scalars_whose_step_is_the_layer_index(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {t for t in tags if t.startswith("depth_")} == {
         "depth_init/act_norm",
+        "depth_init/act_cos",
         "depth_init/grad_norm",
         "depth_init/weight_norm",
         "depth_init/update_ratio",
         "depth_final/act_norm",
+        "depth_final/act_cos",
         "depth_final/grad_norm",
         "depth_final/weight_norm",
         "depth_final/weight_change",
@@ -99,7 +101,7 @@ def test_the_layout_shows_depth_charts_then_first_middle_last_block_and_head(tmp
         "act_norm/block09 (last block)": ["^act_norm/block09$"],
         "act_norm/head (head)": ["^act_norm/head$"],
     }
-    assert len(titles) == 1 + 5 + 1  # depth, the five per-layer metrics, training
+    assert len(titles) == 1 + 6 + 1  # depth, the six per-layer metrics, training
 
 
 def hydra_job(sweep, name, task, job_overrides):
@@ -242,3 +244,43 @@ def test_a_run_resumed_before_step_L_keeps_its_depth_profile_at_init(tmp_path):
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0}).Reload()
     got = [(e.step, e.value) for e in events.Scalars("depth_init/act_norm")]
     assert got == [(i, pytest.approx(depth_stats(layers)["act_norm"][layer])) for i, layer in enumerate(layers)]
+
+
+def test_histograms_count_every_element_and_match_an_independent_histogram(tmp_path):
+    """trainer.histograms=true: hist_act/<layer>, hist_grad/<layer>, hist_weight/<layer> at every logging step;
+    each histogram's counts sum to the tensor's number of elements; the weights' at step 0 are numpy's
+    histogram of the weights at init (the checkpoint's W_init), over the same bins; none without the knob."""
+    import numpy as np
+    import torch
+
+    from conftest import TINY, compose
+    from nrexp.train import train
+
+    overrides = TINY + ["trainer.max_steps=4", "trainer.log_every=2", "trainer.progress=false"]
+    train(compose(overrides + ["trainer.histograms=true"]), tmp_path / "on")
+    train(compose(overrides), tmp_path / "off")
+    events = EventAccumulator(str(tmp_path / "on"), size_guidance={"histograms": 0}).Reload()
+    layers = ["block00", "block01", "head"]
+    assert set(events.Tags()["histograms"]) == {f"{k}/{n}" for k in ("hist_act", "hist_grad", "hist_weight") for n in layers}
+    batch, width, pixels = 64, 32, 28 * 28
+    sizes = {"block00": (batch * width, width * pixels), "block01": (batch * width, width * width),
+             "head": (batch * 10, 10 * width)}
+    init = torch.load(tmp_path / "on" / "checkpoint.pt", weights_only=False)["init_weights"]
+    for i, layer in enumerate(layers):
+        act, weight = sizes[layer]
+        for kind, numel in (("hist_act", act), ("hist_grad", weight), ("hist_weight", weight)):
+            got = events.Histograms(f"{kind}/{layer}")
+            assert [e.step for e in got] == [0, 2], (kind, layer)
+            for e in got:
+                h = e.histogram_value
+                assert h.num == numel and sum(h.bucket) == numel and len(h.bucket) == 64, (kind, layer, e.step)
+                assert h.min <= h.max
+        h = events.Histograms(f"hist_weight/{layer}")[0].histogram_value
+        w = init[i].numpy().astype(np.float64).ravel()
+        assert (h.min, h.max) == (pytest.approx(w.min()), pytest.approx(w.max()))
+        assert h.sum == pytest.approx(w.sum(), abs=1e-3) and h.sum_squares == pytest.approx((w ** 2).sum(), rel=1e-5)
+        expected, _ = np.histogram(w, bins=64, range=(w.min(), w.max()))
+        # a value on a bin edge may fall either side in float32: a few entries may move to a neighbour
+        assert np.abs(np.array(h.bucket) - expected).sum() <= 4, layer
+    off = EventAccumulator(str(tmp_path / "off"), size_guidance={"histograms": 0}).Reload()
+    assert off.Tags()["histograms"] == []
