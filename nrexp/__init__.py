@@ -1,4 +1,5 @@
 """nrexp: experiments on normalization and regularization in deep networks."""
+
 from pathlib import Path
 
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ accuracy > 0.5 (chance is 0.1) and "little progress" at least 0.2 below it. Wher
 a noise margin (2 points of accuracy) to a difference, the interval now does that job: a difference is
 claimed > 0, and the seeds decide whether it is.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,14 +83,23 @@ def check(sweep_dir) -> list[ClaimResult]:
     """Every claim of every preset found under `sweep_dir` (see the module docstring)."""
     runs = load_runs(sweep_dir)
     if not runs:
-        raise ConfigError(f"no summary.json under {str(sweep_dir)!r}. Fix: pass the directory a sweep wrote "
-                          "(nrexp train -m +experiment=<name> prints it)")
+        raise ConfigError(
+            f"no summary.json under {str(sweep_dir)!r}. Fix: pass the directory a sweep wrote "
+            "(nrexp train -m +experiment=<name> prints it)"
+        )
     results: list[ClaimResult] = []
     for name, group in sorted(by_experiment(runs).items()):
         fn = CHECKS.get(name)
         if fn is None:
-            results.append(ClaimResult(name, "known preset", f"{len(group)} runs with experiment={name}",
-                                       "one of " + ", ".join(CHECKS), MISSING))
+            results.append(
+                ClaimResult(
+                    name,
+                    "known preset",
+                    f"{len(group)} runs with experiment={name}",
+                    "one of " + ", ".join(CHECKS),
+                    MISSING,
+                )
+            )
             continue
         results += fn(group)
     return results
@@ -226,15 +236,29 @@ def check_init_depth(runs: Sequence[Run]) -> list[ClaimResult]:
             out.append(_missing(exp, claim, expected, f"runs with init.scale={s:g}"))
             continue
         iv = mean_interval(seed_values(group, lambda r: _log10(depth_ratio(r))).values())
-        out.append(ClaimResult(exp, claim, f"log10(last/first) = {_fmt(iv.mean)} (last/first {_fmt(10 ** iv.mean)})",
-                               expected, _judge(iv, how, *bounds), span(iv)))
+        out.append(
+            ClaimResult(
+                exp,
+                claim,
+                f"log10(last/first) = {_fmt(iv.mean)} (last/first {_fmt(10**iv.mean)})",
+                expected,
+                _judge(iv, how, *bounds),
+                span(iv),
+            )
+        )
     out.append(_init_depth_grads(exp, runs))
     out.append(_init_depth_training(exp, runs))
     claim, expected = "after training the weights stay close to init (s=2)", "median block weight_change < 0.2"
     group = [r for r in select(runs, init__scale=2.0) if r.layers("final", "weight_change")]
     if group:
-        iv = mean_interval(seed_values(group, lambda r: statistics.median(
-            v for k, v in r.layers("final", "weight_change").items() if k.startswith("block"))).values())
+        iv = mean_interval(
+            seed_values(
+                group,
+                lambda r: statistics.median(
+                    v for k, v in r.layers("final", "weight_change").items() if k.startswith("block")
+                ),
+            ).values()
+        )
         out.append(ClaimResult(exp, claim, f"median {_fmt(iv.mean)}", expected, below(iv, 0.2), span(iv)))
     else:
         out.append(_missing(exp, claim, expected, "final layer stats of the s=2 runs"))
@@ -249,8 +273,9 @@ def _init_depth_grads(exp: str, runs: Sequence[Run]) -> ClaimResult:
         return _missing(exp, claim, expected, "runs with init.scale=1,2,3")
     low, high = difference(g[2.0], g[1.0]), difference(g[3.0], g[2.0])
     measured = f"log10 g(2)/g(1) = {_fmt(low.mean)}, log10 g(3)/g(2) = {_fmt(high.mean)}"
-    return ClaimResult(exp, claim, measured, expected, all_of(above(low, ORDERS), above(high, ORDERS)),
-                       f"{span(low)}; {span(high)}")
+    return ClaimResult(
+        exp, claim, measured, expected, all_of(above(low, ORDERS), above(high, ORDERS)), f"{span(low)}; {span(high)}"
+    )
 
 
 def _init_depth_training(exp: str, runs: Sequence[Run]) -> ClaimResult:
@@ -261,8 +286,14 @@ def _init_depth_training(exp: str, runs: Sequence[Run]) -> ClaimResult:
         return _missing(exp, claim, expected, "runs with init.scale=1,2")
     trains, gap = mean_interval(a2.values()), difference(a2, a1)
     steps = select(runs, init__scale=2.0)[0].summary.get("steps")
-    return ClaimResult(exp, claim, f"test acc s=2 {_fmt(trains.mean)}, s=2 - s=1 {_fmt(gap.mean)} after {steps} steps",
-                       expected, all_of(above(trains, TRAINS_ACC), above(gap, 0.2)), f"{span(trains)}; {span(gap)}")
+    return ClaimResult(
+        exp,
+        claim,
+        f"test acc s=2 {_fmt(trains.mean)}, s=2 - s=1 {_fmt(gap.mean)} after {steps} steps",
+        expected,
+        all_of(above(trains, TRAINS_ACC), above(gap, 0.2)),
+        f"{span(trains)}; {span(gap)}",
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,19 +320,29 @@ def _flat_at_init(exp: str, norm: str, group: Sequence[Run]) -> list[ClaimResult
     claim, expected = f"{norm}: act norm at init flat over depth for every s", "-1 <= log10(last/first) <= 1 for each s"
     claim2, expected2 = f"{norm}: act norm at init no longer depends on s", "max/min over s of last-block act norm < 2"
     if not group:
-        return [_missing(exp, claim, expected, f"norm={norm} runs (model=mlp)"),
-                _missing(exp, claim2, expected2, f"norm={norm} runs (model=mlp)")]
+        return [
+            _missing(exp, claim, expected, f"norm={norm} runs (model=mlp)"),
+            _missing(exp, claim2, expected2, f"norm={norm} runs (model=mlp)"),
+        ]
     scales = values_of(group, "init.scale")
-    ivs = {s: mean_interval(seed_values(select(group, init__scale=s), lambda r: _log10(depth_ratio(r))).values())
-           for s in scales}
-    flat = ClaimResult(exp, claim, ", ".join(f"s={s:g}: last/first {_fmt(10 ** iv.mean)}" for s, iv in ivs.items()),
-                       expected, all_of(*(within(iv, -1, 1) for iv in ivs.values())),
-                       "log10: " + "; ".join(span(iv) for iv in ivs.values()))
+    ivs = {
+        s: mean_interval(seed_values(select(group, init__scale=s), lambda r: _log10(depth_ratio(r))).values())
+        for s in scales
+    }
+    flat = ClaimResult(
+        exp,
+        claim,
+        ", ".join(f"s={s:g}: last/first {_fmt(10**iv.mean)}" for s, iv in ivs.items()),
+        expected,
+        all_of(*(within(iv, -1, 1) for iv in ivs.values())),
+        "log10: " + "; ".join(span(iv) for iv in ivs.values()),
+    )
     per_seed: dict = defaultdict(dict)
     for r in group:
         per_seed[r.get("seed")][r.get("init.scale")] = last_block(r, "act_norm")
-    spreads = [max(v.values()) / min(v.values()) for v in per_seed.values()
-               if len(v) == len(scales) and min(v.values()) > 0]
+    spreads = [
+        max(v.values()) / min(v.values()) for v in per_seed.values() if len(v) == len(scales) and min(v.values()) > 0
+    ]
     iv = mean_interval(spreads)
     outcome = below(iv, 2.0) if len(scales) >= 2 else MISSING
     return [flat, ClaimResult(exp, claim2, f"max/min = {_fmt(iv.mean)} over s={scales}", expected2, outcome, span(iv))]
@@ -317,15 +358,22 @@ def _ln_collapse(exp: str, group: Sequence[Run]) -> ClaimResult:
     if not group:
         return _missing(exp, claim, expected, "norm=layer runs (model=mlp)")
     if not with_cos:
-        return _missing(exp, claim, expected, "statistic layers.init.act_cos in summary.json (runs from before "
-                        "the act_cos monitor)")
+        return _missing(
+            exp, claim, expected, "statistic layers.init.act_cos in summary.json (runs from before the act_cos monitor)"
+        )
     per_seed: dict = defaultdict(list)
     for r in with_cos:
         per_seed[r.get("seed")].append(last_block(r, "act_cos"))
     iv = mean_interval(statistics.fmean(v) for v in per_seed.values())
     first = statistics.fmean(_num(r.layers("init", "act_cos").get("block00")) for r in with_cos)
-    return ClaimResult(exp, claim, f"act_cos block00 {_fmt(first)}, last block {_fmt(iv.mean, 4)}", expected,
-                       above(iv, LN_COLLAPSE_COS), span(iv, lambda x: _fmt(x, 4)))
+    return ClaimResult(
+        exp,
+        claim,
+        f"act_cos block00 {_fmt(first)}, last block {_fmt(iv.mean, 4)}",
+        expected,
+        above(iv, LN_COLLAPSE_COS),
+        span(iv, lambda x: _fmt(x, 4)),
+    )
 
 
 def _bn_gradient_rate(exp: str, group: Sequence[Run]) -> ClaimResult:
@@ -342,18 +390,32 @@ def _bn_gradient_rate(exp: str, group: Sequence[Run]) -> ClaimResult:
     for r in group:
         per_seed[r.get("seed")].append(grad_growth_rate(r))
     iv = mean_interval(statistics.fmean(v) for v in per_seed.values())
-    return ClaimResult(exp, claim, f"rate {_fmt(iv.mean, 4)} per layer ({_fmt(100 * (iv.mean / BN_RELU_RATE - 1))} % "
-                       "from pi/(pi-1))", expected, within(iv, lo, hi), span(iv, lambda x: _fmt(x, 4)))
+    return ClaimResult(
+        exp,
+        claim,
+        f"rate {_fmt(iv.mean, 4)} per layer ({_fmt(100 * (iv.mean / BN_RELU_RATE - 1))} % from pi/(pi-1))",
+        expected,
+        within(iv, lo, hi),
+        span(iv, lambda x: _fmt(x, 4)),
+    )
 
 
 def _residual_trains(exp: str, norm: str, group: Sequence[Run]) -> ClaimResult:
     claim, expected = f"{norm}: with residual connections every s trains", f"test acc > {TRAINS_ACC} for each s"
     if not group:
         return _missing(exp, claim, expected, f"model=resmlp norm={norm} runs")
-    ivs = {s: mean_interval(seed_values(select(group, init__scale=s), test_acc).values())
-           for s in values_of(group, "init.scale")}
-    return ClaimResult(exp, claim, ", ".join(f"s={s:g}: {_fmt(iv.mean)}" for s, iv in ivs.items()), expected,
-                       all_of(*(above(iv, TRAINS_ACC) for iv in ivs.values())), "; ".join(map(span, ivs.values())))
+    ivs = {
+        s: mean_interval(seed_values(select(group, init__scale=s), test_acc).values())
+        for s in values_of(group, "init.scale")
+    }
+    return ClaimResult(
+        exp,
+        claim,
+        ", ".join(f"s={s:g}: {_fmt(iv.mean)}" for s, iv in ivs.items()),
+        expected,
+        all_of(*(above(iv, TRAINS_ACC) for iv in ivs.values())),
+        "; ".join(map(span, ivs.values())),
+    )
 
 
 def _plain_slower(exp: str, norm: str, plain: Sequence[Run], residual: Sequence[Run], runs) -> ClaimResult:
@@ -362,13 +424,23 @@ def _plain_slower(exp: str, norm: str, plain: Sequence[Run], residual: Sequence[
     if not plain or not residual:
         return _missing(exp, claim, expected, f"model=mlp and model=resmlp runs with norm={norm}")
     loss = train_loss(runs)
-    ivs = {s: difference(seed_values(select(plain, init__scale=s), loss), seed_values(select(residual, init__scale=s),
-                                                                                        loss))
-           for s in values_of(plain, "init.scale") if select(residual, init__scale=s)}
+    ivs = {
+        s: difference(
+            seed_values(select(plain, init__scale=s), loss), seed_values(select(residual, init__scale=s), loss)
+        )
+        for s in values_of(plain, "init.scale")
+        if select(residual, init__scale=s)
+    }
     if not ivs:
         return _missing(exp, claim, expected, "plain and residual runs at a common init.scale")
-    return ClaimResult(exp, claim, ", ".join(f"s={s:g}: {_fmt(iv.mean)}" for s, iv in ivs.items()), expected,
-                       all_of(*(above(iv, 0.0) for iv in ivs.values())), "; ".join(map(span, ivs.values())))
+    return ClaimResult(
+        exp,
+        claim,
+        ", ".join(f"s={s:g}: {_fmt(iv.mean)}" for s, iv in ivs.items()),
+        expected,
+        all_of(*(above(iv, 0.0) for iv in ivs.values())),
+        "; ".join(map(span, ivs.values())),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,32 +469,62 @@ def first_eval_acc(run: Run) -> float:
 def check_bn_paper_mnist(runs: Sequence[Run]) -> list[ClaimResult]:
     exp = "bn_paper_mnist"
     bn, plain = select(runs, norm__name="batch"), select(runs, norm__name="none")
-    claims = [("BN reaches higher test accuracy sooner", "acc(BN) - acc(no BN) > 0 at the first evaluation"),
-              ("BN's test accuracy still higher at the end of the budget (paper: after 50k steps)",
-               "acc(BN) - acc(no BN) > 0 at the end"),
-              ("sigmoid-input percentiles drift without BN, stable with BN",
-               "drift(no BN) > 0.5 and drift(BN)/drift(no BN) < 0.5")]
+    claims = [
+        ("BN reaches higher test accuracy sooner", "acc(BN) - acc(no BN) > 0 at the first evaluation"),
+        (
+            "BN's test accuracy still higher at the end of the budget (paper: after 50k steps)",
+            "acc(BN) - acc(no BN) > 0 at the end",
+        ),
+        (
+            "sigmoid-input percentiles drift without BN, stable with BN",
+            "drift(no BN) > 0.5 and drift(BN)/drift(no BN) < 0.5",
+        ),
+    ]
     if not bn or not plain:
         return [_missing(exp, c, e, "norm=none and norm=batch runs") for c, e in claims]
     out = []
     first = difference(seed_values(bn, first_eval_acc), seed_values(plain, first_eval_acc))
     step = (bn[0].scalars("test/acc") or [(None, None)])[0][0]
-    out.append(ClaimResult(exp, claims[0][0], f"step {step}: BN - no BN = {_fmt(first.mean)}", claims[0][1],
-                           above(first, 0.0), span(first)))
+    out.append(
+        ClaimResult(
+            exp,
+            claims[0][0],
+            f"step {step}: BN - no BN = {_fmt(first.mean)}",
+            claims[0][1],
+            above(first, 0.0),
+            span(first),
+        )
+    )
     end = difference(seed_values(bn, test_acc), seed_values(plain, test_acc))
-    out.append(ClaimResult(exp, claims[1][0], f"step {bn[0].summary.get('steps')}: BN - no BN = {_fmt(end.mean)}",
-                           claims[1][1], above(end, 0.0), span(end)))
+    out.append(
+        ClaimResult(
+            exp,
+            claims[1][0],
+            f"step {bn[0].summary.get('steps')}: BN - no BN = {_fmt(end.mean)}",
+            claims[1][1],
+            above(end, 0.0),
+            span(end),
+        )
+    )
     d_bn, d_plain = (seed_values(g, lambda r: percentile_drift(r)[0]) for g in (bn, plain))
     drift = mean_interval(d_plain.values())
     ratio = mean_interval(d_bn[s] / d_plain[s] for s in d_bn if s in d_plain and d_plain[s] > 0)
-    out.append(ClaimResult(exp, claims[2][0], f"drift in initial p15-p85 spreads: no BN {_fmt(drift.mean)}, BN/no BN "
-                           f"{_fmt(ratio.mean)}", claims[2][1], all_of(above(drift, 0.5), below(ratio, 0.5)),
-                           f"{span(drift)}; {span(ratio)}"))
+    out.append(
+        ClaimResult(
+            exp,
+            claims[2][0],
+            f"drift in initial p15-p85 spreads: no BN {_fmt(drift.mean)}, BN/no BN {_fmt(ratio.mean)}",
+            claims[2][1],
+            all_of(above(drift, 0.5), below(ratio, 0.5)),
+            f"{span(drift)}; {span(ratio)}",
+        )
+    )
     return out
 
 
-def _loss_claim(exp: str, claim: str, expected: str, runs: Sequence[Run], pairs: Sequence[tuple[str, str]],
-                norms: Sequence[str]) -> ClaimResult:
+def _loss_claim(
+    exp: str, claim: str, expected: str, runs: Sequence[Run], pairs: Sequence[tuple[str, str]], norms: Sequence[str]
+) -> ClaimResult:
     """The claim loss(a) - loss(b) > 0 for every (a, b) of `pairs` (norm names), paired by seed."""
     if not all(select(runs, norm__name=n) for n in norms):
         return _missing(exp, claim, expected, f"norm={','.join(norms)} runs")
@@ -430,29 +532,56 @@ def _loss_claim(exp: str, claim: str, expected: str, runs: Sequence[Run], pairs:
     per = {n: seed_values(select(runs, norm__name=n), loss) for n in norms}
     diverged = {n for n in norms if any(r.status == "diverged" for r in select(runs, norm__name=n))}
     ivs = [difference(per[a], per[b]) for a, b in pairs]
-    means = ", ".join(f"{n} {_fmt(statistics.fmean(per[n].values()))}{' (diverged runs)' if n in diverged else ''}"
-                      for n in norms)
+    means = ", ".join(
+        f"{n} {_fmt(statistics.fmean(per[n].values()))}{' (diverged runs)' if n in diverged else ''}" for n in norms
+    )
     seeds = max(len(v) for v in per.values())
     measured = f"train loss: {means}" + (f" (means of {seeds} seeds)" if seeds > 1 else "")
-    return ClaimResult(exp, claim, measured, expected, all_of(*(above(iv, 0.0) for iv in ivs)),
-                       "; ".join(f"{a}-{b}: {span(iv)}" for (a, b), iv in zip(pairs, ivs)))
+    return ClaimResult(
+        exp,
+        claim,
+        measured,
+        expected,
+        all_of(*(above(iv, 0.0) for iv in ivs)),
+        "; ".join(f"{a}-{b}: {span(iv)}" for (a, b), iv in zip(pairs, ivs)),
+    )
 
 
 def check_ln_vs_bn_mlp(runs: Sequence[Run]) -> list[ClaimResult]:
-    return [_loss_claim("ln_vs_bn_mlp", "LayerNorm reaches a higher training loss than BN and no norm (same budget)",
-                        "loss(layer) - loss(batch) > 0 and loss(layer) - loss(none) > 0", runs,
-                        [("layer", "batch"), ("layer", "none")], ("layer", "batch", "none"))]
+    return [
+        _loss_claim(
+            "ln_vs_bn_mlp",
+            "LayerNorm reaches a higher training loss than BN and no norm (same budget)",
+            "loss(layer) - loss(batch) > 0 and loss(layer) - loss(none) > 0",
+            runs,
+            [("layer", "batch"), ("layer", "none")],
+            ("layer", "batch", "none"),
+        )
+    ]
 
 
 def check_cnn_norms(runs: Sequence[Run]) -> list[ClaimResult]:
     """The convnet preset's expectation (configs/experiment/cnn_norms.yaml, from the literature): BatchNorm
     trains fastest of the four, and every norm trains faster than none (same budget)."""
     exp, norms = "cnn_norms", ("none", "batch", "layer", "group")
-    return [_loss_claim(exp, "BatchNorm reaches the lowest training loss of the four norms (same budget)",
-                        "loss(n) - loss(batch) > 0 for n = layer, group, none", runs,
-                        [(n, "batch") for n in norms if n != "batch"], norms),
-            _loss_claim(exp, "every norm trains faster than none", "loss(none) - loss(n) > 0 for n = batch, layer, group",
-                        runs, [("none", n) for n in norms if n != "none"], norms)]
+    return [
+        _loss_claim(
+            exp,
+            "BatchNorm reaches the lowest training loss of the four norms (same budget)",
+            "loss(n) - loss(batch) > 0 for n = layer, group, none",
+            runs,
+            [(n, "batch") for n in norms if n != "batch"],
+            norms,
+        ),
+        _loss_claim(
+            exp,
+            "every norm trains faster than none",
+            "loss(none) - loss(n) > 0 for n = batch, layer, group",
+            runs,
+            [("none", n) for n in norms if n != "none"],
+            norms,
+        ),
+    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -486,8 +615,10 @@ def check_regularization(runs: Sequence[Run]) -> list[ClaimResult]:
     if fitted:  # the smallest mean gap: a selection among settings, said in the claim
         k = min(fitted, key=lambda k: statistics.fmean(gap(r) for r in at(*k)))
         iv = difference(seed_values(base, gap), seed_values(at(*k), gap))
-        measured = (f"gap(0,0) {_fmt(statistics.fmean(gap(r) for r in base))}; smallest at lambda={k[0]:g}, p={k[1]:g}: "
-                    f"shrinks by {_fmt(iv.mean)}")
+        measured = (
+            f"gap(0,0) {_fmt(statistics.fmean(gap(r) for r in base))}; smallest at lambda={k[0]:g}, p={k[1]:g}: "
+            f"shrinks by {_fmt(iv.mean)}"
+        )
         out.append(ClaimResult(exp, claim, measured, expected, above(iv, 0.0), span(iv)))
     else:
         out.append(_missing(exp, claim, expected, "a regularized setting that fits the training set"))
@@ -495,21 +626,31 @@ def check_regularization(runs: Sequence[Run]) -> list[ClaimResult]:
     lams = sorted({k[0] for k in settings if k[1] == 0.0} | {0.0})
     norms = {lam: seed_values(at(lam, 0.0), weight_norm_total) for lam in lams}
     ivs = [difference(norms[a], norms[b]) for a, b in pairwise(lams)]
-    out.append(ClaimResult(exp, claim, ", ".join(f"lambda={lam:g}: {_fmt(statistics.fmean(norms[lam].values()))}"
-                                                 for lam in lams),
-                           expected, all_of(*(above(iv, 0.0) for iv in ivs)) if ivs else MISSING,
-                           "; ".join(map(span, ivs))))
+    out.append(
+        ClaimResult(
+            exp,
+            claim,
+            ", ".join(f"lambda={lam:g}: {_fmt(statistics.fmean(norms[lam].values()))}" for lam in lams),
+            expected,
+            all_of(*(above(iv, 0.0) for iv in ivs)) if ivs else MISSING,
+            "; ".join(map(span, ivs)),
+        )
+    )
     base_acc = seed_values(base, train_acc)
-    for knob, tops in (("lambda", [k for k in settings if k[1] == 0.0 and k[0] > 0]),
-                       ("p", [k for k in settings if k[0] == 0.0 and k[1] > 0])):
+    for knob, tops in (
+        ("lambda", [k for k in settings if k[1] == 0.0 and k[0] > 0]),
+        ("p", [k for k in settings if k[0] == 0.0 and k[1] > 0]),
+    ):
         claim, expected = f"very large {knob} underfits", "train acc(0,0) - train acc(largest value) > 0.05"
         if not tops:
             out.append(_missing(exp, claim, expected, f"runs with {knob} > 0"))
             continue
         top = max(tops)
         iv = difference(base_acc, seed_values(at(*top), train_acc))
-        measured = (f"train acc {_fmt(statistics.fmean(base_acc.values()))} unregularized, {_fmt(iv.mean)} lower at "
-                    f"lambda={top[0]:g}, p={top[1]:g}")
+        measured = (
+            f"train acc {_fmt(statistics.fmean(base_acc.values()))} unregularized, {_fmt(iv.mean)} lower at "
+            f"lambda={top[0]:g}, p={top[1]:g}"
+        )
         out.append(ClaimResult(exp, claim, measured, expected, above(iv, 0.05), span(iv)))
     return out
 
@@ -554,7 +695,9 @@ def batch_size_values(runs: Sequence[Run]) -> dict[str, dict[int, dict[str, dict
 def batch_size_table(runs: Sequence[Run], values=None) -> dict[str, dict[int, dict[str, float]]]:
     """{norm: {batch size: {"running": mean test acc over seeds, "test": ... (BN only)}}}."""
     values = batch_size_values(runs) if values is None else values
-    return {n: {b: {k: _means(v) for k, v in row.items() if v} for b, row in rows.items()} for n, rows in values.items()}
+    return {
+        n: {b: {k: _means(v) for k, v in row.items() if v} for b, row in rows.items()} for n, rows in values.items()
+    }
 
 
 def check_bn_batch_size(runs: Sequence[Run], values=None) -> list[ClaimResult]:
@@ -568,25 +711,39 @@ def check_bn_batch_size(runs: Sequence[Run], values=None) -> list[ClaimResult]:
     bn, ln = values.get("batch", {}), values.get("layer", {})
     common = sorted(set(bn) & set(ln))
     if len(common) < 2:
-        return [_missing(exp, claim, expected, "norm=batch and norm=layer runs at >= 2 common batch sizes"),
-                _missing(exp, claim2, expected2, "norm=batch runs")]
+        return [
+            _missing(exp, claim, expected, "norm=batch and norm=layer runs at >= 2 common batch sizes"),
+            _missing(exp, claim2, expected2, "norm=batch runs"),
+        ]
     small, ref = common[0], min((b for b in common if b >= 32), default=common[-1])
 
     def degradation(rows) -> dict:
-        return {s: rows[ref]["running"][s] - rows[small]["running"][s]
-                for s in rows[small]["running"] if s in rows[ref]["running"]}
+        return {
+            s: rows[ref]["running"][s] - rows[small]["running"][s]
+            for s in rows[small]["running"]
+            if s in rows[ref]["running"]
+        }
 
     d_bn, d_ln = degradation(bn), degradation(ln)
     iv = difference(d_bn, d_ln)
-    measured = (f"B={small} vs B={ref}: BN error +{_fmt(_means(d_bn))}, LN error +{_fmt(_means(d_ln))}, "
-                f"difference {_fmt(iv.mean)}")
+    measured = (
+        f"B={small} vs B={ref}: BN error +{_fmt(_means(d_bn))}, LN error +{_fmt(_means(d_ln))}, "
+        f"difference {_fmt(iv.mean)}"
+    )
     out.append(ClaimResult(exp, claim, measured, expected, above(iv, 0.0), span(iv)))
     big = [b for b in sorted(bn) if b >= 32 and bn[b].get("test")]
     if big:
         ivs = {b: difference(bn[b]["running"], bn[b]["test"]) for b in big}
-        out.append(ClaimResult(exp, claim2, ", ".join(f"B={b}: {_fmt(iv.mean)}" for b, iv in ivs.items()), expected2,
-                               all_of(*(within(iv, -ACC_NOISE, ACC_NOISE) for iv in ivs.values())),
-                               "; ".join(map(span, ivs.values()))))
+        out.append(
+            ClaimResult(
+                exp,
+                claim2,
+                ", ".join(f"B={b}: {_fmt(iv.mean)}" for b, iv in ivs.items()),
+                expected2,
+                all_of(*(within(iv, -ACC_NOISE, ACC_NOISE) for iv in ivs.values())),
+                "; ".join(map(span, ivs.values())),
+            )
+        )
     else:
         out.append(_missing(exp, claim2, expected2, "BN runs with B >= 32 and a checkpoint"))
     return out
@@ -619,19 +776,37 @@ def check_bn_shift(runs: Sequence[Run], values=None) -> list[ClaimResult]:
     values = shift_values(runs) if values is None else values
     out = []
     for shift, claim, expected, judge in (
-        ("clean", "clean test data: running and test-batch statistics agree",
-         f"-{ACC_NOISE} <= test - running <= {ACC_NOISE}", lambda iv: within(iv, -ACC_NOISE, ACC_NOISE)),
-        ("noise=0.5", "noise: re-estimated statistics recover accuracy", "test - running > 0",
-         lambda iv: above(iv, 0.0)),
-        ("contrast=0.3", "contrast: re-estimated statistics recover accuracy", "test - running > 0",
-         lambda iv: above(iv, 0.0)),
-        ("translate=2", "translation: re-estimated statistics do not hurt", f"test - running > -{ACC_NOISE}",
-         lambda iv: above(iv, -ACC_NOISE)),
+        (
+            "clean",
+            "clean test data: running and test-batch statistics agree",
+            f"-{ACC_NOISE} <= test - running <= {ACC_NOISE}",
+            lambda iv: within(iv, -ACC_NOISE, ACC_NOISE),
+        ),
+        (
+            "noise=0.5",
+            "noise: re-estimated statistics recover accuracy",
+            "test - running > 0",
+            lambda iv: above(iv, 0.0),
+        ),
+        (
+            "contrast=0.3",
+            "contrast: re-estimated statistics recover accuracy",
+            "test - running > 0",
+            lambda iv: above(iv, 0.0),
+        ),
+        (
+            "translate=2",
+            "translation: re-estimated statistics do not hurt",
+            f"test - running > -{ACC_NOISE}",
+            lambda iv: above(iv, -ACC_NOISE),
+        ),
     ):
         row = values[shift]
         iv = difference(row["test"], row["running"])
-        measured = (f"acc running {_fmt(_means(row['running']))}, test stats {_fmt(_means(row['test']))}, "
-                    f"difference {_fmt(iv.mean)}")
+        measured = (
+            f"acc running {_fmt(_means(row['running']))}, test stats {_fmt(_means(row['test']))}, "
+            f"difference {_fmt(iv.mean)}"
+        )
         out.append(ClaimResult(exp, claim, measured, expected, judge(iv), span(iv)))
     return out
 
@@ -660,8 +835,10 @@ def print_checks(results: Sequence[ClaimResult], console=None) -> None:
     for col in ("experiment", "claim", "measured (mean over seeds)", "95% interval", "expected", "outcome"):
         table.add_column(col, overflow="fold")
     for r in results:
-        table.add_row(*(escape(c) for c in (r.experiment, r.claim, r.measured, r.interval, r.expected)),
-                      f"[{STYLE.get(r.outcome, 'white')}]{r.outcome}[/]")
+        table.add_row(
+            *(escape(c) for c in (r.experiment, r.claim, r.measured, r.interval, r.expected)),
+            f"[{STYLE.get(r.outcome, 'white')}]{r.outcome}[/]",
+        )
     if console is None:
         console = Console()
         if not console.is_terminal:
@@ -672,8 +849,10 @@ def print_checks(results: Sequence[ClaimResult], console=None) -> None:
 
 
 def markdown_table(results: Sequence[ClaimResult]) -> str:
-    lines = ["| experiment | claim | measured (mean over seeds) | 95% interval | expected | outcome |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| experiment | claim | measured (mean over seeds) | 95% interval | expected | outcome |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
         outcome = r.outcome if r.outcome == REPRODUCED else f"**{r.outcome}**"
         cells = [r.experiment, r.claim, r.measured, r.interval, r.expected, outcome]

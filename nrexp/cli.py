@@ -8,6 +8,7 @@ exit code 2, no traceback, and nothing left half-written. For `nrexp train` the 
 checked *before* Hydra creates a run directory (`preflight`): each override, and each value of each
 swept override, is composed against the typed schema and validated.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -99,13 +100,19 @@ def _train_app(args: list[str]) -> int:
         run_dir = _hydra_output_dir()
         if run_dir is not None and not resume and not multirun:
             remove_if_empty_run_dir(run_dir, existing)
-        return error(f"stopped by signal {stop.signum} during start-up, before the run began"
-                     + ("" if run_dir is None or not run_dir.exists() else f" (in {run_dir})"), code=stop.code)
+        return error(
+            f"stopped by signal {stop.signum} during start-up, before the run began"
+            + ("" if run_dir is None or not run_dir.exists() else f" (in {run_dir})"),
+            code=stop.code,
+        )
     failed = [job for job in sweep.finished_jobs if job["status"] == "failed"]
     if multirun and failed:  # the table above names them; a script or CI step must see it too
-        return error(f"{len(failed)} of {len(sweep.finished_jobs)} jobs of the sweep failed (status failed in the "
-                     "table above; each one's error is in its summary.json and train.log). Fix: correct what the "
-                     "error says and rerun those jobs", code=1)
+        return error(
+            f"{len(failed)} of {len(sweep.finished_jobs)} jobs of the sweep failed (status failed in the "
+            "table above; each one's error is in its summary.json and train.log). Fix: correct what the "
+            "error says and rerun those jobs",
+            code=1,
+        )
     return 0
 
 
@@ -127,14 +134,18 @@ def take_sweep_resume(args: list[str], multirun: bool) -> tuple[list[str], bool]
         key, sep, given = a.partition("=")
         if sep and key == "sweep.resume":
             if given.lower() not in ("true", "false"):
-                raise ConfigError(f"sweep.resume={given!r} is invalid: must be true or false. Fix: sweep.resume=true "
-                                  "to finish the sweep in hydra.sweep.dir")
+                raise ConfigError(
+                    f"sweep.resume={given!r} is invalid: must be true or false. Fix: sweep.resume=true "
+                    "to finish the sweep in hydra.sweep.dir"
+                )
             value = given.lower() == "true"
         else:
             rest.append(a)
     if value and not multirun:
-        raise ConfigError("sweep.resume=true finishes a sweep: it needs -m. Fix: nrexp train -m <the sweep's "
-                          "overrides> hydra.sweep.dir=<its dir> sweep.resume=true; a single run: resume=<run dir>")
+        raise ConfigError(
+            "sweep.resume=true finishes a sweep: it needs -m. Fix: nrexp train -m <the sweep's "
+            "overrides> hydra.sweep.dir=<its dir> sweep.resume=true; a single run: resume=<run dir>"
+        )
     return rest, value
 
 
@@ -172,18 +183,25 @@ def sweep_plan(overrides: list[str], resume: bool) -> dict:
 
     sweep_dir = explicit_dir(overrides, "hydra.sweep.dir")
     if resume and sweep_dir is None:
-        raise ConfigError("sweep.resume=true needs the sweep's dir. Fix: add hydra.sweep.dir=<the sweep's dir> "
-                          "(e.g. outputs/multirun/<date>/<time>) to the sweep's own command line")
+        raise ConfigError(
+            "sweep.resume=true needs the sweep's dir. Fix: add hydra.sweep.dir=<the sweep's dir> "
+            "(e.g. outputs/multirun/<date>/<time>) to the sweep's own command line"
+        )
     jobs = sweep.recorded_jobs(sweep_dir) if sweep_dir is not None else {}
     if jobs and not resume:
-        raise ConfigError(f"{sweep_dir} already holds {len(jobs)} job(s) of a sweep; a new sweep never writes into "
-                          "it. Fix: finish that sweep with sweep.resume=true (its own overrides: completed jobs are "
-                          "skipped, the others resumed), or give this one a new hydra.sweep.dir")
+        raise ConfigError(
+            f"{sweep_dir} already holds {len(jobs)} job(s) of a sweep; a new sweep never writes into "
+            "it. Fix: finish that sweep with sweep.resume=true (its own overrides: completed jobs are "
+            "skipped, the others resumed), or give this one a new hydra.sweep.dir"
+        )
     for job_dir in jobs.values():  # a sweep being finished by another command: say so before any job starts
         with rundir.RunLock(Path(job_dir)):
             pass
-    return {"resume": resume, "jobs": jobs,
-            "actions": {job_dir: sweep.job_action(Path(job_dir)) for job_dir in jobs.values()}}
+    return {
+        "resume": resume,
+        "jobs": jobs,
+        "actions": {job_dir: sweep.job_action(Path(job_dir)) for job_dir in jobs.values()},
+    }
 
 
 def check_command_line(overrides: list[str], flags: list[str], multirun: bool) -> Path | None:
@@ -195,8 +213,10 @@ def check_command_line(overrides: list[str], flags: list[str], multirun: bool) -
             modes.setdefault(MODE_FLAGS[flag], flag)
     if len(modes) > 1:
         first, second = list(modes.values())[:2]
-        raise ConfigError(f"{first} and {second} cannot be combined. Fix: use one of them; to see a sweep job's "
-                          "config, give each key one value: nrexp train --cfg job <overrides>")
+        raise ConfigError(
+            f"{first} and {second} cannot be combined. Fix: use one of them; to see a sweep job's "
+            "config, give each key one value: nrexp train --cfg job <overrides>"
+        )
     printing = any(a in ("--cfg", "-c") for a in flags)  # prints the composed config: validated, nothing runs
     # --help and --info show the config composed with the overrides too: validated like --cfg's.
     # Shell completion is not: it is handed half-typed words.
@@ -285,8 +305,11 @@ def sweep_job(cfg, run_dir: Path, hc, plan: dict) -> dict:
         return {"status": "failed", "error": str(err)}
     try:
         if recorded is None and rundir.holds_a_run(run_dir):
-            log.error("job refused: %s holds another job's run; a job never writes into it. Fix: give the sweep "
-                      "a new hydra.sweep.dir", run_dir)
+            log.error(
+                "job refused: %s holds another job's run; a job never writes into it. Fix: give the sweep "
+                "a new hydra.sweep.dir",
+                run_dir,
+            )
             return {"status": "failed", "error": f"{run_dir} holds another job's run"}
         rundir.remove_stale_temp_files(run_dir)
         action = sweep.job_action(run_dir) if recorded is not None else sweep.RUN
@@ -302,8 +325,11 @@ def sweep_job(cfg, run_dir: Path, hc, plan: dict) -> dict:
                 return train(resumed, run_dir, resume=True)
         cleared = rundir.clear_partial_run(run_dir)
         if cleared:
-            log.info("sweep.resume: %s had no checkpoint: runs again from step 0 (removed %s)", run_dir.name,
-                     ", ".join(p.name for p in cleared))
+            log.info(
+                "sweep.resume: %s had no checkpoint: runs again from step 0 (removed %s)",
+                run_dir.name,
+                ", ".join(p.name for p in cleared),
+            )
         with the_loop_runs():
             return train(cfg, run_dir)
     except Diverged:  # trainer.on_nonfinite=raise: its summary (diverged) is already written
@@ -392,17 +418,37 @@ def interrupted_before_the_loop(cfg, run_dir: Path, existing: Path, stop: Startu
     if run_dir.is_dir() and not (run_dir / "checkpoint.pt").exists() and rundir.holds_a_run(run_dir):
         from nrexp.sweep import _plain_config
 
-        write_summary(run_dir, {"status": "interrupted", "signal": stop.signum, "steps": 0,
-                                "config": _plain_config(cfg), "metrics": {}, "run_dir": str(run_dir)})
-    return error(f"stopped by signal {stop.signum} before the first checkpoint"
-                 + (f"; continue with: nrexp train resume={run_dir}" if run_dir.is_dir() else ": nothing was written"),
-                 code=stop.code)
+        write_summary(
+            run_dir,
+            {
+                "status": "interrupted",
+                "signal": stop.signum,
+                "steps": 0,
+                "config": _plain_config(cfg),
+                "metrics": {},
+                "run_dir": str(run_dir),
+            },
+        )
+    return error(
+        f"stopped by signal {stop.signum} before the first checkpoint"
+        + (f"; continue with: nrexp train resume={run_dir}" if run_dir.is_dir() else ": nothing was written"),
+        code=stop.code,
+    )
 
 
 # Hydra's command-line modes: the flags of each (Hydra rejects two modes with a traceback)
-MODE_FLAGS = {"-m": "multirun", "--multirun": "multirun", "-c": "cfg", "--cfg": "cfg", "-i": "info",
-              "--info": "info", "-sc": "shell_completion", "--shell-completion": "shell_completion",
-              "-r": "run", "--run": "run"}
+MODE_FLAGS = {
+    "-m": "multirun",
+    "--multirun": "multirun",
+    "-c": "cfg",
+    "--cfg": "cfg",
+    "-i": "info",
+    "--info": "info",
+    "-sc": "shell_completion",
+    "--shell-completion": "shell_completion",
+    "-r": "run",
+    "--run": "run",
+}
 
 
 def hydra_flag(arg: str) -> str:
@@ -468,13 +514,20 @@ def preflight(overrides: list[str], multirun: bool = False, printing: bool = Fal
     if not (printing or multirun or resume is not None):  # a run dir holds one run: never a second one
         from nrexp.rundir import check_new_run_dir
 
-        run_dir = next((Path(str(o.value())).absolute() for o in parsed if o.key_or_group == "hydra.run.dir"
-                        and not o.is_sweep_override() and "${" not in str(o.value())), None)
+        run_dir = next(
+            (
+                Path(str(o.value())).absolute()
+                for o in parsed
+                if o.key_or_group == "hydra.run.dir" and not o.is_sweep_override() and "${" not in str(o.value())
+            ),
+            None,
+        )
         if run_dir is not None:
             check_new_run_dir(run_dir)
     # hydra/launcher=..., hydra/sweeper=...: composed too, so that a misspelt option is one line here
-    fixed = [o.input_line for o in parsed
-             if not o.is_sweep_override() and (o in ours or o.key_or_group.startswith("hydra/"))]
+    fixed = [
+        o.input_line for o in parsed if not o.is_sweep_override() and (o in ours or o.key_or_group.startswith("hydra/"))
+    ]
     launcher = next((str(o.value()) for o in parsed if o.key_or_group == "hydra/launcher"), "basic")
 
     def composed(extra: list[str], with_hydra: bool = False):
@@ -523,27 +576,35 @@ def parse_command_line(overrides: list[str], multirun: bool, printing: bool) -> 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as err:
-        raise ConfigError(f"cannot parse the command line: {str(err).splitlines()[0]}. Fix: write overrides as "
-                          "key=value (quote values with spaces); sweeps as key=a,b,c with -m") from None
+        raise ConfigError(
+            f"cannot parse the command line: {str(err).splitlines()[0]}. Fix: write overrides as "
+            "key=value (quote values with spaces); sweeps as key=a,b,c with -m"
+        ) from None
     sweeps = [o for o in parsed if o.is_sweep_override()]
     hydra_sweeps = [o.input_line for o in sweeps if o.key_or_group.startswith("hydra")]
     if hydra_sweeps:  # Hydra: "Sweeping over Hydra's configuration is not supported", three lines
-        raise ConfigError(f"'{hydra_sweeps[0]}' sweeps Hydra's own config, which Hydra cannot do. Fix: run one "
-                          "command per value")
+        raise ConfigError(
+            f"'{hydra_sweeps[0]}' sweeps Hydra's own config, which Hydra cannot do. Fix: run one command per value"
+        )
     if sweeps and printing:
         first = f"{sweeps[0].get_key_element()}={next(iter(sweeps[0].sweep_string_iterator()), '<value>')}"
-        raise ConfigError(f"'{sweeps[0].input_line}' is a sweep, and --cfg, --help and --info show one job's "
-                          f"config. Fix: give each key one value, e.g. {first}")
+        raise ConfigError(
+            f"'{sweeps[0].input_line}' is a sweep, and --cfg, --help and --info show one job's "
+            f"config. Fix: give each key one value, e.g. {first}"
+        )
     if sweeps and not multirun:
-        raise ConfigError(f"'{sweeps[0].input_line}' is a sweep. Fix: add -m (nrexp train -m ...) to run "
-                          "one job per value")
+        raise ConfigError(
+            f"'{sweeps[0].input_line}' is a sweep. Fix: add -m (nrexp train -m ...) to run one job per value"
+        )
     for o in parsed:  # the fused launcher's knob (a hydra key, so not in nrexp's schema)
         if o.key_or_group == "hydra.launcher.max_members":
             value = o.value()
             if not (isinstance(value, int) and value >= 1):
-                raise ConfigError(f"hydra.launcher.max_members={value!r} is invalid: must be an integer >= 1 "
-                                  "(members trained at once by hydra/launcher=fused). Fix: e.g. "
-                                  "hydra.launcher.max_members=16")
+                raise ConfigError(
+                    f"hydra.launcher.max_members={value!r} is invalid: must be an integer >= 1 "
+                    "(members trained at once by hydra/launcher=fused). Fix: e.g. "
+                    "hydra.launcher.max_members=16"
+                )
     return parsed
 
 
@@ -568,9 +629,11 @@ def check_resume(resume, ours: list, multirun: bool) -> None:
     check_resumable(Path(str(resume)))
     changed = [o.input_line for o in ours if o.key_or_group != "resume" and not o.key_or_group.startswith("trainer.")]
     if changed:
-        raise ConfigError(f"{changed[0]!r} cannot change when resuming: the run's model, data and optimizer "
-                          "are fixed. Fix: only trainer.* (e.g. trainer.max_steps=2000) may change; start a "
-                          "new run for anything else")
+        raise ConfigError(
+            f"{changed[0]!r} cannot change when resuming: the run's model, data and optimizer "
+            "are fixed. Fix: only trainer.* (e.g. trainer.max_steps=2000) may change; start a "
+            "new run for anything else"
+        )
 
 
 # launchers whose jobs run on other machines (SLURM nodes): their GPUs are not this machine's to check
@@ -610,8 +673,11 @@ def _is_plain_value(cfg, key: str) -> bool:
 
     missing = object()
     node = OmegaConf.select(cfg, key, default=missing, throw_on_missing=False)
-    return (node is not missing and not OmegaConf.is_config(node)
-            and not (Path(nrexp.config_dir()) / key.replace(".", "/")).is_dir())
+    return (
+        node is not missing
+        and not OmegaConf.is_config(node)
+        and not (Path(nrexp.config_dir()) / key.replace(".", "/")).is_dir()
+    )
 
 
 def explain_compose_error(err: Exception, overrides: Sequence[str] = ()) -> str:
@@ -626,29 +692,43 @@ def explain_compose_error(err: Exception, overrides: Sequence[str] = ()) -> str:
     group = re.match(r"Could not override '([^']+)'\. No match in the defaults list", text)
     if group:
         line = next((o for o in overrides if o.startswith(group[1] + "=")), group[1] + "=<option>")
-        return (f"{line.split(',')[0]!r}: group '{group[1]}' is not in the default config, so it is added, not "
-                f"overridden. Fix: write it with a leading +, e.g. nrexp train +{line.split(',')[0]}")
-    group = (re.match(r"Multiple values for ([\w/.]+)\. To override a value use", text)
-             or re.match(r"([\w/.]+) appears more than once in the final defaults list", text))
+        return (
+            f"{line.split(',')[0]!r}: group '{group[1]}' is not in the default config, so it is added, not "
+            f"overridden. Fix: write it with a leading +, e.g. nrexp train +{line.split(',')[0]}"
+        )
+    group = re.match(r"Multiple values for ([\w/.]+)\. To override a value use", text) or re.match(
+        r"([\w/.]+) appears more than once in the final defaults list", text
+    )
     if group:
         given = [o for o in overrides if o.lstrip("+~").split("=", 1)[0].split("@", 1)[0] == group[1]]
         if len(given) > 1:  # +experiment=a +experiment=b, +norm=batch norm=layer
-            return (f"group '{group[1]}' is given {len(given)} times ({' '.join(given)}). Fix: give it once"
-                    + ("" if any(not o.startswith("+") for o in given) else f", e.g. {given[-1]}")
-                    + (f", without the + (it is in the default config): {group[1]}=<option>"
-                       if any(not o.startswith("+") for o in given) else ""))
-        return (f"+{group[1]}=... adds group '{group[1]}' a second time: the default config has it already. "
-                f"Fix: drop the +, e.g. nrexp train {group[1]}=<option>")
+            return (
+                f"group '{group[1]}' is given {len(given)} times ({' '.join(given)}). Fix: give it once"
+                + ("" if any(not o.startswith("+") for o in given) else f", e.g. {given[-1]}")
+                + (
+                    f", without the + (it is in the default config): {group[1]}=<option>"
+                    if any(not o.startswith("+") for o in given)
+                    else ""
+                )
+            )
+        return (
+            f"+{group[1]}=... adds group '{group[1]}' a second time: the default config has it already. "
+            f"Fix: drop the +, e.g. nrexp train {group[1]}=<option>"
+        )
     full_key = next((line.split(":", 1)[1].strip() for line in cause.splitlines() if "full_key:" in line), None)
     if isinstance(err, MissingConfigException) and "Could not find '" in text:
         missing = text.split("Could not find '", 1)[1].split("'", 1)[0]
         group, _, option = missing.rpartition("/")
-        options = [line.strip() for line in text.split("Available options", 1)[-1].splitlines()[1:]
-                   if line.startswith("\t") and "=" not in line]
+        options = [
+            line.strip()
+            for line in text.split("Available options", 1)[-1].splitlines()[1:]
+            if line.startswith("\t") and "=" not in line
+        ]
         return f"{group}={option!r} is not an option of group '{group}': choose one of {', '.join(options)}"
     if "not in" in cause and full_key:
-        return (f"unknown key '{full_key}'. Fix: check its spelling; `nrexp train --help` lists every key "
-                "with its meaning")
+        return (
+            f"unknown key '{full_key}'. Fix: check its spelling; `nrexp train --help` lists every key with its meaning"
+        )
     if full_key:
         return f"{full_key}: {cause.splitlines()[0]}. Fix: `nrexp train --help` gives each key's type and range"
     return f"{text.splitlines()[0]}. Fix: `nrexp train --help` lists every key and group"
@@ -666,8 +746,10 @@ def check_output_writable(parsed, multirun: bool = False) -> Path:
     while not path.exists():
         path = path.parent
     if not path.is_dir() or not _can_create_in(path):
-        raise ConfigError(f"the output directory {target!r} cannot be created: {path} is not a writable "
-                          f"directory. Fix: run from a writable directory or set {key}=<writable dir>")
+        raise ConfigError(
+            f"the output directory {target!r} cannot be created: {path} is not a writable "
+            f"directory. Fix: run from a writable directory or set {key}=<writable dir>"
+        )
     return path
 
 
@@ -726,8 +808,10 @@ def check_resumable(run_dir: Path) -> None:
     if summary.get("status") in ("interrupted", "failed") and isinstance(summary.get("config"), dict):
         return  # stopped or failed before its first checkpoint: resume= starts it again from step 0
     if not (run_dir / "checkpoint.pt").is_file():
-        raise ConfigError(f"resume={str(run_dir)!r}: no checkpoint.pt there. Fix: pass the directory of a run "
-                          "that wrote a checkpoint (see `ls outputs/*/*/checkpoint.pt`)")
+        raise ConfigError(
+            f"resume={str(run_dir)!r}: no checkpoint.pt there. Fix: pass the directory of a run "
+            "that wrote a checkpoint (see `ls outputs/*/*/checkpoint.pt`)"
+        )
 
 
 def resume_config(cfg, task_overrides: list[str]):
@@ -790,26 +874,50 @@ def report_command(args: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="nrexp report",
         description="Compare the runs under DIR (a sweep dir or one run dir): one row per setting, the seeds "
-                    "of a setting aggregated as mean ± std. Writes report.csv, report.md and figures/*.png.")
+        "of a setting aggregated as mean ± std. Writes report.csv, report.md and figures/*.png.",
+    )
     parser.add_argument("dir", help="a sweep dir (outputs/multirun/<date>/<time>) or a run dir")
-    parser.add_argument("--sort", metavar="KEY", help="sort by a column: a swept key, runs, status, train_loss, "
-                        "train_acc, test_acc, gen_gap, act_ratio_init, act_ratio_final; -KEY for descending")
-    parser.add_argument("--filter", metavar="KEY=VALUE", action="append", default=[],
-                        help="keep runs whose config has KEY=VALUE (e.g. norm=batch, dropout.p=0.2); repeatable")
+    parser.add_argument(
+        "--sort",
+        metavar="KEY",
+        help="sort by a column: a swept key, runs, status, train_loss, "
+        "train_acc, test_acc, gen_gap, act_ratio_init, act_ratio_final; -KEY for descending",
+    )
+    parser.add_argument(
+        "--filter",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="keep runs whose config has KEY=VALUE (e.g. norm=batch, dropout.p=0.2); repeatable",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON (for scripts) instead of a table")
     parser.add_argument("--out", metavar="DIR", help="where to write report.csv, report.md, figures/ (default: DIR)")
-    parser.add_argument("--curves", action="store_true", help="also write curves.csv: every logged scalar of every "
-                        "run, one row per point (run, step, tag, layer, value), as nrexp.runs.curves returns them")
-    parser.add_argument("--check", action="store_true", help="then check the claims of the experiment preset the "
-                        "sweep ran (+experiment=<name>): measured value, expected, reproduced yes/no")
+    parser.add_argument(
+        "--curves",
+        action="store_true",
+        help="also write curves.csv: every logged scalar of every "
+        "run, one row per point (run, step, tag, layer, value), as nrexp.runs.curves returns them",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="then check the claims of the experiment preset the "
+        "sweep ran (+experiment=<name>): measured value, expected, reproduced yes/no",
+    )
     options = parser.parse_args(args)
 
     from nrexp.evaluate import EvaluateError  # no torch at its top: `nrexp report` stays fast
     from nrexp.report import ReportError, report
 
     try:
-        code = report(options.dir, sort=options.sort, filters=options.filter, as_json=options.json, out=options.out,
-                      curves=options.curves)
+        code = report(
+            options.dir,
+            sort=options.sort,
+            filters=options.filter,
+            as_json=options.json,
+            out=options.out,
+            curves=options.curves,
+        )
         if options.check and code == 0:
             from nrexp.claims import check, print_checks
 

@@ -142,8 +142,9 @@ class RunConsole(Callback):
         global per_run_table
         per_run_table = not _in_sweep(config)
         if per_run_table:
-            console.print(f"run dir: {_shown(config.hydra.runtime.output_dir)}", soft_wrap=True, markup=False,
-                          highlight=False)
+            console.print(
+                f"run dir: {_shown(config.hydra.runtime.output_dir)}", soft_wrap=True, markup=False, highlight=False
+            )
 
     def on_job_end(self, config: Any, job_return: Any, **kwargs: Any) -> None:
         if not _in_sweep(config):

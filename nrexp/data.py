@@ -15,13 +15,14 @@ Where the files come from (`data.source`):
 - Only MNIST has a bundled sample; `auto` falls back to it for MNIST alone. For the others, `auto` is
   local files, else download, else a one-line DataError saying what to do.
 """
+
 from __future__ import annotations
 
 import logging
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -43,15 +44,18 @@ MNIST_MEAN, MNIST_STD = STATS["mnist"][0][0], STATS["mnist"][1][0]
 # name -> (what people call it, where its files live under data.root, which files)
 FILES = {
     "mnist": ("MNIST", "MNIST/raw", "the four MNIST idx files"),
-    "fashion_mnist": ("Fashion-MNIST", "FashionMNIST/raw",
-                      "the four idx files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-...)"),
+    "fashion_mnist": (
+        "Fashion-MNIST",
+        "FashionMNIST/raw",
+        "the four idx files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-...)",
+    ),
     "cifar10": ("CIFAR-10", "cifar-10-batches-py", "data_batch_1 ... data_batch_5 and test_batch"),
 }
 CIFAR10_TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR10_TEST_FILES = ["test_batch"]
 AUGMENT_PAD = 4  # pixels of random translation each way (the standard CIFAR-10 recipe)
 
-Raw = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 images, labels: train, test
+Raw = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # uint8 images, labels: train, test
 
 
 class DataError(ConfigError):
@@ -77,7 +81,7 @@ class Dataset:
     num_classes: int = 10
 
     @property
-    def input_shape(self) -> Tuple[int, ...]:
+    def input_shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
 
 
@@ -127,8 +131,10 @@ def _download_cifar10(root: Path) -> Raw:
 
 def _read_bundled_mnist() -> Raw:
     with np.load(BUNDLED_MNIST) as z:
-        return tuple(torch.from_numpy(z[k]).long() if k.startswith("y") else torch.from_numpy(z[k])
-                     for k in ("x_train", "y_train", "x_test", "y_test"))
+        return tuple(
+            torch.from_numpy(z[k]).long() if k.startswith("y") else torch.from_numpy(z[k])
+            for k in ("x_train", "y_train", "x_test", "y_test")
+        )
 
 
 # ---- locating: the source asked for, with errors that say what to do
@@ -144,11 +150,21 @@ def _local(name: str, root: Path) -> Raw:
             f"data.source=local: no {label} files under {root / folder}. Fix: put {files} there, set "
             f"data.root=<dir> (or NREXP_DATA_ROOT), use data.source=download (needs internet), or {fallback}"
         ) from None
-    except (RuntimeError, ValueError, EOFError, OSError, KeyError, TypeError, AssertionError,
-            pickle.UnpicklingError) as err:
-        corrupt = DataError(f"data.source=local: {label} files under {root / folder} are unreadable or corrupt "
-                            f"({type(err).__name__}: {err}). Fix: delete {root / folder.split('/')[0]} and download "
-                            f"again, or {fallback}")
+    except (
+        RuntimeError,
+        ValueError,
+        EOFError,
+        OSError,
+        KeyError,
+        TypeError,
+        AssertionError,
+        pickle.UnpicklingError,
+    ) as err:
+        corrupt = DataError(
+            f"data.source=local: {label} files under {root / folder} are unreadable or corrupt "
+            f"({type(err).__name__}: {err}). Fix: delete {root / folder.split('/')[0]} and download "
+            f"again, or {fallback}"
+        )
         corrupt.corrupt = True
         raise corrupt from None
 
@@ -160,13 +176,15 @@ def _download(name: str, root: Path) -> Raw:
         return _download_cifar10(root) if name == "cifar10" else _read_idx(name, root, download=True)
     except (RuntimeError, OSError, _NotFound) as err:  # URLError is an OSError; torchvision raises RuntimeError too
         reason = f"{type(err).__name__}: {str(err).splitlines()[0].rstrip(':') if str(err) else 'no network?'}"
-        error = DataError(f"data.source=download: could not download {label} to {root} ({reason}). Fix: "
-                          f"connect to the internet, copy the files to data.root and use data.source=local, or {fallback}")
+        error = DataError(
+            f"data.source=download: could not download {label} to {root} ({reason}). Fix: "
+            f"connect to the internet, copy the files to data.root and use data.source=local, or {fallback}"
+        )
         error.reason = reason
         raise error from None
 
 
-def _locate(name: str, source: str, root: Path) -> Tuple[str, Raw]:
+def _locate(name: str, source: str, root: Path) -> tuple[str, Raw]:
     """Return (source actually used, raw tensors). `auto` tries local, download, then (MNIST only) bundled."""
     if source == "bundled":
         if name not in BUNDLED_DATASETS:  # config.validate() says this first
@@ -191,9 +209,13 @@ def _locate(name: str, source: str, root: Path) -> Tuple[str, Raw]:
                 f"({err.reason}); only MNIST has a bundled fallback. Fix: put "
                 f"{files} there and use data.source=local (data.root=<dir>), or use data=mnist"
             ) from None
-        log.warning("MNIST is not under %s and could not be downloaded (%s); using the bundled sample of "
-                    "5,000 real digits (4,000 train / 1,000 test) instead. Numbers will differ from full "
-                    "MNIST. Set data.source=bundled to silence this.", root, err.reason)
+        log.warning(
+            "MNIST is not under %s and could not be downloaded (%s); using the bundled sample of "
+            "5,000 real digits (4,000 train / 1,000 test) instead. Numbers will differ from full "
+            "MNIST. Set data.source=bundled to silence this.",
+            root,
+            err.reason,
+        )
         return "bundled", _read_bundled_mnist()
 
 
@@ -217,8 +239,11 @@ def load_dataset(data_cfg, device: torch.device) -> Dataset:
     if cached is not None:
         validate_data_size(data_cfg, cached[1])
         if source == "auto" and cached[0].source == "bundled":
-            log.warning("MNIST not found under %s; using the bundled 5,000-digit sample (as the previous run "
-                        "in this process did). Set data.source=bundled to silence this.", root)
+            log.warning(
+                "MNIST not found under %s; using the bundled 5,000-digit sample (as the previous run "
+                "in this process did). Set data.source=bundled to silence this.",
+                root,
+            )
         return cached[0]
     dataset, n_available = _load_dataset(data_cfg, device, root, source)
     _CACHE.clear()
@@ -226,7 +251,7 @@ def load_dataset(data_cfg, device: torch.device) -> Dataset:
     return dataset
 
 
-def _load_dataset(data_cfg, device: torch.device, root: Path, source: str) -> Tuple[Dataset, int]:
+def _load_dataset(data_cfg, device: torch.device, root: Path, source: str) -> tuple[Dataset, int]:
     name = data_cfg.name
     used, (train_x, train_y, test_x, test_y) = _locate(name, source, root)
     mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in STATS[name])
@@ -241,15 +266,22 @@ def _load_dataset(data_cfg, device: torch.device, root: Path, source: str) -> Tu
     validate_data_size(data_cfg, n_available)
     if data_cfg.train_size is not None:
         train_x, train_y = train_x[: data_cfg.train_size], train_y[: data_cfg.train_size]
-    return Dataset(name=name, source=used, train_x=prepare(train_x), train_y=train_y.long().to(device),
-                   test_x=prepare(test_x), test_y=test_y.long().to(device)), n_available
+    return Dataset(
+        name=name,
+        source=used,
+        train_x=prepare(train_x),
+        train_y=train_y.long().to(device),
+        test_x=prepare(test_x),
+        test_y=test_y.long().to(device),
+    ), n_available
 
 
 # ---- batches
 
 
-def random_crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
-                     pad: int = AUGMENT_PAD) -> torch.Tensor:
+def random_crop_flip(
+    x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int = AUGMENT_PAD
+) -> torch.Tensor:
     """Image i: pad by `pad` (reflecting), take the H x W window at offset (dy[i], dx[i]) in [0, 2 pad],
     then mirror it left-right if flip[i]. The whole batch in one gather, no Python loop over images.
 
@@ -301,7 +333,7 @@ class TrainBatches:
     def permutation(self, epoch: int) -> torch.Tensor:
         return to_device(torch.randperm(len(self.x), generator=self._generator(epoch, 0)), self.x.device)
 
-    def augmentation(self, epoch: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def augmentation(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dy, dx, flip) for every slot of the epoch: offsets in [0, 2 pad], flips with probability 1/2."""
         gen, n = self._generator(epoch, 1), len(self.x)
         dy = torch.randint(0, 2 * AUGMENT_PAD + 1, (n,), generator=gen)
@@ -309,9 +341,9 @@ class TrainBatches:
         flip = torch.randint(0, 2, (n,), generator=gen).bool()
         return tuple(to_device(t, self.x.device) for t in (dy, dx, flip))
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         perm = self.permutation(epoch)
-        shifts: Optional[Tuple[torch.Tensor, ...]] = self.augmentation(epoch) if self.augment else None
+        shifts: tuple[torch.Tensor, ...] | None = self.augmentation(epoch) if self.augment else None
         for i in range(start_step, self.steps_per_epoch):
             slots = slice(i * self.batch_size, (i + 1) * self.batch_size)
             idx = perm[slots]
@@ -321,6 +353,6 @@ class TrainBatches:
             yield x, self.y[idx]
 
 
-def eval_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for i in range(0, len(x), batch_size):
-        yield x[i:i + batch_size], y[i:i + batch_size]
+        yield x[i : i + batch_size], y[i : i + batch_size]

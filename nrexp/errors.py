@@ -2,6 +2,7 @@
 
 Dependencies point one way: every module may import this one; it imports nothing of nrexp's.
 """
+
 from __future__ import annotations
 
 import sys

@@ -21,6 +21,7 @@ given (each is deterministic: the noise is drawn from a generator seeded with --
            Test batches are --batch-size consecutive examples in file order (default: data.eval_batch_size);
            the whole test split at once with --batch-size equal to its size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,21 +59,26 @@ def parse_shift(text: str) -> tuple[str, float]:
     """'noise=0.5' -> ('noise', 0.5), with the range of each kind checked."""
     kind, sep, value = text.partition("=")
     if not sep or kind not in SHIFTS:
-        raise EvaluateError(f"--shift {text!r} is invalid: expected KIND=VALUE with KIND one of {', '.join(SHIFTS)}. "
-                            "Fix: e.g. --shift noise=0.5, --shift contrast=0.3 or --shift translate=2")
+        raise EvaluateError(
+            f"--shift {text!r} is invalid: expected KIND=VALUE with KIND one of {', '.join(SHIFTS)}. "
+            "Fix: e.g. --shift noise=0.5, --shift contrast=0.3 or --shift translate=2"
+        )
     try:
         number = float(value)
     except ValueError:
-        raise EvaluateError(f"--shift {text!r} is invalid: {value!r} is not a number. "
-                            f"Fix: e.g. --shift {kind}=0.5") from None
+        raise EvaluateError(
+            f"--shift {text!r} is invalid: {value!r} is not a number. Fix: e.g. --shift {kind}=0.5"
+        ) from None
     if kind == "noise" and not number >= 0:
         raise EvaluateError(f"--shift {text!r} is invalid: the noise std must be >= 0. Fix: e.g. --shift noise=0.5")
     if kind == "contrast" and not number >= 0:
-        raise EvaluateError(f"--shift {text!r} is invalid: the contrast factor must be >= 0. "
-                            "Fix: e.g. --shift contrast=0.3")
+        raise EvaluateError(
+            f"--shift {text!r} is invalid: the contrast factor must be >= 0. Fix: e.g. --shift contrast=0.3"
+        )
     if kind == "translate" and not (number == int(number) and 0 <= number < 28):
-        raise EvaluateError(f"--shift {text!r} is invalid: translate takes whole pixels 0..27. "
-                            "Fix: e.g. --shift translate=2")
+        raise EvaluateError(
+            f"--shift {text!r} is invalid: translate takes whole pixels 0..27. Fix: e.g. --shift translate=2"
+        )
     return kind, number
 
 
@@ -115,20 +121,26 @@ def load_run(run_dir: Path, device: str = "cpu"):
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise EvaluateError(f"run directory {str(run_dir)!r} does not exist. Fix: pass the directory of a run "
-                            "(it holds summary.json and checkpoint.pt)")
+        raise EvaluateError(
+            f"run directory {str(run_dir)!r} does not exist. Fix: pass the directory of a run "
+            "(it holds summary.json and checkpoint.pt)"
+        )
     run = Run(run_dir)
     if run.status == "diverged":  # no checkpoint at its end; any it has is a periodic one, no result
         saved = ""
         if (run_dir / CHECKPOINT).is_file():
             step = read_checkpoint(run_dir / CHECKPOINT)["state"].get("step")
             saved = f"; its {CHECKPOINT} is a periodic one, saved after {step} steps, not the run's result"
-        raise EvaluateError(f"{str(run_dir)!r} diverged (its loss was non-finite at step "
-                            f"{run.summary.get('diverged_at_step')}){saved}. Fix: evaluate a run that completed "
-                            "(a diverged setting's accuracy is in its summary.json)")
+        raise EvaluateError(
+            f"{str(run_dir)!r} diverged (its loss was non-finite at step "
+            f"{run.summary.get('diverged_at_step')}){saved}. Fix: evaluate a run that completed "
+            "(a diverged setting's accuracy is in its summary.json)"
+        )
     if not (run_dir / CHECKPOINT).is_file():
-        raise EvaluateError(f"{str(run_dir)!r} has no {CHECKPOINT}. Fix: pass the directory of a finished run "
-                            "(runs write a checkpoint at the end)")
+        raise EvaluateError(
+            f"{str(run_dir)!r} has no {CHECKPOINT}. Fix: pass the directory of a finished run "
+            "(runs write a checkpoint at the end)"
+        )
     payload = read_checkpoint(run_dir / CHECKPOINT)  # CheckpointError (one line) if corrupt
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), payload["config"])
     dev = torch.device(device)
@@ -172,9 +184,9 @@ def evaluate(model, x, y, batch_size: int, prefix: str, bn_stats: str = "running
     correct = torch.zeros((), device=x.device)
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+            xb, yb = x[i : i + batch_size], y[i : i + batch_size]
             if bn_stats == "test" and len(xb) < 2:  # BatchNorm cannot normalize a batch of one: pair it
-                logits = net(x[i - 1:i + 1])[-1:]
+                logits = net(x[i - 1 : i + 1])[-1:]
             else:
                 logits = net(xb)
             loss_sum += F.cross_entropy(logits, yb, reduction="sum")
@@ -184,25 +196,38 @@ def evaluate(model, x, y, batch_size: int, prefix: str, bn_stats: str = "running
     return {f"{prefix}/loss": total_loss / len(x), f"{prefix}/acc": n_correct / len(x)}
 
 
-def evaluate_run(run_dir, shifts: Sequence[str] = (), bn_stats: str = "running", batch_size: int | None = None,
-                 split: str = "test", seed: int = 0, loaded=None) -> Evaluation:
+def evaluate_run(
+    run_dir,
+    shifts: Sequence[str] = (),
+    bn_stats: str = "running",
+    batch_size: int | None = None,
+    split: str = "test",
+    seed: int = 0,
+    loaded=None,
+) -> Evaluation:
     """Evaluate one run (see the module docstring). `loaded` reuses load_run()'s result."""
     from nrexp.data import STATS
 
     if bn_stats not in BN_STATS:
-        raise EvaluateError(f"--bn-stats {bn_stats!r} is invalid: one of {', '.join(BN_STATS)}. "
-                            "Fix: --bn-stats running (stored averages) or --bn-stats test "
-                            "(re-estimated per test batch)")
+        raise EvaluateError(
+            f"--bn-stats {bn_stats!r} is invalid: one of {', '.join(BN_STATS)}. "
+            "Fix: --bn-stats running (stored averages) or --bn-stats test "
+            "(re-estimated per test batch)"
+        )
     parsed = [parse_shift(s) for s in shifts]
     if batch_size is not None and batch_size < 1:
         raise EvaluateError(f"--batch-size {batch_size} is invalid: must be >= 1. Fix: e.g. --batch-size 1000")
     if bn_stats == "test" and batch_size == 1:
-        raise EvaluateError("--batch-size 1 with --bn-stats test is invalid: a batch of one example has no "
-                            "variance to normalize by. Fix: use --batch-size 2 or more")
+        raise EvaluateError(
+            "--batch-size 1 with --bn-stats test is invalid: a batch of one example has no "
+            "variance to normalize by. Fix: use --batch-size 2 or more"
+        )
     cfg, model, data = loaded or load_run(run_dir)
     if bn_stats == "test" and not has_batchnorm(model):
-        raise EvaluateError(f"--bn-stats test needs a run with BatchNorm; {str(run_dir)!r} has norm={cfg.norm.name}. "
-                            "Fix: use --bn-stats running, or pass a norm=batch run")
+        raise EvaluateError(
+            f"--bn-stats test needs a run with BatchNorm; {str(run_dir)!r} has norm={cfg.norm.name}. "
+            "Fix: use --bn-stats running, or pass a norm=batch run"
+        )
     mean, std = STATS[data.name]  # per channel, in pixel units
     x, y = (data.test_x, data.test_y) if split == "test" else (data.train_x, data.train_y)
     x = apply_shifts(x, parsed, mean, std, seed)
@@ -215,14 +240,23 @@ def evaluate_run(run_dir, shifts: Sequence[str] = (), bn_stats: str = "running",
 
 def main(argv: list[str]) -> int:
     """Entry of `nrexp evaluate`; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="nrexp evaluate", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="nrexp evaluate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("run_dir", help="a run directory (holding checkpoint.pt)")
-    parser.add_argument("--shift", action="append", default=[], metavar="KIND=VALUE",
-                        help="noise=STD | contrast=FACTOR | translate=PIXELS (repeatable; applied in order)")
+    parser.add_argument(
+        "--shift",
+        action="append",
+        default=[],
+        metavar="KIND=VALUE",
+        help="noise=STD | contrast=FACTOR | translate=PIXELS (repeatable; applied in order)",
+    )
     parser.add_argument("--bn-stats", default="running", help="running (stored averages) | test (per test batch)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="evaluation batch size (default: data.eval_batch_size)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="evaluation batch size (default: data.eval_batch_size)"
+    )
     parser.add_argument("--split", default="test", choices=("test", "train"))
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise shift")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -239,9 +273,11 @@ def main(argv: list[str]) -> int:
     if args.json:
         print(json.dumps(asdict(result)))
     else:
-        print(f"{result.run_dir}: {args.split} shift={result.shift} bn-stats={result.bn_stats} "
-              f"batch={result.batch_size}: loss {result.loss:.4f}, acc {result.acc:.4f} "
-              f"({result.n} examples, data {result.data_source})")
+        print(
+            f"{result.run_dir}: {args.split} shift={result.shift} bn-stats={result.bn_stats} "
+            f"batch={result.batch_size}: loss {result.loss:.4f}, acc {result.acc:.4f} "
+            f"({result.n} examples, data {result.data_source})"
+        )
     return 0
 
 

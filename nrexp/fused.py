@@ -1,28 +1,24 @@
 """Train several sweep members at once, as one vectorized model (`hydra/launcher=fused`).
 
-Members of a group share everything that decides the shapes of the computation and may differ in
-`FREE_KEYS` (seed, optim.lr, optim.weight_decay, dropout.p, dropout.input_p, init.scale). The launcher
-(hydra_plugins/nrexp_fused_launcher) forms groups with `nrexp.grouping.plan`; `train_group` trains one through
-train.py's loop (`run_loop`), as a `FusedGroup` trainee. Only what is truly fused lives here:
-- `StackedMLP`: every member's parameters as one leaf per parameter with a leading member axis, so one
-  `torch.baddbmm` computes a layer of every member; members built exactly as their solo runs (same
-  init, same random stream); dropout masks drawn from each member's own generator, as its solo run
-  draws them on CPU; BatchNorm statistics per member.
-- `StepInputs`: each member's minibatch (its own data order) and masks, made a step ahead on a spare core.
-Whenever a member's state is read (evaluation, checkpoints, the end), the stacks are copied back into
-its own modules and the solo run's functions do the work, so a member's run dir is a solo run's dir
-(its checkpoint resumes as a solo run). What differs from a solo run is only the float rounding of
-batched matmuls. Why not torch.func's vmap: per-member dropout p and random streams, and BatchNorm's
-in-place running statistics, do not fit it.
+Members of a group differ only in `FREE_KEYS` (seed, lr, weight decay, dropout, init scale: no shape);
+`nrexp.grouping.plan` forms the groups and `train_group` trains one through train.py's `run_loop`, as a
+`FusedGroup` trainee. Only what is truly fused lives here: `StackedMLP` (every member's parameters as one
+leaf with a leading member axis, so one `torch.baddbmm` computes a layer of every member; each member
+built, and its dropout masks drawn, exactly as its solo run's) and `StepInputs` (each member's minibatch
+and masks, made a step ahead on a spare core). Whenever a member's state is read (evaluation, checkpoints,
+the end), the stacks are copied back into its own modules and the solo run's functions do the work: its
+run dir is a solo run's dir, and only the float rounding of batched matmuls differs. Not torch.func's vmap:
+per-member dropout p and random streams, and BatchNorm's in-place running statistics, do not fit it.
 """
+
 from __future__ import annotations
 
 import ctypes
 import json
 import logging
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,60 +59,80 @@ class StackedMLP:
     member, and each stack's param groups carry its own lr and weight decay in one optimizer."""
 
     def __init__(self, members: Sequence[FusedMember]):
-        by_setting: Dict[str, List[Member]] = {}
+        by_setting: dict[str, list[Member]] = {}
         for m in members:
-            by_setting.setdefault(json.dumps(OmegaConf.to_container(m.cfg.optim, resolve=True), sort_keys=True), []).append(m)
+            by_setting.setdefault(
+                json.dumps(OmegaConf.to_container(m.cfg.optim, resolve=True), sort_keys=True), []
+            ).append(m)
         self.stacks = list(by_setting.values())
         self.members = [m for stack in self.stacks for m in stack]
         first = self.members[0].model
         self.blocks = list(first.blocks.items())  # (name, block of member 0): layer types and flags
         self.names = [name for name, _ in first.named_parameters()]
         sizes = [len(stack) for stack in self.stacks]
-        self.rows = [slice(sum(sizes[:k]), sum(sizes[:k + 1])) for k in range(len(self.stacks))]
+        self.rows = [slice(sum(sizes[:k]), sum(sizes[: k + 1])) for k in range(len(self.stacks))]
         with torch.no_grad():
             self.params = {name: self._stack(name).requires_grad_() for name in self.names}
-            self.parts = {name: [self.params[name].detach()[rows].requires_grad_() for rows in self.rows]
-                          for name in self.names}
-            self.buffers = {name: torch.stack([dict(m.model.named_buffers())[name] for m in self.members])
-                            for name, _ in first.named_buffers()}  # BatchNorm running statistics
-        self.optimizer = make_optimizer([g for k in range(len(self.stacks)) for g in self._param_groups(k)],
-                                        self.members[0].cfg.optim)
+            self.parts = {
+                name: [self.params[name].detach()[rows].requires_grad_() for rows in self.rows] for name in self.names
+            }
+            self.buffers = {
+                name: torch.stack([dict(m.model.named_buffers())[name] for m in self.members])
+                for name, _ in first.named_buffers()
+            }  # BatchNorm running statistics
+        self.optimizer = make_optimizer(
+            [g for k in range(len(self.stacks)) for g in self._param_groups(k)], self.members[0].cfg.optim
+        )
         # dropout, per kind: (rows that draw masks: (row, its generator, keep), keep of every row as (M, 1, 1))
         device = self.params[self.names[0]].device
-        self.dropout = {kind: ([(j, m.rng, getattr(m, kind)) for j, m in enumerate(self.members) if getattr(m, kind) < 1.0],
-                               torch.tensor([getattr(m, kind) for m in self.members], device=device).view(-1, 1, 1))
-                        for kind in ("input_keep", "keep")}
+        self.dropout = {
+            kind: (
+                [(j, m.rng, getattr(m, kind)) for j, m in enumerate(self.members) if getattr(m, kind) < 1.0],
+                torch.tensor([getattr(m, kind) for m in self.members], device=device).view(-1, 1, 1),
+            )
+            for kind in ("input_keep", "keep")
+        }
         # where forward applies dropout, in order: (kind, features): the input, then each block's output
-        self.dropout_sites = [("input_keep", self.blocks[0][1].linear.in_features)] + \
-                             [("keep", block.linear.out_features) for _, block in self.blocks]
-        self.mask_layouts: Dict[int, tuple] = {}  # site -> (stride, dtype) of its activation, seen by forward
-        self.mask_generators = list({id(m.rng): m.rng for m in self.members if min(m.keep, m.input_keep) < 1.0}.values())
+        self.dropout_sites = [("input_keep", self.blocks[0][1].linear.in_features)] + [
+            ("keep", block.linear.out_features) for _, block in self.blocks
+        ]
+        self.mask_layouts: dict[int, tuple] = {}  # site -> (stride, dtype) of its activation, seen by forward
+        self.mask_generators = list(
+            {id(m.rng): m.rng for m in self.members if min(m.keep, m.input_keep) < 1.0}.values()
+        )
         # the members' own tensors, in stack order, for write_back
         self.member_params = {name: [m.model.get_parameter(name) for m in self.members] for name in self.names}
-        self.member_buffers = {name: [dict(m.model.named_buffers())[name] for m in self.members] for name in self.buffers}
+        self.member_buffers = {
+            name: [dict(m.model.named_buffers())[name] for m in self.members] for name in self.buffers
+        }
 
     def _stack(self, name: str) -> torch.Tensor:
         tensors = [m.model.get_parameter(name).detach() for m in self.members]
         return torch.stack(tensors)
 
-    def _param_groups(self, k: int) -> List[Dict]:
+    def _param_groups(self, k: int) -> list[dict]:
         """Stack k's param groups: its members' own (decayed weights, the rest) with its lr, stacked."""
         cfg = self.stacks[k][0].cfg.optim
         model = self.stacks[k][0].model
         name_of = {p: name for name, p in model.named_parameters()}
-        return [{**g, "lr": cfg.lr, "params": [self.parts[name_of[p]][k] for p in g["params"]]}
-                for g in param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)]
+        return [
+            {**g, "lr": cfg.lr, "params": [self.parts[name_of[p]][k] for p in g["params"]]}
+            for g in param_groups(model, cfg.weight_decay, cfg.decay_norm_and_bias)
+        ]
 
     def _linear(self, h: torch.Tensor, prefix: str) -> torch.Tensor:
         """h (M, B, in) -> (M, B, out): every member's layer in one batched matmul, computed feature-major
         (W h^T, returned as its transposed view), so that the weight's gradient is one bmm straight
         into W's (M, out, in) layout, the faster order for CPU's batched gemm."""
-        out_t = torch.baddbmm(self.params[prefix + "bias"].unsqueeze(2), self.params[prefix + "weight"], h.transpose(1, 2))
+        out_t = torch.baddbmm(
+            self.params[prefix + "bias"].unsqueeze(2), self.params[prefix + "weight"], h.transpose(1, 2)
+        )
         return out_t.transpose(1, 2)
 
     # -- the forward pass: models.MLP.forward and MLPBlock.forward, for every member at once
-    def forward(self, x: torch.Tensor, masks: Sequence[Optional[torch.Tensor]],
-                activations: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, masks: Sequence[torch.Tensor | None], activations: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """x (M, B, ...) -> logits (M, B, classes), with `draw_masks`' masks; `activations` gets each
         block's output, as MLP records."""
         h = self._dropout(x.flatten(2), masks, 0)
@@ -147,7 +163,9 @@ class StackedMLP:
         if isinstance(norm, nn.BatchNorm1d):
             var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)  # per member and feature, over B
             if norm.track_running_stats:
-                self._update_running_stats(prefix, mean.detach().squeeze(1), var.detach().squeeze(1), h.shape[1], norm.momentum)
+                self._update_running_stats(
+                    prefix, mean.detach().squeeze(1), var.detach().squeeze(1), h.shape[1], norm.momentum
+                )
             h = (h - mean) * torch.rsqrt(var + norm.eps)
         elif isinstance(norm, nn.LayerNorm):
             h = F.layer_norm(h, (features,), eps=norm.eps)  # over each example's D features
@@ -165,28 +183,35 @@ class StackedMLP:
         return h.to(dtype)
 
     @torch.no_grad()
-    def _update_running_stats(self, prefix: str, mean: torch.Tensor, var: torch.Tensor, n: int, momentum: float) -> None:
+    def _update_running_stats(
+        self, prefix: str, mean: torch.Tensor, var: torch.Tensor, n: int, momentum: float
+    ) -> None:
         """nn.BatchNorm1d's update: r <- (1 - momentum) r + momentum * batch statistic, the variance unbiased."""
         self.buffers[prefix + "running_mean"].mul_(1.0 - momentum).add_(mean, alpha=momentum)
         self.buffers[prefix + "running_var"].mul_(1.0 - momentum).add_(var * (n / (n - 1)), alpha=momentum)
         self.buffers[prefix + "num_batches_tracked"].add_(1)
 
-    def draw_masks(self, batch_size: int) -> List[Optional[torch.Tensor]]:
+    def draw_masks(self, batch_size: int) -> list[torch.Tensor | None]:
         """Every member's dropout masks for one forward pass, one per dropout site (None: nobody drops there).
 
         A site's masks are (M, B, features), 0 or 1/keep (F.dropout's `bernoulli_(keep)` then `div_(keep)`),
         each member's drawn from its own generator, as alone; rows of members without dropout are 1.
         They are laid out (and typed) as forward's activation at that site once forward has seen it,
         so the product and its backward run in one layout; the draws are the same either way."""
-        masks: List[Optional[torch.Tensor]] = []
+        masks: list[torch.Tensor | None] = []
         for site, (kind, features) in enumerate(self.dropout_sites):
             draws, keeps = self.dropout[kind]
             if not draws:
                 masks.append(None)
                 continue
             layout = self.mask_layouts.get(site)
-            mask = torch.ones(len(self.members), batch_size, features, device=keeps.device,
-                              dtype=layout[1] if layout else torch.float32)
+            mask = torch.ones(
+                len(self.members),
+                batch_size,
+                features,
+                device=keeps.device,
+                dtype=layout[1] if layout else torch.float32,
+            )
             for j, rng, keep in draws:
                 mask[j].bernoulli_(keep, generator=rng)
             mask.div_(keeps)
@@ -195,7 +220,7 @@ class StackedMLP:
             masks.append(mask)
         return masks
 
-    def _dropout(self, h: torch.Tensor, masks: Sequence[Optional[torch.Tensor]], site: int) -> torch.Tensor:
+    def _dropout(self, h: torch.Tensor, masks: Sequence[torch.Tensor | None], site: int) -> torch.Tensor:
         """h times the site's masks (see draw_masks); remembers h's layout for the next draws."""
         mask = masks[site]
         if mask is None:
@@ -264,11 +289,23 @@ class StepInputs:
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         members = len(net.members)
         # the group's batch is gathered into reused buffers (fresh ones cost page faults); two when made ahead
-        self.buffers = [torch.empty(members * batch_size, *data.train_x.shape[1:], dtype=data.train_x.dtype,
-                                    device=data.train_x.device) for _ in range(2 if ahead else 1)]
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="nrexp-inputs", initializer=torch.set_num_threads,
-                                       initargs=(torch.get_num_threads(),)) if ahead else None
-        self.pending: Optional[tuple] = None  # (step, Future of _make(step))
+        self.buffers = [
+            torch.empty(
+                members * batch_size, *data.train_x.shape[1:], dtype=data.train_x.dtype, device=data.train_x.device
+            )
+            for _ in range(2 if ahead else 1)
+        ]
+        self.pool = (
+            ThreadPoolExecutor(
+                1,
+                thread_name_prefix="nrexp-inputs",
+                initializer=torch.set_num_threads,
+                initargs=(torch.get_num_threads(),),
+            )
+            if ahead
+            else None
+        )
+        self.pending: tuple | None = None  # (step, Future of _make(step))
         self._epoch_orders: tuple = (None, None)  # (epoch, (M, N) example indices: each member's order)
 
     def take(self, step: int):
@@ -303,7 +340,7 @@ class StepInputs:
         epoch, i = divmod(step, self.steps_per_epoch)
         if self._epoch_orders[0] != epoch:
             self._epoch_orders = (epoch, torch.stack([m.batches.permutation(epoch) for m in self.net.members]))
-        idx = self._epoch_orders[1][:, i * self.batch_size:(i + 1) * self.batch_size].reshape(-1)  # member by member
+        idx = self._epoch_orders[1][:, i * self.batch_size : (i + 1) * self.batch_size].reshape(-1)  # member by member
         members = len(self.net.members)
         x = torch.index_select(self.data.train_x, 0, idx, out=self.buffers[step % len(self.buffers)])
         x = x.view(members, self.batch_size, *self.data.train_x.shape[1:])
@@ -315,7 +352,7 @@ class StepInputs:
 # the group as train.py's loop sees it
 
 
-def train_group(cfgs: Sequence, run_dirs: Sequence[Path]) -> List[Dict]:
+def train_group(cfgs: Sequence, run_dirs: Sequence[Path]) -> list[dict]:
     """Train the members `cfgs` (one fusable group) together; return their summaries, in order."""
     keep_freed_memory()
     with GracefulStop() as stop, keeping_denormal_mode():
@@ -329,16 +366,22 @@ def train_group(cfgs: Sequence, run_dirs: Sequence[Path]) -> List[Dict]:
 class FusedGroup(Trainee):
     """A Trainee of M members computed as one StackedMLP (members in stack order: row j is members[j])."""
 
-    def __init__(self, cfgs: List, run_dirs: List[Path]):
+    def __init__(self, cfgs: list, run_dirs: list[Path]):
         super().__init__(cfgs[0], f"fused group of {len(cfgs)} members")  # trainer.* is in shape_key: shared
         self.given = [FusedMember(cfg, d, self.data, self.device) for cfg, d in zip(cfgs, run_dirs)]
         self.net = StackedMLP(self.given)
         self.members = self.net.members
         self.monitor = StackedMonitor(self.net, self.given[0])
         self.schedule = make_schedule(self.trainer, self.given[0].batches.steps_per_epoch, self.batch_size)
-        self.inputs = StepInputs(self.net, self.data, self.batch_size, self.schedule.steps_per_epoch,
-                                 self.schedule.total_steps, ahead=spare_core(self.device))
-        self.activations: Optional[List[torch.Tensor]] = None
+        self.inputs = StepInputs(
+            self.net,
+            self.data,
+            self.batch_size,
+            self.schedule.steps_per_epoch,
+            self.schedule.total_steps,
+            ahead=spare_core(self.device),
+        )
+        self.activations: list[torch.Tensor] | None = None
 
     def start(self) -> LoopState:
         for m in self.members:
@@ -366,7 +409,7 @@ class FusedGroup(Trainee):
             out.stats.set_result(self.monitor.after_step(stats))
         self.activations = None
 
-    def stats_to_host(self, stats: Dict, scalars: Dict) -> List[tuple]:
+    def stats_to_host(self, stats: dict, scalars: dict) -> list[tuple]:
         return self.monitor.to_host(stats, scalars)
 
     @torch.no_grad()
@@ -374,19 +417,19 @@ class FusedGroup(Trainee):
         """trainer.histograms: each member's histograms, from its slices of the stacks (as its solo run's)."""
         params, names = self.net.params, self.monitor.weight_names
         for j, m in enumerate(self.members):
-            m.writer.queue_histograms(step, Histograms(
-                self.monitor.layer_names, [a[j] for a in self.activations],
-                [[params[name].grad[j]] for name in names], [[params[name][j]] for name in names]))
+            grads, weights = [[params[n].grad[j]] for n in names], [[params[n][j]] for n in names]
+            activations = [a[j] for a in self.activations]
+            m.writer.queue_histograms(step, Histograms(self.monitor.layer_names, activations, grads, weights))
 
     def sync(self) -> None:
         self.inputs.rewind()  # each member's generator as after the steps trained
         self.net.write_back()
 
-    def save(self, member: Member, state: Dict) -> None:
+    def save(self, member: Member, state: dict) -> None:
         self.net.write_back_optimizer_state(member)
         super().save(member, state)
 
-    def summary_extra(self) -> Dict:
+    def summary_extra(self) -> dict:
         return {"fused_group_size": len(self.members)}
 
     def close(self) -> None:

@@ -3,11 +3,12 @@
 Jobs whose configs are equal but for `FREE_KEYS` (nothing that decides a tensor's shape) form a group;
 a job that cannot be fused (`unfusable_reason`) or has no partner runs alone. No torch import here.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
@@ -16,7 +17,7 @@ from nrexp.config import FUSED_FREE_KEYS
 FREE_KEYS = FUSED_FREE_KEYS  # what members of one group may differ in: no tensor shape depends on them
 
 
-def unfusable_reason(cfg) -> Optional[str]:
+def unfusable_reason(cfg) -> str | None:
     """Why this job must run alone (None: it can join a fused group)."""
     if cfg.model.name != "mlp":
         return f"model={cfg.model.name}: only mlp is fused"
@@ -40,16 +41,17 @@ def unfusable_reason(cfg) -> Optional[str]:
 @dataclass
 class Group:
     """Jobs (indices into the sweep's job list) trained together, or one job that runs alone, and why."""
-    jobs: List[int]
+
+    jobs: list[int]
     fused: bool
     label: str
 
 
-def plan(cfgs: Sequence, max_members: int) -> List[Group]:
+def plan(cfgs: Sequence, max_members: int) -> list[Group]:
     """Group the sweep's job configs: equal but for FREE_KEYS -> one fused group (split into chunks of
     at most `max_members`); unfusable or single jobs -> alone. In the order of each group's first job."""
-    keyed: Dict[str, List[int]] = {}
-    order: List[object] = []  # a shape key (a fused group) or a Group (one job alone)
+    keyed: dict[str, list[int]] = {}
+    order: list[object] = []  # a shape key (a fused group) or a Group (one job alone)
     for i, cfg in enumerate(cfgs):
         reason = unfusable_reason(cfg)
         if reason:
@@ -69,7 +71,7 @@ def plan(cfgs: Sequence, max_members: int) -> List[Group]:
         else:
             jobs, m = keyed[entry], cfgs[keyed[entry][0]]
             label = f"mlp {m.model.depth}x{m.model.width} norm={m.norm.name} batch {m.data.batch_size}"
-            groups += [Group(jobs[i:i + max_members], True, label) for i in range(0, len(jobs), max_members)]
+            groups += [Group(jobs[i : i + max_members], True, label) for i in range(0, len(jobs), max_members)]
     return groups
 
 

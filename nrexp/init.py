@@ -14,6 +14,7 @@ Under weight normalization the scheme sets the effective weight W: assigning it 
 makes the parametrization store g = ||W row|| and v = W (its right_inverse), so W = g v/||v|| starts
 exactly as drawn.
 """
+
 from __future__ import annotations
 
 import math

@@ -14,11 +14,11 @@ activation to it. The trainer passes a list only on logging steps, so ordinary s
 Linear/Conv2d layers inside it (`weight_layers`): one for mlp, cnn, stem and head, two for a residual block.
 Normalization (activations and weights alike) lives only inside blocks; stem and head stay plain.
 """
+
 from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import List, Optional
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ def _name(value) -> str:
     return getattr(value, "value", value)  # Enum member or plain string
 
 
-def _block_names(count: int) -> List[str]:
+def _block_names(count: int) -> list[str]:
     digits = max(2, len(str(count - 1)))
     return [f"block{i:0{digits}d}" for i in range(count)]
 
@@ -60,14 +60,14 @@ def _dropout(p: float, spatial: bool = False) -> nn.Module:
     return nn.Dropout2d(p) if spatial else Dropout(p)
 
 
-def weight_layers(module: nn.Module) -> List[nn.Module]:
+def weight_layers(module: nn.Module) -> list[nn.Module]:
     """The Linear/Conv2d layers a monitored entry stands for (itself, or those inside a block)."""
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         return [module]
     return [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
 
 
-def _record(x: torch.Tensor, activations: Optional[List[torch.Tensor]]) -> torch.Tensor:
+def _record(x: torch.Tensor, activations: list[torch.Tensor] | None) -> torch.Tensor:
     """Append a layer's output to `activations` when the trainer asked for them (logging steps only)."""
     if activations is not None:
         activations.append(x)
@@ -85,7 +85,7 @@ class MLPBlock(nn.Module):
         self.dropout = _dropout(dropout_p)
         self.norm_before_act = _name(norm_cfg.position) == "before_act"
         self.stash_preact = False  # set by the trainer on logging steps only (trainer.preact_percentiles)
-        self.preact: Optional[torch.Tensor] = None  # then: the input to the activation, detached
+        self.preact: torch.Tensor | None = None  # then: the input to the activation, detached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.linear(x)
@@ -102,23 +102,34 @@ class MLPBlock(nn.Module):
 class MLP(nn.Module):
     """Flatten -> [input dropout] -> `depth` hidden blocks of `width` units -> linear head."""
 
-    def __init__(self, in_features: int, num_classes: int, depth: int, width: int, activation: str,
-                 norm_cfg, dropout_p: float = 0.0, input_dropout_p: float = 0.0):
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        depth: int,
+        width: int,
+        activation: str,
+        norm_cfg,
+        dropout_p: float = 0.0,
+        input_dropout_p: float = 0.0,
+    ):
         super().__init__()
         self.input_dropout = _dropout(input_dropout_p)
-        self.blocks = nn.ModuleDict(OrderedDict(
-            (name, MLPBlock(in_features if i == 0 else width, width, norm_cfg, activation, dropout_p))
-            for i, name in enumerate(_block_names(depth))
-        ))
+        self.blocks = nn.ModuleDict(
+            OrderedDict(
+                (name, MLPBlock(in_features if i == 0 else width, width, norm_cfg, activation, dropout_p))
+                for i, name in enumerate(_block_names(depth))
+            )
+        )
         self.head = nn.Linear(width, num_classes)
 
-    def forward(self, x: torch.Tensor, activations: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activations: list[torch.Tensor] | None = None) -> torch.Tensor:
         x = self.input_dropout(x.flatten(1))
         for block in self.blocks.values():
             x = _record(block(x), activations)
         return _record(self.head(x), activations)
 
-    def monitored_layers(self) -> "OrderedDict[str, nn.Module]":
+    def monitored_layers(self) -> OrderedDict[str, nn.Module]:
         """Layer name -> the module holding that layer's weight matrix, in forward order."""
         layers = OrderedDict((name, block.linear) for name, block in self.blocks.items())
         layers["head"] = self.head
@@ -150,24 +161,36 @@ class ResidualBlock(nn.Module):
 class ResMLP(nn.Module):
     """Flatten -> [input dropout] -> stem (Linear -> act) -> `depth` residual blocks -> linear head."""
 
-    def __init__(self, in_features: int, num_classes: int, depth: int, width: int, activation: str,
-                 norm_cfg, dropout_p: float = 0.0, input_dropout_p: float = 0.0):
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        depth: int,
+        width: int,
+        activation: str,
+        norm_cfg,
+        dropout_p: float = 0.0,
+        input_dropout_p: float = 0.0,
+    ):
         super().__init__()
         self.input_dropout = _dropout(input_dropout_p)
         self.stem = nn.Linear(in_features, width)  # the skip needs equal widths: project the input once
         self.stem_act = ACTIVATIONS[activation]()
-        self.blocks = nn.ModuleDict(OrderedDict(
-            (name, ResidualBlock(width, width // 2, norm_cfg, activation, dropout_p)) for name in _block_names(depth)
-        ))
+        self.blocks = nn.ModuleDict(
+            OrderedDict(
+                (name, ResidualBlock(width, width // 2, norm_cfg, activation, dropout_p))
+                for name in _block_names(depth)
+            )
+        )
         self.head = nn.Linear(width, num_classes)
 
-    def forward(self, x: torch.Tensor, activations: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activations: list[torch.Tensor] | None = None) -> torch.Tensor:
         x = _record(self.stem_act(self.stem(self.input_dropout(x.flatten(1)))), activations)
         for block in self.blocks.values():
             x = _record(block(x), activations)
         return _record(self.head(x), activations)
 
-    def monitored_layers(self) -> "OrderedDict[str, nn.Module]":
+    def monitored_layers(self) -> OrderedDict[str, nn.Module]:
         """stem, each residual block (its two Linear layers together), head, in forward order."""
         layers = OrderedDict(stem=self.stem)
         layers.update(self.blocks.items())
@@ -178,8 +201,16 @@ class ResMLP(nn.Module):
 class ConvBlock(nn.Module):
     """3x3 conv -> [norm] -> activation -> [dropout or dropout2d] -> [2x2 pool, at the end of a stage]."""
 
-    def __init__(self, in_channels: int, out_channels: int, norm_cfg, activation: str, dropout_p: float,
-                 spatial_dropout: bool, pool: str):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        norm_cfg,
+        activation: str,
+        dropout_p: float,
+        spatial_dropout: bool,
+        pool: str,
+    ):
         super().__init__()
         self.conv = normalize_weights(nn.Conv2d(in_channels, out_channels, 3, padding=1), norm_cfg)
         self.norm = make_norm(norm_cfg, out_channels, conv=True)
@@ -197,28 +228,41 @@ class ConvBlock(nn.Module):
 class CNN(nn.Module):
     """[input dropout] -> stages of conv blocks (pool between stages) -> global average pool -> linear head."""
 
-    def __init__(self, in_channels: int, num_classes: int, channels: List[int], blocks_per_stage: int,
-                 pool: str, activation: str, norm_cfg, dropout_p: float = 0.0, spatial_dropout: bool = False,
-                 input_dropout_p: float = 0.0):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        channels: list[int],
+        blocks_per_stage: int,
+        pool: str,
+        activation: str,
+        norm_cfg,
+        dropout_p: float = 0.0,
+        spatial_dropout: bool = False,
+        input_dropout_p: float = 0.0,
+    ):
         super().__init__()
         self.input_dropout = _dropout(input_dropout_p)
         blocks, c_in = [], in_channels
         for stage, c_out in enumerate(channels):
             for b in range(blocks_per_stage):
                 ends_stage = b == blocks_per_stage - 1 and stage < len(channels) - 1
-                blocks.append(ConvBlock(c_in, c_out, norm_cfg, activation, dropout_p, spatial_dropout,
-                                        pool if ends_stage else "none"))
+                blocks.append(
+                    ConvBlock(
+                        c_in, c_out, norm_cfg, activation, dropout_p, spatial_dropout, pool if ends_stage else "none"
+                    )
+                )
                 c_in = c_out
         self.blocks = nn.ModuleDict(OrderedDict(zip(_block_names(len(blocks)), blocks)))
         self.head = nn.Linear(c_in, num_classes)
 
-    def forward(self, x: torch.Tensor, activations: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, activations: list[torch.Tensor] | None = None) -> torch.Tensor:
         x = self.input_dropout(x)
         for block in self.blocks.values():
             x = _record(block(x), activations)
         return _record(self.head(x.mean(dim=(2, 3))), activations)  # global average pooling: any input size
 
-    def monitored_layers(self) -> "OrderedDict[str, nn.Module]":
+    def monitored_layers(self) -> OrderedDict[str, nn.Module]:
         layers = OrderedDict((name, block.conv) for name, block in self.blocks.items())
         layers["head"] = self.head
         return layers
@@ -233,6 +277,16 @@ def build_model(cfg, input_shape, num_classes: int) -> nn.Module:
     if m.name == "resmlp":
         return ResMLP(math.prod(input_shape), num_classes, m.depth, m.width, act, cfg.norm, d.p, d.input_p)
     if m.name == "cnn":
-        return CNN(input_shape[0], num_classes, list(m.channels), m.blocks_per_stage, _name(m.pool), act,
-                   cfg.norm, d.p, d.spatial, d.input_p)
+        return CNN(
+            input_shape[0],
+            num_classes,
+            list(m.channels),
+            m.blocks_per_stage,
+            _name(m.pool),
+            act,
+            cfg.norm,
+            d.p,
+            d.spatial,
+            d.input_p,
+        )
     raise ValueError(f"unknown model {m.name!r}")  # config.validate() rejects this earlier

@@ -13,14 +13,15 @@ multi-tensor kernels over all layers (`torch._foreach_*`) on flat buffers alloca
 activation's row norms one kernel that reads it once, and everything reaches the host in one copy; on
 CPU, when a core is idle, they run on a second thread while training goes on (docs/speed.md).
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import os
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -54,9 +55,9 @@ class LayerMonitor:
     """The statistics of the layers `layers` (name -> module, in forward order; see models.py)."""
 
     def __init__(self, layers: Mapping[str, nn.Module]):
-        self.names: List[str] = list(layers)
+        self.names: list[str] = list(layers)
         groups = [weight_layers(entry) for entry in layers.values()]
-        self.modules: List[nn.Module] = [m for group in groups for m in group]
+        self.modules: list[nn.Module] = [m for group in groups for m in group]
         device = self.modules[0].weight.device
         # which named layer each weight belongs to; None when it is one weight per name (mlp, cnn)
         owner = [i for i, group in enumerate(groups) for _ in group]
@@ -65,7 +66,7 @@ class LayerMonitor:
         # launcher's write-back): kept. A parametrized weight (weight normalization) is recomputed on
         # each access, so then every read goes through the modules.
         plain = not any(parametrize.is_parametrized(m, "weight") for m in self.modules)
-        self._params: Optional[List[torch.Tensor]] = [m.weight for m in self.modules] if plain else None
+        self._params: list[torch.Tensor] | None = [m.weight for m in self.modules] if plain else None
         weights = self.weights()
         # W_init, W as captured before the optimizer step, and W - W_init: one flat buffer each,
         # allocated once (a fresh buffer per logging step costs its page faults on CPU), seen per layer
@@ -74,40 +75,40 @@ class LayerMonitor:
         self._before_flat, self._before = _flat_views(weights)
         self._change_flat, self._change = _flat_views(weights)
         self.reset_init(weights)
-        self._pending: Optional[Capture] = None  # before_step's, for after_step
+        self._pending: Capture | None = None  # before_step's, for after_step
         # Statistics every step: W after one logging step's optimizer step is W before the next one's,
         # so the statistics thread copies it into the buffer then (while the main thread runs the next
         # forward and backward), and the next capture skips its copy if nothing changed W since: no
         # optimizer step (a process-wide count) and no in-place write (each tensor's version counter;
         # torch's fused optimizer steps do not bump it, hence the count). Plain weights only.
-        self._snapshot: Optional[tuple] = None  # (optimizer steps, weight versions) when copied; None: stale
+        self._snapshot: tuple | None = None  # (optimizer steps, weight versions) when copied; None: stale
         self._last_capture = -2  # the optimizer step count at the last capture
         _count_optimizer_steps()
 
-    def weights(self) -> List[torch.Tensor]:
+    def weights(self) -> list[torch.Tensor]:
         """The current effective weights, read afresh. Plain weights come as their Parameters, not
         detached: every caller reads them under torch.no_grad()."""
         if self._params is not None:
             return list(self._params)
         return [m.weight.detach() for m in self.modules]
 
-    def grads(self) -> List[torch.Tensor]:
+    def grads(self) -> list[torch.Tensor]:
         """dLoss/dW of each weight (`weight_grad`)."""
         if self._params is not None:
             return [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._params]
         return [weight_grad(m) for m in self.modules]
 
     @torch.no_grad()
-    def reset_init(self, init_weights: List[torch.Tensor]) -> None:
+    def reset_init(self, init_weights: list[torch.Tensor]) -> None:
         """Use these as W_init (when resuming, the run's true init comes from the checkpoint)."""
         torch._foreach_copy_(self.init_weights, [w.detach() for w in init_weights])
         (self.init_norms,) = self._norms(self.init_weights)
 
-    def _norms(self, *groups: List[torch.Tensor]) -> torch.Tensor:
+    def _norms(self, *groups: list[torch.Tensor]) -> torch.Tensor:
         """One Frobenius norm per named layer for each group of per-weight tensors: (groups, layers)."""
         return self._per_layer(torch._foreach_norm([t for group in groups for t in group]), len(groups))
 
-    def _per_layer(self, norms: List[torch.Tensor], groups: int) -> torch.Tensor:
+    def _per_layer(self, norms: list[torch.Tensor], groups: int) -> torch.Tensor:
         """Per-weight norms, `groups` runs of one per weight -> (groups, layers): the weights of one layer
         (a residual block's two) make one Frobenius norm, over all of their entries together."""
         stacked = torch.stack(norms).view(groups, -1)
@@ -117,39 +118,44 @@ class LayerMonitor:
         return squares.index_add_(1, self._owner, stacked.square()).sqrt()
 
     @torch.no_grad()
-    def capture(self, activations: List[torch.Tensor]) -> "Capture":
+    def capture(self, activations: list[torch.Tensor]) -> Capture:
         """Call after backward, before the optimizer step: copies W into a buffer (reused by every
         capture) and starts on the statistics of W, dL/dW and the activations. Call `.statistics()` on
         the result after the optimizer step, and have its result before the next capture or step."""
         return Capture(self, activations)
 
     @torch.no_grad()
-    def before_step(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def before_step(self, activations: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """`capture`'s statistics in two calls, computed here: this one after backward (all but the
         update ratio)..."""
         self._pending = Capture(self, activations, worker=False)
         return dict(self._pending.first.result())
 
     @torch.no_grad()
-    def after_step(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def after_step(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """...and this one after the optimizer step: adds the update ratio ||W_after - W_before|| / ||W_before||
         (W_before: the weights before_step saw; W_after: after the step taken in between)."""
         pending, self._pending = self._pending, None
         return {**stats, "update_ratio": pending.statistics().result()["update_ratio"]}
 
     @torch.no_grad()
-    def current_statistics(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def current_statistics(self, activations: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Statistics of the current weights, activations and gradients, without the update ratio (no
         step follows: the final probe). Leaves the buffers of a capture in progress alone."""
         weights = self.weights()
         norms = self._norms(weights, self.grads(), torch._foreach_sub(weights, self.init_weights))
         return self._stats(norms, activations)
 
-    def _stats(self, norms: torch.Tensor, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def _stats(self, norms: torch.Tensor, activations: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The statistics from the norms of W, dL/dW and W - W_init (3 x layers) and the activations."""
         act_norm, act_cos = activation_norms_and_cosines(activations)
-        return {"act_norm": act_norm, "act_cos": act_cos, "grad_norm": norms[1], "weight_norm": norms[0],
-                "weight_change": norms[2] / self.init_norms}
+        return {
+            "act_norm": act_norm,
+            "act_cos": act_cos,
+            "grad_norm": norms[1],
+            "weight_norm": norms[0],
+            "weight_change": norms[2] / self.init_norms,
+        }
 
     def _copy_before(self) -> bool:
         """Copy W into the buffer of W before the step, unless the statistics thread did already (see
@@ -163,23 +169,27 @@ class LayerMonitor:
         self._last_capture = steps
         return consecutive and self._params is not None
 
-    def _keep_after(self, after: List[torch.Tensor]) -> None:
+    def _keep_after(self, after: list[torch.Tensor]) -> None:
         """Copy W after the step into the buffer for the next capture (see __init__)."""
         self._snapshot = (_optimizer_steps[0], [p._version for p in after])
         torch._foreach_copy_(self._before, after)
 
     @torch.no_grad()
-    def histograms(self, activations: List[torch.Tensor]) -> "Histograms":
+    def histograms(self, activations: list[torch.Tensor]) -> Histograms:
         """trainer.histograms: per named layer, histograms of its activation, dL/dW and W (a layer of several
         weights: all their entries together) as they are now. Call after backward, before the optimizer
         step, on a logging step. Counted on the device, read back by `.to_host()` in one copy."""
         weights, grads = self.weights(), self.grads()
         owner = self._owner.tolist() if self._owner is not None else list(range(len(self.names)))
         per_layer = [[i for i, o in enumerate(owner) if o == layer] for layer in range(len(self.names))]
-        return Histograms(self.names, activations,
-                          [[grads[i] for i in idx] for idx in per_layer], [[weights[i] for i in idx] for idx in per_layer])
+        return Histograms(
+            self.names,
+            activations,
+            [[grads[i] for i in idx] for idx in per_layer],
+            [[weights[i] for i in idx] for idx in per_layer],
+        )
 
-    def host_copy(self, stats: Optional[Future], scalars: Dict[str, torch.Tensor]) -> "HostCopy":
+    def host_copy(self, stats: Future | None, scalars: dict[str, torch.Tensor]) -> HostCopy:
         """to_host(stats.result(), scalars), started now and finished by the result's `.result()`.
 
         For the trainer to call as soon as a logging step's scalars exist, and `.result()` when it
@@ -189,19 +199,20 @@ class LayerMonitor:
         to_host, at `.result()`."""
         return HostCopy(self, stats, scalars)
 
-    def to_host(self, layer_stats: Dict[str, torch.Tensor], scalars: Dict[str, torch.Tensor]):
+    def to_host(self, layer_stats: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor]):
         """One device->host copy of all that is logged this step.
 
         Returns ({metric: {layer: value}}, {tag: value}) as Python floats.
         """
         if isinstance(layer_stats, HostStats):  # already read on the statistics thread (CPU)
             return layer_stats.host, {k: v.item() for k, v in scalars.items()}
-        tensors = ([layer_stats[k].float() for k in layer_stats]
-                   + [v.detach().float().reshape(1) for v in scalars.values()])
+        tensors = [layer_stats[k].float() for k in layer_stats] + [
+            v.detach().float().reshape(1) for v in scalars.values()
+        ]
         flat = torch.cat(tensors).cpu().tolist() if tensors else []
         n = len(self.names)
-        layers = {k: dict(zip(self.names, flat[i * n:(i + 1) * n])) for i, k in enumerate(layer_stats)}
-        return layers, dict(zip(scalars, flat[len(layer_stats) * n:]))
+        layers = {k: dict(zip(self.names, flat[i * n : (i + 1) * n])) for i, k in enumerate(layer_stats)}
+        return layers, dict(zip(scalars, flat[len(layer_stats) * n :]))
 
 
 HISTOGRAM_BINS = 64
@@ -217,19 +228,27 @@ class Histograms:
     lists of the tensors whose entries together make layer l's histogram."""
 
     @torch.no_grad()
-    def __init__(self, names: Sequence[str], activations: Sequence[torch.Tensor],
-                 grads: Sequence[Sequence[torch.Tensor]], weights: Sequence[Sequence[torch.Tensor]]):
+    def __init__(
+        self,
+        names: Sequence[str],
+        activations: Sequence[torch.Tensor],
+        grads: Sequence[Sequence[torch.Tensor]],
+        weights: Sequence[Sequence[torch.Tensor]],
+    ):
         self.tags, self.numels, rows = [], [], []
         for kind, groups in zip(HISTOGRAM_KINDS, ([[a] for a in activations], grads, weights)):
             for name, group in zip(names, groups):
-                flat = torch.cat([t.detach().reshape(-1).float() for t in group]) if len(group) > 1 \
+                flat = (
+                    torch.cat([t.detach().reshape(-1).float() for t in group])
+                    if len(group) > 1
                     else group[0].detach().reshape(-1).float()
+                )
                 self.tags.append(f"{kind}/{name}")
                 self.numels.append(flat.numel())
                 rows.append(_histogram_row(flat, HISTOGRAM_BINS))
         self.rows = torch.stack(rows) if rows else None  # (tensors, 4 + bins): min, max, sum, sum of squares, counts
 
-    def to_host(self) -> Dict[str, dict]:
+    def to_host(self) -> dict[str, dict]:
         """{tag: add_histogram_raw's keyword arguments}: one device->host copy. A tensor holding NaN or inf (a
         diverged run) has no histogram."""
         if self.rows is None:
@@ -240,9 +259,15 @@ class Histograms:
             if not all(math.isfinite(v) for v in (lo, hi, total, squares)):
                 continue
             span = (hi - lo) or max(abs(lo), 1.0) * 1e-6  # a constant tensor: one thin bin holds it all
-            out[tag] = dict(min=lo, max=hi, num=numel, sum=total, sum_squares=squares,
-                            bucket_limits=[lo + span * (k + 1) / len(counts) for k in range(len(counts))],
-                            bucket_counts=counts)
+            out[tag] = dict(
+                min=lo,
+                max=hi,
+                num=numel,
+                sum=total,
+                sum_squares=squares,
+                bucket_limits=[lo + span * (k + 1) / len(counts) for k in range(len(counts))],
+                bucket_counts=counts,
+            )
         return out
 
 
@@ -263,15 +288,16 @@ def _histogram_row(flat: torch.Tensor, bins: int) -> torch.Tensor:
 class HostCopy:
     """LayerMonitor.host_copy's result."""
 
-    def __init__(self, monitor: LayerMonitor, stats: Optional[Future], scalars: Dict[str, torch.Tensor]):
+    def __init__(self, monitor: LayerMonitor, stats: Future | None, scalars: dict[str, torch.Tensor]):
         self.monitor, self.stats, self.scalars = monitor, stats, scalars
         self.pinned = self.event = None
         device = monitor._before_flat.device
         if device.type == "cuda":  # stats computed where they were asked for (no statistics thread): done
             layer_stats = stats.result() if stats is not None else {}
             self.keys = list(layer_stats)
-            flat = torch.cat([layer_stats[k].float() for k in self.keys]
-                             + [v.detach().float().reshape(1) for v in scalars.values()])
+            flat = torch.cat(
+                [layer_stats[k].float() for k in self.keys] + [v.detach().float().reshape(1) for v in scalars.values()]
+            )
             self.pinned = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
             self.pinned.copy_(flat, non_blocking=True)
             self.event = torch.cuda.Event()
@@ -284,16 +310,16 @@ class HostCopy:
         self.event.synchronize()
         flat, names = self.pinned.tolist(), self.monitor.names
         n = len(names)
-        layers = {k: dict(zip(names, flat[i * n:(i + 1) * n])) for i, k in enumerate(self.keys)}
-        return layers, dict(zip(self.scalars, flat[len(self.keys) * n:]))
+        layers = {k: dict(zip(names, flat[i * n : (i + 1) * n])) for i, k in enumerate(self.keys)}
+        return layers, dict(zip(self.scalars, flat[len(self.keys) * n :]))
 
 
-def _flat_views(like: List[torch.Tensor]):
+def _flat_views(like: list[torch.Tensor]):
     """A flat buffer with room for every tensor of `like`, and views of it shaped like each of them."""
     flat = torch.empty(sum(t.numel() for t in like), dtype=like[0].dtype, device=like[0].device)
     views, offset = [], 0
     for t in like:
-        views.append(flat[offset:offset + t.numel()].view(t.shape))
+        views.append(flat[offset : offset + t.numel()].view(t.shape))
         offset += t.numel()
     return flat, views
 
@@ -306,13 +332,13 @@ class Capture:
     what the optimizer step leaves alone (the copy of W, dL/dW), so it may run during the step."""
 
     @torch.no_grad()
-    def __init__(self, monitor: LayerMonitor, activations: List[torch.Tensor], worker: bool = True):
+    def __init__(self, monitor: LayerMonitor, activations: list[torch.Tensor], worker: bool = True):
         self.keep_after = monitor._copy_before()
         self.monitor, self.grads, self.activations = monitor, monitor.grads(), activations
         self.worker = _worker_thread(monitor._before_flat.device) if worker else None
         self.first = self._run(self._before_step)
 
-    def statistics(self) -> "Future[Dict[str, torch.Tensor]]":
+    def statistics(self) -> Future[dict[str, torch.Tensor]]:
         """Call after the optimizer step: every statistic of the step, as a Future (see the class)."""
         return self._run(self._after_step, self.monitor.weights())
 
@@ -324,7 +350,7 @@ class Capture:
         return done
 
     @torch.no_grad()
-    def _before_step(self) -> Dict[str, torch.Tensor]:
+    def _before_step(self) -> dict[str, torch.Tensor]:
         """act_norm, grad_norm, weight_norm and weight_change: W_before - W_init into its buffer, then the
         norms of W_before, dL/dW and that in one call."""
         m = self.monitor
@@ -337,7 +363,7 @@ class Capture:
         return stats
 
     @torch.no_grad()
-    def _after_step(self, after: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def _after_step(self, after: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """All statistics: the first half's and the update ratio, from W_before - W_after computed in place
         (the negation of W_after - W_before, exactly: the same norm)."""
         m = self.monitor
@@ -351,19 +377,19 @@ class Capture:
         # on the statistics thread (CPU): the floats for to_host too
         flat = torch.cat([v.float() for v in stats.values()]).tolist()
         n = len(m.names)
-        return HostStats(stats, {k: dict(zip(m.names, flat[i * n:(i + 1) * n])) for i, k in enumerate(stats)})
+        return HostStats(stats, {k: dict(zip(m.names, flat[i * n : (i + 1) * n])) for i, k in enumerate(stats)})
 
 
 class HostStats(dict):
     """A step's statistics (metric -> tensor) with their floats already read: `host` (to_host's first half)."""
 
-    def __init__(self, stats: Dict[str, torch.Tensor], host: Dict[str, Dict[str, float]]):
+    def __init__(self, stats: dict[str, torch.Tensor], host: dict[str, dict[str, float]]):
         super().__init__(stats)
         self.host = host
 
 
 _optimizer_steps = [0]  # optimizer steps taken in this process (counted once _count_optimizer_steps ran)
-_counting: List[object] = []  # the hook's handle, once registered
+_counting: list[object] = []  # the hook's handle, once registered
 
 
 def _count_optimizer_steps() -> None:
@@ -377,7 +403,7 @@ def _count_optimizer_steps() -> None:
         _counting.append(register_optimizer_step_post_hook(count))
 
 
-def _in_mode(fn, flush_denormal: Optional[bool], *args):
+def _in_mode(fn, flush_denormal: bool | None, *args):
     """fn(*args) on the statistics thread, in the run's denormal mode (a per-thread CPU setting: the
     thread outlives the run that started it, see set_flush_denormal)."""
     if flush_denormal is not None:
@@ -385,8 +411,8 @@ def _in_mode(fn, flush_denormal: Optional[bool], *args):
     return fn(*args)
 
 
-_worker: Optional[ThreadPoolExecutor] = None
-_flush_denormal: Optional[bool] = None  # the mode the run in progress set (None: nrexp set none)
+_worker: ThreadPoolExecutor | None = None
+_flush_denormal: bool | None = None  # the mode the run in progress set (None: nrexp set none)
 
 
 def set_flush_denormal(on: bool, device: torch.device) -> None:
@@ -465,7 +491,7 @@ def _idle_core_now() -> bool:
     return runnable + threads <= cpus
 
 
-def _worker_thread(device: torch.device) -> Optional[ThreadPoolExecutor]:
+def _worker_thread(device: torch.device) -> ThreadPoolExecutor | None:
     """The process's statistics thread, when there is a spare core for it, idle now."""
     global _worker
     if not (spare_core(device) and idle_core()):
@@ -473,13 +499,14 @@ def _worker_thread(device: torch.device) -> Optional[ThreadPoolExecutor]:
     if _worker is None:
         threads = torch.get_num_threads()
         # a new thread takes torch's process-wide thread count, not the one set in this thread
-        _worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nrexp-stats",
-                                     initializer=torch.set_num_threads, initargs=(threads,))
+        _worker = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="nrexp-stats", initializer=torch.set_num_threads, initargs=(threads,)
+        )
     return _worker
 
 
 @torch.no_grad()
-def activation_norms(activations: List[torch.Tensor]) -> torch.Tensor:
+def activation_norms(activations: list[torch.Tensor]) -> torch.Tensor:
     """Mean over the batch of each example's L2 norm (in float32), for each activation, in order.
 
     One row-norm kernel per activation, reading it once: stacking same-shaped activations first to
@@ -490,7 +517,7 @@ def activation_norms(activations: List[torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def activation_norms_and_cosines(activations: List[torch.Tensor]):
+def activation_norms_and_cosines(activations: list[torch.Tensor]):
     """(act_norm, act_cos), one value each per activation, in order, in float32.
 
     act_norm: activation_norms. act_cos: the mean pairwise cosine similarity of the examples' activation
@@ -518,7 +545,7 @@ def _mean_pairwise_cosine(flat: torch.Tensor, rows: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def stacked_activation_cosines(activations: List[torch.Tensor]) -> torch.Tensor:
+def stacked_activation_cosines(activations: list[torch.Tensor]) -> torch.Tensor:
     """act_cos of stacked activations (M, B, ...), one row per layer: (layers, M)."""
     cosines = []
     for a in activations:
@@ -541,7 +568,7 @@ class StackedMonitor:
         with torch.no_grad():
             self.init = [net.params[name].clone() for name in self.weight_names]
         self.init_norms = self._norms(self.init)
-        self._before_step: Optional[List[torch.Tensor]] = None
+        self._before_step: list[torch.Tensor] | None = None
 
     @staticmethod
     def _norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -549,13 +576,14 @@ class StackedMonitor:
         return torch.stack([torch.linalg.vector_norm(t.flatten(1), dim=1) for t in tensors])
 
     @torch.no_grad()
-    def before_step(self, activations: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def before_step(self, activations: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """LayerMonitor.before_step for all members: each statistic (layers, M). Call after backward."""
         weights = [self.net.params[name] for name in self.weight_names]
         weight_norm = self._norms(weights)
         stats = {
-            "act_norm": torch.stack([torch.linalg.vector_norm(a.detach().flatten(2).float(), dim=2).mean(1)
-                                     for a in activations]),
+            "act_norm": torch.stack(
+                [torch.linalg.vector_norm(a.detach().flatten(2).float(), dim=2).mean(1) for a in activations]
+            ),
             "act_cos": stacked_activation_cosines(activations),
             "grad_norm": self._norms([self.net.params[name].grad for name in self.weight_names]),
             "weight_norm": weight_norm,
@@ -565,7 +593,7 @@ class StackedMonitor:
         return stats
 
     @torch.no_grad()
-    def after_step(self, stats: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def after_step(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Add each member's update ratio ||W_after - W_before|| / ||W_before||: W_before the weights of the
         logged forward/backward (before_step), W_after those after the optimizer step taken right after it."""
         after = [self.net.params[name] for name in self.weight_names]
@@ -573,22 +601,28 @@ class StackedMonitor:
         self._before_step = None
         return stats
 
-    def to_host(self, stats: Dict[str, torch.Tensor], scalars: Dict[str, torch.Tensor]) -> List[tuple]:
+    def to_host(self, stats: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor]) -> list[tuple]:
         """For each member in stack order, LayerMonitor.to_host's ({metric: {layer: value}}, {tag: value});
         `scalars` hold one value per member. One device->host copy for the whole group."""
         n = len(self.layer_names)
         rows = [stats[k].float() for k in stats] + [v.detach().float().reshape(1, -1) for v in scalars.values()]
         per_member = torch.cat(rows).T.tolist()
-        return [({k: dict(zip(self.layer_names, flat[i * n:(i + 1) * n])) for i, k in enumerate(stats)},
-                 dict(zip(scalars, flat[len(stats) * n:]))) for flat in per_member]
+        return [
+            (
+                {k: dict(zip(self.layer_names, flat[i * n : (i + 1) * n])) for i, k in enumerate(stats)},
+                dict(zip(scalars, flat[len(stats) * n :])),
+            )
+            for flat in per_member
+        ]
 
 
 # ------------------------------------------------------------------------------------------------
 # your own model: the same statistics and tags for any nn.Module
 
 
-def watch(model: nn.Module, layers: Optional[Mapping[str, nn.Module]] = None, log_dir=None,
-          histograms: bool = False) -> "Watcher":
+def watch(
+    model: nn.Module, layers: Mapping[str, nn.Module] | None = None, log_dir=None, histograms: bool = False
+) -> Watcher:
     """Monitor any nn.Module as nrexp monitors its own nets: the per-layer statistics of LayerMonitor
     (act_norm, act_cos, grad_norm, weight_norm, weight_change, update_ratio) and, with `log_dir`, the same
     TensorBoard tags through the same TensorBoardWriter (`act_norm/<layer>`, depth profile at step 0,
@@ -615,8 +649,9 @@ def watch(model: nn.Module, layers: Optional[Mapping[str, nn.Module]] = None, lo
 class Watcher:
     """`watch`'s result: forward hooks on the layers, a LayerMonitor, and optionally a TensorBoardWriter."""
 
-    def __init__(self, model: nn.Module, layers: Optional[Mapping[str, nn.Module]] = None, log_dir=None,
-                 histograms: bool = False):
+    def __init__(
+        self, model: nn.Module, layers: Mapping[str, nn.Module] | None = None, log_dir=None, histograms: bool = False
+    ):
         if layers is None:
             layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
         layers = dict(layers)
@@ -624,8 +659,10 @@ class Watcher:
             raise ValueError("watch: no layers to monitor (the model has no nn.Linear or nn.Conv2d; pass layers=)")
         empty = [name for name, m in layers.items() if not weight_layers(m)]
         if empty:
-            raise ValueError(f"watch: {empty} hold no nn.Linear or nn.Conv2d weight to monitor; pass modules "
-                             "that are (or contain) one")
+            raise ValueError(
+                f"watch: {empty} hold no nn.Linear or nn.Conv2d weight to monitor; pass modules "
+                "that are (or contain) one"
+            )
         self.model, self.layers = model, layers
         self.monitor = LayerMonitor(layers)
         self.names = self.monitor.names
@@ -637,10 +674,10 @@ class Watcher:
             os.makedirs(log_dir, exist_ok=True)
             self.writer = TensorBoardWriter(log_dir, self.names)
         self._recording = False
-        self._outputs: Dict[str, tuple] = {}  # name -> (activation, its version when recorded)
-        self._stats: Optional[Dict[str, torch.Tensor]] = None
-        self._hist: Optional[Histograms] = None
-        self.last: Optional[Dict[str, Dict[str, float]]] = None  # the last logged step's {metric: {layer: value}}
+        self._outputs: dict[str, tuple] = {}  # name -> (activation, its version when recorded)
+        self._stats: dict[str, torch.Tensor] | None = None
+        self._hist: Histograms | None = None
+        self.last: dict[str, dict[str, float]] | None = None  # the last logged step's {metric: {layer: value}}
         self._handles = [m.register_forward_hook(self._hook(name)) for name, m in layers.items()]
 
     def _hook(self, name: str):
@@ -649,6 +686,7 @@ class Watcher:
                 out = output[0] if isinstance(output, (tuple, list)) else output
                 out = out.detach()
                 self._outputs[name] = (out, out._version)
+
         return hook
 
     @contextlib.contextmanager
@@ -661,14 +699,16 @@ class Watcher:
         finally:
             self._recording = False
 
-    def activations(self) -> List[torch.Tensor]:
+    def activations(self) -> list[torch.Tensor]:
         missing = [n for n in self.names if n not in self._outputs]
         if missing:
             raise RuntimeError(f"watch: no output recorded for {missing}: run the forward pass inside record(True)")
         changed = [n for n in self.names if self._outputs[n][0]._version != self._outputs[n][1]]
         if changed:
-            raise RuntimeError(f"watch: the outputs of {changed} were changed in place after the layer (an inplace "
-                               "op): monitor the module whose output is kept, e.g. the block around it")
+            raise RuntimeError(
+                f"watch: the outputs of {changed} were changed in place after the layer (an inplace "
+                "op): monitor the module whose output is kept, e.g. the block around it"
+            )
         return [self._outputs[n][0] for n in self.names]
 
     @torch.no_grad()
@@ -683,7 +723,7 @@ class Watcher:
         self._outputs = {}
 
     @torch.no_grad()
-    def after_step(self, step: int, scalars: Optional[Mapping[str, float]] = None):
+    def after_step(self, step: int, scalars: Mapping[str, float] | None = None):
         """After the optimizer step: finishes the statistics of step `step` (update_ratio: this update), writes
         them with `scalars` and returns {metric: {layer: value}} (None on a step not recorded)."""
         if self._stats is None:

@@ -33,6 +33,7 @@ For conv feature maps of shape (N, C, H, W), as in cnn (the course notes' pictur
 - `weight`:   each output channel's filter (C_in x k x k) is w = g * v / ||v||.
 All of them except `batch` normalize each example on its own: train and eval mode give the same output.
 """
+
 from __future__ import annotations
 
 import warnings

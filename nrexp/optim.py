@@ -14,6 +14,7 @@ Semantics are PyTorch's own:
 The lr is optim.lr, scaled with the batch size when optim.lr_scaling asks (`lr_factor`): linear
 (lr x B/ref, the rule of Goyal et al. 2017 that Wu & He's GroupNorm comparisons use) or sqrt.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -139,11 +140,16 @@ def without_dynamo_import(cls: type) -> type:
         def method(self, *args, **kwargs):
             chosen = guarded[name] if "torch._dynamo" in sys.modules else raw[name]
             return chosen(self, *args, **kwargs)
+
         method.__name__ = method.__qualname__ = name
         method.__doc__ = guarded[name].__doc__
         return method
 
-    namespace = {"step": step, "__module__": cls.__module__, "__doc__": cls.__doc__,
-                 **{name: passing(name) for name in _DYNAMO_GUARDED}}
+    namespace = {
+        "step": step,
+        "__module__": cls.__module__,
+        "__doc__": cls.__doc__,
+        **{name: passing(name) for name in _DYNAMO_GUARDED},
+    }
     _classes[cls] = type(cls.__name__, (cls,), namespace)
     return _classes[cls]

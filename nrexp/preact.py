@@ -8,9 +8,8 @@ nothing), and logs `preact/<block>/p15|p50|p85` of unit 0 over the training batc
 norm.position=before_act (the paper's layout) that input is the BatchNorm output; without a norm it is
 the Linear output.
 """
-from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from __future__ import annotations
 
 import torch
 
@@ -18,7 +17,7 @@ PERCENTILES = (15, 50, 85)
 UNIT = 0  # which unit: any fixed one is "a typical sigmoid"
 
 
-def arm(model, enabled: bool) -> Optional[Tuple[str, torch.nn.Module]]:
+def arm(model, enabled: bool) -> tuple[str, torch.nn.Module] | None:
     """Ask the last hidden block to keep its activation input this step; (name, block) or None."""
     if not enabled or not hasattr(model, "blocks"):
         return None
@@ -29,7 +28,7 @@ def arm(model, enabled: bool) -> Optional[Tuple[str, torch.nn.Module]]:
     return name, block
 
 
-def collect(armed: Optional[Tuple[str, torch.nn.Module]]) -> Dict[str, float]:
+def collect(armed: tuple[str, torch.nn.Module] | None) -> dict[str, float]:
     """{preact/<block>/p15: ..., p50, p85} from the stashed input (one host transfer); disarms the block."""
     if armed is None:
         return {}

@@ -3,10 +3,11 @@
 A setting is one combination of the swept keys (config keys whose values differ across the runs, seed
 excluded); its seeds are aggregated over its completed runs: the table and report.md show mean ± the
 half-width of the 95% t-interval of the mean (nrexp/stats.py; one seed: the mean alone), report.csv each
-metric's mean, sample std and that half-width (`_ci95`), and the figures mean ± std. The activation ratio (last hidden block over the first) leaves the
-head out: its norm is that of the logits, which grows as the net gets confident, not with depth.
-No torch import: `nrexp report` stays fast.
+metric's mean, sample std and that half-width (`_ci95`), and the figures mean ± std. The activation ratio
+(last hidden block over the first) leaves the head out: its norm is that of the logits, which grows as the
+net gets confident, not with depth. No torch import: `nrexp report` stays fast.
 """
+
 from __future__ import annotations
 
 import csv
@@ -55,8 +56,14 @@ def find_job_dirs(root: Path) -> list[Path]:
 def read_job(run_dir: Path, root: Path | None = None) -> dict:
     """Kept for nrexp/sweep.py: the run's summary.json as a dict, with its `name`, `dir` and `status`."""
     run = read_run(run_dir, root)
-    return {**run.summary, "metrics": run.metrics, "config": run.config, "status": run.status,
-            "name": run.name, "dir": str(run.dir)}
+    return {
+        **run.summary,
+        "metrics": run.metrics,
+        "config": run.config,
+        "status": run.status,
+        "name": run.name,
+        "dir": str(run.dir),
+    }
 
 
 def activation_ratio(act: Mapping[str, float]) -> float:
@@ -85,8 +92,10 @@ def load_runs(root: Path) -> list[Run]:
     for run_dir, why in skipped:  # a truncated or foreign summary: said, and the other runs reported
         print(f"nrexp: warning: skipped {run_dir}: {why}", file=sys.stderr)
     if not runs:
-        raise ReportError(f"no runs in {root} (no summary.json or .hydra/ below it). "
-                          "Fix: pass a run dir or a sweep dir, e.g. outputs/multirun/<date>/<time>")
+        raise ReportError(
+            f"no runs in {root} (no summary.json or .hydra/ below it). "
+            "Fix: pass a run dir or a sweep dir, e.g. outputs/multirun/<date>/<time>"
+        )
     return runs
 
 
@@ -111,8 +120,10 @@ def apply_filters(runs: list[Run], filters: Sequence[str]) -> list[Run]:
             raise ReportError(f"--filter {spec!r} is invalid: expected key=value. Fix: e.g. --filter norm=batch")
         known = set().union(*(r.flat_config for r in runs))
         if key not in known:
-            raise ReportError(f"--filter key {key!r} is not a config key of these runs. "
-                              f"Fix: use one of {', '.join(sorted(known)) or '(none)'}")
+            raise ReportError(
+                f"--filter key {key!r} is not a config key of these runs. "
+                f"Fix: use one of {', '.join(sorted(known)) or '(none)'}"
+            )
         runs = [r for r in runs if matches(r.flat_config.get(key), wanted)]
     return runs
 
@@ -203,8 +214,10 @@ def sort_settings(settings: list[Setting], keys: Sequence[str], spec: str | None
     key = "n" if key == "runs" else key  # the table's "runs" is the CSV's "n"
     choices = [*keys, "runs", "n", "status", *METRICS]
     if key not in choices:
-        raise ReportError(f"--sort {spec!r} is invalid: not a column. Fix: use one of {', '.join(choices)} "
-                          "(prefix - for descending, e.g. --sort=-test_acc)")
+        raise ReportError(
+            f"--sort {spec!r} is invalid: not a column. Fix: use one of {', '.join(choices)} "
+            "(prefix - for descending, e.g. --sort=-test_acc)"
+        )
 
     def value(s: Setting) -> Any:
         if key in METRICS:
@@ -241,8 +254,11 @@ def table_cells(settings: Sequence[Setting], keys: Sequence[str]) -> tuple[list[
     header = [*keys, "runs", "status", *TABLE_METRICS]
     body = []
     for s in settings:
-        body.append([_short(s.values[k]) for k in keys] + [str(len(s.runs)), s.status()]
-                    + [fmt(*s.interval(m)) for m in TABLE_METRICS])
+        body.append(
+            [_short(s.values[k]) for k in keys]
+            + [str(len(s.runs)), s.status()]
+            + [fmt(*s.interval(m)) for m in TABLE_METRICS]
+        )
     return header, body
 
 
@@ -250,9 +266,10 @@ def rich_table(root: Path, settings: Sequence[Setting], keys: Sequence[str], n_r
     from rich.table import Table
 
     header, body = table_cells(settings, keys)
-    table = Table(title=f"nrexp report: {root} ({n_runs} runs, {len(settings)} settings; mean ± 95% interval "
-                        "over seeds)",
-                  header_style="bold")
+    table = Table(
+        title=f"nrexp report: {root} ({n_runs} runs, {len(settings)} settings; mean ± 95% interval over seeds)",
+        header_style="bold",
+    )
     for i, column in enumerate(header):
         table.add_column(column, justify="left" if i < len(keys) + 2 else "right")
     for cells in body:
@@ -277,14 +294,28 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def write_markdown(path: Path, root: Path, settings: Sequence[Setting], keys: Sequence[str],
-                   n_runs: int, figures: Sequence[Path], filters: Sequence[str] = ()) -> None:
+def write_markdown(
+    path: Path,
+    root: Path,
+    settings: Sequence[Setting],
+    keys: Sequence[str],
+    n_runs: int,
+    figures: Sequence[Path],
+    filters: Sequence[str] = (),
+) -> None:
     header, body = table_cells(settings, keys)
     kept = f" (the runs with {', '.join(filters)})" if filters else ""
-    lines = [f"# nrexp report: {root}", "",
-             (f"{n_runs} runs{kept}, {len(settings)} settings; numbers are mean ± the half-width of the 95% "
-              "t-interval of the mean over the completed runs (seeds) of a setting (one seed: the mean alone)."), "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = [
+        f"# nrexp report: {root}",
+        "",
+        (
+            f"{n_runs} runs{kept}, {len(settings)} settings; numbers are mean ± the half-width of the 95% "
+            "t-interval of the mean over the completed runs (seeds) of a setting (one seed: the mean alone)."
+        ),
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     lines += ["| " + " | ".join(cells) + " |" for cells in body]
     lines += ["", "Columns: " + "; ".join(f"`{m}` {METRICS[m]}" for m in TABLE_METRICS) + ".", ""]
     lines += [f"![{p.stem}]({p.relative_to(path.parent)})" for p in figures]
@@ -295,14 +326,26 @@ def json_report(root: Path, keys: Sequence[str], settings: Sequence[Setting]) ->
     def clean(value: Any) -> Any:  # NaN is not JSON
         return None if isinstance(value, float) and not math.isfinite(value) else value
 
-    return json.dumps({
-        "dir": str(root),
-        "swept_keys": list(keys),
-        "settings": [{k: clean(v) for k, v in row.items()} for row in rows_of(settings)],
-        "runs": [{"name": r.name, "status": r.status, "error": r.error, "setting": s.values,
-                  "seed": r.flat_config.get("seed"), **{k: clean(v) for k, v in run_numbers(r).items()}}
-                 for s in settings for r in s.runs],
-    }, indent=2)
+    return json.dumps(
+        {
+            "dir": str(root),
+            "swept_keys": list(keys),
+            "settings": [{k: clean(v) for k, v in row.items()} for row in rows_of(settings)],
+            "runs": [
+                {
+                    "name": r.name,
+                    "status": r.status,
+                    "error": r.error,
+                    "setting": s.values,
+                    "seed": r.flat_config.get("seed"),
+                    **{k: clean(v) for k, v in run_numbers(r).items()},
+                }
+                for s in settings
+                for r in s.runs
+            ],
+        },
+        indent=2,
+    )
 
 
 # ------------------------------------------------------------------------------------------------

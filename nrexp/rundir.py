@@ -6,6 +6,7 @@
   The OS releases it when the process ends, however it ends (kill -9 included), so a lock is never stale.
 - `remove_stale_temp_files`: what a write killed half-way left (atomic_write's hidden temp files).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -28,8 +29,10 @@ def holds_a_run(run_dir: Path) -> bool:
 def check_new_run_dir(run_dir: Path) -> None:
     """One line if a new run would write into `run_dir`, which already holds one."""
     if holds_a_run(run_dir):
-        raise ConfigError(f"{run_dir} already holds a run; a new run never writes into it. Fix: continue that run "
-                          f"with resume={run_dir}, or give the new run a dir of its own (leave hydra.run.dir unset)")
+        raise ConfigError(
+            f"{run_dir} already holds a run; a new run never writes into it. Fix: continue that run "
+            f"with resume={run_dir}, or give the new run a dir of its own (leave hydra.run.dir unset)"
+        )
 
 
 class RunLock:
@@ -48,8 +51,10 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            message = (f"{self.path.parent} is being written by process {holder}; a run dir has one writer. "
-                       f"Fix: wait for that process to end (or stop it: kill {holder}), then run again")
+            message = (
+                f"{self.path.parent} is being written by process {holder}; a run dir has one writer. "
+                f"Fix: wait for that process to end (or stop it: kill {holder}), then run again"
+            )
             raise ConfigError(message) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())

@@ -4,12 +4,12 @@ The first signal only sets a flag: the trainer finishes the step in flight, writ
 summary (status `interrupted`) and flushes TensorBoard, then exits 130 (SIGINT) or 143 (SIGTERM), the
 shell's 128 + signal number. A second Ctrl-C gets Python's default behaviour: stop right now.
 """
+
 from __future__ import annotations
 
 import logging
 import signal
 import threading
-from typing import Optional
 
 log = logging.getLogger("nrexp")
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -17,7 +17,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class GracefulStop:
     def __init__(self) -> None:
-        self.signum: Optional[int] = None
+        self.signum: int | None = None
         self._previous = {}
 
     @property
@@ -26,12 +26,14 @@ class GracefulStop:
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
-        log.warning("%s received: finishing this step, then saving a checkpoint (again to abort now)",
-                    signal.Signals(signum).name)
+        log.warning(
+            "%s received: finishing this step, then saving a checkpoint (again to abort now)",
+            signal.Signals(signum).name,
+        )
         for sig in SIGNALS:  # a second signal falls through to the previous handler (abort)
             signal.signal(sig, self._previous.get(sig, signal.SIG_DFL))
 
-    def __enter__(self) -> "GracefulStop":
+    def __enter__(self) -> GracefulStop:
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there
             self._previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
             for sig in SIGNALS:

@@ -16,6 +16,7 @@ band), `contradicted` (the whole interval on the other side, or outside the band
 No scipy: t(0.975, df) is tabled for df 1..30 (standard tables, 4 decimals) and, beyond, given by the
 Cornish-Fisher expansion in 1/df (error < 1e-4 for df > 30). No torch.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,10 +27,38 @@ from dataclasses import dataclass
 REPRODUCED, CONTRADICTED, INCONCLUSIVE, MISSING = "reproduced", "contradicted", "inconclusive", "missing"
 
 # t(0.975, df): the two-sided 95% quantile of Student's t with df degrees of freedom.
-T975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 6: 2.4469, 7: 2.3646, 8: 2.3060, 9: 2.2622,
-        10: 2.2281, 11: 2.2010, 12: 2.1788, 13: 2.1604, 14: 2.1448, 15: 2.1314, 16: 2.1199, 17: 2.1098,
-        18: 2.1009, 19: 2.0930, 20: 2.0860, 21: 2.0796, 22: 2.0739, 23: 2.0687, 24: 2.0639, 25: 2.0595,
-        26: 2.0555, 27: 2.0518, 28: 2.0484, 29: 2.0452, 30: 2.0423}
+T975 = {
+    1: 12.7062,
+    2: 4.3027,
+    3: 3.1824,
+    4: 2.7764,
+    5: 2.5706,
+    6: 2.4469,
+    7: 2.3646,
+    8: 2.3060,
+    9: 2.2622,
+    10: 2.2281,
+    11: 2.2010,
+    12: 2.1788,
+    13: 2.1604,
+    14: 2.1448,
+    15: 2.1314,
+    16: 2.1199,
+    17: 2.1098,
+    18: 2.1009,
+    19: 2.0930,
+    20: 2.0860,
+    21: 2.0796,
+    22: 2.0739,
+    23: 2.0687,
+    24: 2.0639,
+    25: 2.0595,
+    26: 2.0555,
+    27: 2.0518,
+    28: 2.0484,
+    29: 2.0452,
+    30: 2.0423,
+}
 Z975 = 1.959963984540054  # the standard normal's 0.975 quantile
 
 
@@ -41,10 +70,10 @@ def t975(df: float) -> float:
     if d in T975:
         return T975[d]
     z = Z975  # Cornish-Fisher: t = z + g1/d + g2/d^2 + g3/d^3 (Abramowitz & Stegun 26.7.5)
-    g1 = (z ** 3 + z) / 4
-    g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
-    g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
-    return z + g1 / d + g2 / d ** 2 + g3 / d ** 3
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    return z + g1 / d + g2 / d**2 + g3 / d**3
 
 
 @dataclass(frozen=True)
@@ -98,7 +127,7 @@ def welch_interval(a: Iterable[float], b: Iterable[float]) -> Interval:
     se = math.sqrt(va + vb)
     if se == 0:
         return Interval(diff, diff, diff, n, paired=False)
-    df = (va + vb) ** 2 / (va ** 2 / (len(xa) - 1) + vb ** 2 / (len(xb) - 1))
+    df = (va + vb) ** 2 / (va**2 / (len(xa) - 1) + vb**2 / (len(xb) - 1))
     half = t975(df) * se
     return Interval(diff, diff - half, diff + half, n, paired=False)
 

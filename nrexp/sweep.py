@@ -16,6 +16,7 @@
 No torch at module level: Hydra imports this module (through the callback) before any job starts,
 and for `nrexp train --cfg job` too.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -167,23 +168,30 @@ def failure_line(error: BaseException, cfg: Any = None) -> str:
 
     text = str(error)
     lowered = text.lower()
-    if isinstance(error, MemoryError) or "out of memory" in lowered or "can't allocate memory" in lowered \
-            or type(error).__name__ == "OutOfMemoryError":
+    if (
+        isinstance(error, MemoryError)
+        or "out of memory" in lowered
+        or "can't allocate memory" in lowered
+        or type(error).__name__ == "OutOfMemoryError"
+    ):
         return out_of_memory_line(text, cfg)
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         where = getattr(error, "nrexp_path", None) or error.filename or "the run dir"
         need = getattr(error, "nrexp_bytes", None)
         need_text = f"; it needs {_size(need)} free there" if need else ""
-        return (f"disk full: no space left on the device writing {where}{need_text}. Fix: free space on that file "
-                "system (or write elsewhere: hydra.run.dir / hydra.sweep.dir), then continue the run with "
-                "resume=<run dir>")
+        return (
+            f"disk full: no space left on the device writing {where}{need_text}. Fix: free space on that file "
+            "system (or write elsewhere: hydra.run.dir / hydra.sweep.dir), then continue the run with "
+            "resume=<run dir>"
+        )
     return traceback.format_exception_only(type(error), error)[-1].strip()
 
 
 def out_of_memory_line(text: str, cfg: Any = None) -> str:
     """Out of memory, with the size it tried and a width (or batch) that fits this machine's memory."""
-    tried = (re.search(r"tried to allocate (\d+) bytes", text)
-             or re.search(r"[Tt]ried to allocate ([0-9.]+ ?[KMGT]i?B)", text))
+    tried = re.search(r"tried to allocate (\d+) bytes", text) or re.search(
+        r"[Tt]ried to allocate ([0-9.]+ ?[KMGT]i?B)", text
+    )
     amount = tried.group(1) if tried else None
     if amount and amount.isdigit():
         amount = _size(int(amount))
@@ -194,8 +202,7 @@ def out_of_memory_line(text: str, cfg: Any = None) -> str:
     if model in ("mlp", "resmlp") and width:
         sizes = f" for model.width={width}, data.batch_size={batch}"
         fitting = width_that_fits(width, depth, _memory_bytes(gpu))
-        fix = (f"a smaller width or batch, e.g. model.width={fitting} or "
-               f"data.batch_size={max(2, (batch or 2) // 4)}")
+        fix = f"a smaller width or batch, e.g. model.width={fitting} or data.batch_size={max(2, (batch or 2) // 4)}"
     elif model == "cnn":
         sizes = f" for model.channels={list(_get(cfg, 'model.channels') or [])}, data.batch_size={batch}"
         fix = f"fewer channels or a smaller batch, e.g. data.batch_size={max(2, (batch or 2) // 4)}"
@@ -362,8 +369,9 @@ def sweep_entry(config: Any) -> dict:
     given = {o.key_or_group for o in parsed}
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
     sweeps.update({str(k): str(v) for k, v in params.items() if str(k) not in given})
-    hydra_args = [str(o) for o in config.hydra.overrides.hydra
-                  if not str(o).startswith(("hydra.mode=", EXCLUDE_KEYS + "="))]
+    hydra_args = [
+        str(o) for o in config.hydra.overrides.hydra if not str(o).startswith(("hydra.mode=", EXCLUDE_KEYS + "="))
+    ]
     return {
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join(["nrexp train -m", *map(shlex.quote, [*task, *hydra_args])]),
@@ -418,13 +426,16 @@ def run_text(run_dir: Path) -> str:
     entries = read_sweep_file(run_dir.parent)
     if entries:
         entry = entries[-1]
-        return "\n".join([
-            f"**{run_dir.name}**: a run of the sweep `{run_dir.parent}`",
-            "",
-            "- varies across the sweep (the run names): " + (", ".join(f"`{k}`" for k in entry["varies"]) or "nothing"),
-            "- the same in every run: " + (", ".join(f"`{c}`" for c in entry["constants"]) or "no overrides"),
-            f"- command: `{entry['command']}`",
-        ])
+        return "\n".join(
+            [
+                f"**{run_dir.name}**: a run of the sweep `{run_dir.parent}`",
+                "",
+                "- varies across the sweep (the run names): "
+                + (", ".join(f"`{k}`" for k in entry["varies"]) or "nothing"),
+                "- the same in every run: " + (", ".join(f"`{c}`" for c in entry["constants"]) or "no overrides"),
+                f"- command: `{entry['command']}`",
+            ]
+        )
     try:
         overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
     except (OSError, yaml.YAMLError):
@@ -475,13 +486,17 @@ class SweepStatusTable(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         jobs = [read_job(d, sweep_dir) for d in find_job_dirs(sweep_dir)]
         before, now = getattr(self, "before", {}), _job_stamps(sweep_dir)
-        finished_jobs[:] = [job for job in jobs
-                            if job["dir"] not in before or before[job["dir"]] != now.get(job["dir"])]
+        finished_jobs[:] = [
+            job for job in jobs if job["dir"] not in before or before[job["dir"]] != now.get(job["dir"])
+        ]
         resuming = plan["resume"]
         logs_before, logs_now = getattr(self, "logs_before", {}), _log_stamps(sweep_dir)
         for job in jobs:  # sweep.resume=true: what this command did with each job ("" for one it did not run)
-            touched = (job["dir"] not in before or before[job["dir"]] != now.get(job["dir"])
-                       or logs_before.get(job["dir"]) != logs_now.get(job["dir"]))
+            touched = (
+                job["dir"] not in before
+                or before[job["dir"]] != now.get(job["dir"])
+                or logs_before.get(job["dir"]) != logs_now.get(job["dir"])
+            )
             job["action"] = plan.get("actions", {}).get(str(Path(job["dir"]).resolve()), RUN) if touched else ""
         # name jobs by what differs between them: overrides shared by every job only add width
         shared = set.intersection(*(set(job["name"].split(",")) for job in jobs)) if len(jobs) > 1 else set()
@@ -493,8 +508,14 @@ class SweepStatusTable(Callback):
             done = {a: sum(job["action"] == a for job in jobs) for a in (SKIPPED, RESUMED, RUN)}
             title += " (this command: " + ", ".join(f"{n} {a}" for a, n in done.items()) + ")"
         table = Table(title=title, header_style="bold")
-        columns = (("job", "left"), ("status", "left"), ("test acc", "right"),
-                   ("steps", "right"), ("time s", "right"), ("error", "left"))
+        columns = (
+            ("job", "left"),
+            ("status", "left"),
+            ("test acc", "right"),
+            ("steps", "right"),
+            ("time s", "right"),
+            ("error", "left"),
+        )
         columns += (("this command", "left"),) if resuming else ()
         for column, justify in columns:
             table.add_column(column, justify=justify, overflow="fold")
@@ -502,10 +523,15 @@ class SweepStatusTable(Callback):
         for job in jobs:
             acc = job["metrics"].get("test/acc")
             name = ",".join(p for p in job["name"].split(",") if p not in shared) or job["name"]
-            table.add_row(name, f"[{style.get(job['status'], 'magenta')}]{job['status']}",
-                          "" if acc is None else f"{acc:.4f}", str(job.get("steps", "")),
-                          "" if job.get("wall_time_s") is None else f"{job['wall_time_s']:.1f}",
-                          job.get("error", ""), *((job["action"],) if resuming else ()))
+            table.add_row(
+                name,
+                f"[{style.get(job['status'], 'magenta')}]{job['status']}",
+                "" if acc is None else f"{acc:.4f}",
+                str(job.get("steps", "")),
+                "" if job.get("wall_time_s") is None else f"{job['wall_time_s']:.1f}",
+                job.get("error", ""),
+                *((job["action"],) if resuming else ()),
+            )
         if shared:
             table.caption = "every job also has: " + ",".join(sorted(shared))
         wide_console().print(table)

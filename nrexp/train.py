@@ -12,6 +12,7 @@ whose logged statistics are tagged `step` too: step 0 is the network at init. A 
 statistics are finished while the next step's forward and backward run, and written before its
 update changes the weights they read.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,7 +23,6 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,7 @@ class Diverged(RuntimeError):
     """Raised instead of stopping quietly when trainer.on_nonfinite=raise."""
 
 
-def train(cfg, run_dir: Path, resume: bool = False) -> Dict:
+def train(cfg, run_dir: Path, resume: bool = False) -> dict:
     """Train one network as `cfg` says, writing events, checkpoint and summary.json into `run_dir`.
 
     With `resume=True`, continue from `run_dir`/checkpoint.pt (same config, same run dir).
@@ -69,7 +69,7 @@ def train(cfg, run_dir: Path, resume: bool = False) -> Dict:
 # the loop
 
 
-def run_loop(trainee: Trainee, stop: GracefulStop) -> List[Dict]:
+def run_loop(trainee: Trainee, stop: GracefulStop) -> list[dict]:
     """Train every member of `trainee` until the schedule ends, it diverges or a signal stops the run;
     write each member's summary. Returns the summaries, in member order."""
     sched, t = trainee.schedule, trainee.trainer
@@ -110,12 +110,16 @@ def run_loop(trainee: Trainee, stop: GracefulStop) -> List[Dict]:
         trainee.close()
     if stop.requested:
         where = trainee.members[0].run_dir if len(trainee.members) == 1 else "<its run dir>"
-        log.warning("stopped by signal %d at step %d; checkpoint written. Continue with: nrexp train resume=%s",
-                    stop.signum, s.step, where)
+        log.warning(
+            "stopped by signal %d at step %d; checkpoint written. Continue with: nrexp train resume=%s",
+            stop.signum,
+            s.step,
+            where,
+        )
     return [m.summary for m in trainee.members]
 
 
-def boundary_work(trainee: Trainee, s: LoopState, alive: List[Member], progress: TrainProgress) -> List[Member]:
+def boundary_work(trainee: Trainee, s: LoopState, alive: list[Member], progress: TrainProgress) -> list[Member]:
     """The checkpoint, then the test evaluation, when due at this step boundary. Neither counts as
     training time. Returns the members still training."""
     checkpoint_due = s.step > s.start_step and trainee.schedule.checkpoint(s.step)
@@ -132,8 +136,9 @@ def boundary_work(trainee: Trainee, s: LoopState, alive: List[Member], progress:
     if evaluation_due and alive:
         paused = time.perf_counter()
         for m in alive:
-            m.metrics.update(evaluate(m.model, trainee.data.test_x, trainee.data.test_y,
-                                      m.cfg.data.eval_batch_size, "test"))
+            m.metrics.update(
+                evaluate(m.model, trainee.data.test_x, trainee.data.test_y, m.cfg.data.eval_batch_size, "test")
+            )
             m.writer.scalars(s.step, {k: m.metrics[k] for k in ("test/loss", "test/acc")})
             if m.last_stats:
                 m.writer.depth_plot(s.step, m.last_stats, "latest")
@@ -142,7 +147,7 @@ def boundary_work(trainee: Trainee, s: LoopState, alive: List[Member], progress:
     return alive
 
 
-def write_pending_log(trainee: Trainee, s: LoopState, alive: List[Member], progress: TrainProgress) -> List[Member]:
+def write_pending_log(trainee: Trainee, s: LoopState, alive: list[Member], progress: TrainProgress) -> list[Member]:
     """Write the pending logging step for every member still training, from one host copy. That copy is
     where a run without a per-step check finds a non-finite loss (the mean since the previous log):
     such a member has diverged and is finished here. Returns the members still training."""
@@ -155,8 +160,15 @@ def write_pending_log(trainee: Trainee, s: LoopState, alive: List[Member], progr
     for m, (layer_stats, values) in zip(trainee.members, rows):
         if m not in alive:
             continue
-        m.last_stats, values = write_log(m.writer, p.step, layer_stats, values, samples=p.samples,
-                                         seconds=p.seconds, lr=m.optimizer.param_groups[0]["lr"])
+        m.last_stats, values = write_log(
+            m.writer,
+            p.step,
+            layer_stats,
+            values,
+            samples=p.samples,
+            seconds=p.seconds,
+            lr=m.optimizer.param_groups[0]["lr"],
+        )
         if p.step == 0 and p.stats is not None:
             m.init_stats = m.last_stats
         shown.append(values)
@@ -166,15 +178,17 @@ def write_pending_log(trainee: Trainee, s: LoopState, alive: List[Member], progr
     return stop_diverged(trainee, s, alive, diverged, p.step)
 
 
-def stop_nonfinite(trainee: Trainee, s: LoopState, alive: List[Member], losses: torch.Tensor,
-                   step: int) -> List[Member]:
+def stop_nonfinite(
+    trainee: Trainee, s: LoopState, alive: list[Member], losses: torch.Tensor, step: int
+) -> list[Member]:
     """Finish the members whose entry of `losses` (M,) is not finite (one host copy); the others go on."""
     finite = torch.isfinite(losses).tolist()
     return stop_diverged(trainee, s, alive, [m for j, m in enumerate(trainee.members) if not finite[j]], step)
 
 
-def stop_diverged(trainee: Trainee, s: LoopState, alive: List[Member], diverged: List[Member],
-                  step: int) -> List[Member]:
+def stop_diverged(
+    trainee: Trainee, s: LoopState, alive: list[Member], diverged: list[Member], step: int
+) -> list[Member]:
     diverged = [m for m in diverged if m in alive]
     if not diverged:
         return alive
@@ -185,8 +199,14 @@ def stop_diverged(trainee: Trainee, s: LoopState, alive: List[Member], diverged:
     return [m for m in alive if m not in diverged]
 
 
-def finish(trainee: Trainee, s: LoopState, m: Member, status: str, nonfinite_step: Optional[int] = None,
-           signal: Optional[int] = None) -> None:
+def finish(
+    trainee: Trainee,
+    s: LoopState,
+    m: Member,
+    status: str,
+    nonfinite_step: int | None = None,
+    signal: int | None = None,
+) -> None:
     """End member m's run (its modules up to date) and write its summary.json. A run that did not
     diverge first writes the checkpoint to resume from, at this step boundary; a run not interrupted is
     then evaluated (test and training sets, final per-layer statistics). Every status is true: a
@@ -194,7 +214,7 @@ def finish(trainee: Trainee, s: LoopState, m: Member, status: str, nonfinite_ste
     ended = s.loop_end or time.perf_counter()
     if status != "diverged":
         trainee.save(m, s.checkpoint_state(trainee.members.index(m), m, ended))
-    final_stats: Dict = {}
+    final_stats: dict = {}
     if status != "interrupted":
         final_stats = final_evaluation_of(trainee, m, s.step)
         if s.stop is not None and s.stop.requested and status == "completed":
@@ -203,18 +223,33 @@ def finish(trainee: Trainee, s: LoopState, m: Member, status: str, nonfinite_ste
             status, nonfinite_step = "diverged", s.step - 1
             log.warning("%s: non-finite loss in the final evaluation: status diverged", m.run_dir.name)
     m.summary = finish_run(
-        m.cfg, m.run_dir, m.writer, status=status, step=s.step, start_step=s.start_step, metrics=m.metrics,
-        init_stats=m.init_stats, final_stats=final_stats, steps_per_epoch=trainee.schedule.steps_per_epoch,
-        wall_time_s=s.elapsed_before + time.perf_counter() - s.started, loop_seconds=ended - s.started - s.eval_seconds,
-        device=trainee.device, data_source=trainee.data.source, nonfinite_step=nonfinite_step, signal=signal,
-        extra=trainee.summary_extra(), print_table=len(trainee.members) == 1)
+        m.cfg,
+        m.run_dir,
+        m.writer,
+        status=status,
+        step=s.step,
+        start_step=s.start_step,
+        metrics=m.metrics,
+        init_stats=m.init_stats,
+        final_stats=final_stats,
+        steps_per_epoch=trainee.schedule.steps_per_epoch,
+        wall_time_s=s.elapsed_before + time.perf_counter() - s.started,
+        loop_seconds=ended - s.started - s.eval_seconds,
+        device=trainee.device,
+        data_source=trainee.data.source,
+        nonfinite_step=nonfinite_step,
+        signal=signal,
+        extra=trainee.summary_extra(),
+        print_table=len(trainee.members) == 1,
+    )
     if len(trainee.members) > 1:
         acc = m.summary["metrics"]["test/acc"]
-        log.info("%s: %s after %d steps, test acc %s", m.run_dir.name, status, s.step,
-                 "n/a" if acc is None else f"{acc:.4f}")
+        log.info(
+            "%s: %s after %d steps, test acc %s", m.run_dir.name, status, s.step, "n/a" if acc is None else f"{acc:.4f}"
+        )
 
 
-def final_evaluation_of(trainee: Trainee, m: Member, step: int) -> Dict:
+def final_evaluation_of(trainee: Trainee, m: Member, step: int) -> dict:
     """final_evaluation for member m; the probe's dropout draws from the member's own stream, as alone."""
     with torch.random.fork_rng(devices=[trainee.device] if trainee.device.type == "cuda" else []):
         if m.rng is not None:
@@ -229,10 +264,11 @@ def set_global_rng_state(state: torch.Tensor, device: torch.device) -> None:
         torch.set_rng_state(state)
 
 
-def mean_of(values: List[Dict[str, float]]) -> Dict[str, float]:
+def mean_of(values: list[dict[str, float]]) -> dict[str, float]:
     """The members' mean of each finite value, for the one progress line of a group."""
     keys = {k for v in values for k in v if isinstance(v.get(k), (int, float)) and math.isfinite(v[k])}
     return {k: sum(v[k] for v in values if k in v) / sum(1 for v in values if k in v) for k in keys}
+
 
 # ------------------------------------------------------------------------------------------------
 # the schedule and the loop's state
@@ -267,7 +303,7 @@ class StepOutput:
 
     losses: torch.Tensor
     correct: torch.Tensor
-    stats: Optional[Future] = None
+    stats: Future | None = None
 
 
 @dataclass
@@ -275,7 +311,7 @@ class PendingLog:
     """A logging step not written yet (see run_loop)."""
 
     step: int
-    stats: Optional[Future]
+    stats: Future | None
     loss: torch.Tensor  # (M,) mean training loss since the previous log, on the device
     acc: torch.Tensor
     samples: int
@@ -296,32 +332,42 @@ class LoopState:
     start_step: int = 0
     started: float = field(default_factory=time.perf_counter)
     eval_seconds: float = 0.0
-    loop_end: Optional[float] = None
-    pending: Optional[PendingLog] = None
-    stop: Optional[GracefulStop] = None  # the signals that end the run (a signal during the end too)
+    loop_end: float | None = None
+    pending: PendingLog | None = None
+    stop: GracefulStop | None = None  # the signals that end the run (a signal during the end too)
 
     @classmethod
-    def fresh(cls, members: int, device: torch.device, saved: Optional[Dict] = None) -> "LoopState":
+    def fresh(cls, members: int, device: torch.device, saved: dict | None = None) -> LoopState:
         saved = saved or {}
         now = time.perf_counter()
-        return cls(step=saved.get("step", 0), start_step=saved.get("step", 0),
-                   loss_sum=torch.full((members,), float(saved.get("loss_sum", 0.0)), device=device),
-                   correct_sum=torch.full((members,), float(saved.get("correct_sum", 0.0)), device=device),
-                   steps_since_log=saved.get("steps_since_log", 0), elapsed_before=saved.get("elapsed_s", 0.0),
-                   # a log window may have begun before the checkpoint this run resumes from: its clock too
-                   clock=now - saved.get("seconds_since_log", 0.0), started=now)
+        return cls(
+            step=saved.get("step", 0),
+            start_step=saved.get("step", 0),
+            loss_sum=torch.full((members,), float(saved.get("loss_sum", 0.0)), device=device),
+            correct_sum=torch.full((members,), float(saved.get("correct_sum", 0.0)), device=device),
+            steps_since_log=saved.get("steps_since_log", 0),
+            elapsed_before=saved.get("elapsed_s", 0.0),
+            # a log window may have begun before the checkpoint this run resumes from: its clock too
+            clock=now - saved.get("seconds_since_log", 0.0),
+            started=now,
+        )
 
     def add(self, out: StepOutput) -> None:
         self.loss_sum += out.losses.float()
         self.correct_sum += out.correct.float()
         self.steps_since_log += 1
 
-    def take_log(self, stats: Optional[Future], batch_size: int) -> None:
+    def take_log(self, stats: Future | None, batch_size: int) -> None:
         """Close the log window at this step: the means since the last log become a PendingLog."""
         now = time.perf_counter()
-        self.pending = PendingLog(self.step, stats, self.loss_sum / self.steps_since_log,
-                                  self.correct_sum / (self.steps_since_log * batch_size),
-                                  samples=self.steps_since_log * batch_size, seconds=now - self.clock)
+        self.pending = PendingLog(
+            self.step,
+            stats,
+            self.loss_sum / self.steps_since_log,
+            self.correct_sum / (self.steps_since_log * batch_size),
+            samples=self.steps_since_log * batch_size,
+            seconds=now - self.clock,
+        )
         self.loss_sum, self.correct_sum = torch.zeros_like(self.loss_sum), torch.zeros_like(self.correct_sum)
         self.steps_since_log, self.clock = 0, now
 
@@ -331,11 +377,17 @@ class LoopState:
         self.clock += pause
         self.eval_seconds += pause if evaluating else 0.0
 
-    def checkpoint_state(self, row: int, member: "Member", now: float) -> Dict:
-        return {"step": self.step, "loss_sum": self.loss_sum[row], "correct_sum": self.correct_sum[row],
-                "steps_since_log": self.steps_since_log, "seconds_since_log": now - self.clock,
-                "init_stats": member.init_stats, "metrics": member.metrics,
-                "elapsed_s": self.elapsed_before + time.perf_counter() - self.started}
+    def checkpoint_state(self, row: int, member: Member, now: float) -> dict:
+        return {
+            "step": self.step,
+            "loss_sum": self.loss_sum[row],
+            "correct_sum": self.correct_sum[row],
+            "steps_since_log": self.steps_since_log,
+            "seconds_since_log": now - self.clock,
+            "init_stats": member.init_stats,
+            "metrics": member.metrics,
+            "elapsed_s": self.elapsed_before + time.perf_counter() - self.started,
+        }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -350,14 +402,14 @@ class Member:
         torch.manual_seed(cfg.seed)  # init draws from the global stream; so does dropout afterwards
         self.model, self.optimizer, self.monitor = build(cfg, data, device)
         self.batches = TrainBatches(data.train_x, data.train_y, cfg.data.batch_size, cfg.seed, augment=cfg.data.augment)
-        self.rng: Optional[torch.Generator] = None  # a fused member's own dropout stream (None: the global one)
-        self.writer: Optional[TensorBoardWriter] = None
-        self.metrics: Dict[str, float] = {}
-        self.init_stats: Dict = {}
-        self.last_stats: Dict = {}
-        self.summary: Optional[Dict] = None
+        self.rng: torch.Generator | None = None  # a fused member's own dropout stream (None: the global one)
+        self.writer: TensorBoardWriter | None = None
+        self.metrics: dict[str, float] = {}
+        self.init_stats: dict = {}
+        self.last_stats: dict = {}
+        self.summary: dict | None = None
 
-    def open_writer(self, data: Dataset, device: torch.device, purge_step: Optional[int] = None, note: str = "") -> None:
+    def open_writer(self, data: Dataset, device: torch.device, purge_step: int | None = None, note: str = "") -> None:
         """The run's TensorBoard writer; a new run also records its config and data source."""
         self.writer = TensorBoardWriter(self.run_dir, self.monitor.names, purge_step=purge_step)
         if purge_step is None:
@@ -373,7 +425,7 @@ class Trainee:
     and gradients, `update` applies them. Reading a member's state (checkpoint, evaluation, the end)
     goes through `sync` first, which brings each member's own modules up to date."""
 
-    members: List[Member]
+    members: list[Member]
     schedule: Schedule
 
     def __init__(self, cfg, what: str):
@@ -382,8 +434,15 @@ class Trainee:
         self.device = resolve_device(str(getattr(self.trainer.device, "value", self.trainer.device)))
         set_flush_denormal(self.trainer.flush_denormal, self.device)  # before any thread starts: inherited
         self.data = load_dataset(cfg.data, self.device)
-        log.info("%s | device %s | data %s (%s): %d train / %d test examples", what, self.device, self.data.name,
-                 self.data.source, len(self.data.train_x), len(self.data.test_x))
+        log.info(
+            "%s | device %s | data %s (%s): %d train / %d test examples",
+            what,
+            self.device,
+            self.data.name,
+            self.data.source,
+            len(self.data.train_x),
+            len(self.data.test_x),
+        )
         self.batch_size = cfg.data.batch_size
         bf16 = self.trainer.precision == "bf16"  # autocast of the training forward; weights stay float32
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -397,18 +456,25 @@ class Trainee:
     def update(self, out: StepOutput, step: int, logging: bool) -> None:
         raise NotImplementedError
 
-    def stats_to_host(self, stats: Dict, scalars: Dict) -> List[tuple]:
+    def stats_to_host(self, stats: dict, scalars: dict) -> list[tuple]:
         """Per member, ({metric: {layer: value}}, {tag: value}) from one device->host copy."""
         raise NotImplementedError
 
     def sync(self) -> None:
         """Bring each member's own model (and random stream) up to date with the training state."""
 
-    def save(self, member: Member, state: Dict) -> None:
-        save_checkpoint(member.run_dir / CHECKPOINT, member.model, member.optimizer, member.monitor, member.cfg,
-                        state, rng=member_rng_state(member))
+    def save(self, member: Member, state: dict) -> None:
+        save_checkpoint(
+            member.run_dir / CHECKPOINT,
+            member.model,
+            member.optimizer,
+            member.monitor,
+            member.cfg,
+            state,
+            rng=member_rng_state(member),
+        )
 
-    def summary_extra(self) -> Dict:
+    def summary_extra(self) -> dict:
         """What summary.json adds for this kind of trainee."""
         return {}
 
@@ -426,7 +492,7 @@ class SoloRun(Trainee):
         self.schedule = make_schedule(self.trainer, self.member.batches.steps_per_epoch, self.batch_size)
         compiled = self.trainer.compile  # trainer.compile: see CompiledForward
         self.forward = CompiledForward(self.member.model, self.device) if compiled else self.member.model
-        self.inflight: Optional[Future] = None  # the last logging step's statistics, maybe still computing
+        self.inflight: Future | None = None  # the last logging step's statistics, maybe still computing
         self.batches = None  # the stream of minibatches, from the step the run starts at
 
     def start(self) -> LoopState:
@@ -466,10 +532,10 @@ class SoloRun(Trainee):
         if logging:
             m.writer.scalars(step, preact.collect(self.armed))
 
-    def stats_to_host(self, stats: Dict, scalars: Dict) -> List[tuple]:
+    def stats_to_host(self, stats: dict, scalars: dict) -> list[tuple]:
         return [self.member.monitor.to_host(stats, scalars)]
 
-    def summary_extra(self) -> Dict:
+    def summary_extra(self) -> dict:
         return {"compile": self.forward.status} if isinstance(self.forward, CompiledForward) else {}
 
 
@@ -480,9 +546,13 @@ def make_schedule(t, steps_per_epoch: int, batch_size: int) -> Schedule:
     total = t.max_steps or t.epochs * steps_per_epoch
     if t.max_examples:
         total = math.ceil(t.max_examples / batch_size)
-    return Schedule(total_steps=total, steps_per_epoch=steps_per_epoch,
-                    log=Every(t.log_every), evaluate=Every(t.eval_every or steps_per_epoch),
-                    checkpoint=Every(t.checkpoint_every))
+    return Schedule(
+        total_steps=total,
+        steps_per_epoch=steps_per_epoch,
+        log=Every(t.log_every),
+        evaluate=Every(t.eval_every or steps_per_epoch),
+        checkpoint=Every(t.checkpoint_every),
+    )
 
 
 def minibatches(batches: TrainBatches, step: int):
@@ -493,7 +563,7 @@ def minibatches(batches: TrainBatches, step: int):
         epoch, start = epoch + 1, 0
 
 
-def member_rng_state(member: Member) -> Optional[Dict]:
+def member_rng_state(member: Member) -> dict | None:
     """The random state a checkpoint stores: a fused member's own stream, in the slot its solo run uses."""
     if member.rng is None:
         return None
@@ -508,12 +578,15 @@ def build(cfg, data: Dataset, device: torch.device):
     """The initialized model, its optimizer and its monitor. Call right after torch.manual_seed(cfg.seed):
     the default init of the layers and `init_weights` both draw from the global random stream."""
     model = build_model(cfg, data.input_shape, data.num_classes).to(device)
-    init_weights(model, cfg.init.name, cfg.init.scale, str(getattr(cfg.model.activation, "value", cfg.model.activation)))
+    init_weights(
+        model, cfg.init.name, cfg.init.scale, str(getattr(cfg.model.activation, "value", cfg.model.activation))
+    )
     return model, build_optimizer(model, cfg.optim), LayerMonitor(model.monitored_layers())
 
 
-def write_log(writer: TensorBoardWriter, step: int, layer_stats: Dict, values: Dict, *, samples: int, seconds: float,
-              lr: float):
+def write_log(
+    writer: TensorBoardWriter, step: int, layer_stats: dict, values: dict, *, samples: int, seconds: float, lr: float
+):
     """Write one logging step, its numbers on the host: per-layer statistics, the scalars `values`
     (mean training loss and accuracy since the last log), throughput (`samples` in `seconds`) and
     the learning rate, which are added to `values`. Returns (layer_stats, values)."""
@@ -527,8 +600,9 @@ def write_log(writer: TensorBoardWriter, step: int, layer_stats: Dict, values: D
     return layer_stats, values
 
 
-def final_evaluation(model, monitor: LayerMonitor, writer: TensorBoardWriter, data: Dataset, cfg, step: int,
-                     metrics: Dict) -> Dict:
+def final_evaluation(
+    model, monitor: LayerMonitor, writer: TensorBoardWriter, data: Dataset, cfg, step: int, metrics: dict
+) -> dict:
     """The trained net's per-layer statistics (the final probe) and its loss and accuracy on the test
     and training sets (into `metrics`), written at `step`. Returns the per-layer statistics."""
     final_stats = probe(model, monitor, data, cfg.data.batch_size) if cfg.trainer.layer_stats else {}
@@ -541,10 +615,27 @@ def final_evaluation(model, monitor: LayerMonitor, writer: TensorBoardWriter, da
     return final_stats
 
 
-def finish_run(cfg, run_dir: Path, writer: TensorBoardWriter, *, status: str, step: int, start_step: int,
-               metrics: Dict, init_stats: Dict, final_stats: Dict, steps_per_epoch: int, wall_time_s: float,
-               loop_seconds: float, device: torch.device, data_source: str, nonfinite_step=None, signal=None,
-               extra: Dict | None = None, print_table: bool = True) -> Dict:
+def finish_run(
+    cfg,
+    run_dir: Path,
+    writer: TensorBoardWriter,
+    *,
+    status: str,
+    step: int,
+    start_step: int,
+    metrics: dict,
+    init_stats: dict,
+    final_stats: dict,
+    steps_per_epoch: int,
+    wall_time_s: float,
+    loop_seconds: float,
+    device: torch.device,
+    data_source: str,
+    nonfinite_step=None,
+    signal=None,
+    extra: dict | None = None,
+    print_table: bool = True,
+) -> dict:
     """Write summary.json (atomically) and the run's HParams row, close TensorBoard; return the summary."""
     summary = {
         "status": status,
@@ -568,7 +659,9 @@ def finish_run(cfg, run_dir: Path, writer: TensorBoardWriter, *, status: str, st
         summary["signal"] = signal
     summary = finite_or_none(summary)
     write_summary(run_dir, summary)
-    writer.hparams(step, summary["config"], summary["metrics"], summary=summary)  # the run's row in TensorBoard's HParams tab
+    writer.hparams(
+        step, summary["config"], summary["metrics"], summary=summary
+    )  # the run's row in TensorBoard's HParams tab
     writer.close()
     if print_table:
         print_summary(summary)
@@ -588,8 +681,10 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.device='cuda' is invalid: no CUDA GPU is visible to PyTorch on this "
-                          "machine. Fix: use trainer.device=auto (CUDA when present, else CPU) or trainer.device=cpu")
+        raise ConfigError(
+            "trainer.device='cuda' is invalid: no CUDA GPU is visible to PyTorch on this "
+            "machine. Fix: use trainer.device=auto (CUDA when present, else CPU) or trainer.device=cpu"
+        )
     return torch.device(requested)
 
 
@@ -631,17 +726,21 @@ def check_compile_available(device: torch.device) -> None:
         from torch.utils._triton import has_triton
 
         if not has_triton():
-            raise ConfigError("trainer.compile=true is invalid here: torch.compile on CUDA needs triton, which is "
-                              "not installed. Fix: pip install triton, or use trainer.compile=false")
+            raise ConfigError(
+                "trainer.compile=true is invalid here: torch.compile on CUDA needs triton, which is "
+                "not installed. Fix: pip install triton, or use trainer.compile=false"
+            )
     elif device.type == "cpu":
         cxx = os.environ.get("CXX", "g++")
         if shutil.which(cxx) is None:
-            raise ConfigError(f"trainer.compile=true is invalid here: torch.compile on CPU builds C++ kernels with "
-                              f"{cxx!r} ($CXX, default g++), which is not on PATH. Fix: install g++ (apt-get install "
-                              "g++) or set CXX, or use trainer.compile=false")
+            raise ConfigError(
+                f"trainer.compile=true is invalid here: torch.compile on CPU builds C++ kernels with "
+                f"{cxx!r} ($CXX, default g++), which is not on PATH. Fix: install g++ (apt-get install "
+                "g++) or set CXX, or use trainer.compile=false"
+            )
 
 
-def probe(model, monitor: LayerMonitor, data: Dataset, batch_size: int) -> Dict[str, Dict[str, float]]:
+def probe(model, monitor: LayerMonitor, data: Dataset, batch_size: int) -> dict[str, dict[str, float]]:
     """Per-layer statistics of the network as it is now, on the first training batch, without updating it."""
     x, y = data.train_x[:batch_size], data.train_y[:batch_size]
     buffers = {name: b.clone() for name, b in model.named_buffers()}  # BatchNorm running stats stay as they were
@@ -660,8 +759,13 @@ def probe(model, monitor: LayerMonitor, data: Dataset, batch_size: int) -> Dict[
     return layer_stats
 
 
-def versions() -> Dict[str, str]:
+def versions() -> dict[str, str]:
     import hydra
 
-    return {"nrexp": nrexp.__version__, "torch": torch.__version__, "hydra": hydra.__version__,
-            "python": platform.python_version(), "platform": sys.platform}
+    return {
+        "nrexp": nrexp.__version__,
+        "torch": torch.__version__,
+        "hydra": hydra.__version__,
+        "python": platform.python_version(),
+        "platform": sys.platform,
+    }

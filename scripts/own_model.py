@@ -8,6 +8,7 @@ per-layer statistics (act_norm/<layer>, act_cos/<layer>, grad_norm/<layer>, ...)
 (depth_init/<metric>, x = layer index) and, with --histograms, hist_act/hist_grad/hist_weight: the same
 tags and layout as `nrexp train` writes (docs/tensorboard.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,15 @@ def generated_data(n: int, classes: int = 10, seed: int = 0):
     return patterns[y] + 0.5 * torch.randn(n, 3, 32, 32, generator=g), y
 
 
-def main(log_dir: str | None = "runs/resnet18", steps: int = 20, batch_size: int = 32, log_every: int = 5,
-         lr: float = 0.05, histograms: bool = False, seed: int = 0):
+def main(
+    log_dir: str | None = "runs/resnet18",
+    steps: int = 20,
+    batch_size: int = 32,
+    log_every: int = 5,
+    lr: float = 0.05,
+    histograms: bool = False,
+    seed: int = 0,
+):
     """Train; returns (model, watcher, {step: {metric: {layer: value}}} of the logged steps)."""
     import torchvision
 
@@ -38,7 +46,7 @@ def main(log_dir: str | None = "runs/resnet18", steps: int = 20, batch_size: int
     w = nrexp.monitor.watch(model, log_dir=log_dir, histograms=histograms)
     logged = {}
     for step in range(steps):
-        x, y = x_all[step * batch_size:(step + 1) * batch_size], y_all[step * batch_size:(step + 1) * batch_size]
+        x, y = x_all[step * batch_size : (step + 1) * batch_size], y_all[step * batch_size : (step + 1) * batch_size]
         with w.record(step % log_every == 0):
             logits = model(x)
             loss = F.cross_entropy(logits, y)
@@ -50,8 +58,11 @@ def main(log_dir: str | None = "runs/resnet18", steps: int = 20, batch_size: int
         stats = w.after_step(step, {"train/loss": loss.item(), "train/acc": acc})
         if stats is not None:
             logged[step] = stats
-            print(f"step {step:3d}  loss {loss.item():.3f}  acc {acc:.2f}  act_norm conv1 {stats['act_norm']['conv1']:.2f}"
-                  f"  fc {stats['act_norm']['fc']:.2f}  grad_norm conv1 {stats['grad_norm']['conv1']:.3g}")
+            print(
+                f"step {step:3d}  loss {loss.item():.3f}  acc {acc:.2f}"
+                f"  act_norm conv1 {stats['act_norm']['conv1']:.2f}"
+                f"  fc {stats['act_norm']['fc']:.2f}  grad_norm conv1 {stats['grad_norm']['conv1']:.3g}"
+            )
     w.close()
     return model, w, logged
 

@@ -9,6 +9,7 @@ its own process (two at a time, one CPU thread each), then `nrexp.claims.check` 
 nrexp/figures.py draws them. Run it from the repository root. `--skip-train` re-checks and re-renders
 from existing sweeps.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PRESETS = ["init_depth", "norm_fixes_init", "bn_paper_mnist", "ln_vs_bn_mlp", "regularization", "bn_batch_size",
-           "bn_shift"]
+PRESETS = [
+    "init_depth",
+    "norm_fixes_init",
+    "bn_paper_mnist",
+    "ln_vs_bn_mlp",
+    "regularization",
+    "bn_batch_size",
+    "bn_shift",
+]
 
 # What --quick changes, preset by preset (said in the output and in results.md). Every preset sweeps seeds
 # 0,1,2 itself (the claims' intervals are across seeds): --quick keeps the three seeds and shrinks the rest.
@@ -35,8 +43,12 @@ QUICK: dict[str, list[str]] = {
     "norm_fixes_init": ["trainer.max_steps=200"],
     "bn_paper_mnist": ["trainer.max_steps=3000", "trainer.eval_every=250"],
     "ln_vs_bn_mlp": ["trainer.max_steps=1000"],
-    "regularization": ["model.width=512", "trainer.max_steps=800", "optim.weight_decay=0,0.01,0.1",
-                       "dropout.p=0,0.5,0.9"],
+    "regularization": [
+        "model.width=512",
+        "trainer.max_steps=800",
+        "optim.weight_decay=0,0.01,0.1",
+        "dropout.p=0,0.5,0.9",
+    ],
     "bn_batch_size": ["data.batch_size=2,8,32,128", "data.train_size=1000", "trainer.max_examples=3000"],
     "bn_shift": ["trainer.epochs=5"],
 }
@@ -47,8 +59,18 @@ EXTRA: list[str] = []  # --extra: overrides added to every preset (smoke tests)
 
 
 def command(name: str, sweep_dir: Path, quick: bool) -> list[str]:
-    return [sys.executable, "-m", "nrexp", "train", "-m", f"+experiment={name}", f"hydra.sweep.dir={sweep_dir}",
-            *COMMON, *(QUICK[name] if quick else []), *EXTRA]
+    return [
+        sys.executable,
+        "-m",
+        "nrexp",
+        "train",
+        "-m",
+        f"+experiment={name}",
+        f"hydra.sweep.dir={sweep_dir}",
+        *COMMON,
+        *(QUICK[name] if quick else []),
+        *EXTRA,
+    ]
 
 
 def run_preset(name: str, sweep_dir: Path, quick: bool) -> dict:
@@ -130,9 +152,11 @@ def fig_regularization(runs, path: Path) -> str:
 
 def fig_batch_size(table, path: Path) -> str:
     fig, (ax,) = _figure()
-    for norm, key, label in (("batch", "running", "BatchNorm, running statistics"),
-                             ("batch", "test", "BatchNorm, test-batch statistics (batch = B)"),
-                             ("layer", "running", "LayerNorm")):
+    for norm, key, label in (
+        ("batch", "running", "BatchNorm, running statistics"),
+        ("batch", "test", "BatchNorm, test-batch statistics (batch = B)"),
+        ("layer", "running", "LayerNorm"),
+    ):
         rows = table.get(norm, {})
         bs = [b for b in sorted(rows) if key in rows[b]]
         if bs:
@@ -205,15 +229,21 @@ block00 and 0.9955 at block49 (five seeds), for every s.
 # one section of results.md per preset
 
 
-GROUPNORM_NOTE = ("Published (Wu & He 2018, GroupNorm, ResNet-50 on ImageNet): at batch size 2 BatchNorm's error is "
-                  "10.6 points higher than GroupNorm's, while GroupNorm is about flat across batch sizes. Different "
-                  "task and network: compare the trend only.")
-SHIFT_NOTE = ("Shifts in pixel units: Gaussian noise std 0.5 (clipped to [0, 1]), contrast factor 0.3 about each "
-              "image's mean, translation by 2 px right and down. Test batches of 1,000 (the whole test split). "
-              "Schneider et al. (2020) report the same direction on ImageNet-C; trend only.")
-BN_PAPER_NOTE = ("Published (Ioffe & Szegedy 2015, Fig. 1): with BN the test accuracy is higher from early in training "
-                 "and the sigmoid-input percentiles stay put; without BN they drift. The paper gives these as plots "
-                 "(50,000 steps, full MNIST), not as numbers we can quote exactly: trend only.")
+GROUPNORM_NOTE = (
+    "Published (Wu & He 2018, GroupNorm, ResNet-50 on ImageNet): at batch size 2 BatchNorm's error is "
+    "10.6 points higher than GroupNorm's, while GroupNorm is about flat across batch sizes. Different "
+    "task and network: compare the trend only."
+)
+SHIFT_NOTE = (
+    "Shifts in pixel units: Gaussian noise std 0.5 (clipped to [0, 1]), contrast factor 0.3 about each "
+    "image's mean, translation by 2 px right and down. Test batches of 1,000 (the whole test split). "
+    "Schneider et al. (2020) report the same direction on ImageNet-C; trend only."
+)
+BN_PAPER_NOTE = (
+    "Published (Ioffe & Szegedy 2015, Fig. 1): with BN the test accuracy is higher from early in training "
+    "and the sigmoid-input percentiles stay put; without BN they drift. The paper gives these as plots "
+    "(50,000 steps, full MNIST), not as numbers we can quote exactly: trend only."
+)
 
 
 def batch_size_section(runs, figs: Path):
@@ -221,8 +251,12 @@ def batch_size_section(runs, figs: Path):
 
     values = batch_size_values(runs)
     table = batch_size_table(runs, values)
-    part = [f"![test error vs batch size](figures/{fig_batch_size(table, figs / 'bn_batch_size.png')})", "",
-            "| B | BN error, running stats | BN error, test-batch stats (batch B) | LN error |", "|---|---|---|---|"]
+    part = [
+        f"![test error vs batch size](figures/{fig_batch_size(table, figs / 'bn_batch_size.png')})",
+        "",
+        "| B | BN error, running stats | BN error, test-batch stats (batch B) | LN error |",
+        "|---|---|---|---|",
+    ]
 
     def cell(row, key):
         return f"{100 * (1 - row[key]):.1f} %" if key in row else "-"
@@ -238,8 +272,12 @@ def shift_section(runs, figs: Path):
 
     values = shift_values(runs)
     table = shift_table(runs, values)
-    part = [f"![accuracy under shift](figures/{fig_shift(table, figs / 'bn_shift.png')})", "",
-            "| shift | acc, running stats | acc, re-estimated on the shifted test batch |", "|---|---|---|"]
+    part = [
+        f"![accuracy under shift](figures/{fig_shift(table, figs / 'bn_shift.png')})",
+        "",
+        "| shift | acc, running stats | acc, re-estimated on the shifted test batch |",
+        "|---|---|---|",
+    ]
     part += [f"| {s} | {100 * t['running']:.1f} % | {100 * t['test']:.1f} % |" for s, t in table.items()]
     return check_bn_shift(runs, values), part + ["", SHIFT_NOTE]
 
@@ -250,8 +288,10 @@ def regularization_rows(runs) -> list[str]:
     rows = ["| lambda | p | train acc | test acc | gap | weight norm |", "|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (r.get("optim.weight_decay"), r.get("dropout.p"))):
         tr, te = r.metrics["train/acc"] or 0, r.metrics["test/acc"] or 0
-        rows.append(f"| {r.get('optim.weight_decay'):g} | {r.get('dropout.p'):g} | {tr:.3f} | {te:.3f} | "
-                    f"{tr - te:.3f} | {weight_norm_total(r):.1f} |")
+        rows.append(
+            f"| {r.get('optim.weight_decay'):g} | {r.get('dropout.p'):g} | {tr:.3f} | {te:.3f} | "
+            f"{tr - te:.3f} | {weight_norm_total(r):.1f} |"
+        )
     return rows
 
 
@@ -286,17 +326,33 @@ def preset_section(n: str, runs, figs: Path):
         part.append(f"![act norm vs depth](figures/{depth})")
     elif n == "bn_paper_mnist":
         runs.sort(key=lambda r: r.get("norm.name") != "none")
-        acc = fig_curves(runs, "test/acc", by_norm, figs / "bn_paper_acc.png", "test accuracy",
-                         "test accuracy (cf. BN paper Fig. 1a)")
+        acc = fig_curves(
+            runs,
+            "test/acc",
+            by_norm,
+            figs / "bn_paper_acc.png",
+            "test accuracy",
+            "test accuracy (cf. BN paper Fig. 1a)",
+        )
         percentiles = fig_percentiles(runs, figs / "bn_paper_percentiles.png")
         part += [f"![test accuracy](figures/{acc})", f"![percentiles](figures/{percentiles})", "", BN_PAPER_NOTE]
     elif n == "ln_vs_bn_mlp":
-        loss = fig_curves(runs, "train/loss", by_norm, figs / "ln_vs_bn_loss.png", "training loss (log)",
-                          "same budget, 4 x 256 MLP", logy=True)
+        loss = fig_curves(
+            runs,
+            "train/loss",
+            by_norm,
+            figs / "ln_vs_bn_loss.png",
+            "training loss (log)",
+            "same budget, 4 x 256 MLP",
+            logy=True,
+        )
         part.append(f"![loss](figures/{loss})")
     elif n == "regularization":
-        part += [f"![regularization](figures/{fig_regularization(runs, figs / 'regularization.png')})", "",
-                 *regularization_rows(runs)]
+        part += [
+            f"![regularization](figures/{fig_regularization(runs, figs / 'regularization.png')})",
+            "",
+            *regularization_rows(runs),
+        ]
     return CHECKS[n](checked), part
 
 
@@ -351,12 +407,21 @@ def main() -> int:
         part = [f"### {n}", ""]
         cmd = runs_info.get(n, {}).get("cmd") or command(n, root / n, args.quick)
         shown = [c.replace(str(REPO) + os.sep, "") for c in cmd[5:]]  # repo-relative sweep dir
-        part += ["```bash", "OMP_NUM_THREADS=1 python -m nrexp train -m " + " ".join(shlex.quote(c) for c in shown),
-                 "```", ""]
+        part += [
+            "```bash",
+            "OMP_NUM_THREADS=1 python -m nrexp train -m " + " ".join(shlex.quote(c) for c in shown),
+            "```",
+            "",
+        ]
         if n in runs_info:
             info = runs_info[n]
-            part += [(f"{len(runs)} run{'s' if len(runs) != 1 else ''}, {info['seconds']:.0f} s wall time, "
-                      f"exit code {info['rc']}."), ""]
+            part += [
+                (
+                    f"{len(runs)} run{'s' if len(runs) != 1 else ''}, {info['seconds']:.0f} s wall time, "
+                    f"exit code {info['rc']}."
+                ),
+                "",
+            ]
         if not runs:
             part.append("No runs found.")
             sections.append("\n".join(part))
@@ -370,29 +435,45 @@ def main() -> int:
     print_checks(results)
 
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    quick_note = ("**Quick mode**: budgets shrunk (three seeds kept) — "
-                  + "; ".join(f"`{n}`: `{' '.join(QUICK[n])}`" for n in names)
-                  + ". The full mode runs the presets as written.")
+    quick_note = (
+        "**Quick mode**: budgets shrunk (three seeds kept) — "
+        + "; ".join(f"`{n}`: `{' '.join(QUICK[n])}`" for n in names)
+        + ". The full mode runs the presets as written."
+    )
     doc = [
-        "# Reproducing the lecture and the papers", "",
-        f"Generated by `python scripts/reproduce.py{' --quick' if args.quick else ''}` on {now}.", "",
+        "# Reproducing the lecture and the papers",
+        "",
+        f"Generated by `python scripts/reproduce.py{' --quick' if args.quick else ''}` on {now}.",
+        "",
         f"- mode: {mode}" + ("" if not args.quick else " (see below)"),
-        (f"- device: {', '.join(sorted(d for d in devices if d))} ({platform.processor() or platform.machine()}, "
-         f"{os.cpu_count()} CPUs visible, one thread per run, two presets at a time)"),
+        (
+            f"- device: {', '.join(sorted(d for d in devices if d))} ({platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPUs visible, one thread per run, two presets at a time)"
+        ),
         f"- data source: {', '.join(sorted(s for s in sources if s))}"
-        + (" — the bundled 4,000/1,000-digit MNIST sample, not the full 60k/10k set"
-           if sources == {"bundled"} else ""),
-        (f"- wall time: {total:.0f} s in all ({train_seconds:.0f} s training, the rest checks and figures)"
-         if not args.skip_train else f"- wall time: {total:.0f} s of checks and figures (--skip-train: the sweeps "
-                                     "were trained before)"),
+        + (" — the bundled 4,000/1,000-digit MNIST sample, not the full 60k/10k set" if sources == {"bundled"} else ""),
+        (
+            f"- wall time: {total:.0f} s in all ({train_seconds:.0f} s training, the rest checks and figures)"
+            if not args.skip_train
+            else f"- wall time: {total:.0f} s of checks and figures (--skip-train: the sweeps were trained before)"
+        ),
         f"- claims: {len(results)}; " + ", ".join(f"{sum(r.outcome == o for r in results)} {o}" for o in OUTCOMES),
         "",
-        quick_note if args.quick else "", "",
-        ("Check any sweep yourself: `nrexp report <sweep dir> --check`. Thresholds are set from the claim (orders "
-         "of magnitude = x100; within 3% of pi/(pi-1)), not from these runs; see `nrexp/claims.py`."), "",
+        quick_note if args.quick else "",
+        "",
+        (
+            "Check any sweep yourself: `nrexp report <sweep dir> --check`. Thresholds are set from the claim (orders "
+            "of magnitude = x100; within 3% of pi/(pi-1)), not from these runs; see `nrexp/claims.py`."
+        ),
+        "",
         METHOD,
-        "## All claims", "", markdown_table(results), "",
-        "## Per experiment", "", *sections,
+        "## All claims",
+        "",
+        markdown_table(results),
+        "",
+        "## Per experiment",
+        "",
+        *sections,
     ]
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "results.md").write_text("\n".join(doc) + "\n")

@@ -1,4 +1,5 @@
 """Shared test helpers: compose configs with Hydra's compose API, and run the real CLI in a subprocess."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import pytest
 from hypothesis import settings
@@ -19,11 +19,19 @@ if os.environ.get("CI"):
 REPO = Path(__file__).resolve().parents[1]
 
 # Small and fast, on the data the package ships: every end-to-end test starts from these.
-TINY = ["data.source=bundled", "data.train_size=512", "data.batch_size=64", "model.width=32",
-        "model.depth=2", "trainer.max_steps=8", "trainer.log_every=2", "trainer.eval_every=4"]
+TINY = [
+    "data.source=bundled",
+    "data.train_size=512",
+    "data.batch_size=64",
+    "model.width=32",
+    "model.depth=2",
+    "trainer.max_steps=8",
+    "trainer.log_every=2",
+    "trainer.eval_every=4",
+]
 
 
-def compose(overrides: Optional[List[str]] = None):
+def compose(overrides: list[str] | None = None):
     """The config `nrexp train <overrides>` would run with (no run dir, nothing written)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -38,7 +46,7 @@ def compose(overrides: Optional[List[str]] = None):
         return hydra_compose(config_name="train", overrides=list(overrides or []))
 
 
-def cli_env(tmp_path: Path) -> Dict[str, str]:
+def cli_env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["NREXP_DATA_ROOT"] = str(tmp_path / "data")  # never the user's cache
@@ -46,18 +54,25 @@ def cli_env(tmp_path: Path) -> Dict[str, str]:
     return env
 
 
-def run_cli(args: List[str], cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """`nrexp <args>` in a subprocess, as a user would run it (stdout is not a terminal here)."""
-    return subprocess.run([sys.executable, "-m", "nrexp", *args], cwd=cwd, env=cli_env(Path(cwd)),
-                          capture_output=True, text=True, timeout=timeout, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "nrexp", *args],
+        cwd=cwd,
+        env=cli_env(Path(cwd)),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
 
 
-def run_dirs(root: Path) -> List[Path]:
+def run_dirs(root: Path) -> list[Path]:
     """Every run directory (one holding summary.json) under root, oldest first."""
     return sorted((p.parent for p in Path(root).rglob("summary.json")), key=lambda p: p.stat().st_mtime)
 
 
-def read_summary(run_dir: Path) -> Dict:
+def read_summary(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
@@ -76,12 +91,22 @@ def tiny_run(tmp_path):
     return _run
 
 
-# A small real sweep shared by the sweep, report and TensorBoard tests (built once: 12 jobs, 4 of them fail at once; 25-60 s on 2 cores):
-# 2 norms x 3 training-set sizes x 2 seeds. data.train_size=5000 passes the preflight checks (the data's size is
-# known only once it is loaded) and fails in the job: those 4 jobs record "failed" and the sweep goes on. trainer.progress=false is an excluded key: it must not name the job dirs.
+# A small real sweep shared by the sweep, report and TensorBoard tests (built once: 12 jobs, 4 of them fail at
+# once): 2 norms x 3 training-set sizes x 2 seeds. data.train_size=5000 passes the preflight checks (the data's
+# size is known only once it is loaded) and fails in the job: those 4 jobs record "failed" and the sweep goes
+# on. trainer.progress=false is an excluded key: it must not name the job dirs.
 SWEEP_TINY = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.eval_every", "data.train_size"))] + [
-    "trainer.max_steps=4", "trainer.eval_every=4"]
-SWEEP_ARGS = ["-m", *SWEEP_TINY, "trainer.progress=false", "norm=none,batch", "data.train_size=256,512,5000", "seed=0,1"]
+    "trainer.max_steps=4",
+    "trainer.eval_every=4",
+]
+SWEEP_ARGS = [
+    "-m",
+    *SWEEP_TINY,
+    "trainer.progress=false",
+    "norm=none,batch",
+    "data.train_size=256,512,5000",
+    "seed=0,1",
+]
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +116,9 @@ def tiny_sweep(tmp_path_factory):
     proc = run_cli(["train", *SWEEP_ARGS, "hydra.sweep.dir=sweep"], cwd=cwd)
     # all 12 jobs ran; the 4 that failed make the command's exit status 1, said in its last line
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("nrexp: error: 4 of 12 jobs of the sweep failed"), proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("nrexp: error: 4 of 12 jobs of the sweep failed"), (
+        proc.stderr
+    )
     return proc, cwd / "sweep"
 
 

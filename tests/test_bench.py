@@ -2,6 +2,7 @@
 
 No timing is asserted here: the targets are ratios the benchmark reports, not pass/fail tests.
 """
+
 import json
 import subprocess
 import sys
@@ -15,9 +16,28 @@ from conftest import REPO, cli_env, compose
 @pytest.mark.slow
 def test_bench_tiny_writes_json_with_all_arms(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "nrexp", "bench", "--tiny", "--models", "mlp-3x256",
-                           "--batches", "128", "--json", str(out), "--markdown", str(tmp_path / "bench.md")],
-                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nrexp",
+            "bench",
+            "--tiny",
+            "--models",
+            "mlp-3x256",
+            "--batches",
+            "128",
+            "--json",
+            str(out),
+            "--markdown",
+            str(tmp_path / "bench.md"),
+        ],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
     assert {"machine", "device", "data", "settings", "configs"} <= set(result)
@@ -33,9 +53,10 @@ def test_bench_tiny_writes_json_with_all_arms(tmp_path):
     # b/a, the ceiling of c/a (a: the faster of a0 and a2), and b/h, the ceiling of d/h (statistics cannot
     # make a loop faster than bare), from the same medians, in the JSON and the table
     best_a = max(entry["median"]["a0"], entry["median"]["a2"])
-    assert entry["ceilings"] == {"b/a": {"value": pytest.approx(entry["median"]["b"] / best_a), "bounds": "c/a"},
-                                 "b/h": {"value": pytest.approx(entry["median"]["b"] / entry["median"]["h"]),
-                                         "bounds": "d/h"}}
+    assert entry["ceilings"] == {
+        "b/a": {"value": pytest.approx(entry["median"]["b"] / best_a), "bounds": "c/a"},
+        "b/h": {"value": pytest.approx(entry["median"]["b"] / entry["median"]["h"]), "bounds": "d/h"},
+    }
     assert entry["ratios"]["c/a"]["value"] == pytest.approx(entry["median"]["c"] / best_a)
     assert "| b/a (ceiling of c/a) | b/h (ceiling of d/h) | losses agree |" in (tmp_path / "bench.md").read_text()
     ceilings = entry["ceilings"]
@@ -49,8 +70,9 @@ def test_bench_tiny_writes_json_with_all_arms(tmp_path):
     # a smoke test judges no target: its figures say nothing of them
     assert result["settings"]["tiny"] and all(r["ok"] is None for r in entry["ratios"].values())
     assert "✗" not in proc.stdout + (tmp_path / "bench.md").read_text() and "no target judged" in proc.stdout
-    assert (tmp_path / "bench.md").read_text().startswith(
-        "**--tiny, a smoke test: numbers meaningless, no target judged")
+    assert (
+        (tmp_path / "bench.md").read_text().startswith("**--tiny, a smoke test: numbers meaningless, no target judged")
+    )
     # start-up: the 1-step run's wall time less its step loop, over the imports any such program pays
     startup = result["startup"]
     assert startup["command"] == "nrexp train trainer.max_steps=1 data.source=bundled"
@@ -58,24 +80,35 @@ def test_bench_tiny_writes_json_with_all_arms(tmp_path):
     assert len(startup["wall_s"]) == len(startup["baseline_s"]) == 1 and startup["ok"] is None
     assert startup["overhead_s"][0] == pytest.approx(startup["wall_s"][0] - startup["train_time_s"][0])
     assert startup["ratio"] == pytest.approx(startup["median_overhead_s"] / startup["median_baseline_s"])
-    assert "start-up: `nrexp train trainer.max_steps=1 data.source=bundled` wall minus its train_time_s" in \
-        (tmp_path / "bench.md").read_text()
+    assert (
+        "start-up: `nrexp train trainer.max_steps=1 data.source=bundled` wall minus its train_time_s"
+        in (tmp_path / "bench.md").read_text()
+    )
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
-    (["--batches", "128", "0"], "argument --batches: must be >= 1, got 0"),
-    (["--threads", "-1"], "argument --threads: must be >= 0, got -1"),
-    (["--train-size", "50", "--batches", "128"],
-     "a measurement at batch 128 takes 32768 samples, more than --train-size 50"),
-    (["--samples", "100000"], "a measurement at batch 128 takes 99968 samples, more than --train-size 60000"),
-    (["--no-arms", "--fused", "--fused-batches", "5000"],
-     "--fused-batches 5000 is larger than the bundled sample's 4000"),
-    (["--no-arms", "--fused", "--fused-data", "mnist", "--train-size", "1000", "--fused-batches", "2000"],
-     "--fused-batches 2000 is larger than --train-size 1000, the digits of the --fused-data mnist sweep"),
-    (["--json", "{file}/bench.json"], "cannot write in {file}: choose a path in a folder you can write"),
-    (["--markdown", "."], "--markdown .: cannot write in"),
-])
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+        (["--batches", "128", "0"], "argument --batches: must be >= 1, got 0"),
+        (["--threads", "-1"], "argument --threads: must be >= 0, got -1"),
+        (
+            ["--train-size", "50", "--batches", "128"],
+            "a measurement at batch 128 takes 32768 samples, more than --train-size 50",
+        ),
+        (["--samples", "100000"], "a measurement at batch 128 takes 99968 samples, more than --train-size 60000"),
+        (
+            ["--no-arms", "--fused", "--fused-batches", "5000"],
+            "--fused-batches 5000 is larger than the bundled sample's 4000",
+        ),
+        (
+            ["--no-arms", "--fused", "--fused-data", "mnist", "--train-size", "1000", "--fused-batches", "2000"],
+            "--fused-batches 2000 is larger than --train-size 1000, the digits of the --fused-data mnist sweep",
+        ),
+        (["--json", "{file}/bench.json"], "cannot write in {file}: choose a path in a folder you can write"),
+        (["--markdown", "."], "--markdown .: cannot write in"),
+    ],
+)
 def test_bad_bench_arguments_get_one_line_before_anything_runs(tmp_path, args, says):
     """Each of these used to fail with a traceback, some only after minutes of other measurements."""
     from conftest import run_cli
@@ -107,8 +140,9 @@ def test_cached_dataset_still_checks_the_batch_size():
 
     load_dataset(compose(["data.source=bundled", "data.train_size=64", "data.batch_size=32"]).data, torch.device("cpu"))
     with pytest.raises(ConfigError, match="data.batch_size"):
-        load_dataset(compose(["data.source=bundled", "data.train_size=64", "data.batch_size=65"]).data,
-                     torch.device("cpu"))
+        load_dataset(
+            compose(["data.source=bundled", "data.train_size=64", "data.batch_size=65"]).data, torch.device("cpu")
+        )
 
 
 def _strict_step_loop(monkeypatch, strict_on, strict_off):
@@ -126,6 +160,7 @@ def _strict_step_loop(monkeypatch, strict_on, strict_off):
                 return fn(*args, **kwargs)
             finally:
                 strict_on()
+
         return wrapped
 
     class StrictProgress(train_mod.TrainProgress):
@@ -148,10 +183,20 @@ def _strict_step_loop(monkeypatch, strict_on, strict_off):
 def test_no_host_sync_in_the_cuda_step_loop(tmp_path, monkeypatch):
     """On CUDA the step loop never waits for the GPU, except in the one host copy of a logging step
     (and evaluation, which is outside the step loop's timing, and checkpoints, which copy the weights)."""
-    train_mod = _strict_step_loop(monkeypatch, lambda: torch.cuda.set_sync_debug_mode("error"),
-                                  lambda: torch.cuda.set_sync_debug_mode("default"))
-    cfg = compose(["data.source=bundled", "data.train_size=512", "data.batch_size=64", "trainer.device=cuda",
-                   "trainer.max_steps=12", "trainer.log_every=5", "trainer.progress=false"])
+    train_mod = _strict_step_loop(
+        monkeypatch, lambda: torch.cuda.set_sync_debug_mode("error"), lambda: torch.cuda.set_sync_debug_mode("default")
+    )
+    cfg = compose(
+        [
+            "data.source=bundled",
+            "data.train_size=512",
+            "data.batch_size=64",
+            "trainer.device=cuda",
+            "trainer.max_steps=12",
+            "trainer.log_every=5",
+            "trainer.progress=false",
+        ]
+    )
     try:
         summary = train_mod.train(cfg, tmp_path)
     finally:
@@ -183,13 +228,25 @@ def test_nrexp_reads_nothing_back_in_the_step_loop_without_a_per_step_check(tmp_
             if strict["on"] and caller.startswith(package):
                 calls.append(f"Tensor.{name} from {caller}:{sys._getframe(1).f_lineno}")
             return original(self, *args, **kwargs)
+
         return wrapped
 
     for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, guarded(name))
-    cfg = compose(["data.source=bundled", "data.train_size=512", "data.batch_size=64", "trainer.max_steps=12",
-                   "trainer.log_every=5", "trainer.checkpoint_every=6", "trainer.eval_every=4",
-                   "trainer.progress=false", "dropout.p=0.2", "norm=batch"])
+    cfg = compose(
+        [
+            "data.source=bundled",
+            "data.train_size=512",
+            "data.batch_size=64",
+            "trainer.max_steps=12",
+            "trainer.log_every=5",
+            "trainer.checkpoint_every=6",
+            "trainer.eval_every=4",
+            "trainer.progress=false",
+            "dropout.p=0.2",
+            "norm=batch",
+        ]
+    )
     summary = train_mod.train(cfg, tmp_path)
     assert summary["status"] == "completed"
     assert not calls, calls
@@ -200,10 +257,30 @@ def test_fused_sweeps_run_on_both_workloads_and_report_each(tmp_path):
     """`--fused` end to end, tiny: each workload's 16-job sweep under both launchers, read back from the JSON.
     The MNIST-like one trains on the bench's own data (data.source=local), one epoch."""
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "nrexp", "bench", "--tiny", "--no-arms", "--fused", "--fused-batches",
-                           "1000", "--fused-repeats", "1", "--json", str(out),
-                           "--markdown", str(tmp_path / "bench.md")],
-                          cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nrexp",
+            "bench",
+            "--tiny",
+            "--no-arms",
+            "--fused",
+            "--fused-batches",
+            "1000",
+            "--fused-repeats",
+            "1",
+            "--json",
+            str(out),
+            "--markdown",
+            str(tmp_path / "bench.md"),
+        ],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     fused = json.loads(out.read_text())["fused"]
     assert list(fused) == ["bundled", "mnist"]
@@ -227,11 +304,18 @@ def test_gpu_check_script_says_in_one_line_that_it_needs_a_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the script would run its checks")
     env = dict(cli_env(tmp_path), OUT=str(tmp_path / "out"))
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "30"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "gpu_check.sh"), "30"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
-        "gpu_check: no CUDA GPU is visible to PyTorch here. Fix: run it on a machine with one"]
+        "gpu_check: no CUDA GPU is visible to PyTorch here. Fix: run it on a machine with one"
+    ]
     assert not (tmp_path / "out").exists()
 
 
@@ -256,13 +340,27 @@ def test_fused_sweep_lines_report_ratio_target_and_gaps():
     """The --fused section's wording from a result of fused_checks' shape (the sweeps themselves take minutes)."""
     from nrexp.bench import fused_lines
 
-    batch = {"wall_s": {"basic": [40.0, 38.0, 39.0], "fused": [25.0, 26.0, 24.0]},
-             "median_wall_s": {"basic": 39.0, "fused": 25.0},
-             "step_loops_s": {"basic": [22.0, 23.0, 21.0], "fused": [10.0, 11.0, 12.0]},
-             "speedup": 39.0 / 25.0, "loop_speedup": 22.0 / 11.0, "target": 2.0, "ok": False, "jobs": 16,
-             "test_acc_abs_diff": [0.0] * 14 + [0.004, 0.012], "pairs_equal_1e-4": 14}
-    result = {"fused": {"bundled": {"data": "5 epochs of the bundled 4,000 digits", "command": "nrexp train -m ...",
-                                    "batches": {32: batch}}}}
+    batch = {
+        "wall_s": {"basic": [40.0, 38.0, 39.0], "fused": [25.0, 26.0, 24.0]},
+        "median_wall_s": {"basic": 39.0, "fused": 25.0},
+        "step_loops_s": {"basic": [22.0, 23.0, 21.0], "fused": [10.0, 11.0, 12.0]},
+        "speedup": 39.0 / 25.0,
+        "loop_speedup": 22.0 / 11.0,
+        "target": 2.0,
+        "ok": False,
+        "jobs": 16,
+        "test_acc_abs_diff": [0.0] * 14 + [0.004, 0.012],
+        "pairs_equal_1e-4": 14,
+    }
+    result = {
+        "fused": {
+            "bundled": {
+                "data": "5 epochs of the bundled 4,000 digits",
+                "command": "nrexp train -m ...",
+                "batches": {32: batch},
+            }
+        }
+    }
     lines = fused_lines(result)
     assert lines[0].startswith("fused sweep on 5 epochs of the bundled 4,000 digits, `nrexp train -m ...`")
     assert "median of 3 interleaved runs" in lines[0]
@@ -276,8 +374,15 @@ def test_ratios_carry_the_spread_of_the_rounds():
     within one round (timed one after the other, under the same load); "a" is the faster of a0 and a2."""
     from nrexp.bench import ratios, table_rows
 
-    rounds = {"a0": [1.0, 1.2, 1.1], "a2": [2.0, 1.0, 2.2], "b": [20.0, 22.0, 21.0], "c": [19.0, 21.0, 20.0],
-              "d": [18.0, 17.0, 19.0], "e": [19.0, 21.0, 20.0], "h": [9.0, 10.0, 8.0]}
+    rounds = {
+        "a0": [1.0, 1.2, 1.1],
+        "a2": [2.0, 1.0, 2.2],
+        "b": [20.0, 22.0, 21.0],
+        "c": [19.0, 21.0, 20.0],
+        "d": [18.0, 17.0, 19.0],
+        "e": [19.0, 21.0, 20.0],
+        "h": [9.0, 10.0, 8.0],
+    }
     median = {arm: sorted(v)[1] for arm, v in rounds.items()}
     r = ratios(median, rounds)
     assert r["d/b"]["value"] == pytest.approx(18.0 / 21.0)
@@ -285,6 +390,8 @@ def test_ratios_carry_the_spread_of_the_rounds():
     assert (r["d/b"]["low"], r["d/b"]["high"]) == (pytest.approx(17 / 22), pytest.approx(19 / 21))
     assert r["c/a"]["rounds"] == pytest.approx([19 / 2.0, 21 / 1.2, 20 / 2.2])
     assert r["d/h"]["ok"] and not r["d/b"]["ok"]
-    result = {"settings": {"arms": list(rounds)}, "configs": [
-        {"model": "m", "batch": 128, "median": median, "ratios": r, "ceilings": {}, "losses_agree": True}]}
+    result = {
+        "settings": {"arms": list(rounds)},
+        "configs": [{"model": "m", "batch": 128, "median": median, "ratios": r, "ceilings": {}, "losses_agree": True}],
+    }
     assert f"{18 / 21:.2f} ({17 / 22:.2f}-{19 / 21:.2f}) ✗" in table_rows(result)[0]

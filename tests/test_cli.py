@@ -1,4 +1,5 @@
 """The `nrexp` command end to end, through a real subprocess, and what it leaves on disk."""
+
 import json
 import math
 import os
@@ -16,19 +17,24 @@ LAYER_METRICS = ("act_norm", "grad_norm", "weight_norm", "weight_change", "updat
 
 
 def test_help_lists_commands_without_importing_torch(tmp_path):
-    code = ("import sys; from nrexp.cli import main; main(['--help']); "
-            "assert 'torch' not in sys.modules, 'torch imported'")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
-                          text=True)
+    code = (
+        "import sys; from nrexp.cli import main; main(['--help']); assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert "train" in proc.stdout and "usage: nrexp" in proc.stdout
 
 
 def test_cfg_job_composes_without_importing_torch(tmp_path):
-    code = ("import sys; from nrexp.cli import main; main(['train', '--cfg', 'job', 'norm=batch', 'dropout.p=0.2']);"
-            "assert 'torch' not in sys.modules, 'torch imported'")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
-                          text=True)
+    code = (
+        "import sys; from nrexp.cli import main; main(['train', '--cfg', 'job', 'norm=batch', 'dropout.p=0.2']);"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert "name: batch" in proc.stdout and "p: 0.2" in proc.stdout
     assert not (tmp_path / "outputs").exists()  # printing the config runs nothing
@@ -38,14 +44,17 @@ def test_cfg_job_composes_without_importing_torch(tmp_path):
 def test_entry_exits_as_python_does_after_main(tmp_path):
     # entry() is main() then a plain exit: a worker thread finishes its file, atexit handlers run,
     # unflushed output (no newline, stdout a pipe) arrives, and main()'s exit code is the process's.
-    code = ("import atexit, threading, time, torch, nrexp.cli as cli\n"
-            "atexit.register(lambda: open('atexit.txt', 'w').write('ran'))\n"
-            "def slow_writer():\n    time.sleep(0.5); open('thread.txt', 'w').write('done')\n"
-            "threading.Thread(target=slow_writer).start()\n"
-            "cli._main = lambda argv: (print('last words', end=''), 7)[1]\n"
-            "cli.entry()\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
-                          text=True)
+    code = (
+        "import atexit, threading, time, torch, nrexp.cli as cli\n"
+        "atexit.register(lambda: open('atexit.txt', 'w').write('ran'))\n"
+        "def slow_writer():\n    time.sleep(0.5); open('thread.txt', 'w').write('done')\n"
+        "threading.Thread(target=slow_writer).start()\n"
+        "cli._main = lambda argv: (print('last words', end=''), 7)[1]\n"
+        "cli.entry()\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True
+    )
     assert proc.returncode == 7, proc.stderr
     assert proc.stdout == "last words"
     assert (tmp_path / "atexit.txt").read_text() == "ran"
@@ -60,8 +69,9 @@ def test_exit_into_a_closed_pipe_is_quiet(tmp_path):
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=write_end,
-                              stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, env=env, stdout=write_end, stderr=subprocess.PIPE, text=True
+        )
     finally:
         os.close(write_end)
     assert proc.returncode == 141 and proc.stderr == "", proc.stderr
@@ -70,11 +80,27 @@ def test_exit_into_a_closed_pipe_is_quiet(tmp_path):
 def test_train_help_shows_groups_and_every_knob(tmp_path):
     proc = run_cli(["train", "--help"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    for text in ("norm: batch, group, instance, layer, none, rms, weight", "model: cnn, mlp, resmlp",
-                 "data: cifar10, fashion_mnist, mnist", "model.channels", "norm.groups", "data.augment",
-                 "dropout.spatial", "optim: adam, adamw, sgd", "init: default, kaiming, normal",
-                 "dropout.p", "dropout.input_p", "optim.decay_norm_and_bias", "init.scale", "data.train_size",
-                 "data.source", "model.activation", "trainer.log_every", "trainer.device", "norm.position"):
+    for text in (
+        "norm: batch, group, instance, layer, none, rms, weight",
+        "model: cnn, mlp, resmlp",
+        "data: cifar10, fashion_mnist, mnist",
+        "model.channels",
+        "norm.groups",
+        "data.augment",
+        "dropout.spatial",
+        "optim: adam, adamw, sgd",
+        "init: default, kaiming, normal",
+        "dropout.p",
+        "dropout.input_p",
+        "optim.decay_norm_and_bias",
+        "init.scale",
+        "data.train_size",
+        "data.source",
+        "model.activation",
+        "trainer.log_every",
+        "trainer.device",
+        "norm.position",
+    ):
         assert text in proc.stdout, text
 
 
@@ -82,7 +108,8 @@ def test_unknown_command_is_one_clear_line(tmp_path):
     proc = run_cli(["trian"], cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "nrexp: error: unknown command 'trian'. Fix: run `nrexp --help` for the list of commands"]
+        "nrexp: error: unknown command 'trian'. Fix: run `nrexp --help` for the list of commands"
+    ]
 
 
 @pytest.mark.slow
@@ -161,29 +188,70 @@ def test_installed_wheel_finds_its_configs(tmp_path):
     """Build the wheel, install it into a bare target dir, run from elsewhere: configs ship inside."""
     wheel_dir, target, elsewhere = tmp_path / "dist", tmp_path / "site", tmp_path / "elsewhere"
     elsewhere.mkdir()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(wheel_dir), str(REPO)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheel_dir),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     wheel = next(wheel_dir.glob("nrexp-*.whl"))
     assert "nrexp/configs/train.yaml" in zipfile.ZipFile(wheel).namelist()
     assert "nrexp/assets/mnist_sample.npz" in zipfile.ZipFile(wheel).namelist()
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     env = cli_env(tmp_path)
     env["PYTHONPATH"] = str(target)  # the installed copy only, not the repo
     code = "import nrexp; print(nrexp.__file__); print(nrexp.config_dir())"
     where = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert where.stdout.splitlines()[1].startswith(str(target)), where.stdout + where.stderr
-    proc = subprocess.run([sys.executable, "-m", "nrexp", "train", *TINY, "trainer.max_steps=2"], cwd=elsewhere,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nrexp", "train", *TINY, "trainer.max_steps=2"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert list((elsewhere / "outputs").rglob("summary.json"))
     # the fused launcher ships in the wheel, in Hydra's plugin namespace, and Hydra finds it there
     plugin = "import hydra_plugins.nrexp_fused_launcher as m; print(m.__file__)"
     where = subprocess.run([sys.executable, "-c", plugin], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert where.stdout.startswith(str(target)), where.stdout + where.stderr
-    proc = subprocess.run([sys.executable, "-m", "nrexp", "train", "-m", *TINY, "trainer.max_steps=2", "seed=0,1",
-                           "hydra/launcher=fused", "hydra.sweep.dir=fused"], cwd=elsewhere, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nrexp",
+            "train",
+            "-m",
+            *TINY,
+            "trainer.max_steps=2",
+            "seed=0,1",
+            "hydra/launcher=fused",
+            "hydra.sweep.dir=fused",
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "fused launcher: 2 jobs" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     assert len(list((elsewhere / "fused").rglob("summary.json"))) == 2
 
@@ -210,8 +278,9 @@ def test_tab_completion_through_the_train_subcommand(tmp_path):
     assert "hydra_bash_completion" in install.stdout
     env = cli_env(tmp_path)
     env.update(COMP_LINE="nrexp train norm=", COMP_POINT=str(len("nrexp train norm=")))
-    proc = subprocess.run([sys.executable, "-m", "nrexp", "-sc", "query=bash"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nrexp", "-sc", "query=bash"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert {"norm=batch", "norm=layer", "norm=none"} <= set(proc.stdout.split()), proc.stdout + proc.stderr
     assert all(word.startswith("norm=") for word in proc.stdout.split())
 
@@ -254,8 +323,9 @@ def test_compile_computes_what_eager_does_and_keeps_every_statistic(tmp_path):
     from nrexp.train import train
 
     if shutil.which(os.environ.get("CXX", "g++")) is None:
-        pytest.skip("no C++ compiler here: torch.compile cannot build CPU kernels (the error path is tested in "
-                    "test_faults)")
+        pytest.skip(
+            "no C++ compiler here: torch.compile cannot build CPU kernels (the error path is tested in test_faults)"
+        )
     runs = {}
     for compiled in ("false", "true"):
         cfg = compose([*TINY, "norm=batch", f"trainer.compile={compiled}", "trainer.progress=false"])
@@ -284,11 +354,19 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path, command):
     """`nrexp train --help | head -1`, `nrexp report DIR --json | head`: the reader is gone before nrexp writes;
     no traceback and no error line on stderr (the report's 'cannot write' line was one)."""
     (tmp_path / "sweep" / "job").mkdir(parents=True)
-    (tmp_path / "sweep" / "job" / "summary.json").write_text(json.dumps(
-        {"status": "completed", "config": {"norm": {"name": "none"}}, "metrics": {"test/acc": 0.5}}))
+    (tmp_path / "sweep" / "job" / "summary.json").write_text(
+        json.dumps({"status": "completed", "config": {"norm": {"name": "none"}}, "metrics": {"test/acc": 0.5}})
+    )
     read_end, write_end = os.pipe()
     os.close(read_end)  # every write into the pipe now fails with EPIPE, as after `head` has exited
-    proc = subprocess.run([sys.executable, "-m", "nrexp", *command], cwd=tmp_path, env=cli_env(tmp_path),
-                          stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nrexp", *command],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+    )
     os.close(write_end)
     assert proc.stderr == "" and proc.returncode == 141, proc.stderr

@@ -1,4 +1,5 @@
 """The convnet and the cnn_norms preset end to end, through the real `nrexp` CLI."""
+
 import math
 
 import pytest
@@ -13,16 +14,26 @@ from nrexp import config
 from test_data import make_cifar10
 
 LAYER_METRICS = ("act_norm", "grad_norm", "weight_norm", "weight_change", "update_ratio")
-SMALL_CNN = ["model=cnn", "model.channels=[4,8]", "model.blocks_per_stage=1", "norm.groups=2",
-             "data.batch_size=10", "trainer.max_steps=4", "trainer.log_every=2", "trainer.eval_every=2"]
+SMALL_CNN = [
+    "model=cnn",
+    "model.channels=[4,8]",
+    "model.blocks_per_stage=1",
+    "norm.groups=2",
+    "data.batch_size=10",
+    "trainer.max_steps=4",
+    "trainer.log_every=2",
+    "trainer.eval_every=2",
+]
 
 
 @pytest.mark.slow
 def test_cnn_on_cifar10_files_end_to_end(tmp_path):
     """Real loading code on generated CIFAR-10 batches, augmentation on, every per-layer tag per block."""
     make_cifar10(tmp_path / "cifar")
-    proc = run_cli(["train", *SMALL_CNN, "norm=group", "data=cifar10", "data.source=local",
-                    f"data.root={tmp_path / 'cifar'}"], cwd=tmp_path)
+    proc = run_cli(
+        ["train", *SMALL_CNN, "norm=group", "data=cifar10", "data.source=local", f"data.root={tmp_path / 'cifar'}"],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = run_dirs(tmp_path / "outputs")[-1]
     summary = read_summary(run_dir)

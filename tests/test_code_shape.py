@@ -1,4 +1,5 @@
 """The code stays one a newcomer can hold in their head (issue 24): sizes checked, the longest printed."""
+
 import importlib.util
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """Property: any override set drawn from the schema either runs or is rejected with one clean line."""
+
 import json
 import math
 import tempfile
@@ -43,7 +44,8 @@ KNOBS = {  # valid values and invalid ones, for every kind of knob
 }
 
 override_sets = st.lists(st.sampled_from(sorted(KNOBS)), unique=True, max_size=5).flatmap(
-    lambda keys: st.tuples(*[KNOBS[k].map(lambda v, k=k: f"{k}={v}") for k in keys]))
+    lambda keys: st.tuples(*[KNOBS[k].map(lambda v, k=k: f"{k}={v}") for k in keys])
+)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

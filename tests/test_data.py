@@ -1,5 +1,6 @@
 """Fashion-MNIST and CIFAR-10 from files in torchvision's on-disk format (generated here: no download),
 their normalization, the one-line errors when they are missing, and the batched augmentation."""
+
 import pickle
 import struct
 from pathlib import Path
@@ -44,12 +45,19 @@ def make_cifar10(root: Path, per_batch: int = 10, seed: int = 0):
     folder.mkdir(parents=True, exist_ok=True)
     batches = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"batch_label": name, "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 "labels": rng.integers(0, 10, per_batch).tolist(), "filenames": [f"{i}.png" for i in range(per_batch)]}
+        batch = {
+            "batch_label": name,
+            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, 10, per_batch).tolist(),
+            "filenames": [f"{i}.png" for i in range(per_batch)],
+        }
         (folder / name).write_bytes(pickle.dumps(batch))
         batches[name] = batch
-    meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-            "num_cases_per_batch": per_batch, "num_vis": 3072}
+    meta = {
+        "label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+        "num_cases_per_batch": per_batch,
+        "num_vis": 3072,
+    }
     (folder / "batches.meta").write_bytes(pickle.dumps(meta))
     return batches
 
@@ -83,10 +91,16 @@ def test_cifar10_from_pickle_batches(tmp_path):
     assert ds.train_y[13].item() == batches["data_batch_2"]["labels"][3]
     assert ds.test_y.tolist() == batches["test_batch"]["labels"]
     # per-channel normalization with the full set's constants, not this sample's
-    assert torch.allclose(ds.train_x.mean(dim=(0, 2, 3)),
-                          (torch.tensor([127.5 / 255] * 3) - torch.tensor(mean)) / torch.tensor(std), atol=0.02)
+    assert torch.allclose(
+        ds.train_x.mean(dim=(0, 2, 3)),
+        (torch.tensor([127.5 / 255] * 3) - torch.tensor(mean)) / torch.tensor(std),
+        atol=0.02,
+    )
     # train_size keeps the first N
-    assert len(load_dataset(data_cfg(tmp_path, "data=cifar10", "data.source=local", "data.train_size=20"), CPU).train_x) == 20
+    assert (
+        len(load_dataset(data_cfg(tmp_path, "data=cifar10", "data.source=local", "data.train_size=20"), CPU).train_x)
+        == 20
+    )
 
 
 @pytest.mark.parametrize("name,folder", [("fashion_mnist", "FashionMNIST/raw"), ("cifar10", "cifar-10-batches-py")])
@@ -131,8 +145,8 @@ def test_random_crop_flip_matches_a_per_image_reference():
     flip = torch.arange(16) % 2 == 0
     out = random_crop_flip(x, dy, dx, flip, pad=4)
     for i in range(16):  # the slow, obvious way: pad one image, crop, maybe mirror
-        padded = F.pad(x[i:i + 1], (4, 4, 4, 4), mode="reflect")[0]
-        crop = padded[:, dy[i]:dy[i] + 8, dx[i]:dx[i] + 8]
+        padded = F.pad(x[i : i + 1], (4, 4, 4, 4), mode="reflect")[0]
+        crop = padded[:, dy[i] : dy[i] + 8, dx[i] : dx[i] + 8]
         assert torch.equal(out[i], crop.flip(-1) if flip[i] else crop), i
     centred = random_crop_flip(x, torch.full((16,), 4), torch.full((16,), 4), torch.zeros(16, dtype=torch.bool))
     assert torch.equal(centred, x)  # offset (pad, pad) without a flip is the identity
@@ -156,7 +170,7 @@ def test_training_batches_are_augmented_reproducibly_and_eval_batches_never():
     assert not (torch.equal(dy0, dy1) and torch.equal(dx0, dx1))
     assert int(dy0.min()) >= 0 and int(dy0.max()) <= 8
     # evaluation batches are the stored tensors, untouched
-    assert all(torch.equal(xb, x[i * 10:(i + 1) * 10]) for i, (xb, _) in enumerate(eval_batches(x, y, 10)))
+    assert all(torch.equal(xb, x[i * 10 : (i + 1) * 10]) for i, (xb, _) in enumerate(eval_batches(x, y, 10)))
 
 
 def test_auto_falls_back_to_the_bundled_mnist_sample_saying_why_in_one_warning(tmp_path, monkeypatch, caplog):

@@ -1,4 +1,5 @@
 """nrexp.evaluate.evaluate: the one evaluation of a model on a split (training's and `nrexp evaluate`'s)."""
+
 import pytest
 import torch
 import torch.nn.functional as F

@@ -1,4 +1,5 @@
 """Bad input, divergence, interrupts, kill -9 and exact resume: nothing lost, no tracebacks."""
+
 import hashlib
 import signal
 import subprocess
@@ -91,8 +92,10 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, monkeypatch, c
 
 
 UNUSED = [  # (overrides, the warning; None: the knob is used by some job, no warning)
-    (["optim=adam", "optim.momentum=0.5"],
-     "optim.momentum has no effect with optim=adam: it is used by optim=sgd only"),
+    (
+        ["optim=adam", "optim.momentum=0.5"],
+        "optim.momentum has no effect with optim=adam: it is used by optim=sgd only",
+    ),
     (["norm=layer", "norm.momentum=0.5"], "norm.momentum has no effect with norm=layer: it is used by norm=batch only"),
     (["norm.groups=4"], "norm.groups has no effect with norm=none: it is used by norm=group only"),
     (["model=cnn", "model.width=64"], "model.width has no effect with model=cnn: it is used by model=mlp|resmlp only"),
@@ -102,14 +105,17 @@ UNUSED = [  # (overrides, the warning; None: the knob is used by some job, no wa
     (["-m", "optim=adam,adamw", "optim.momentum=0.5"], "optim.momentum has no effect with optim=adam,adamw"),
     (["optim=adam", "optim.betas=[0.8,0.99]", "norm=batch", "norm.momentum=0.2"], None),
     (["-m", "+experiment=ln_vs_bn_mlp", "norm.momentum=0.2"], None),  # the preset sweeps norm=none,batch,layer
-    (["-m", "+experiment=ln_vs_bn_mlp", "norm=none,layer", "norm.momentum=0.2"],  # the command line's sweep wins
-     "norm.momentum has no effect with norm=layer,none"),
+    (
+        ["-m", "+experiment=ln_vs_bn_mlp", "norm=none,layer", "norm.momentum=0.2"],  # the command line's sweep wins
+        "norm.momentum has no effect with norm=layer,none",
+    ),
 ]
 
 
 @pytest.mark.parametrize("overrides,warning", UNUSED, ids=[" ".join(o) for o, _ in UNUSED])
-def test_a_knob_that_no_job_uses_gets_one_warning_line_and_the_run_goes_on(tmp_path, monkeypatch, capsys, overrides,
-                                                                          warning):
+def test_a_knob_that_no_job_uses_gets_one_warning_line_and_the_run_goes_on(
+    tmp_path, monkeypatch, capsys, overrides, warning
+):
     """`optim=adam optim.momentum=0.5` is valid (a sweep may set momentum for its sgd jobs) but does nothing:
     one warning line on stderr, the command goes on (here --cfg job, or preflight's checks of a sweep)."""
     import nrexp.cli
@@ -124,14 +130,18 @@ def test_a_knob_that_no_job_uses_gets_one_warning_line_and_the_run_goes_on(tmp_p
     else:
         assert len(lines) == 1 and lines[0].startswith("nrexp: warning: " + warning) and "Fix:" in lines[0], lines
 
+
 def test_a_run_rejected_after_hydra_made_its_dir_removes_only_what_it_created(tmp_path, monkeypatch, capsys):
     """data.train_size=4001 is found out by the run itself, after Hydra made its run dir: the run removes
     that dir and the empty folders above it that it created, and no folder that was there before, even
     an empty one (test_bad_input_is_one_clear_line_and_writes_nothing: a first run leaves no outputs/)."""
     users_own = tmp_path / "outputs" / "2026-01-01"
     users_own.mkdir(parents=True)
-    code = run_main(tmp_path, monkeypatch, ["train", "data.source=bundled", "data.train_size=4001",
-                                            "hydra.run.dir=outputs/2026-01-01/10-00-01"])
+    code = run_main(
+        tmp_path,
+        monkeypatch,
+        ["train", "data.source=bundled", "data.train_size=4001", "hydra.run.dir=outputs/2026-01-01/10-00-01"],
+    )
     assert code == 2, capsys.readouterr()
     listing = lambda: sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "outputs").rglob("*"))  # noqa: E731
     assert listing() == ["outputs/2026-01-01"]
@@ -152,8 +162,9 @@ def test_compile_without_a_compiler_is_one_clear_line(tmp_path, monkeypatch, cap
     import torch._inductor.config  # noqa: F401
 
     monkeypatch.setenv("CXX", "no-such-c++-compiler")
-    code = run_main(tmp_path, monkeypatch,
-                    ["train", "data.source=bundled", "trainer.max_steps=2", "trainer.compile=true"])
+    code = run_main(
+        tmp_path, monkeypatch, ["train", "data.source=bundled", "trainer.max_steps=2", "trainer.compile=true"]
+    )
     out, err = capsys.readouterr()
     assert code == 2, out + err
     (line,) = err.strip().splitlines()
@@ -175,8 +186,13 @@ def run_main(cwd, monkeypatch, argv):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source,words", [("local", ["data.source=local", "no MNIST files", "data.source=bundled"]),
-                                          ("download", ["data.source=download", "could not download"])])
+@pytest.mark.parametrize(
+    "source,words",
+    [
+        ("local", ["data.source=local", "no MNIST files", "data.source=bundled"]),
+        ("download", ["data.source=download", "could not download"]),
+    ],
+)
 def test_missing_data_is_one_clear_line(tmp_path, source, words):
     proc = run_cli(["train", f"data.source={source}", "trainer.max_steps=2"], cwd=tmp_path, timeout=600)
     if source == "download" and proc.returncode == 0:
@@ -222,8 +238,9 @@ def test_divergence_without_a_per_step_check_stops_after_the_next_log(tmp_path, 
     assert at_logs["diverged_at_step"] == -(-first_bad // 5) * 5  # the first log whose window holds it
     assert at_logs["steps"] == at_logs["diverged_at_step"] + 1  # stopped before the next optimizer step
     # a divergence after the last logging step is caught once, at the end
-    tail = compose(TINY + ["optim.lr=1e4", f"trainer.max_steps={first_bad + 3}", "trainer.log_every=100",
-                           "trainer.progress=false"])
+    tail = compose(
+        TINY + ["optim.lr=1e4", f"trainer.max_steps={first_bad + 3}", "trainer.log_every=100", "trainer.progress=false"]
+    )
     late = train_mod.train(tail, tmp_path / "late")
     assert late["status"] == "diverged" and late["diverged_at_step"] == late["steps"] - 1 == first_bad + 2
 
@@ -237,15 +254,31 @@ def test_divergence_can_be_an_error(tmp_path):
     assert read_summary(run_dirs(tmp_path)[-1])["status"] == "diverged"
 
 
-RESUMABLE = ["data.source=bundled", "data.train_size=1024", "data.batch_size=32", "model.width=48", "model.depth=3",
-             "norm=batch", "dropout.p=0.3", "trainer.epochs=4", "trainer.log_every=4", "trainer.eval_every=16",
-             "trainer.checkpoint_every=24"]
+RESUMABLE = [
+    "data.source=bundled",
+    "data.train_size=1024",
+    "data.batch_size=32",
+    "model.width=48",
+    "model.depth=3",
+    "norm=batch",
+    "dropout.p=0.3",
+    "trainer.epochs=4",
+    "trainer.log_every=4",
+    "trainer.eval_every=16",
+    "trainer.checkpoint_every=24",
+]
 
 
 def _start(tmp_path, overrides):
     out = open(tmp_path / "stdout.txt", "w")
-    return subprocess.Popen([sys.executable, "-m", "nrexp", "train", *overrides], cwd=tmp_path, env=cli_env(tmp_path),
-                            stdout=out, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "nrexp", "train", *overrides],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for(tmp_path, pattern, timeout=120):
@@ -332,9 +365,14 @@ def _digest(run_dir):
     """Hashes of every file in the run dir but the log, which may only grow (checked separately), and the
     lock file, which names the last process that took the run's lock (a refused resume too)."""
     log = (run_dir / "train.log").read_text()
-    return {"train.log (prefix)": log, **{p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-                                          for p in sorted(run_dir.iterdir())
-                                          if p.is_file() and p.name not in ("train.log", ".nrexp.lock")}}
+    return {
+        "train.log (prefix)": log,
+        **{
+            p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.iterdir())
+            if p.is_file() and p.name not in ("train.log", ".nrexp.lock")
+        },
+    }
 
 
 def _unchanged(run_dir, before):
@@ -388,8 +426,16 @@ def test_run_dirs_are_never_reused(tmp_path):
     first, second, third = fresh_dir(str(base)), fresh_dir(str(base)), fresh_dir(str(base))
     assert [Path(p).name for p in (first, second, third)] == ["12-00-00", "12-00-00_1", "12-00-00_2"]
     # two real runs started together, in the same second most of the time
-    procs = [subprocess.Popen([sys.executable, "-m", "nrexp", "train", *TINY], cwd=tmp_path, env=cli_env(tmp_path),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "nrexp", "train", *TINY],
+            cwd=tmp_path,
+            env=cli_env(tmp_path),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(2)
+    ]
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     dirs = run_dirs(tmp_path / "outputs")
     assert len(dirs) == 2 and len(set(dirs)) == 2
@@ -407,8 +453,16 @@ def test_throughput_of_a_log_whose_steps_straddle_a_resume_counts_the_time_befor
     process's 11 steps: 20 * 16 samples / 11 s)."""
     from nrexp.train import train
 
-    common = ["data.source=bundled", "data.train_size=512", "data.batch_size=16", "model.width=16",
-              "model.depth=2", "trainer.log_every=20", "trainer.progress=false", "trainer.eval_every=8"]
+    common = [
+        "data.source=bundled",
+        "data.train_size=512",
+        "data.batch_size=16",
+        "model.width=16",
+        "model.depth=2",
+        "trainer.log_every=20",
+        "trainer.progress=false",
+        "trainer.eval_every=8",
+    ]
     train(compose(common + ["trainer.max_steps=30"]), tmp_path)  # completed: its checkpoint is at step 30
     train(compose(common + ["trainer.max_steps=41"]), tmp_path, resume=True)
     assert step_clock[0] == 41
@@ -422,8 +476,11 @@ def test_throughput_of_a_log_whose_steps_straddle_a_resume_counts_the_time_befor
 
 def _tree(root: Path) -> dict:
     """Every file under root, hidden ones too, as {relative path: sha256}: what "untouched" means."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file()
+    }
 
 
 def _one_error_line(proc, code: int) -> str:
@@ -488,9 +545,19 @@ def test_case6_a_temp_file_left_by_kill_9_during_a_checkpoint_write_is_removed_o
     assert _no_temp_files(tmp_path) and read_summary(run_dir)["status"] == "completed"
 
 
-SWEEP_KILLED = ["data.source=bundled", "data.train_size=1024", "data.batch_size=32", "model.width=64", "model.depth=3",
-                "trainer.max_steps=200", "trainer.log_every=4", "trainer.eval_every=100", "trainer.checkpoint_every=64",
-                "trainer.progress=false", "seed=0,1,2"]
+SWEEP_KILLED = [
+    "data.source=bundled",
+    "data.train_size=1024",
+    "data.batch_size=32",
+    "model.width=64",
+    "model.depth=3",
+    "trainer.max_steps=200",
+    "trainer.log_every=4",
+    "trainer.eval_every=100",
+    "trainer.checkpoint_every=64",
+    "trainer.progress=false",
+    "seed=0,1,2",
+]
 
 
 @pytest.mark.slow
@@ -505,12 +572,21 @@ def test_case3_a_killed_sweep_is_finished_with_sweep_resume(tmp_path, launcher, 
 
     from nrexp import sweep
 
-    launch = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
-              "fused": ["hydra/launcher=fused"]}[launcher]
+    launch = {
+        "basic": [],
+        "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+        "fused": ["hydra/launcher=fused"],
+    }[launcher]
     command = ["train", "-m", *SWEEP_KILLED, *launch, "hydra.sweep.dir=sweep"]
     out = open(tmp_path / "stdout.txt", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "nrexp", *command], cwd=tmp_path, env=cli_env(tmp_path),
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nrexp", *command],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while not any(f"step {kill_at}/" in log.read_text() for log in (tmp_path / "sweep").glob("*seed=1*/train.log")):
         assert time.time() < deadline and proc.poll() is None, (tmp_path / "stdout.txt").read_text()
@@ -541,8 +617,14 @@ def test_case3_a_killed_sweep_is_finished_with_sweep_resume(tmp_path, launcher, 
         steps = [s for s, _ in _scalars(d, "train/loss")]  # as TensorBoard shows them
         assert steps == list(range(0, 200, 4)), name
         if actions[name] == "skipped":  # untouched, byte for byte: all but Hydra's record of this command
-            kept = {k: v for k, v in before.items() if k.startswith(name + "/") and not k.endswith(  # and its lock
-                ("/train.log", "/.hydra/hydra.yaml", "/.nrexp.lock"))}
+            kept = {
+                k: v
+                for k, v in before.items()
+                if k.startswith(name + "/")
+                and not k.endswith(  # and its lock
+                    ("/train.log", "/.hydra/hydra.yaml", "/.nrexp.lock")
+                )
+            }
             assert {k: v for k, v in _tree(sweep_dir).items() if k in kept} == kept
         if actions[name] == "run":  # started from step 0: its partial events were removed, not appended to
             assert len(list(d.glob("events.out.tfevents.*"))) == 1
@@ -575,8 +657,11 @@ def test_case4_report_skips_unreadable_and_foreign_summaries_keeps_a_resumed_see
     proc = run_cli(["report", str(copy), "--json"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("nrexp: warning: skipped ")]
-    assert len(warnings) == 2 and "unreadable summary.json" in "".join(warnings) and "not an nrexp summary" in "".join(
-        warnings)
+    assert (
+        len(warnings) == 2
+        and "unreadable summary.json" in "".join(warnings)
+        and "not an nrexp summary" in "".join(warnings)
+    )
     assert "Traceback" not in proc.stderr
     got = json.loads(proc.stdout)
     assert got["swept_keys"] == expected["swept_keys"]  # not resume, checkpoint_every, progress or dropout.p
@@ -605,8 +690,17 @@ def _overcommits() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(_overcommits(), reason="vm.overcommit_memory=1: the allocation succeeds and the OOM killer acts")
 def test_case6_out_of_memory_is_one_line_with_the_size_and_a_smaller_width(tmp_path):
-    proc = run_cli(["train", "data.source=bundled", "trainer.max_steps=2", "trainer.device=cpu",
-                    "model.width=100000000", "hydra.run.dir=run"], cwd=tmp_path)
+    proc = run_cli(
+        [
+            "train",
+            "data.source=bundled",
+            "trainer.max_steps=2",
+            "trainer.device=cpu",
+            "model.width=100000000",
+            "hydra.run.dir=run",
+        ],
+        cwd=tmp_path,
+    )
     line = _one_error_line(proc, 1)
     assert line.startswith("nrexp: error: out of host memory: tried to allocate ") and "GiB" in line
     assert "model.width=100000000" in line and "Fix: use a smaller width or batch, e.g. model.width=" in line
@@ -641,8 +735,14 @@ sys.exit(main(sys.argv[1:]))
 @pytest.mark.slow
 def test_case6_a_full_disk_is_one_line_with_the_path_and_size_and_resume_starts_again(tmp_path):
     (tmp_path / "inject.py").write_text(INJECT_ENOSPC)
-    proc = subprocess.run([sys.executable, "inject.py", "train", *TINY, "hydra.run.dir=run"], cwd=tmp_path,
-                          env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "inject.py", "train", *TINY, "hydra.run.dir=run"],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     line = _one_error_line(proc, 1)
     run_dir = tmp_path / "run"
     assert f"disk full: no space left on the device writing {run_dir / 'checkpoint.pt'}; it needs " in line
@@ -671,8 +771,14 @@ def test_case6_corrupt_data_through_the_default_source_is_one_line(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_case6_a_signal_during_start_up_leaves_nothing(tmp_path, sig):
-    proc = subprocess.Popen([sys.executable, "-m", "nrexp", "train", *TINY, "hydra.run.dir=run"], cwd=tmp_path,
-                            env=cli_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nrexp", "train", *TINY, "hydra.run.dir=run"],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (tmp_path / "run" / ".hydra" / "config.yaml").exists():  # Hydra made the dir; torch not imported yet
         assert time.time() < deadline and proc.poll() is None
@@ -694,8 +800,9 @@ def test_case6_a_run_stopped_before_its_first_checkpoint_is_interrupted_and_resu
     run_dir = tmp_path / "run"
     summary = read_summary(run_dir)
     (run_dir / "checkpoint.pt").unlink()  # as if stopped in start-up after its first events
-    (run_dir / "summary.json").write_text(json.dumps({"status": "interrupted", "steps": 0, "signal": 15,
-                                                      "config": summary["config"], "metrics": {}}))
+    (run_dir / "summary.json").write_text(
+        json.dumps({"status": "interrupted", "steps": 0, "signal": 15, "config": summary["config"], "metrics": {}})
+    )
     resumed = run_cli(["train", f"resume={run_dir}"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert read_summary(run_dir)["metrics"] == summary["metrics"]  # the same run, from step 0

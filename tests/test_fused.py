@@ -1,5 +1,6 @@
 """Fused sweeps (`hydra/launcher=fused`, nrexp/fused.py): grouping, members equal to solo runs, per-member
 divergence, solo-resumable checkpoints, and the launcher end to end through the real CLI."""
+
 import json
 import math
 from pathlib import Path
@@ -13,8 +14,11 @@ from conftest import TINY, compose, read_summary, run_cli, run_dirs
 # Small runs on the bundled data, long enough to cross evaluations, checkpoints and logging steps.
 BASE = TINY + ["trainer.progress=false", "trainer.max_steps=12", "trainer.eval_every=4", "trainer.checkpoint_every=6"]
 # Members differ in every kind of free key; two optim settings (lr) make two stacks, joined in the forward pass.
-MEMBERS = [["seed=0", "dropout.p=0"], ["seed=1", "dropout.p=0.2", "optim.weight_decay=1e-3"],
-           ["seed=2", "dropout.p=0.3", "optim.lr=0.02", "init.scale=1.5", "dropout.input_p=0.1"]]
+MEMBERS = [
+    ["seed=0", "dropout.p=0"],
+    ["seed=1", "dropout.p=0.2", "optim.weight_decay=1e-3"],
+    ["seed=2", "dropout.p=0.3", "optim.lr=0.02", "init.scale=1.5", "dropout.input_p=0.1"],
+]
 
 
 def _scalars(run_dir: Path, tag: str):
@@ -30,9 +34,15 @@ def _close(a, b, rel=2e-4, abs_=2e-5):
 def test_plan_groups_by_shape_and_keeps_unfusable_jobs_alone():
     from nrexp.grouping import plan
 
-    cfgs = [compose(["seed=0"]), compose(["seed=1", "optim.lr=0.1", "dropout.p=0.5"]), compose(["norm=batch"]),
-            compose(["model=resmlp"]), compose(["seed=2", "init.scale=3", "optim.weight_decay=1e-4"]),
-            compose(["norm=batch", "seed=5"]), compose(["model.width=64"])]
+    cfgs = [
+        compose(["seed=0"]),
+        compose(["seed=1", "optim.lr=0.1", "dropout.p=0.5"]),
+        compose(["norm=batch"]),
+        compose(["model=resmlp"]),
+        compose(["seed=2", "init.scale=3", "optim.weight_decay=1e-4"]),
+        compose(["norm=batch", "seed=5"]),
+        compose(["model.width=64"]),
+    ]
     groups = plan(cfgs, max_members=64)
     assert [(g.jobs, g.fused) for g in groups] == [([0, 1, 4], True), ([2, 5], True), ([3], False), ([6], False)]
     assert "only mlp is fused" in groups[2].label and "no other job" in groups[3].label
@@ -69,7 +79,10 @@ def test_inputs_made_ahead_are_the_inputs_made_when_taken(tmp_path):
 
     cfgs = [compose(BASE + m) for m in MEMBERS]  # 512 examples in batches of 64: an epoch is 8 steps
     (ahead_net, data), (inline_net, _) = _group(tmp_path / "a", cfgs), _group(tmp_path / "b", cfgs)
-    ahead, inline = StepInputs(ahead_net, data, 64, 8, 12, ahead=True), StepInputs(inline_net, data, 64, 8, 12, ahead=False)
+    ahead, inline = (
+        StepInputs(ahead_net, data, 64, 8, 12, ahead=True),
+        StepInputs(inline_net, data, 64, 8, 12, ahead=False),
+    )
     generators = list(zip(ahead_net.mask_generators, inline_net.mask_generators))
     assert len(generators) == 2  # the members with dropout
     for step in range(12):
@@ -104,7 +117,9 @@ def test_masks_are_those_a_bf16_solo_run_draws(tmp_path):
     for first_step in (True, False):
         start = rng.get_state()
         masks = net.draw_masks(64)
-        assert [m.dtype for m in masks] == ([torch.float32] * 3 if first_step else [torch.float32] + [torch.bfloat16] * 2)
+        assert [m.dtype for m in masks] == (
+            [torch.float32] * 3 if first_step else [torch.float32] + [torch.bfloat16] * 2
+        )
         torch.set_rng_state(start)  # the solo run: its dropout modules draw from the global stream
         solo = [Dropout(p).train()(torch.ones(64, features, dtype=torch.bfloat16)) for p, features in sites]
         assert all(torch.equal(m[0].to(torch.bfloat16), s) for m, s in zip(masks, solo))
@@ -114,7 +129,9 @@ def test_masks_are_those_a_bf16_solo_run_draws(tmp_path):
                 net.forward(data.train_x[:128].view(2, 64, -1), masks)
 
 
-@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's RMSNorm under bf16: a slower path
+@pytest.mark.filterwarnings(
+    "ignore:Mismatch dtype between input and weight"
+)  # torch's RMSNorm under bf16: a slower path
 @pytest.mark.parametrize("norm", ["layer", "batch", "rms", "group"])
 def test_under_bf16_members_normalize_in_float32_as_their_solo_modules(tmp_path, norm):
     """Under trainer.precision=bf16 a solo run's norm layer gets bf16 activations, computes in float32 and
@@ -151,9 +168,18 @@ def test_under_bf16_members_normalize_in_float32_as_their_solo_modules(tmp_path,
                 assert torch.allclose(net.buffers[name][j], buffer, rtol=1e-5, atol=1e-6), (norm, j, name)
 
 
-@pytest.mark.parametrize("norm,ahead,optim", [("none", True, "sgd"), ("layer", True, "sgd"), ("batch", True, "sgd"),
-                                              ("none", False, "sgd"), ("layer", True, "adam"), ("none", True, "adamw")],
-                         ids=["none", "layer", "batch", "none-inputs-made-when-taken", "layer-adam", "none-adamw"])
+@pytest.mark.parametrize(
+    "norm,ahead,optim",
+    [
+        ("none", True, "sgd"),
+        ("layer", True, "sgd"),
+        ("batch", True, "sgd"),
+        ("none", False, "sgd"),
+        ("layer", True, "adam"),
+        ("none", True, "adamw"),
+    ],
+    ids=["none", "layer", "batch", "none-inputs-made-when-taken", "layer-adam", "none-adamw"],
+)
 def test_members_equal_solo_runs(tmp_path, monkeypatch, norm, ahead, optim):
     """Each member's metrics, per-layer statistics and TensorBoard curves are its solo run's, to float rounding
     (dropout masks and data order are the solo run's exactly: any mismatch would show as O(1) differences).
@@ -181,8 +207,19 @@ def test_members_equal_solo_runs(tmp_path, monkeypatch, norm, ahead, optim):
                 for layer, value in per_layer.items():
                     assert _close(f["layers"][when][metric][layer], value, rel=1e-3), (i, when, metric, layer)
         # every per-layer metric of logging steps (fused.StackedMonitor computes them on the stacks), one layer each
-        for tag in ("train/loss", "train/acc", "test/acc", "act_norm/block00", "grad_norm/head", "update_ratio/block01",
-                    "weight_norm/block01", "weight_change/head", "act_norm/head", "act_cos/block00", "act_cos/head"):
+        for tag in (
+            "train/loss",
+            "train/acc",
+            "test/acc",
+            "act_norm/block00",
+            "grad_norm/head",
+            "update_ratio/block01",
+            "weight_norm/block01",
+            "weight_change/head",
+            "act_norm/head",
+            "act_cos/block00",
+            "act_cos/head",
+        ):
             a, b = _scalars(tmp_path / f"fused{i}", tag), _scalars(tmp_path / f"solo{i}", tag)
             assert [s for s, _ in a] == [s for s, _ in b] and len(a) >= 2, tag
             assert all(_close(x, y, rel=1e-3) for (_, x), (_, y) in zip(a, b)), (tag, a, b)
@@ -222,7 +259,6 @@ def test_a_group_computes_in_its_flush_denormal_mode_on_its_threads(tmp_path, mo
 
     import nrexp.fused
     from nrexp.fused import StepInputs, train_group
-
     from nrexp.monitor import denormals_flushed as flushed
 
     make, seen = StepInputs._make, set()
@@ -234,8 +270,10 @@ def test_a_group_computes_in_its_flush_denormal_mode_on_its_threads(tmp_path, mo
     monkeypatch.setattr(nrexp.fused.StepInputs, "_make", recording_make)
     torch.set_flush_denormal(not flush)
     try:
-        train_group([compose(BASE + m + [f"trainer.flush_denormal={str(flush).lower()}"]) for m in MEMBERS[:2]],
-                    [tmp_path / "f0", tmp_path / "f1"])
+        train_group(
+            [compose(BASE + m + [f"trainer.flush_denormal={str(flush).lower()}"]) for m in MEMBERS[:2]],
+            [tmp_path / "f0", tmp_path / "f1"],
+        )
         assert seen == {(False, flush), (True, flush)}  # step 0 made on the group's thread, the others ahead
         assert flushed() is not flush  # the group's thread as it was before
     finally:
@@ -260,8 +298,14 @@ def test_a_diverging_member_stops_alone(tmp_path, monkeypatch, inputs_ahead, eac
     assert fused[1]["status"] == "completed" and fused[1]["steps"] == 12
     assert all(_close(fused[1]["metrics"][k], v) for k, v in solo[1]["metrics"].items())
     if not each_step:  # no logging step after step 0: both find the divergence once, at the end
-        late = [compose(BASE + ["optim.lr=1e4", "trainer.log_every=100"]), compose(BASE + ["seed=1", "trainer.log_every=100"])]
-        fused_late, solo_late = train_group(late, [tmp_path / "lf0", tmp_path / "lf1"]), train(late[0], tmp_path / "ls0")
+        late = [
+            compose(BASE + ["optim.lr=1e4", "trainer.log_every=100"]),
+            compose(BASE + ["seed=1", "trainer.log_every=100"]),
+        ]
+        fused_late, solo_late = (
+            train_group(late, [tmp_path / "lf0", tmp_path / "lf1"]),
+            train(late[0], tmp_path / "ls0"),
+        )
         assert fused_late[0]["status"] == solo_late["status"] == "diverged" and fused_late[1]["status"] == "completed"
         assert fused_late[0]["diverged_at_step"] == solo_late["diverged_at_step"] == 11
 
@@ -305,12 +349,15 @@ def test_a_member_resumed_alone_logs_the_throughput_of_the_steps_before_its_chec
     from nrexp.train import train
 
     common = TINY + ["data.batch_size=16", "trainer.log_every=20", "trainer.progress=false", "trainer.eval_every=8"]
-    train_group([compose(common + ["trainer.max_steps=30", f"seed={s}"]) for s in (0, 1)], [tmp_path / "f0", tmp_path / "f1"])
+    train_group(
+        [compose(common + ["trainer.max_steps=30", f"seed={s}"]) for s in (0, 1)], [tmp_path / "f0", tmp_path / "f1"]
+    )
     assert step_clock[0] == 30
     train(compose(common + ["trainer.max_steps=41", "seed=1"]), tmp_path / "f1", resume=True)
     assert step_clock[0] == 41
     assert _scalars(tmp_path / "f1", "throughput/samples_per_s") == [(0, 16.0), (20, 16.0), (40, 16.0)]
     assert _scalars(tmp_path / "f0", "throughput/samples_per_s") == [(0, 16.0), (20, 16.0)]
+
 
 @pytest.mark.slow
 def test_fused_launcher_end_to_end(tmp_path):
@@ -367,14 +414,32 @@ def test_ctrl_c_checkpoints_every_member_and_each_resumes_alone(tmp_path, monkey
 
     from conftest import cli_env
 
-    long_run = [o for o in BASE if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=400", "trainer.log_every=10"]
+    long_run = [o for o in BASE if not o.startswith("trainer.max_steps")] + [
+        "trainer.max_steps=400",
+        "trainer.log_every=10",
+    ]
     # One intra-op thread in every process: with two or more cores the group then makes its inputs a step
     # ahead on a worker thread, and its checkpoints must put each member's generator back (StepInputs.rewind).
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     with open(tmp_path / "stdout.txt", "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "nrexp", "train", "-m", *long_run, "seed=0,1", "dropout.p=0,0.2",
-                                 "hydra/launcher=fused", "hydra.sweep.dir=sweep"], cwd=tmp_path, env=cli_env(tmp_path),
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nrexp",
+                "train",
+                "-m",
+                *long_run,
+                "seed=0,1",
+                "dropout.p=0,0.2",
+                "hydra/launcher=fused",
+                "hydra.sweep.dir=sweep",
+            ],
+            cwd=tmp_path,
+            env=cli_env(tmp_path),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.time() + 180
         while "step 40/" not in "".join(p.read_text() for p in (tmp_path / "sweep").rglob("train.log")):
             assert time.time() < deadline and proc.poll() is None, (tmp_path / "stdout.txt").read_text()
@@ -391,8 +456,10 @@ def test_ctrl_c_checkpoints_every_member_and_each_resumes_alone(tmp_path, monkey
     # The random stream: exactly a solo run's after `steps` steps (whatever the float rounding, which
     # dropout amplifies over hundreds of steps too much for a comparison of metrics at the end).
     with_dropout = next(d for d in members if "seed=1" in d.name and "dropout.p=0.2" in d.name)
-    solo = run_cli(["train", *long_run, "seed=1", "dropout.p=0.2", f"trainer.max_steps={steps}", "hydra.run.dir=solo"],
-                   cwd=tmp_path)
+    solo = run_cli(
+        ["train", *long_run, "seed=1", "dropout.p=0.2", f"trainer.max_steps={steps}", "hydra.run.dir=solo"],
+        cwd=tmp_path,
+    )
     assert solo.returncode == 0, solo.stderr
     rng_of = lambda d: torch.load(d / "checkpoint.pt", weights_only=False)["rng"]["torch"]  # noqa: E731
     assert torch.equal(rng_of(with_dropout), rng_of(tmp_path / "solo"))
@@ -414,12 +481,16 @@ def test_ctrl_c_checkpoints_every_member_and_each_resumes_alone(tmp_path, monkey
 @pytest.mark.slow
 def test_a_group_that_fails_is_recorded_and_the_sweep_goes_on(tmp_path):
     """data.train_size beyond the data fails when the group loads it: every member says so, exit 1."""
-    proc = run_cli(["train", "-m", *BASE, "seed=0,1", "data.train_size=5000", "hydra/launcher=fused",
-                    "hydra.sweep.dir=sweep"], cwd=tmp_path)
+    proc = run_cli(
+        ["train", "-m", *BASE, "seed=0,1", "data.train_size=5000", "hydra/launcher=fused", "hydra.sweep.dir=sweep"],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "2 of 2 jobs of the sweep failed" in proc.stderr
     summaries = [read_summary(d) for d in run_dirs(tmp_path / "sweep")]
-    assert len(summaries) == 2 and all(s["status"] == "failed" and "data.train_size=5000" in s["error"] for s in summaries)
+    assert len(summaries) == 2 and all(
+        s["status"] == "failed" and "data.train_size=5000" in s["error"] for s in summaries
+    )
     assert "2 failed" in proc.stdout + proc.stderr
 
 
@@ -457,8 +528,14 @@ def test_keep_freed_memory_keeps_what_a_step_frees_for_the_next_step(tmp_path):
     env = {k: v for k, v in cli_env(tmp_path).items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
     returned = {}
     for setting in ("off", "on"):
-        proc = subprocess.run([sys.executable, "-c", KEEPS, setting], env={**env, "OMP_NUM_THREADS": "1"},
-                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", KEEPS, setting],
+            env={**env, "OMP_NUM_THREADS": "1"},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         returned[setting] = [float(mb) for mb in proc.stdout.split()]
     # The premise: with glibc's defaults the first step's 20 MB are mapped blocks, unmapped when freed.

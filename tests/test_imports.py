@@ -1,5 +1,6 @@
 """Dependencies point one way: nrexp's modules import each other without a cycle (checked on the source,
 module-level and function-level imports alike, so a cycle hidden inside a function counts too)."""
+
 from __future__ import annotations
 
 import ast
@@ -47,10 +48,10 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     stack: list[str] = []
 
     def visit(node: str) -> list[str] | None:
-        state[node], stack[len(stack):] = "open", [node]
+        state[node], stack[len(stack) :] = "open", [node]
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         state[node] = "done"
@@ -70,8 +71,10 @@ def test_find_cycle_finds_one():
 
 def test_the_graph_sees_function_level_and_package_imports(tmp_path):
     source = tmp_path / "x.py"
-    source.write_text("from nrexp import figures\n\ndef f():\n    from nrexp.writers import atomic_write\n"
-                      "    import nrexp.runs\n    from . import errors\n")
+    source.write_text(
+        "from nrexp import figures\n\ndef f():\n    from nrexp.writers import atomic_write\n"
+        "    import nrexp.runs\n    from . import errors\n"
+    )
     modules = {"nrexp", "nrexp.figures", "nrexp.writers", "nrexp.runs", "nrexp.errors"}
     assert imports_of(source, modules) == {"nrexp.figures", "nrexp.writers", "nrexp.runs", "nrexp.errors"}
 

@@ -1,4 +1,5 @@
 """The building blocks against the formulas of the course notes, by number."""
+
 import math
 
 import pytest
@@ -14,8 +15,9 @@ from nrexp.optim import build_optimizer
 
 
 def norm_cfg(name, **kw):
-    return OmegaConf.create({"name": name, "eps": 1e-5, "affine": True, "momentum": 0.1,
-                             "position": "before_act", **kw})
+    return OmegaConf.create(
+        {"name": name, "eps": 1e-5, "affine": True, "momentum": 0.1, "position": "before_act", **kw}
+    )
 
 
 def test_layernorm_normalizes_each_row():
@@ -149,18 +151,24 @@ def test_decay_norm_and_bias_switch():
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     assert all(p.ndim >= 2 for p in groups[0]["params"]) and all(p.ndim == 1 for p in groups[1]["params"])
     cfg = compose(["norm=batch", "optim.weight_decay=0.1", "optim.decay_norm_and_bias=true"])
-    assert [g["weight_decay"] for g in build_optimizer(build_model(cfg, (1, 28, 28), 10), cfg.optim).param_groups] == [0.1, 0.1]
+    assert [g["weight_decay"] for g in build_optimizer(build_model(cfg, (1, 28, 28), 10), cfg.optim).param_groups] == [
+        0.1,
+        0.1,
+    ]
 
 
-@pytest.mark.parametrize("scheme,scale,expected_var", [
-    ("normal", 1.0, lambda n_in, n_out: 1.0 / n_in),
-    ("normal", 2.0, lambda n_in, n_out: 2.0 / n_in),
-    ("normal", 3.0, lambda n_in, n_out: 3.0 / n_in),
-    ("uniform", 2.0, lambda n_in, n_out: 2.0 / n_in),
-    ("kaiming", 1.0, lambda n_in, n_out: 2.0 / n_in),  # ReLU gain^2 = 2
-    ("xavier", 1.0, lambda n_in, n_out: 2.0 * 2.0 / (n_in + n_out)),
-    ("orthogonal", 1.0, lambda n_in, n_out: 2.0 / max(n_in, n_out)),  # rows or columns of norm gain
-])
+@pytest.mark.parametrize(
+    "scheme,scale,expected_var",
+    [
+        ("normal", 1.0, lambda n_in, n_out: 1.0 / n_in),
+        ("normal", 2.0, lambda n_in, n_out: 2.0 / n_in),
+        ("normal", 3.0, lambda n_in, n_out: 3.0 / n_in),
+        ("uniform", 2.0, lambda n_in, n_out: 2.0 / n_in),
+        ("kaiming", 1.0, lambda n_in, n_out: 2.0 / n_in),  # ReLU gain^2 = 2
+        ("xavier", 1.0, lambda n_in, n_out: 2.0 * 2.0 / (n_in + n_out)),
+        ("orthogonal", 1.0, lambda n_in, n_out: 2.0 / max(n_in, n_out)),  # rows or columns of norm gain
+    ],
+)
 def test_init_variance(scheme, scale, expected_var):
     torch.manual_seed(0)
     cfg = compose([f"init={scheme}", f"init.scale={scale}", "model.depth=2", "model.width=600"])
@@ -190,8 +198,16 @@ def test_blocks_are_named_for_the_logs():
 
 @pytest.mark.parametrize("position", ["before_act", "after_act"])
 def test_norm_position(position):
-    cfg = compose(["norm=layer", f"norm.position={position}", "model.depth=1", "model.width=16",
-                   "model.activation=relu", "norm.affine=false"])
+    cfg = compose(
+        [
+            "norm=layer",
+            f"norm.position={position}",
+            "model.depth=1",
+            "model.width=16",
+            "model.activation=relu",
+            "norm.affine=false",
+        ]
+    )
     block = build_model(cfg, (1, 28, 28), 10).blocks["block00"]
     out = block(torch.randn(4, 784))
     if position == "before_act":  # normalized, then ReLU: no negatives

@@ -1,4 +1,5 @@
 """The one training loop (train.run_loop): its schedule, and statuses that are always true."""
+
 import os
 import signal
 

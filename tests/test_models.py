@@ -1,4 +1,5 @@
 """cnn and resmlp: their block structure, init, the monitor on them, and the config rules they bring."""
+
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import compose
-from nrexp.config import ConfigError, NORMS, validate
+from nrexp.config import NORMS, ConfigError, validate
 from nrexp.init import init_weights
 from nrexp.models import Dropout, build_model, weight_layers
 from nrexp.monitor import LayerMonitor
@@ -31,8 +32,15 @@ def test_cnn_blocks_stages_and_pooling():
     activations = []
     out = model(torch.randn(2, 1, 28, 28), activations)
     # a 2x2 max pool ends every stage but the last: 28 -> 14 -> 7
-    assert [tuple(a.shape[1:]) for a in activations] == [(4, 28, 28), (4, 14, 14), (8, 14, 14), (8, 7, 7),
-                                                         (16, 7, 7), (16, 7, 7), (10,)]
+    assert [tuple(a.shape[1:]) for a in activations] == [
+        (4, 28, 28),
+        (4, 14, 14),
+        (8, 14, 14),
+        (8, 7, 7),
+        (16, 7, 7),
+        (16, 7, 7),
+        (10,),
+    ]
     assert out.shape == (2, 10)
     assert all(isinstance(m, nn.Conv2d) for name, m in model.monitored_layers().items() if name != "head")
     # global average pooling: any image size goes through, e.g. CIFAR-10's 3 x 32 x 32
@@ -172,36 +180,48 @@ def test_monitor_follows_weight_norm_and_residual_blocks():
     assert stats["weight_norm"][1].item() == pytest.approx(joint_norm(block_weights("block00")), rel=1e-5)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["norm=instance"], "norm='instance' is invalid: needs conv feature maps"),
-    (["norm=group", "norm.groups=3"], "norm.groups=3 is invalid: must divide the channels/width"),
-    (["norm=group", "norm.groups=256"], "leaves groups of one feature"),
-    (CNN + ["norm=group", "norm.groups=3"], "norm.groups=3 is invalid: must divide the channels/width of every normalized layer (4, 8, 16)"),
-    (["data=cifar10", "data.source=bundled"], "data.source='bundled' is invalid: only mnist has a sample bundled"),
-    (["data=fashion_mnist", "data.source=bundled"], "Fix: put the fashion_mnist files under data.root"),
-    (["model=cnn", "model.channels=[]"], "model.channels=[] is invalid"),
-    (["model=cnn", "model.blocks_per_stage=0"], "model.blocks_per_stage=0 is invalid"),
-    (["model=resmlp", "model.width=1"], "model.width=1 is invalid"),
-    (["norm.groups=0"], "norm.groups=0 is invalid"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["norm=instance"], "norm='instance' is invalid: needs conv feature maps"),
+        (["norm=group", "norm.groups=3"], "norm.groups=3 is invalid: must divide the channels/width"),
+        (["norm=group", "norm.groups=256"], "leaves groups of one feature"),
+        (
+            CNN + ["norm=group", "norm.groups=3"],
+            "norm.groups=3 is invalid: must divide the channels/width of every normalized layer (4, 8, 16)",
+        ),
+        (["data=cifar10", "data.source=bundled"], "data.source='bundled' is invalid: only mnist has a sample bundled"),
+        (["data=fashion_mnist", "data.source=bundled"], "Fix: put the fashion_mnist files under data.root"),
+        (["model=cnn", "model.channels=[]"], "model.channels=[] is invalid"),
+        (["model=cnn", "model.blocks_per_stage=0"], "model.blocks_per_stage=0 is invalid"),
+        (["model=resmlp", "model.width=1"], "model.width=1 is invalid"),
+        (["norm.groups=0"], "norm.groups=0 is invalid"),
+    ],
+)
 def test_config_errors_are_one_line(overrides, message):
     with pytest.raises(ConfigError) as err:
         validate(compose(overrides))
     assert message in str(err.value) and "Fix:" in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("overrides,suggested", [
-    (["norm.groups=7"], 32), (["norm.groups=256"], 32),  # 256 units: 32 groups of 8
-    (["model.width=6", "norm.groups=4"], 3), (["model.width=6", "norm.groups=6"], 3),
-    (CNN + ["norm.groups=3"], 4),  # channels 4, 8, 16: a conv group of one channel is fine (spatial positions)
-    (["model.width=6", "norm.groups=0"], 3),  # not the generic 8, which 6 units reject
-])
+@pytest.mark.parametrize(
+    "overrides,suggested",
+    [
+        (["norm.groups=7"], 32),
+        (["norm.groups=256"], 32),  # 256 units: 32 groups of 8
+        (["model.width=6", "norm.groups=4"], 3),
+        (["model.width=6", "norm.groups=6"], 3),
+        (CNN + ["norm.groups=3"], 4),  # channels 4, 8, 16: a conv group of one channel is fine (spatial positions)
+        (["model.width=6", "norm.groups=0"], 3),  # not the generic 8, which 6 units reject
+    ],
+)
 def test_the_groups_a_norm_groups_error_suggests_are_accepted(overrides, suggested):
     with pytest.raises(ConfigError, match=rf"e\.g\. norm\.groups={suggested}$"):
         validate(compose(["norm=group", *overrides]))
     validate(compose(["norm=group", *overrides, f"norm.groups={suggested}"]))
     with pytest.raises(ConfigError, match=r"widen the layers \(model\.width\) or use another norm$"):
         validate(compose(["norm=group", "model.width=1", "norm.groups=1"]))
+
 
 def test_cnn_input_shape_errors_are_one_line():
     cfg = compose(["model=cnn", "model.channels=[2,2,2,2,2,2]"])

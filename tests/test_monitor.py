@@ -1,4 +1,5 @@
 """The monitor's numbers against an independent computation on the same batch."""
+
 import torch
 import torch.nn.functional as F
 
@@ -53,8 +54,14 @@ def test_activation_norms_keep_layer_order_across_interleaved_shapes_and_dtypes(
     from nrexp.monitor import activation_norms
 
     torch.manual_seed(0)
-    activations = [torch.randn(8, 5), torch.randn(8, 3, 2, 2), torch.randn(8, 5) * 3, torch.randn(8, 7),
-                   torch.randn(8, 3, 2, 2).bfloat16(), torch.randn(8, 3, 2, 2) * 0.1]
+    activations = [
+        torch.randn(8, 5),
+        torch.randn(8, 3, 2, 2),
+        torch.randn(8, 5) * 3,
+        torch.randn(8, 7),
+        torch.randn(8, 3, 2, 2).bfloat16(),
+        torch.randn(8, 3, 2, 2) * 0.1,
+    ]
     expected = torch.stack([a.flatten(1).float().norm(dim=1).mean() for a in activations])
     got = activation_norms(activations)
     assert got.dtype == torch.float32 and got.shape == (6,)
@@ -84,9 +91,14 @@ def test_act_cos_is_the_mean_pairwise_cosine_of_an_explicit_loop():
     direction = torch.randn(1, 30)
     with_zero = torch.relu(torch.randn(9, 12) + 0.5)
     with_zero[3] = 0
-    activations = [torch.randn(16, 30) + 2.0, torch.relu(torch.randn(8, 3, 4, 4)),
-                   (torch.randn(8, 20) + 1).bfloat16(), direction * torch.rand(6, 1) + 0 * torch.randn(6, 30),
-                   torch.cat([direction, -direction]), with_zero]
+    activations = [
+        torch.randn(16, 30) + 2.0,
+        torch.relu(torch.randn(8, 3, 4, 4)),
+        (torch.randn(8, 20) + 1).bfloat16(),
+        direction * torch.rand(6, 1) + 0 * torch.randn(6, 30),
+        torch.cat([direction, -direction]),
+        with_zero,
+    ]
     norms, cosines = activation_norms_and_cosines(activations)
     assert cosines.dtype == torch.float32 and cosines.shape == (6,)
     expected = [pairwise_cosine_loop(a.float()) for a in activations]
@@ -189,8 +201,9 @@ def test_capture_gives_the_numbers_of_an_independent_computation_threaded_or_not
     from nrexp.monitor import LayerMonitor as Monitor
 
     kept = []
-    monkeypatch.setattr(Monitor, "_keep_after", lambda self, after, keep=Monitor._keep_after: (
-        kept.append(1), keep(self, after))[1])
+    monkeypatch.setattr(
+        Monitor, "_keep_after", lambda self, after, keep=Monitor._keep_after: (kept.append(1), keep(self, after))[1]
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -211,8 +224,10 @@ def test_capture_gives_the_numbers_of_an_independent_computation_threaded_or_not
             assert torch.equal(got[key], inline[key]), key
             assert ((got[key] > 0) | (torch.stack(values) == 0)).all(), (i, key)  # 0: weight_change at init
     host, scalars = monitor_module.LayerMonitor.to_host(
-        type("M", (), {"names": ["block00", "block01", "block02", "head"]})(), runs[True][-1][0],
-        {"train/loss": torch.tensor(1.5)})
+        type("M", (), {"names": ["block00", "block01", "block02", "head"]})(),
+        runs[True][-1][0],
+        {"train/loss": torch.tensor(1.5)},
+    )
     assert scalars == {"train/loss": 1.5}
     assert host["update_ratio"]["head"] == runs[True][-1][0]["update_ratio"][3].item()
 
@@ -271,8 +286,19 @@ def test_update_ratio_at_step_t_is_the_update_right_after_step_ts_forward_backwa
 
     from nrexp.train import train
 
-    train(compose(TINY + ["trainer.log_every=1", "trainer.max_steps=4", "optim.momentum=0", "optim.lr=0.1",
-                          "trainer.progress=false"]), tmp_path)
+    train(
+        compose(
+            TINY
+            + [
+                "trainer.log_every=1",
+                "trainer.max_steps=4",
+                "optim.momentum=0",
+                "optim.lr=0.1",
+                "trainer.progress=false",
+            ]
+        ),
+        tmp_path,
+    )
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0}).Reload()
 
     def series(tag):

@@ -4,6 +4,7 @@ For a conv feature map of shape (N, C, H, W) the course notes say: BatchNorm kee
 channel over N x H x W; LayerNorm one per example over C x H x W. Group, instance and RMS norm are
 checked over their own axes the same way, in training and in evaluation mode.
 """
+
 import math
 
 import pytest
@@ -18,8 +19,9 @@ EPS = 1e-5
 
 
 def norm_cfg(name, **kw):
-    return OmegaConf.create({"name": name, "eps": EPS, "affine": True, "momentum": 0.1, "groups": 2,
-                             "position": "before_act", **kw})
+    return OmegaConf.create(
+        {"name": name, "eps": EPS, "affine": True, "momentum": 0.1, "groups": 2, "position": "before_act", **kw}
+    )
 
 
 def with_random_affine(layer: nn.Module, seed: int = 1) -> nn.Module:
@@ -35,8 +37,11 @@ def feature_map(seed: int = 0) -> torch.Tensor:
     """(N=3, C=4, H=2, W=3) with a different scale and offset per channel and per example."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 4, 2, 3, generator=gen, dtype=torch.float64)
-    return (x * torch.tensor([0.5, 1.0, 2.0, 4.0]).view(1, 4, 1, 1) + torch.tensor([-2.0, 0.0, 1.0, 3.0]).view(1, 4, 1, 1)
-            + torch.tensor([0.0, 5.0, -5.0]).view(3, 1, 1, 1)).float()
+    return (
+        x * torch.tensor([0.5, 1.0, 2.0, 4.0]).view(1, 4, 1, 1)
+        + torch.tensor([-2.0, 0.0, 1.0, 3.0]).view(1, 4, 1, 1)
+        + torch.tensor([0.0, 5.0, -5.0]).view(3, 1, 1, 1)
+    ).float()
 
 
 def test_conv_batchnorm_one_mean_and_variance_per_channel_over_n_h_w():

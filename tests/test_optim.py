@@ -1,4 +1,5 @@
 """nrexp's optimizers are torch's, less the import of torch._dynamo a run does not need (start-up time)."""
+
 import copy
 import subprocess
 import sys
@@ -28,8 +29,9 @@ def test_steps_and_state_are_torchs_own(name):
     cfg = optim_cfg(name)
     ours = make_optimizer([{"params": list(model.parameters()), "weight_decay": 0.01}], cfg)
     extra = {"momentum": cfg.momentum} if name == "sgd" else {"betas": cfg.betas}
-    theirs = TORCH_CLASS[name]([{"params": list(twin.parameters()), "weight_decay": 0.01}], lr=cfg.lr, fused=True,
-                               **extra)
+    theirs = TORCH_CLASS[name](
+        [{"params": list(twin.parameters()), "weight_decay": 0.01}], lr=cfg.lr, fused=True, **extra
+    )
     assert isinstance(ours, TORCH_CLASS[name]) and type(ours) is not TORCH_CLASS[name]
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
     for _ in range(3):
@@ -68,8 +70,15 @@ import torch._dynamo
 step()
 print("steps", len(opt.state_dict()["state"]), model.weight.sum().item())
 """
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True,
-                          text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "dynamo False"

@@ -1,5 +1,6 @@
 """nrexp.monitor.watch on a model nrexp did not build (torchvision's resnet18 at 32x32): its numbers against an
 independent computation, and scripts/own_model.py end to end through TensorBoard's own reader."""
+
 import copy
 import importlib.util
 from pathlib import Path
@@ -61,17 +62,20 @@ def test_watch_gives_resnet18s_numbers_as_computed_plainly(tmp_path):
         gram = unit @ unit.T
         n = len(flat)
         assert got["act_norm"][name] == pytest.approx(flat.norm(dim=1).mean().item(), rel=1e-5), name
-        assert got["act_cos"][name] == pytest.approx(((gram.sum() - gram.trace()) / (n * (n - 1))).item(),
-                                                     rel=1e-4, abs=1e-6), name
+        assert got["act_cos"][name] == pytest.approx(
+            ((gram.sum() - gram.trace()) / (n * (n - 1))).item(), rel=1e-4, abs=1e-6
+        ), name
         assert got["grad_norm"][name] == pytest.approx(grads[name].norm().item(), rel=1e-4), name
         weight = params[name].detach()
         assert got["weight_norm"][name] == pytest.approx(weight.norm().item(), rel=1e-6), name
-        assert got["update_ratio"][name] == pytest.approx(lr * grads[name].norm().item() / weight.norm().item(),
-                                                          rel=1e-4), name
+        assert got["update_ratio"][name] == pytest.approx(
+            lr * grads[name].norm().item() / weight.norm().item(), rel=1e-4
+        ), name
         assert got["weight_change"][name] == 0.0  # step 0: the weights are still those at init
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0}).Reload()
     assert [(e.step, e.value) for e in events.Scalars("act_norm/layer1.0.conv1")] == [
-        (0, pytest.approx(got["act_norm"]["layer1.0.conv1"]))]
+        (0, pytest.approx(got["act_norm"]["layer1.0.conv1"]))
+    ]
     depth = events.Scalars("depth_init/grad_norm")
     assert [e.step for e in depth] == list(range(21))
     assert [e.value for e in depth] == pytest.approx([got["grad_norm"][n] for n in w.names])

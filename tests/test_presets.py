@@ -1,4 +1,5 @@
 """Issue 5: experiment presets, preact percentiles, `nrexp evaluate` and the claim checks."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,16 @@ import yaml
 
 from conftest import REPO, TINY, compose, read_summary, run_cli, run_dirs
 
-PRESETS = ["init_depth", "norm_fixes_init", "bn_paper_mnist", "ln_vs_bn_mlp", "regularization", "bn_batch_size",
-           "bn_shift", "cnn_norms"]
+PRESETS = [
+    "init_depth",
+    "norm_fixes_init",
+    "bn_paper_mnist",
+    "ln_vs_bn_mlp",
+    "regularization",
+    "bn_batch_size",
+    "bn_shift",
+    "cnn_norms",
+]
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -32,11 +41,22 @@ def test_preset_composes_validates_and_names_itself(name):
 
 def test_presets_set_what_the_issue_says():
     c = compose(["+experiment=init_depth"])
-    assert (c.model.depth, c.model.width, c.model.activation.value, c.norm.name, c.init.name, c.optim.name) == \
-        (50, 100, "relu", "none", "normal", "sgd")
+    assert (c.model.depth, c.model.width, c.model.activation.value, c.norm.name, c.init.name, c.optim.name) == (
+        50,
+        100,
+        "relu",
+        "none",
+        "normal",
+        "sgd",
+    )
     c = compose(["+experiment=bn_paper_mnist"])
-    assert (c.model.depth, c.model.width, c.model.activation.value, c.data.batch_size, c.norm.position.value) == \
-        (3, 100, "sigmoid", 60, "before_act")
+    assert (c.model.depth, c.model.width, c.model.activation.value, c.data.batch_size, c.norm.position.value) == (
+        3,
+        100,
+        "sigmoid",
+        60,
+        "before_act",
+    )
     assert c.trainer.preact_percentiles is True
     assert compose(["+experiment=regularization"]).data.train_size == 1000
 
@@ -174,16 +194,19 @@ def test_apply_shifts_by_number():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, words", [
-    (["--shift", "blur=1"], "--shift 'blur=1' is invalid"),
-    (["--shift", "noise=abc"], "is not a number"),
-    (["--shift", "noise=-1"], "must be >= 0"),
-    (["--shift", "translate=1.5"], "whole pixels"),
-    (["--bn-stats", "mean"], "--bn-stats 'mean' is invalid"),
-    (["--bn-stats", "test", "--batch-size", "1"], "a batch of one example"),
-    (["--batch-size", "0"], "must be >= 1"),
-    (["--bogus"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--shift", "blur=1"], "--shift 'blur=1' is invalid"),
+        (["--shift", "noise=abc"], "is not a number"),
+        (["--shift", "noise=-1"], "must be >= 0"),
+        (["--shift", "translate=1.5"], "whole pixels"),
+        (["--bn-stats", "mean"], "--bn-stats 'mean' is invalid"),
+        (["--bn-stats", "test", "--batch-size", "1"], "a batch of one example"),
+        (["--batch-size", "0"], "must be >= 1"),
+        (["--bogus"], "unrecognized arguments"),
+    ],
+)
 def test_evaluate_bad_input_is_one_line(bn_run, args, words):
     proc = run_cli(["evaluate", str(bn_run), *args], cwd=bn_run.parent)
     assert proc.returncode == 2
@@ -208,8 +231,10 @@ def test_evaluate_bad_run_dirs_are_one_line(tmp_path, tiny_run):
     assert read_summary(diverged)["status"] == "diverged" and (diverged / "checkpoint.pt").is_file()
     proc = run_cli(["evaluate", str(diverged)], cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert ("diverged (its loss was non-finite at step 5); its checkpoint.pt is a periodic one, saved after 4 steps"
-            in proc.stderr)
+    assert (
+        "diverged (its loss was non-finite at step 5); its checkpoint.pt is a periodic one, saved after 4 steps"
+        in proc.stderr
+    )
     (diverged / "checkpoint.pt").unlink()  # the usual case: no periodic checkpoint before the blow-up
     proc = run_cli(["evaluate", str(diverged)], cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
@@ -229,12 +254,31 @@ def _sweeps(tmp_path, *names, extra=None):
     from conftest import cli_env
 
     env = dict(cli_env(tmp_path), OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-m", "nrexp", "train", "-m", f"+experiment={name}",
-                               f"hydra.sweep.dir={tmp_path / name}", "data.source=bundled", "data.train_size=256",
-                               "trainer.max_steps=1", "trainer.progress=false",
-                               "trainer.checkpoint_every=0", *(extra or {}).get(name, [])],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name in names]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nrexp",
+                "train",
+                "-m",
+                f"+experiment={name}",
+                f"hydra.sweep.dir={tmp_path / name}",
+                "data.source=bundled",
+                "data.train_size=256",
+                "trainer.max_steps=1",
+                "trainer.progress=false",
+                "trainer.checkpoint_every=0",
+                *(extra or {}).get(name, []),
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in names
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-2000:]
@@ -266,8 +310,14 @@ def test_init_depth_and_norm_claims_at_init_reproduce(tmp_path):
     assert all("(3 seeds)" in r.interval for r in others)
     assert {r.experiment for r in results} == {"init_depth", "norm_fixes_init"}
     # the same checks through `nrexp report --check`, after the report's own table
-    out = subprocess.run([sys.executable, "-m", "nrexp", "report", str(tmp_path / "init_depth"), "--check"],
-                         cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "nrexp", "report", str(tmp_path / "init_depth"), "--check"],
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.index("act_ratio_init") < out.stdout.index("act norm at init") and "reproduced" in out.stdout
     assert "95% interval" in out.stdout
@@ -294,10 +344,14 @@ def test_claims_of_missing_runs_say_so():
         assert results and all(not r.reproduced for r in results), name
 
 
-@pytest.mark.parametrize("losses,outcomes", [
-    ({"none": 2.0, "batch": 0.5, "layer": 1.0, "group": 0.9}, ["reproduced", "reproduced"]),
-    ({"none": 2.0, "batch": 1.2, "layer": 1.0, "group": 0.9}, ["contradicted", "reproduced"]),
-    ({"none": 0.8, "batch": 0.5, "layer": 1.0, "group": 0.9}, ["reproduced", "contradicted"])])
+@pytest.mark.parametrize(
+    "losses,outcomes",
+    [
+        ({"none": 2.0, "batch": 0.5, "layer": 1.0, "group": 0.9}, ["reproduced", "reproduced"]),
+        ({"none": 2.0, "batch": 1.2, "layer": 1.0, "group": 0.9}, ["contradicted", "reproduced"]),
+        ({"none": 0.8, "batch": 0.5, "layer": 1.0, "group": 0.9}, ["reproduced", "contradicted"]),
+    ],
+)
 def test_cnn_norms_claims_compare_the_training_losses(tmp_path, losses, outcomes):
     """The convnet preset's runs, as summary.json files of a sweep (training them takes hours on this CPU):
     three seeds a norm, each seed's losses shifted alike (the differences, paired by seed, are exact)."""
@@ -306,14 +360,20 @@ def test_cnn_norms_claims_compare_the_training_losses(tmp_path, losses, outcomes
     for norm, loss in losses.items():
         for seed in range(3):
             (tmp_path / f"{norm}{seed}").mkdir()
-            (tmp_path / f"{norm}{seed}" / "summary.json").write_text(json.dumps({
-                "config": {"experiment": "cnn_norms", "norm": {"name": norm}, "seed": seed},
-                "metrics": {"train/loss": loss + 0.1 * seed}}))
+            (tmp_path / f"{norm}{seed}" / "summary.json").write_text(
+                json.dumps(
+                    {
+                        "config": {"experiment": "cnn_norms", "norm": {"name": norm}, "seed": seed},
+                        "metrics": {"train/loss": loss + 0.1 * seed},
+                    }
+                )
+            )
     results = check(tmp_path)
     assert [r.experiment for r in results] == ["cnn_norms"] * 2 and [r.outcome for r in results] == outcomes
     norms = ("none", "batch", "layer", "group")
-    assert results[0].measured == ("train loss: " + ", ".join(f"{n} {losses[n] + 0.1:.3g}" for n in norms)
-                                   + " (means of 3 seeds)")
+    assert results[0].measured == (
+        "train loss: " + ", ".join(f"{n} {losses[n] + 0.1:.3g}" for n in norms) + " (means of 3 seeds)"
+    )
 
 
 def test_cnn_norms_claims_rank_a_diverged_run_last(tmp_path):
@@ -324,10 +384,15 @@ def test_cnn_norms_claims_rank_a_diverged_run_last(tmp_path):
     for norm, losses in runs.items():
         for seed, loss in enumerate(losses):
             (tmp_path / f"{norm}{seed}").mkdir()
-            (tmp_path / f"{norm}{seed}" / "summary.json").write_text(json.dumps({
-                "status": "diverged" if loss is None else "completed",
-                "config": {"experiment": "cnn_norms", "norm": {"name": norm}, "seed": seed},
-                "metrics": {"train/loss": loss}}))
+            (tmp_path / f"{norm}{seed}" / "summary.json").write_text(
+                json.dumps(
+                    {
+                        "status": "diverged" if loss is None else "completed",
+                        "config": {"experiment": "cnn_norms", "norm": {"name": norm}, "seed": seed},
+                        "metrics": {"train/loss": loss},
+                    }
+                )
+            )
     results = check(tmp_path)
     assert results[0].measured.startswith("train loss: none 2.3 (diverged runs), batch 0.15, layer 0.7, group 0.8")
     assert [r.outcome for r in results] == ["reproduced", "reproduced"]
@@ -344,10 +409,15 @@ def test_claims_treat_seeds_as_samples(tmp_path):
         for (norm, batch), acc in accs.items():
             run = tmp_path / f"{norm}{batch}s{seed}"
             run.mkdir()
-            config = {"experiment": "bn_batch_size", "norm": {"name": norm}, "data": {"batch_size": batch},
-                      "seed": seed}
-            (run / "summary.json").write_text(json.dumps({"status": "completed", "metrics": {"test/acc": acc},
-                                                          "config": config}))
+            config = {
+                "experiment": "bn_batch_size",
+                "norm": {"name": norm},
+                "data": {"batch_size": batch},
+                "seed": seed,
+            }
+            (run / "summary.json").write_text(
+                json.dumps({"status": "completed", "metrics": {"test/acc": acc}, "config": config})
+            )
     degrades, stats = check(tmp_path)
     assert degrades.claim == "BN degrades at small batches, LN does not" and degrades.outcome == "reproduced"
     assert "BN error +0.277, LN error +0.01" in degrades.measured and "(3 seeds)" in degrades.interval
@@ -384,9 +454,22 @@ def test_reproduce_quick_runs_and_writes_results(tmp_path):
 
     from conftest import cli_env
 
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "reproduce.py"), "--quick",
-                          "--out", str(tmp_path / "out"), "--docs", str(tmp_path / "docs")],
-                         cwd=REPO, env=cli_env(tmp_path), capture_output=True, text=True, timeout=3600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "reproduce.py"),
+            "--quick",
+            "--out",
+            str(tmp_path / "out"),
+            "--docs",
+            str(tmp_path / "docs"),
+        ],
+        cwd=REPO,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     text = (tmp_path / "docs" / "results.md").read_text()
     assert "Quick mode" in text and "| experiment | claim |" in text

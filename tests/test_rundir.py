@@ -1,4 +1,5 @@
 """Run dir guards (nrexp/rundir.py): a run dir holds one run, written by one process."""
+
 import os
 import subprocess
 import sys
@@ -83,9 +84,17 @@ def test_job_key_ignores_order_and_bookkeeping_keys():
     assert job_key(["seed=1"]) != job_key(["seed=2"])
 
 
-@pytest.mark.parametrize("status,checkpoint,action", [("completed", True, "skipped"), ("diverged", False, "skipped"),
-                                                      ("interrupted", True, "resumed"), ("failed", True, "resumed"),
-                                                      ("failed", False, "run"), (None, False, "run")])
+@pytest.mark.parametrize(
+    "status,checkpoint,action",
+    [
+        ("completed", True, "skipped"),
+        ("diverged", False, "skipped"),
+        ("interrupted", True, "resumed"),
+        ("failed", True, "resumed"),
+        ("failed", False, "run"),
+        (None, False, "run"),
+    ],
+)
 def test_job_action(tmp_path, status, checkpoint, action):
     import json
 
@@ -104,16 +113,21 @@ def test_failure_lines_of_resource_errors():
     from nrexp.sweep import failure_line, width_that_fits
 
     cfg = {"model": {"name": "mlp", "width": 100_000_000, "depth": 2}, "data": {"batch_size": 128}}
-    oom = RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
-                       "allocate 313600000000 bytes. Error code 12 (Cannot allocate memory)")
+    oom = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried to "
+        "allocate 313600000000 bytes. Error code 12 (Cannot allocate memory)"
+    )
     line = failure_line(oom, cfg)
-    assert line.startswith("out of host memory: tried to allocate 292.1 GiB for model.width=100000000, "
-                           "data.batch_size=128. Fix: use a smaller width or batch, e.g. model.width=")
+    assert line.startswith(
+        "out of host memory: tried to allocate 292.1 GiB for model.width=100000000, "
+        "data.batch_size=128. Fix: use a smaller width or batch, e.g. model.width="
+    )
     assert width_that_fits(100_000_000, 2, 16 * 2**30) == 16384  # 16 B * (3072 w + w^2) <= 8 GiB: 5.1 GB
     cuda = RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 15.7 GiB total capacity)")
     assert failure_line(cuda, cfg).startswith("out of GPU memory: tried to allocate 20.00 GiB")
     full = OSError(errno.ENOSPC, "No space left on device")
     full.nrexp_path, full.nrexp_bytes = "/runs/a/checkpoint.pt", 3 * 2**20
-    assert failure_line(full).startswith("disk full: no space left on the device writing /runs/a/checkpoint.pt; "
-                                         "it needs 3.0 MiB free there. Fix: ")
+    assert failure_line(full).startswith(
+        "disk full: no space left on the device writing /runs/a/checkpoint.pt; it needs 3.0 MiB free there. Fix: "
+    )
     assert failure_line(ValueError("bad")) == "ValueError: bad"

@@ -1,5 +1,6 @@
 """Sweeps (`nrexp train -m`): job dirs, failures that do not stop the sweep, the status table, and the
 launcher/sweeper plugins (joblib, submitit_local, optuna) running real jobs."""
+
 import json
 import math
 import re
@@ -14,7 +15,10 @@ from nrexp.sweep import EXCLUDE_KEYS, MAX_DIR_NAME, gpu_for_job, job_dir_name, n
 
 # A 2-job sweep for the launcher tests: as small as a real run gets.
 LAUNCHER_TINY = [o for o in TINY if not o.startswith(("trainer.max_steps", "trainer.eval_every"))] + [
-    "trainer.max_steps=2", "trainer.eval_every=2", "trainer.progress=false"]
+    "trainer.max_steps=2",
+    "trainer.eval_every=2",
+    "trainer.progress=false",
+]
 
 
 def test_job_dir_names_carry_what_varies_in_command_line_order():
@@ -22,8 +26,10 @@ def test_job_dir_names_carry_what_varies_in_command_line_order():
     constants = ["trainer.progress", "data.root", "data.source", "init"]  # what naming_overrides excludes
     assert job_dir_name(task, constants) == "norm=batch,init.scale=2"  # not alphabetical: as typed
     # a preset's sweep (hydra.sweeper.params) follows the command line's, in the preset's order
-    assert job_dir_name(["model.depth=50", "+experiment=x", "seed=1"], ["experiment"],
-                        {"model.depth": "10,50"}) == "seed=1,model.depth=50"
+    assert (
+        job_dir_name(["model.depth=50", "+experiment=x", "seed=1"], ["experiment"], {"model.depth": "10,50"})
+        == "seed=1,model.depth=50"
+    )
     # a sweep that varies nothing (one job): named by its overrides but the bookkeeping ones; none: `defaults`
     assert job_dir_name(["norm=batch", "trainer.progress=false"], ["trainer.progress", "norm"]) == "norm=batch"
     assert job_dir_name([]) == "defaults"  # not the sweep dir itself
@@ -36,8 +42,10 @@ def test_job_dir_names_carry_what_varies_in_command_line_order():
 
 
 def test_naming_overrides_exclude_the_constant_keys_of_a_sweep():
-    line = naming_overrides(["norm=none,batch", "+experiment=x", "init.scale=1,2", "seed=0", "hydra.sweep.dir=s",
-                             "hydra/launcher=joblib"], multirun=True)
+    line = naming_overrides(
+        ["norm=none,batch", "+experiment=x", "init.scale=1,2", "seed=0", "hydra.sweep.dir=s", "hydra/launcher=joblib"],
+        multirun=True,
+    )
     assert line == [f"{EXCLUDE_KEYS}=[trainer.progress,data.root,data.eval_batch_size,experiment,seed]"]
     given = naming_overrides([f"{EXCLUDE_KEYS}=[seed]", "norm=none,batch", "init=normal"], multirun=True)
     assert given == [f"{EXCLUDE_KEYS}=[seed,init]"]  # added to the list the command line gives
@@ -97,7 +105,10 @@ def test_launcher_and_sweeper_presets_compose():
     assert optuna.direction == "maximize" and set(optuna.params) == {"optim.weight_decay", "dropout.p"}
     hydra = _hydra_cfg([])
     assert [c._target_ for c in hydra.callbacks.values()] == [
-        "nrexp.console.RunConsole", "nrexp.sweep.SweepRecord", "nrexp.sweep.SweepStatusTable"]
+        "nrexp.console.RunConsole",
+        "nrexp.sweep.SweepRecord",
+        "nrexp.sweep.SweepStatusTable",
+    ]
 
 
 @pytest.mark.slow
@@ -132,8 +143,9 @@ def test_a_sweep_names_jobs_by_what_varies_and_records_its_constants(tmp_path):
     order (norm before init.scale, not alphabetical); sweep.yaml and each run's text tab list the constants;
     the terminal shows the sweep dir first, one line per finished job, no per-job table, then the table."""
     constants = [*LAUNCHER_TINY, "init=normal"]
-    proc = run_cli(["train", "-m", "norm=none,batch", *constants, "init.scale=1,2", "hydra.sweep.dir=sweep"],
-                   cwd=tmp_path)
+    proc = run_cli(
+        ["train", "-m", "norm=none,batch", *constants, "init.scale=1,2", "hydra.sweep.dir=sweep"], cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     sweep = tmp_path / "sweep"
     names = [f"norm={n},init.scale={s}" for n in ("none", "batch") for s in (1, 2)]
@@ -208,8 +220,18 @@ def test_the_exit_code_of_a_sweep_into_a_used_dir_is_that_of_its_own_jobs(tmp_pa
 
 @pytest.mark.slow  # reason: starts 2 loky worker processes that each import torch (~20 s on 2 cores)
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
-    proc = run_cli(["train", "-m", *LAUNCHER_TINY, "norm=none,batch", "hydra/launcher=joblib",
-                    "hydra.launcher.n_jobs=2", "hydra.sweep.dir=sweep"], cwd=tmp_path)
+    proc = run_cli(
+        [
+            "train",
+            "-m",
+            *LAUNCHER_TINY,
+            "norm=none,batch",
+            "hydra/launcher=joblib",
+            "hydra.launcher.n_jobs=2",
+            "hydra.sweep.dir=sweep",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
     summaries = [read_summary(d) for d in run_dirs(tmp_path / "sweep")]
@@ -221,8 +243,10 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
 @pytest.mark.slow  # reason: submitit_local starts each job as its own Python process (~20 s on 2 cores)
 def test_submitit_local_launcher_runs_separate_job_processes(tmp_path):
     fixed = [o for o in LAUNCHER_TINY if not o.startswith("data.train_size")]
-    proc = run_cli(["train", "-m", *fixed, "data.train_size=256,5000", "hydra/launcher=submitit_local",
-                    "hydra.sweep.dir=sweep"], cwd=tmp_path)
+    proc = run_cli(
+        ["train", "-m", *fixed, "data.train_size=256,5000", "hydra/launcher=submitit_local", "hydra.sweep.dir=sweep"],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr  # one job failed
     sweep = tmp_path / "sweep"
     statuses = sorted(read_summary(d)["status"] for d in run_dirs(sweep))
@@ -235,8 +259,17 @@ def test_submitit_local_launcher_runs_separate_job_processes(tmp_path):
 
 @pytest.mark.slow  # reason: 2 Optuna trials in sequence (~15 s on 2 cores)
 def test_optuna_sweeper_searches_and_reports_the_best_trial(tmp_path):
-    proc = run_cli(["train", "-m", *LAUNCHER_TINY, "hydra/sweeper=optuna_wd_dropout", "hydra.sweeper.n_trials=2",
-                    "hydra.sweep.dir=sweep"], cwd=tmp_path)
+    proc = run_cli(
+        [
+            "train",
+            "-m",
+            *LAUNCHER_TINY,
+            "hydra/sweeper=optuna_wd_dropout",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweep.dir=sweep",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     sweep = tmp_path / "sweep"
     summaries = [read_summary(d) for d in run_dirs(sweep)]
@@ -248,8 +281,17 @@ def test_optuna_sweeper_searches_and_reports_the_best_trial(tmp_path):
     json.dumps(result)  # plain values a script can read
 
 
-@pytest.mark.parametrize("override", ["seed=7", "optim.lr=0.125", "trainer.max_steps=null", "data.train_size=100",
-                                      "model.activation=tanh", "data.root=/tmp/x"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "seed=7",
+        "optim.lr=0.125",
+        "trainer.max_steps=null",
+        "data.train_size=100",
+        "model.activation=tanh",
+        "data.root=/tmp/x",
+    ],
+)
 def test_preflight_shortcut_gives_hydras_own_config(override):
     """preflight checks a swept plain value by updating one composed config instead of composing anew:
     the config it checks must be exactly the one Hydra composes for that job."""
@@ -264,8 +306,19 @@ def test_preflight_shortcut_gives_hydras_own_config(override):
     assert OmegaConf.to_container(shortcut) == OmegaConf.to_container(compose(fixed + [override]))
 
 
-@pytest.mark.parametrize("override", ["norm=layer", "+foo=1", "~seed", "norm.foo=1", "seed=abc", "model.depth=2.5",
-                                      "optim.betas=[0.5,0.75]", "experiment=x"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "norm=layer",
+        "+foo=1",
+        "~seed",
+        "norm.foo=1",
+        "seed=abc",
+        "model.depth=2.5",
+        "optim.betas=[0.5,0.75]",
+        "experiment=x",
+    ],
+)
 def test_preflight_shortcut_leaves_groups_new_keys_and_bad_values_to_hydra(override):
     """Groups, +/~ overrides, unknown keys, values of the wrong type and lists (merged by Hydra's rules) take
     Hydra's full compose (and its error wording): the shortcut declines them."""

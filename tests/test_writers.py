@@ -261,10 +261,15 @@ def test_histograms_count_every_element_and_match_an_independent_histogram(tmp_p
     train(compose(overrides), tmp_path / "off")
     events = EventAccumulator(str(tmp_path / "on"), size_guidance={"histograms": 0}).Reload()
     layers = ["block00", "block01", "head"]
-    assert set(events.Tags()["histograms"]) == {f"{k}/{n}" for k in ("hist_act", "hist_grad", "hist_weight") for n in layers}
+    assert set(events.Tags()["histograms"]) == {
+        f"{k}/{n}" for k in ("hist_act", "hist_grad", "hist_weight") for n in layers
+    }
     batch, width, pixels = 64, 32, 28 * 28
-    sizes = {"block00": (batch * width, width * pixels), "block01": (batch * width, width * width),
-             "head": (batch * 10, 10 * width)}
+    sizes = {
+        "block00": (batch * width, width * pixels),
+        "block01": (batch * width, width * width),
+        "head": (batch * 10, 10 * width),
+    }
     init = torch.load(tmp_path / "on" / "checkpoint.pt", weights_only=False)["init_weights"]
     for i, layer in enumerate(layers):
         act, weight = sizes[layer]
@@ -278,7 +283,7 @@ def test_histograms_count_every_element_and_match_an_independent_histogram(tmp_p
         h = events.Histograms(f"hist_weight/{layer}")[0].histogram_value
         w = init[i].numpy().astype(np.float64).ravel()
         assert (h.min, h.max) == (pytest.approx(w.min()), pytest.approx(w.max()))
-        assert h.sum == pytest.approx(w.sum(), abs=1e-3) and h.sum_squares == pytest.approx((w ** 2).sum(), rel=1e-5)
+        assert h.sum == pytest.approx(w.sum(), abs=1e-3) and h.sum_squares == pytest.approx((w**2).sum(), rel=1e-5)
         expected, _ = np.histogram(w, bins=64, range=(w.min(), w.max()))
         # a value on a bin edge may fall either side in float32: a few entries may move to a neighbour
         assert np.abs(np.array(h.bucket) - expected).sum() <= 4, layer

@@ -78,20 +78,29 @@ class FusedLauncher(Launcher):
 
         task_configs = [_task_config(c) for c in configs]
         groups = _plan(configs, task_configs, self.max_members)
-        log.info("fused launcher: %d jobs in %d group(s): %s", len(configs), len(groups),
-                 "; ".join(f"{len(g.jobs)} x {g.label}" if g.fused else f"1 alone ({g.label})" for g in groups))
+        log.info(
+            "fused launcher: %d jobs in %d group(s): %s",
+            len(configs),
+            len(groups),
+            "; ".join(f"{len(g.jobs)} x {g.label}" if g.fused else f"1 alone ({g.label})" for g in groups),
+        )
         returns: list[JobReturn | None] = [None] * len(configs)
         for group in groups:
             for i in group.jobs:
                 log.info("\t#%d : %s", initial_job_idx + i, " ".join(filter_overrides(list(job_overrides[i]))))
             if group.fused:
-                for i, ret in zip(group.jobs, self._run_group([configs[i] for i in group.jobs],
-                                                              [task_configs[i] for i in group.jobs])):
+                for i, ret in zip(
+                    group.jobs, self._run_group([configs[i] for i in group.jobs], [task_configs[i] for i in group.jobs])
+                ):
                     returns[i] = ret
             else:
-                returns[group.jobs[0]] = run_job(hydra_context=self.hydra_context, task_function=self.task_function,
-                                                 config=configs[group.jobs[0]], job_dir_key="hydra.sweep.dir",
-                                                 job_subdir_key="hydra.sweep.subdir")
+                returns[group.jobs[0]] = run_job(
+                    hydra_context=self.hydra_context,
+                    task_function=self.task_function,
+                    config=configs[group.jobs[0]],
+                    job_dir_key="hydra.sweep.dir",
+                    job_subdir_key="hydra.sweep.subdir",
+                )
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return returns
 
@@ -154,8 +163,11 @@ class FusedLauncher(Launcher):
         if config.hydra.output_subdir is not None:
             hydra_output = Path(config.hydra.runtime.output_dir) / str(config.hydra.output_subdir)
             hydra_output.mkdir(parents=True, exist_ok=True)
-            for name, node in (("config.yaml", ret.cfg), ("hydra.yaml", ret.hydra_cfg),
-                               ("overrides.yaml", config.hydra.overrides.task)):
+            for name, node in (
+                ("config.yaml", ret.cfg),
+                ("hydra.yaml", ret.hydra_cfg),
+                ("overrides.yaml", config.hydra.overrides.task),
+            ):
                 (hydra_output / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
         self.hydra_context.callbacks.on_job_start(config=config, task_function=self.task_function)
         return ret
@@ -209,4 +221,3 @@ def _add_log_files(run_dirs: Sequence[Path], name: str) -> list[logging.Handler]
         root.addHandler(handler)
         handlers.append(handler)
     return handlers
-
