@@ -26,9 +26,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from nrexp.metrics import LAYER_METRICS  # noqa: F401 (re-exported: the statistics, in order)
 from nrexp.models import weight_layers
-
-LAYER_METRICS = ("act_norm", "act_cos", "grad_norm", "weight_norm", "weight_change", "update_ratio")
 
 
 def weight_grad(layer: nn.Module) -> torch.Tensor:
