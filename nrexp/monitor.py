@@ -27,9 +27,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from nrexp.metrics import LAYER_METRICS  # noqa: F401 (re-exported: the statistics, in order)
 from nrexp.models import weight_layers
-
-LAYER_METRICS = ("act_norm", "act_cos", "grad_norm", "weight_norm", "weight_change", "update_ratio")
 
 
 def weight_grad(layer: nn.Module) -> torch.Tensor:
@@ -525,13 +524,21 @@ def activation_norms_and_cosines(activations: list[torch.Tensor]):
     sum_{i != j} u_i . u_j = ||sum_i u_i||^2 - sum_i ||u_i||^2, and sum_i u_i = a^T (1 / ||a_i||): one
     matrix-vector product over the activation besides the row norms, no B x B matrix. An all-zero row
     (a dead ReLU layer) counts as cosine 0 with every other. NaN for a batch of one (no pairs)."""
-    norms, cosines = [], []
-    for a in activations:
-        flat = a.detach().flatten(1)
-        rows = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32)
-        norms.append(rows.mean())
-        cosines.append(_mean_pairwise_cosine(flat, rows))
-    return torch.stack(norms), torch.stack(cosines)
+    flats = [a.detach().flatten(1) for a in activations]
+    if len({f.shape[0] for f in flats}) > 1:  # batches of different sizes (not the trainer's): one at a time
+        per = [(r.mean(), _mean_pairwise_cosine(f, r)) for f in flats
+               for r in [torch.linalg.vector_norm(f, dim=1, dtype=torch.float32)]]
+        return torch.stack([n for n, _ in per]), torch.stack([c for _, c in per])
+    rows = torch.stack([torch.linalg.vector_norm(f, dim=1, dtype=torch.float32) for f in flats])  # (layers, B)
+    # the per-layer work is the row norms and one matrix-vector product each; the rest is a few kernels over all
+    # layers at once (a 50-layer net: per-layer small kernels would cost more than the reading)
+    inverse = rows.reciprocal().nan_to_num_(nan=0.0, posinf=0.0)  # an all-zero row: 0
+    unit_sums = [inverse[i] @ (f if f.dtype == torch.float32 else f.float()) for i, f in enumerate(flats)]
+    squares = torch.stack([torch.dot(u, u) for u in unit_sums])  # ||sum of unit rows||^2 per layer
+    batch = rows.shape[1]
+    pairs = squares - (rows > 0).sum(1)
+    cosines = pairs / (batch * (batch - 1)) if batch > 1 else torch.full_like(squares, float("nan"))
+    return rows.mean(1), cosines
 
 
 def _mean_pairwise_cosine(flat: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from nrexp import figures
-from nrexp.monitor import LAYER_METRICS
+from nrexp.metrics import LAYER_METRICS
 
 
 def atomic_write(path: Path, data: bytes) -> None:

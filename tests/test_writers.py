@@ -289,3 +289,27 @@ def test_histograms_count_every_element_and_match_an_independent_histogram(tmp_p
         assert np.abs(np.array(h.bucket) - expected).sum() <= 4, layer
     off = EventAccumulator(str(tmp_path / "off"), size_guidance={"histograms": 0}).Reload()
     assert off.Tags()["histograms"] == []
+
+
+def test_a_fused_members_histograms_are_its_solo_runs(tmp_path):
+    """trainer.histograms in a fused group (nrexp/fused.py): each member writes its own, from its slices of the
+    stacks, the histograms its solo run writes (same counts, bins and ranges up to float rounding)."""
+    from conftest import TINY, compose
+    from nrexp.fused import train_group
+    from nrexp.train import train
+
+    base = TINY + ["trainer.max_steps=4", "trainer.log_every=2", "trainer.progress=false", "trainer.histograms=true",
+                   "optim.momentum=0"]
+    cfgs = [compose(base + [f"seed={seed}"]) for seed in (0, 1)]
+    train_group(cfgs, [tmp_path / "f0", tmp_path / "f1"])
+    train(cfgs[1], tmp_path / "solo1")
+    fused, solo = (EventAccumulator(str(tmp_path / d), size_guidance={"histograms": 0}).Reload() for d in ("f1", "solo1"))
+    assert set(fused.Tags()["histograms"]) == set(solo.Tags()["histograms"]) and len(solo.Tags()["histograms"]) == 9
+    for tag in solo.Tags()["histograms"]:
+        a, b = fused.Histograms(tag), solo.Histograms(tag)
+        assert [e.step for e in a] == [e.step for e in b] == [0, 2], tag
+        for x, y in zip(a, b):
+            hx, hy = x.histogram_value, y.histogram_value
+            assert hx.num == hy.num and (hx.min, hx.max) == (pytest.approx(hy.min, rel=1e-5, abs=1e-6),
+                                                        pytest.approx(hy.max, rel=1e-5, abs=1e-6))
+            assert sum(abs(p - q) for p, q in zip(hx.bucket, hy.bucket)) <= 4, (tag, x.step)  # an entry on a bin edge
