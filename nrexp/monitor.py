@@ -526,8 +526,11 @@ def activation_norms_and_cosines(activations: list[torch.Tensor]):
     (a dead ReLU layer) counts as cosine 0 with every other. NaN for a batch of one (no pairs)."""
     flats = [a.detach().flatten(1) for a in activations]
     if len({f.shape[0] for f in flats}) > 1:  # batches of different sizes (not the trainer's): one at a time
-        per = [(r.mean(), _mean_pairwise_cosine(f, r)) for f in flats
-               for r in [torch.linalg.vector_norm(f, dim=1, dtype=torch.float32)]]
+        per = [
+            (r.mean(), _mean_pairwise_cosine(f, r))
+            for f in flats
+            for r in [torch.linalg.vector_norm(f, dim=1, dtype=torch.float32)]
+        ]
         return torch.stack([n for n, _ in per]), torch.stack([c for _, c in per])
     rows = torch.stack([torch.linalg.vector_norm(f, dim=1, dtype=torch.float32) for f in flats])  # (layers, B)
     # the per-layer work is the row norms and one matrix-vector product each; the rest is a few kernels over all

@@ -91,7 +91,7 @@ def test_every_model_trains_with_every_norm(model_args, norm):
     stats = monitor.before_step(activations)
     opt.step()
     host, _ = monitor.to_host(monitor.after_step(stats), {})
-    assert set(host) == {"act_norm", "grad_norm", "weight_norm", "weight_change", "update_ratio"}
+    assert set(host) == {"act_norm", "act_cos", "grad_norm", "weight_norm", "weight_change", "update_ratio"}
     for metric, per_layer in host.items():
         assert list(per_layer) == list(model.monitored_layers()), metric
         assert all(math.isfinite(v) for v in per_layer.values()), (metric, per_layer)

@@ -109,8 +109,9 @@ def test_act_cos_is_the_mean_pairwise_cosine_of_an_explicit_loop():
     assert torch.isnan(activation_norms_and_cosines([torch.randn(1, 5)])[1]).all()  # one example: no pairs
     # one batch size (the trainer's case: the layers' row norms handled together), a zero row and bf16 among them
     same = [with_zero, torch.relu(torch.randn(9, 2, 3, 3)), (torch.randn(9, 7) + 1).bfloat16(), -with_zero]
-    assert activation_norms_and_cosines(same)[1].tolist() == [pytest_approx(pairwise_cosine_loop(a.float()))
-                                                              for a in same]
+    assert activation_norms_and_cosines(same)[1].tolist() == [
+        pytest_approx(pairwise_cosine_loop(a.float())) for a in same
+    ]
 
     stacked = [torch.randn(3, 8, 5) + 1, torch.relu(torch.randn(3, 8, 2, 3, 3))]
     got = stacked_activation_cosines(stacked)

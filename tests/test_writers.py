@@ -298,18 +298,27 @@ def test_a_fused_members_histograms_are_its_solo_runs(tmp_path):
     from nrexp.fused import train_group
     from nrexp.train import train
 
-    base = TINY + ["trainer.max_steps=4", "trainer.log_every=2", "trainer.progress=false", "trainer.histograms=true",
-                   "optim.momentum=0"]
+    base = TINY + [
+        "trainer.max_steps=4",
+        "trainer.log_every=2",
+        "trainer.progress=false",
+        "trainer.histograms=true",
+        "optim.momentum=0",
+    ]
     cfgs = [compose(base + [f"seed={seed}"]) for seed in (0, 1)]
     train_group(cfgs, [tmp_path / "f0", tmp_path / "f1"])
     train(cfgs[1], tmp_path / "solo1")
-    fused, solo = (EventAccumulator(str(tmp_path / d), size_guidance={"histograms": 0}).Reload() for d in ("f1", "solo1"))
+    fused, solo = (
+        EventAccumulator(str(tmp_path / d), size_guidance={"histograms": 0}).Reload() for d in ("f1", "solo1")
+    )
     assert set(fused.Tags()["histograms"]) == set(solo.Tags()["histograms"]) and len(solo.Tags()["histograms"]) == 9
     for tag in solo.Tags()["histograms"]:
         a, b = fused.Histograms(tag), solo.Histograms(tag)
         assert [e.step for e in a] == [e.step for e in b] == [0, 2], tag
         for x, y in zip(a, b):
             hx, hy = x.histogram_value, y.histogram_value
-            assert hx.num == hy.num and (hx.min, hx.max) == (pytest.approx(hy.min, rel=1e-5, abs=1e-6),
-                                                        pytest.approx(hy.max, rel=1e-5, abs=1e-6))
+            assert hx.num == hy.num and (hx.min, hx.max) == (
+                pytest.approx(hy.min, rel=1e-5, abs=1e-6),
+                pytest.approx(hy.max, rel=1e-5, abs=1e-6),
+            )
             assert sum(abs(p - q) for p, q in zip(hx.bucket, hy.bucket)) <= 4, (tag, x.step)  # an entry on a bin edge
