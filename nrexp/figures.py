@@ -28,7 +28,11 @@ Stats = Mapping[str, Mapping[str, float]]  # metric -> layer name -> value
 Points = Sequence[tuple[float, float]]  # (x, y), e.g. (step, value)
 
 DEPTH_XLABEL = "layer (first hidden block ... head)"
-DEPTH_METRICS = {"act_norm": "activation norm", "grad_norm": "gradient norm ||dL/dW||"}
+DEPTH_METRICS = {
+    "act_norm": "activation norm",
+    "grad_norm": "gradient norm ||dL/dW||",
+    "act_cos": "act_cos (mean pairwise cosine)",
+}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -102,13 +102,13 @@ def _save(fig, path: Path) -> str:
     return figures.save(fig, path).name
 
 
-def fig_depth(runs, label, path: Path, title: str) -> str:
+def fig_depth(runs, label, path: Path, title: str, metrics=("act_norm", "grad_norm")) -> str:
     from nrexp import figures
 
-    fig, axes = _figure(2, title)
-    for ax, metric in zip(axes, ("act_norm", "grad_norm")):
+    fig, axes = _figure(len(metrics), title)
+    for ax, metric in zip(axes, metrics):
         series = {label(r): r.layers("init", metric) for r in runs}
-        figures.depth_lines(ax, series, figures.DEPTH_METRICS[metric] + " at init")
+        figures.depth_lines(ax, series, figures.DEPTH_METRICS.get(metric, metric) + " at init")
     return _save(fig, path)
 
 
@@ -323,7 +323,9 @@ def preset_section(n: str, runs, figs: Path):
         runs = [r for r in runs if r.get("model.name") == "mlp"]
         runs.sort(key=lambda r: (r.get("norm.name"), r.get("init.scale")))
         depth = fig_depth(runs, by_scale, figs / "norm_fixes_init.png", "with LayerNorm / BatchNorm")
-        part.append(f"![act norm vs depth](figures/{depth})")
+        layer_norm = [r for r in runs if r.get("norm.name") == "layer"]
+        cos = fig_depth(layer_norm, by_scale, figs / "norm_fixes_init_act_cos.png", "LayerNorm", ("act_cos",))
+        part += [f"![act and grad norm vs depth](figures/{depth})", f"![act_cos vs depth](figures/{cos})"]
     elif n == "bn_paper_mnist":
         runs.sort(key=lambda r: r.get("norm.name") != "none")
         acc = fig_curves(
