@@ -182,7 +182,7 @@ def stop_nonfinite(
     trainee: Trainee, s: LoopState, alive: list[Member], losses: torch.Tensor, step: int
 ) -> list[Member]:
     """Finish the members whose entry of `losses` (M,) is not finite (one host copy); the others go on."""
-    finite = torch.isfinite(losses).tolist()
+    finite = [math.isfinite(v) for v in losses.tolist()]
     return stop_diverged(trainee, s, alive, [m for j, m in enumerate(trainee.members) if not finite[j]], step)
 
 
@@ -353,8 +353,8 @@ class LoopState:
         )
 
     def add(self, out: StepOutput) -> None:
-        self.loss_sum += out.losses.float()
-        self.correct_sum += out.correct.float()
+        self.loss_sum += out.losses  # in place, in the sums' float32 (a count is promoted as it is added)
+        self.correct_sum += out.correct
         self.steps_since_log += 1
 
     def take_log(self, stats: Future | None, batch_size: int) -> None:
