@@ -376,7 +376,7 @@ def test_fused_launcher_end_to_end(tmp_path):
     for job in jobs:
         b, f = tmp_path / "basic" / job, tmp_path / "fused" / job
         files = lambda d: sorted(p.name.split(".out.tfevents")[0] for p in d.iterdir())  # noqa: E731
-        assert files(b) == files(f) == [".hydra", "checkpoint.pt", "events", "summary.json", "train.log"]
+        assert files(b) == files(f) == [".hydra", ".nrexp.lock", "checkpoint.pt", "events", "summary.json", "train.log"]
         for name in ("config.yaml", "overrides.yaml"):
             assert (b / ".hydra" / name).read_text() == (f / ".hydra" / name).read_text(), (job, name)
         # hydra.yaml too (the fused launcher derives most members' configs instead of composing each): all

@@ -363,6 +363,7 @@ def test_cnn_norms_claims_compare_the_training_losses(tmp_path, losses, outcomes
             (tmp_path / f"{norm}{seed}" / "summary.json").write_text(
                 json.dumps(
                     {
+                        "status": "completed",
                         "config": {"experiment": "cnn_norms", "norm": {"name": norm}, "seed": seed},
                         "metrics": {"train/loss": loss + 0.1 * seed},
                     }

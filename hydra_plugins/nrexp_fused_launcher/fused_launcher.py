@@ -106,22 +106,22 @@ class FusedLauncher(Launcher):
 
     def _run_group(self, configs: list[DictConfig], task_configs: list[DictConfig]) -> list[JobReturn]:
         """Set up every member as `run_job` sets up a job, train them together, then end each job."""
-        from nrexp import rundir
 
         saved_hydra_config = HydraConfig.instance().cfg
         returns, run_dirs, extra_logs = [], [], []
         with contextlib.ExitStack() as locks:  # each member's one writer: this process
-            for config in configs:
-                locks.enter_context(rundir.RunLock(Path(_output_dir(config))))
-            return self._train_group(configs, task_configs, saved_hydra_config, returns, run_dirs, extra_logs)
+            return self._train_group(configs, task_configs, saved_hydra_config, returns, run_dirs, extra_logs, locks)
 
-    def _train_group(self, configs, task_configs, saved_hydra_config, returns, run_dirs, extra_logs) -> list[JobReturn]:
+    def _train_group(
+        self, configs, task_configs, saved_hydra_config, returns, run_dirs, extra_logs, locks
+    ) -> list[JobReturn]:
         from nrexp import fused, rundir, sweep
 
         try:
             for config, task_config in zip(configs, task_configs):
                 returns.append(self._start_job(config, task_config))
-                run_dirs.append(Path(config.hydra.runtime.output_dir))
+                run_dirs.append(Path(config.hydra.runtime.output_dir))  # the job's dir, as run_job resolves it
+                locks.enter_context(rundir.RunLock(run_dirs[-1]))
                 rundir.clear_partial_run(run_dirs[-1])  # sweep.resume: a member killed before its first checkpoint
             # the console and the first member's train.log as Hydra configures them; the others' logs added
             HydraConfig.instance().set_config(configs[0])
