@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ARMS = ("a0", "a2", "b", "c", "d", "e", "h", "f")
+ARMS = ("a0", "a2", "b", "c", "d", "e", "h", "f", "g")
 DEFAULT_ARMS = ("a0", "a2", "b", "c", "d", "e", "h")
 ARM_DOC = {
     "a0": "torchvision MNIST + PIL transforms + DataLoader(shuffle, workers=0)",
@@ -41,6 +41,7 @@ ARM_DOC = {
     "d": "nrexp trainer, trainer.log_every=1",
     "e": "nrexp trainer, default trainer.log_every",
     "f": "nrexp trainer, default trainer.log_every, trainer.compile=true",
+    "g": "nrexp trainer, default trainer.log_every, trainer.histograms=true",
     "h": "hand-written statistics every step: forward hooks, .item() per layer and metric, add_scalar",
 }
 MODELS = {"mlp-3x256": (3, 256), "mlp-50x100": (50, 100)}
@@ -345,6 +346,7 @@ def time_arms(args, work: Path, device, model_name: str, batch: int) -> dict:
         "d": ["trainer.log_every=1"],
         "e": [],
         "f": ["trainer.compile=true"],
+        "g": ["trainer.histograms=true"],
     }
     arm_overrides = {arm: extra for arm, extra in arm_overrides.items() if arm in args.arms or arm == "e"}
     cfgs = {arm: compose(base + extra) for arm, extra in arm_overrides.items()}
