@@ -457,7 +457,7 @@ def keeping_denormal_mode():
 def spare_core(device: torch.device) -> bool:
     """Whether work on a second Python thread can use a core the training leaves idle: on CPU, with
     fewer intra-op threads than CPUs. (On CUDA the kernels run asynchronously already.)"""
-    return device.type == "cpu" and torch.get_num_threads() < (os.cpu_count() or 1)
+    return device.type == "cpu" and torch.get_num_threads() < _CPUS
 
 
 def idle_core() -> bool:
@@ -475,10 +475,11 @@ def idle_core() -> bool:
 
 
 _idle = [float("-inf"), True]  # (when idle_core last looked, what it saw)
+_CPUS = os.cpu_count() or 1  # read once: a system call, and spare_core asks on every logging step
 
 
 def _idle_core_now() -> bool:
-    cpus, threads = os.cpu_count() or 1, torch.get_num_threads()
+    cpus, threads = _CPUS, torch.get_num_threads()
     try:
         with open("/proc/loadavg") as f:
             runnable = int(f.read().split()[3].split("/")[0])

@@ -502,10 +502,10 @@ class SoloRun(Trainee):
             saved = load_for_resume(m.run_dir / CHECKPOINT, m.model, m.optimizer, m.monitor, self.device)
             m.init_stats, m.metrics = saved["init_stats"], saved["metrics"]
             log.info("resuming %s at step %d of %d", m.run_dir, saved["step"], self.schedule.total_steps)
-        state = LoopState.fresh(1, self.device, saved)
-        m.open_writer(self.data, self.device, purge_step=state.step if self.resume else None)
-        self.batches = minibatches(m.batches, state.step)
-        return state
+        step = saved["step"] if saved else 0
+        m.open_writer(self.data, self.device, purge_step=step if self.resume else None)
+        self.batches = minibatches(m.batches, step)
+        return LoopState.fresh(1, self.device, saved)  # the clocks start here: the writer's set-up is not training
 
     def forward_backward(self, step: int, with_stats: bool, logging: bool) -> StepOutput:
         model = self.member.model

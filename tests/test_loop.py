@@ -49,3 +49,24 @@ def test_a_signal_during_the_final_evaluation_is_interrupted_and_its_checkpoint_
     resumed = train(compose(overrides), tmp_path / "run", resume=True)
     assert resumed["status"] == "completed" and resumed["steps"] == 8
     assert resumed["metrics"] == pytest.approx(straight["metrics"], rel=1e-6)
+
+
+def test_train_time_counts_the_steps_not_the_writers_set_up(tmp_path, monkeypatch):
+    """train_time_s (throughput, the bench's timed loop) starts once the run's event file and its text
+    summaries are written: a slow writer set-up is not counted."""
+    import time
+
+    import nrexp.train
+    from nrexp.train import train
+
+    opened = nrexp.train.Member.open_writer
+
+    def slow_open(self, *args, **kwargs):
+        time.sleep(0.5)
+        return opened(self, *args, **kwargs)
+
+    monkeypatch.setattr(nrexp.train.Member, "open_writer", slow_open)
+    started = time.perf_counter()
+    summary = train(compose(TINY + ["trainer.max_steps=2", "trainer.progress=false"]), tmp_path)
+    assert time.perf_counter() - started >= 0.5  # the set-up was slow...
+    assert summary["train_time_s"] < 0.5  # ...and not training
