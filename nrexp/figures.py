@@ -329,10 +329,26 @@ def _start_helper() -> ProcessPoolExecutor:
     main = sys.modules["__main__"]
     sys.modules["__main__"] = types.ModuleType("__main__")
     try:
-        helper.submit(int)  # a no-op job: starts the worker now, without waiting for it
+        _helper_pid[0] = helper.submit(os.getpid)  # starts the worker now, without waiting for it
     finally:
         sys.modules["__main__"] = main
     return helper
+
+
+_helper_pid: list[Future | None] = [None]  # the helper process's pid, once it has started
+
+
+def helper_drawing() -> bool:
+    """Whether the helper process is on a CPU or waiting for one now (Linux: its /proc state is R). It
+    runs at the lowest priority: the statistics thread (nrexp/monitor.py) need not leave it a core."""
+    pid = _helper_pid[0]
+    if pid is None or not pid.done() or pid.exception() is not None:
+        return False
+    try:
+        with open(f"/proc/{pid.result()}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "R"
+    except (OSError, IndexError):
+        return False
 
 
 _helper: ProcessPoolExecutor | None = None
@@ -369,6 +385,7 @@ def shutdown() -> None:
     if _helper is not None:
         _helper.shutdown(wait=True)
         _helper = None
+        _helper_pid[0] = None
 
 
 def _plain(stats: Stats) -> dict[str, dict[str, float]]:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from nrexp import figures
 from nrexp.metrics import LAYER_METRICS  # noqa: F401 (re-exported: the statistics, in order)
 from nrexp.models import weight_layers
 
@@ -343,7 +344,8 @@ class Capture:
 
     def _run(self, fn, *args) -> Future:
         if self.worker is not None:
-            return self.worker.submit(_in_mode, fn, _flush_denormal, *args)
+            _last_job[0] = self.worker.submit(_in_mode, fn, _flush_denormal, *args)
+            return _last_job[0]
         done: Future = Future()
         done.set_result(fn(*args))
         return done
@@ -462,27 +464,35 @@ def spare_core(device: torch.device) -> bool:
 
 def idle_core() -> bool:
     """Whether a core is idle now for a second thread of ours: the tasks the kernel counts as runnable
-    this instant (/proc/loadavg, this thread among them), plus torch's other intra-op threads and the
-    statistics thread, fit the CPUs. On a machine busy with other work a second thread gains no core: it
-    takes turns with the main thread, which waits for the GIL whenever the OS stops that thread holding
-    it. Where there is no such count, the 1-minute load average stands in. Read at most every 50 ms
-    (a read costs ~30 us: 1% of a small net's step, were it read every logging step)."""
+    this instant (/proc/loadavg: this thread among them, but neither our statistics thread nor the
+    figures' helper process, which runs at the lowest priority), plus torch's other intra-op threads and
+    the statistics thread, fit the CPUs. On a machine busy with other work a second thread gains no
+    core: it takes turns with the main thread, which waits for the GIL whenever the OS stops that thread
+    holding it. Where there is no such count, the 1-minute load average stands in. Read at most every
+    50 ms (a read costs ~30 us: 1% of a small net's step, were it read every logging step)."""
     now = time.monotonic()
     if now - _idle[0] < 0.05:
         return _idle[1]
-    _idle[:] = [now, _idle_core_now()]
+    _idle[:] = [now, _idle_core_now(statistics_thread_busy() + figures.helper_drawing())]
     return _idle[1]
 
 
 _idle = [float("-inf"), True]  # (when idle_core last looked, what it saw)
 _CPUS = os.cpu_count() or 1  # read once: a system call, and spare_core asks on every logging step
+_last_job: list[Future | None] = [None]  # the statistics thread's latest job: it runs its jobs in order
 
 
-def _idle_core_now() -> bool:
+def statistics_thread_busy() -> bool:
+    """Whether the statistics thread is running (or has queued) a job: then the kernel counts it as
+    runnable, and idle_core must not take our own thread for other work."""
+    return _last_job[0] is not None and not _last_job[0].done()
+
+
+def _idle_core_now(ours_runnable: int = 0) -> bool:
     cpus, threads = _CPUS, torch.get_num_threads()
     try:
         with open("/proc/loadavg") as f:
-            runnable = int(f.read().split()[3].split("/")[0])
+            runnable = int(f.read().split()[3].split("/")[0]) - ours_runnable
     except (OSError, ValueError, IndexError):
         try:
             return os.getloadavg()[0] < cpus - threads + 1

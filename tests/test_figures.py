@@ -62,6 +62,31 @@ def test_the_helper_draws_at_the_lowest_priority(fresh_helper):
     assert os.getpriority(os.PRIO_PROCESS, 0) == ours  # this process is left as it was
 
 
+def test_helper_drawing_reads_whether_the_helper_process_is_runnable(fresh_helper):
+    """monitor.idle_core leaves the helper out of the count of other work while it draws (state R)."""
+    from concurrent.futures import Future
+
+    assert not figures.helper_drawing()  # no helper yet
+    figures.submit(LAYERS, stats(1.0), "a").result()
+    assert figures._helper_pid[0].result() == helper_pid()
+    deadline = time.monotonic() + 10
+    while figures.helper_drawing() and time.monotonic() < deadline:  # idle once its start-up is over
+        time.sleep(0.05)
+    assert not figures.helper_drawing(), "an idle helper (waiting for work) read as drawing"
+    spinning = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        figures._helper_pid[0] = Future()
+        figures._helper_pid[0].set_result(spinning.pid)
+        deadline = time.monotonic() + 10
+        while not figures.helper_drawing() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert figures.helper_drawing(), "a process on a CPU read as not drawing"
+    finally:
+        spinning.kill()
+        spinning.wait()
+    assert not figures.helper_drawing()  # gone: no /proc entry
+
+
 def test_ctrl_c_to_the_process_group_leaves_the_helper_drawing(fresh_helper):
     figures.submit(LAYERS, stats(1.0), "a").result()
     pid = helper_pid()

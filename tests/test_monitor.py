@@ -237,6 +237,49 @@ def test_capture_gives_the_numbers_of_an_independent_computation_threaded_or_not
     assert host["update_ratio"]["head"] == runs[True][-1][0]["update_ratio"][3].item()
 
 
+def test_idle_core_does_not_count_our_own_busy_statistics_thread_as_other_work(monkeypatch):
+    """On 2 CPUs with one intra-op thread, 2 runnable tasks leave no core for the statistics thread, unless
+    one of them is that thread itself, busy with the previous logging step's job, or the figures' helper."""
+    import io
+    from concurrent.futures import Future
+
+    import nrexp.monitor as monitor_module
+
+    runnable = {"now": 2}
+    real_open = open
+    monkeypatch.setattr(
+        monitor_module,
+        "open",
+        lambda path, *a: (
+            io.StringIO(f"0.50 0.40 0.30 {runnable['now']}/90 123") if path == "/proc/loadavg" else real_open(path, *a)
+        ),
+        raising=False,
+    )
+    monkeypatch.setattr(monitor_module, "_CPUS", 2)
+    monkeypatch.setattr(monitor_module, "_idle", [float("-inf"), True])
+    job: Future = Future()
+    monkeypatch.setattr(monitor_module, "_last_job", [job])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert monitor_module.statistics_thread_busy()
+        assert monitor_module.idle_core(), "our own busy thread was counted as another task"
+        job.set_result(None)
+        assert not monitor_module.statistics_thread_busy()
+        assert monitor_module.idle_core(), "read again within 50 ms: the same answer"
+        monitor_module._idle[0] = float("-inf")
+        assert not monitor_module.idle_core(), "2 other runnable tasks on 2 CPUs: no idle core"
+        monkeypatch.setattr(monitor_module.figures, "helper_drawing", lambda: True)
+        monitor_module._idle[0] = float("-inf")
+        assert monitor_module.idle_core(), "the figures' helper (lowest priority) was counted as other work"
+        monkeypatch.setattr(monitor_module.figures, "helper_drawing", lambda: False)
+        runnable["now"] = 1
+        monitor_module._idle[0] = float("-inf")
+        assert monitor_module.idle_core()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_flush_denormal_holds_for_the_run_on_its_thread_and_the_statistics_thread(tmp_path, monkeypatch):
     """A run computes in trainer.flush_denormal's mode on its own thread and on the statistics thread,
     which outlives the run that started it (a thread's mode is its own; a new thread inherits its
