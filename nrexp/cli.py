@@ -245,6 +245,10 @@ def run_task(cfg, existing: Path, plan: dict | None = None) -> float:
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    if cfg.trainer.layer_stats:  # the run draws depth figures: the helper gets ready while torch is imported
+        from nrexp import figures
+
+        figures.start_helper()
     with interrupts_before_the_loop():
         try:
             from nrexp.train import Diverged, train  # torch is imported here, once a run really starts

@@ -310,6 +310,13 @@ def _helper_init(parent: int) -> None:
         os._exit(0)
 
     threading.Thread(target=leave_with_parent, name="nrexp-figures-watchdog", daemon=True).start()
+    # started ahead of the run (start_helper), it imports matplotlib and loads fonts while the run
+    # imports torch, so the run's first figure does not wait for them
+    values = {"first": 1.0, "head": 2.0}
+    try:
+        render_png(list(values), {"act_norm": values, "grad_norm": values}, "warm-up")
+    except Exception:  # noqa: BLE001 - a figure that fails here fails again when a run asks for it, with its error
+        pass
 
 
 def _start_helper() -> ProcessPoolExecutor:
@@ -355,15 +362,24 @@ _helper: ProcessPoolExecutor | None = None
 _helper_failed = False  # it could not start or died: draw in this process from then on
 
 
+def start_helper() -> None:
+    """Start the helper process now, if it is not running (nrexp/cli.py does, before a run imports torch)."""
+    global _helper, _helper_failed
+    if _helper is None and not _helper_failed:
+        try:
+            _helper = _start_helper()
+        except Exception:  # noqa: BLE001 - no semaphores, no fork/exec...: draw in this process instead
+            _helper_failed = True
+
+
 def submit(layer_names: Sequence[str], stats: Stats, title: str) -> Future:
     """Start drawing a depth figure; the Future's result is render_png's (height, width, PNG bytes)."""
-    global _helper, _helper_failed
-    if not _helper_failed:
+    global _helper_failed
+    start_helper()
+    if _helper is not None and not _helper_failed:
         try:
-            if _helper is None:
-                _helper = _start_helper()
             return _helper.submit(render_png, list(layer_names), _plain(stats), title)
-        except Exception:  # noqa: BLE001 - BrokenProcessPool, no semaphores, no fork/exec...: draw here instead
+        except Exception:  # noqa: BLE001 - BrokenProcessPool: draw here instead
             _helper_failed = True
     return _done(render_png, layer_names, stats, title)
 

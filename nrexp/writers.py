@@ -74,6 +74,20 @@ def use_fast_event_checksums() -> bool:
     return True
 
 
+def wait_for_a_later_event_file_name(run_dir: Path) -> None:
+    """TensorBoard reads a run's event files in the order of their names, events.out.tfevents.<seconds>.
+    <host>.<pid>.<n>, and a resumed attempt's purge applies to the files read before its own. Within the
+    second of an earlier file the names need not sort in time (".10" before ".9"): wait for the next second."""
+    import time
+
+    latest = 0
+    for path in run_dir.glob("events.out.tfevents.*"):
+        stamp = path.name.split(".")[3]
+        latest = max(latest, int(stamp) if stamp.isdigit() else 0)
+    while int(time.time()) <= latest:
+        time.sleep(0.05)
+
+
 def finite_or_none(value: Any) -> Any:
     """Replace NaN/inf (a diverged run's metrics) by None, so summary.json stays strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -216,6 +230,8 @@ class TensorBoardWriter:
         self.pending_figures: list[tuple] = []  # (step, when, stats, title, Future), written by flush()/close()
         self._layer_summaries: dict[tuple, object] = {}  # metrics -> the Summary layer_stats fills (see there)
         self.pending_histograms: list[tuple] = []  # (step, monitor.Histograms), written by write_histograms
+        if purge_step is not None:
+            wait_for_a_later_event_file_name(self.run_dir)
         self.tb = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
         if purge_step is None:  # a resumed run already has its layout
             self.tb.add_custom_scalars(custom_layout(layer_names))

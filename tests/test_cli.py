@@ -41,6 +41,27 @@ def test_cfg_job_composes_without_importing_torch(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_with_layer_stats_starts_the_figures_helper_before_importing_torch(tmp_path):
+    """The helper imports matplotlib while the run imports torch (start-up, docs/speed.md); not without
+    layer statistics, which draw no figure."""
+    code = (
+        "import sys, nrexp.figures as figures\n"
+        "calls = []\n"
+        "start = figures.start_helper\n"
+        "figures.start_helper = lambda: (calls.append('torch' in sys.modules), start())\n"
+        "from nrexp.cli import main\n"
+        f"assert main(['train', *{TINY!r}, *sys.argv[1:]]) == 0\n"
+        "print(calls[:1], figures._helper is not None)\n"
+    )
+    for extra, expected in (([], "[False] True"), (["trainer.layer_stats=false"], "[] False")):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *extra], cwd=tmp_path, env=cli_env(tmp_path), capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().splitlines()[-1] == expected, (extra, proc.stdout)
+
+
+@pytest.mark.slow
 def test_entry_exits_as_python_does_after_main(tmp_path):
     # entry() is main() then a plain exit: a worker thread finishes its file, atexit handlers run,
     # unflushed output (no newline, stdout a pipe) arrives, and main()'s exit code is the process's.
