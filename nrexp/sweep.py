@@ -372,9 +372,10 @@ def sweep_entry(config: Any) -> dict:
     hydra_args = [
         str(o) for o in config.hydra.overrides.hydra if not str(o).startswith(("hydra.mode=", EXCLUDE_KEYS + "="))
     ]
+    resuming = ["sweep.resume=true"] if plan["resume"] else []  # cli takes it off before Hydra sees it
     return {
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join(["nrexp train -m", *map(shlex.quote, [*task, *hydra_args])]),
+        "command": " ".join(["nrexp train -m", *map(shlex.quote, [*task, *hydra_args, *resuming])]),
         "varies": list(sweeps),
         "sweeps": sweeps,
         "constants": constants,

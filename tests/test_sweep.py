@@ -216,6 +216,9 @@ def test_the_exit_code_of_a_sweep_into_a_used_dir_is_that_of_its_own_jobs(tmp_pa
     again = run_cli([*sweep, "data.train_size=5000,256", "sweep.resume=true"], cwd=tmp_path)  # 256: skipped
     assert again.returncode == 1 and "1 of 1 jobs of the sweep failed" in again.stderr, again.stderr
     assert "(this command: 1 skipped, 0 resumed, 1 run)" in again.stdout, again.stdout
+    commands = [c["command"] for c in yaml.safe_load((tmp_path / "sweep" / "sweep.yaml").read_text())["commands"]]
+    assert [c.endswith("sweep.resume=true") for c in commands] == [False, True, True], commands
+    assert "data.train_size=5000,256" in commands[-1]
 
 
 @pytest.mark.slow  # reason: starts 2 loky worker processes that each import torch (~20 s on 2 cores)
