@@ -2,23 +2,15 @@
 independent computation, and scripts/own_model.py end to end through TensorBoard's own reader."""
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import load_script
+
 torchvision = pytest.importorskip("torchvision")
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "own_model.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("own_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_watch_gives_resnet18s_numbers_as_computed_plainly(tmp_path):
@@ -27,7 +19,7 @@ def test_watch_gives_resnet18s_numbers_as_computed_plainly(tmp_path):
     copy of the net with the same weights and autograd.grad; and the events hold what was returned."""
     import nrexp.monitor
 
-    own = load_script()
+    own = load_script("own_model")
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
     reference = copy.deepcopy(model)  # same weights, same train-mode BatchNorm (batch statistics)
@@ -85,7 +77,7 @@ def test_watch_gives_resnet18s_numbers_as_computed_plainly(tmp_path):
 def test_own_model_script_trains_and_logs_the_same_tags(tmp_path):
     """scripts/own_model.py: every step's loss is written, logging steps hold every per-layer tag and
     the histograms, and the events hold the numbers main() returned."""
-    own = load_script()
+    own = load_script("own_model")
     model, w, logged = own.main(str(tmp_path), steps=6, batch_size=8, log_every=3, histograms=True)
     assert sorted(logged) == [0, 3]
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0}).Reload()

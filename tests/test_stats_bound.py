@@ -1,23 +1,11 @@
 """scripts/stats_bound.py: its one-call statistics are LayerMonitor's numbers (else the floor it measures would be
 the floor of other work), and the script runs its arms."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import compose
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "stats_bound.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("stats_bound", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import compose, load_script
 
 
 def test_the_one_call_statistics_are_layer_monitors_step_after_step():
@@ -26,7 +14,7 @@ def test_the_one_call_statistics_are_layer_monitors_step_after_step():
     from nrexp.data import load_dataset
     from nrexp.train import build
 
-    bound = load_script()
+    bound = load_script("stats_bound")
     cfg = compose(["model.depth=2", "model.width=16", "data.batch_size=32", "data.source=bundled", "seed=3"])
     data = load_dataset(cfg.data, torch.device("cpu"))
     torch.manual_seed(cfg.seed)
@@ -54,7 +42,7 @@ def test_the_one_call_statistics_are_layer_monitors_step_after_step():
 
 
 def test_the_script_times_its_arms(capsys):
-    bound = load_script()
+    bound = load_script("stats_bound")
     bound.main(["--depth", "2", "--width", "16", "--batch", "32", "--steps", "3", "--repeats", "1"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "mlp 2x16, batch 32, 3 steps, 1 rounds"
