@@ -1,5 +1,5 @@
 """The floor under `nrexp bench`'s arm d: what exact per-layer statistics every step cost a bare loop when all
-of their work is one call that holds no GIL (no Python per layer, no host copy, no event written).
+of their work is a few calls that hold no GIL (no Python per layer, no host copy, no event written).
 
     python scripts/stats_bound.py [--depth 3] [--width 256] [--batch 128] [--steps 256] [--repeats 5]
 
@@ -148,26 +148,29 @@ def run_arm(arm: str, cfg, data, steps: int, pool: ThreadPoolExecutor) -> float:
 
 
 def measure(args) -> dict[str, list[float]]:
-    """samples/s of each arm, round after round (a warm-up round first, not counted)."""
+    """samples/s of each arm, round after round (a warm-up round first, not counted). Leaves the calling thread's
+    thread count and denormal mode as it found them (main() may run inside another program: the tests)."""
     from nrexp.bench import compose
     from nrexp.data import load_dataset
+    from nrexp.monitor import keeping_denormal_mode
 
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # as nrexp trains (trainer.flush_denormal)
     cfg = compose(
         [f"model.depth={args.depth}", f"model.width={args.width}", f"data.batch_size={args.batch}"]
         + ["data.source=bundled", "trainer.device=cpu", "seed=0"]
     )
     data = load_dataset(cfg.data, torch.device("cpu"))
-    threads = args.threads
-    pool = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(threads,))
+    threads = torch.get_num_threads()
     rounds: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    for r in range(args.repeats + 1):
-        for arm in ARMS:
-            seconds = run_arm(arm, cfg, data, args.steps if r else 4, pool)
-            if r:
-                rounds[arm].append(args.steps * args.batch / seconds)
-    pool.shutdown()
+    with keeping_denormal_mode():
+        torch.set_num_threads(args.threads)
+        torch.set_flush_denormal(True)  # as nrexp trains (trainer.flush_denormal); the pool's thread inherits it
+        with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
+            for r in range(args.repeats + 1):
+                for arm in ARMS:
+                    seconds = run_arm(arm, cfg, data, args.steps if r else 4, pool)
+                    if r:
+                        rounds[arm].append(args.steps * args.batch / seconds)
+        torch.set_num_threads(threads)
     return rounds
 
 

@@ -41,9 +41,13 @@ def test_the_one_call_statistics_are_layer_monitors_step_after_step():
         previous = expected["update_ratio"]
 
 
-def test_the_script_times_its_arms(capsys):
+def test_the_script_times_its_arms_and_leaves_the_process_as_it_was(capsys):
+    from nrexp.monitor import denormals_flushed
+
     bound = load_script("stats_bound")
-    bound.main(["--depth", "2", "--width", "16", "--batch", "32", "--steps", "3", "--repeats", "1"])
+    before = (torch.get_num_threads(), denormals_flushed())
+    bound.main(["--depth", "2", "--width", "16", "--batch", "32", "--steps", "3", "--repeats", "1", "--threads", "2"])
+    assert (torch.get_num_threads(), denormals_flushed()) == before  # the tests after it: hypothesis, torch's threads
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "mlp 2x16, batch 32, 3 steps, 1 rounds"
     assert [line.split()[0] for line in lines[1:]] == list(bound.ARMS)
