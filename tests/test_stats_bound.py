@@ -1,5 +1,5 @@
-"""scripts/stats_bound.py: its one-call statistics are LayerMonitor's numbers (else the floor it measures would be
-the floor of other work), and the script runs its arms."""
+"""scripts/stats_bound.py: its statistics are LayerMonitor's numbers (else the floor it measures would be the floor
+of other work), and the script runs its arms."""
 
 import pytest
 import torch
@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from conftest import compose, load_script
 
 
-def test_the_one_call_statistics_are_layer_monitors_step_after_step():
-    """Four SGD steps of a 2 x 16 MLP: rows act_norm..weight_change of each call equal LayerMonitor's statistics
+def test_the_scripted_statistics_are_layer_monitors_step_after_step():
+    """Four SGD steps of a 2 x 16 MLP: rows act_norm..weight_change of each step equal LayerMonitor's statistics
     of the same step, and its update_ratio row the monitor's of the step before (ping-pong buffers)."""
     from nrexp.data import load_dataset
     from nrexp.train import build
