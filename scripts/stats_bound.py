@@ -131,8 +131,7 @@ def run_arm(arm: str, cfg, data, steps: int, pool: ThreadPoolExecutor) -> float:
             job.result()  # the weights' job reads W, which the optimizer step changes
         jobs = []
         if arm == "copy":
-            with torch.no_grad():
-                torch._foreach_copy_(stats.buffers[0], stats.weights)
+            stats.copy()
         elif arm == "main":
             stats.all(*stats.copy(), grads, acts)
         elif arm == "thread":  # the copy here: the job would race the optimizer step for W
@@ -161,15 +160,17 @@ def measure(args) -> dict[str, list[float]]:
     data = load_dataset(cfg.data, torch.device("cpu"))
     threads = torch.get_num_threads()
     rounds: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    with keeping_denormal_mode():
-        torch.set_num_threads(args.threads)
-        torch.set_flush_denormal(True)  # as nrexp trains (trainer.flush_denormal); the pool's thread inherits it
-        with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
-            for r in range(args.repeats + 1):
-                for arm in ARMS:
-                    seconds = run_arm(arm, cfg, data, args.steps if r else 4, pool)
-                    if r:
-                        rounds[arm].append(args.steps * args.batch / seconds)
+    torch.set_num_threads(args.threads)
+    try:
+        with keeping_denormal_mode():
+            torch.set_flush_denormal(True)  # as nrexp trains (trainer.flush_denormal); the pool's thread inherits it
+            with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
+                for r in range(args.repeats + 1):
+                    for arm in ARMS:
+                        seconds = run_arm(arm, cfg, data, args.steps if r else 4, pool)
+                        if r:
+                            rounds[arm].append(args.steps * args.batch / seconds)
+    finally:
         torch.set_num_threads(threads)
     return rounds
 

@@ -1,7 +1,6 @@
 """scripts/stats_bound.py: its statistics are LayerMonitor's numbers (else the floor it measures would be the floor
 of other work), and the script runs its arms."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -54,7 +53,3 @@ def test_the_script_times_its_arms_and_leaves_the_process_as_it_was(capsys):
     assert [line.split()[0] for line in lines[1:]] == list(bound.ARMS)
     assert "/bare 1.000 (1.00-1.00)" in lines[1]
     assert all(float(line.split("/bare ")[1].split()[0]) > 0 for line in lines[1:])
-
-
-if __name__ == "__main__":
-    pytest.main([__file__])
